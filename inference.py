@@ -1,0 +1,192 @@
+"""Classify images with MobileViT-X-Small on the best device present (NPU, CUDA, MPS or CPU).
+
+Examples:
+  python inference.py --image cat.jpg
+  python inference.py --image photos/ "more/*.jpg" https://example.com/dog.jpg --top_k 3 --output result.json
+  python inference.py --device npu:0 --dtype fp16 --image cat.jpg
+  python inference.py --model_path ./model --benchmark --iterations 50 --warmup 10
+
+Prints, per image, the top-k ImageNet classes (rank, class id, label, probability) and the preprocessing and model time.
+--output writes the same as JSON. Exit codes: 0 all images done; 1 some images failed (the rest are still reported);
+2 usage, model or device error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
+        formatter_class=common.HelpFormatter,
+    )
+    common.add_model_args(parser).add_argument(
+        "--synthetic", action="store_true",
+        help="use the full-size synthetic-weights X-Small instead of --model_path (no download; labels are real, "
+        "predictions are not)",
+    )
+    inputs = parser.add_argument_group("input and output")
+    inputs.add_argument(
+        "--image", nargs="+", metavar="PATH",
+        help="image files, directories (their images, sorted), globs (quote them) or http(s) URLs",
+    )
+    inputs.add_argument("--top_k", "--top-k", type=int, default=5, help="how many classes to show per image")
+    inputs.add_argument("--batch_size", "--batch-size", type=int, default=1, help="images per forward pass")
+    inputs.add_argument("--output", metavar="FILE.json", help="also write the results as JSON (atomically)")
+    run = common.add_device_args(parser)
+    common.add_dtype_arg(run)
+    bench = parser.add_argument_group("benchmark (model latency on the device, as in the model card)")
+    bench.add_argument("--benchmark", action="store_true", help="time the model instead of printing predictions")
+    bench.add_argument("--iterations", type=int, default=50, help="timed forward passes")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed forward passes first")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+@dataclass
+class Prepared:
+    source: str
+    pixels: torch.Tensor
+    preprocess_ms: float
+
+
+def prepare(sources: list[str], cfg: common.PreprocessConfig) -> tuple[list[Prepared], list[dict]]:
+    ok, errors = [], []
+    for source in sources:
+        start = time.perf_counter()
+        try:
+            array = common.preprocess(source, cfg)
+        except OSError as exc:
+            errors.append({"image": source, "error": str(exc) or type(exc).__name__})
+            continue
+        ok.append(Prepared(source, torch.from_numpy(array), (time.perf_counter() - start) * 1000.0))
+    return ok, errors
+
+
+@torch.inference_mode()
+def classify(
+    loaded: common.LoadedModel, device: common.Device, items: list[Prepared], top_k: int, batch_size: int
+) -> list[dict]:
+    """Forward the images in batches; each result carries its top-k and the timing of its batch."""
+    model = loaded.model
+    dtype = next(model.parameters()).dtype
+    k = min(top_k, len(loaded.id2label))
+    # One untimed pass first: first-call costs (kernel selection, NPU operator loading) are not the model's latency.
+    model(pixel_values=torch.zeros((1, 3) + tuple(items[0].pixels.shape[1:]), dtype=dtype, device=device.torch))
+    results = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        with common.Timer(device) as timer:
+            batch = torch.stack([item.pixels for item in chunk]).to(device.torch, dtype=dtype)
+            logits = model(pixel_values=batch).logits.float().cpu()
+        probs = logits.softmax(dim=-1)
+        top = probs.topk(k, dim=-1)
+        for row, item in enumerate(chunk):
+            predictions = [
+                {
+                    "rank": rank + 1,
+                    "class_id": int(class_id),
+                    "label": loaded.id2label.get(int(class_id), str(int(class_id))),
+                    "probability": float(prob),
+                }
+                for rank, (prob, class_id) in enumerate(zip(top.values[row], top.indices[row]))
+            ]
+            timing = {
+                "preprocess": round(item.preprocess_ms, 3),
+                "model": round(timer.elapsed_ms / len(chunk), 3),
+                "model_batch": round(timer.elapsed_ms, 3),
+                "batch_size": len(chunk),
+            }
+            results.append({"image": item.source, "predictions": predictions, "timing_ms": timing})
+    return results
+
+
+def format_result(result: dict) -> str:
+    timing = result["timing_ms"]
+    model_note = f"model {timing['model']:.1f} ms"
+    if timing["batch_size"] > 1:
+        model_note += f" (batch of {timing['batch_size']}: {timing['model_batch']:.1f} ms)"
+    lines = [f"{result['image']}  (preprocess {timing['preprocess']:.1f} ms, {model_note})"]
+    width = max(len(p["label"]) for p in result["predictions"])
+    width = min(max(width, 5), 60)
+    lines.append(f"  {'rank':>4}  {'class':>5}  {'label':<{width}}  probability")
+    for p in result["predictions"]:
+        lines.append(f"  {p['rank']:>4}  {p['class_id']:>5}  {p['label'][:width]:<{width}}  {p['probability']:>11.4f}")
+    return "\n".join(lines)
+
+
+def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> int:
+    import benchmark
+
+    results = benchmark.run_benchmark(
+        loaded, device, modes=["eager"], batch_sizes=[args.batch_size], iterations=args.iterations,
+        warmup=args.warmup, dtype=args.dtype, images=common.expand_images(args.image) if args.image else None,
+    )
+    print(benchmark.format_table(results))
+    if args.output:
+        report = benchmark.build_report(loaded, device, results)
+        common.write_json_atomic(args.output, report)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top_k must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.iterations < 1 or args.warmup < 0:
+        parser.error("--iterations must be at least 1 and --warmup at least 0")
+    if not args.image and not args.benchmark:
+        parser.error("give --image PATH [PATH ...] (or --benchmark)")
+    common.setup_logging(args.verbose)
+
+    device = common.resolve_device(args.device, jit_compile=args.jit_compile)
+    if args.synthetic:
+        loaded = common.synthetic_model(device, args.dtype)
+    else:
+        loaded = common.load_model(args.model_path, device, args.dtype)
+    if args.benchmark:
+        return run_benchmark(args, loaded, device)
+
+    sources = common.expand_images(args.image)
+    if not sources:
+        raise common.UserError(f"no images found in {' '.join(args.image)}")
+    items, errors = prepare(sources, loaded.preprocess)
+    results = classify(loaded, device, items, args.top_k, args.batch_size) if items else []
+    for result in results:
+        print(format_result(result))
+    for error in errors:
+        print(f"{error['image']}: error: {error['error']}")
+    print(f"{len(results)} of {len(sources)} image(s) classified on {device} ({common.device_name(device)}), "
+          f"{args.dtype}")
+    if args.output:
+        report = {
+            "model": loaded.name,
+            "source": loaded.source,
+            "device": str(device),
+            "dtype": args.dtype,
+            "environment": common.environment(device),
+            "results": results,
+            "errors": errors,
+        }
+        common.write_json_atomic(args.output, report)
+        print(f"wrote {args.output}")
+    return 1 if errors else 0
+
+
+def main(argv=None) -> int:
+    return common.run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny and full-size MobileViT folders built in-process and saved, then loaded the real way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+DATA_DIR = ROOT / "tests" / "data"
+PHOTOS = sorted(str(p) for p in DATA_DIR.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def tiny_config(num_labels: int = 10):
+    from transformers import MobileViTConfig
+
+    return MobileViTConfig(
+        image_size=256,
+        patch_size=2,
+        hidden_sizes=[16, 24, 32],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
+        num_attention_heads=2,
+        mlp_ratio=2.0,
+        expand_ratio=2.0,
+        id2label={i: f"class {i}" for i in range(num_labels)},
+        label2id={f"class {i}": i for i in range(num_labels)},
+    )
+
+
+def save_folder(model, folder: Path) -> Path:
+    model.save_pretrained(str(folder))
+    shutil.copy(ROOT / "model" / "preprocessor_config.json", folder / "preprocessor_config.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny MobileViT (10 classes) with healthy synthetic weights, saved as a Hugging Face folder."""
+    torch.manual_seed(0)
+    model = common.build_synthetic_model(config=tiny_config(), images=PHOTOS[:2])
+    return save_folder(model, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def default_init_model_dir(tmp_path_factory) -> Path:
+    """A tiny MobileViT with transformers' own random init: logits ~0, the trap that must never PASS a check."""
+    from transformers import MobileViTForImageClassification
+
+    torch.manual_seed(0)
+    return save_folder(MobileViTForImageClassification(tiny_config()).eval(), tmp_path_factory.mktemp("default_init"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_model_dir(tmp_path_factory) -> Path:
+    """The full-size X-Small with healthy synthetic weights (1000 ImageNet labels), saved and loadable."""
+    return common.save_synthetic_model(tmp_path_factory.mktemp("xsmall"))
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_model_dir) -> Path:
+    """A writable copy of the tiny folder, for tests that damage it."""
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dest)
+    return dest
+
+
+def read_json(path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
