@@ -620,7 +620,7 @@ def preprocess(source: str | Path, cfg: PreprocessConfig) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
@@ -632,7 +632,7 @@ def expand_images(specs: Sequence[str]) -> list[str]:
         if is_url(spec):
             out.append(spec)
         elif os.path.isdir(spec):
-            out.extend(sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and _is_image_name(p.name)))
+            out.extend(sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and is_image_name(p.name)))
         elif glob.has_magic(spec):
             out.extend(sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)))
         else:
@@ -641,7 +641,11 @@ def expand_images(specs: Sequence[str]) -> list[str]:
 
 
 def bundled_images() -> list[str]:
-    return expand_images([str(BUNDLED_IMAGES_DIR)])
+    """The photos in tests/data, as paths relative to the working directory when they lie below it."""
+    folder = BUNDLED_IMAGES_DIR
+    with contextlib.suppress(ValueError):
+        folder = BUNDLED_IMAGES_DIR.relative_to(Path.cwd())
+    return expand_images([str(folder)])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -771,6 +775,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report is as readable as any file the user writes
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

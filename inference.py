@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,18 +56,21 @@ class Prepared:
     source: str
     pixels: torch.Tensor
     preprocess_ms: float
+    position: int  # index in the full list of images, so ranks' results merge back in order
 
 
-def prepare(sources: list[str], cfg: common.PreprocessConfig) -> tuple[list[Prepared], list[dict]]:
+def prepare(
+    sources: list[str], cfg: common.PreprocessConfig, positions: list[int] | None = None
+) -> tuple[list[Prepared], list[dict]]:
     ok, errors = [], []
-    for source in sources:
+    for source, position in zip(sources, positions or range(len(sources))):
         start = time.perf_counter()
         try:
             array = common.preprocess(source, cfg)
         except OSError as exc:
-            errors.append({"image": source, "error": str(exc) or type(exc).__name__})
+            errors.append({"image": source, "error": str(exc) or type(exc).__name__, "_position": position})
             continue
-        ok.append(Prepared(source, torch.from_numpy(array), (time.perf_counter() - start) * 1000.0))
+        ok.append(Prepared(source, torch.from_numpy(array), (time.perf_counter() - start) * 1000.0, position))
     return ok, errors
 
 
@@ -104,7 +108,9 @@ def classify(
                 "model_batch": round(timer.elapsed_ms, 3),
                 "batch_size": len(chunk),
             }
-            results.append({"image": item.source, "predictions": predictions, "timing_ms": timing})
+            results.append(
+                {"image": item.source, "predictions": predictions, "timing_ms": timing, "_position": item.position}
+            )
     return results
 
 
@@ -150,7 +156,14 @@ def _main(argv=None) -> int:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
 
-    device = common.resolve_device(args.device, jit_compile=args.jit_compile)
+    dist, device = dataset.setup(args.device, jit_compile=args.jit_compile)
+    try:
+        return _run(args, dist, device)
+    finally:
+        dist.close()
+
+
+def _run(args, dist: dataset.Distributed, device: common.Device) -> int:
     if args.synthetic:
         loaded = common.synthetic_model(device, args.dtype)
     else:
@@ -161,24 +174,35 @@ def _main(argv=None) -> int:
     sources = common.expand_images(args.image)
     if not sources:
         raise common.UserError(f"no images found in {' '.join(args.image)}")
-    items, errors = prepare(sources, loaded.preprocess)
+    # Under torchrun each rank takes every world_size-th image; rank 0 gathers, prints and writes one report.
+    positions = list(range(dist.rank, len(sources), dist.world_size))
+    items, errors = prepare([sources[i] for i in positions], loaded.preprocess, positions)
     results = classify(loaded, device, items, args.top_k, args.batch_size) if items else []
+    parts = dist.gather((results, errors, len(positions)))
+    if not dist.is_main:
+        return 1 if errors else 0
+    results = sorted((r for part in parts for r in part[0]), key=lambda r: r.pop("_position"))
+    errors = sorted((e for part in parts for e in part[1]), key=lambda e: e.pop("_position"))
     for result in results:
         print(format_result(result))
     for error in errors:
         print(f"{error['image']}: error: {error['error']}")
-    print(f"{len(results)} of {len(sources)} image(s) classified on {device} ({common.device_name(device)}), "
-          f"{args.dtype}")
+    where = f"{device} ({common.device_name(device)})"
+    if dist.enabled:
+        where = f"{dist.world_size} ranks on {device.type} over {dist.backend}"
+    print(f"{len(results)} of {len(sources)} image(s) classified on {where}, {args.dtype}")
     if args.output:
         report = {
             "model": loaded.name,
             "source": loaded.source,
-            "device": str(device),
+            "device": str(device) if not dist.enabled else device.type,
             "dtype": args.dtype,
             "environment": common.environment(device),
             "results": results,
             "errors": errors,
         }
+        if dist.enabled:
+            report["per_rank_images"] = [part[2] for part in parts]
         common.write_json_atomic(args.output, report)
         print(f"wrote {args.output}")
     return 1 if errors else 0

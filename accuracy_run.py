@@ -1,0 +1,498 @@
+"""Check that MobileViT on a device (NPU, CUDA, MPS, or the CPU in another dtype or mode) matches the CPU float32 model.
+
+Reference: the CPU, float32, eager, always. Target: --device, --dtype and --target_mode. Both consume the very same
+preprocessed tensors. Metrics per image and over all images, in float64: cosine similarity of the logits, top-1
+agreement, top-5 overlap, max |probability difference|, max |logit difference|, RMSE, mean relative error (all logits,
+and logits above msprobe's small-value cut-off), and the share of logits within 0.1% and 0.5% relative error.
+
+Examples:
+  python accuracy_run.py ./model accuracy_report.json --device npu:0
+  python accuracy_run.py ./model report.json --device npu --dtype fp16 --images photos/ "more/*.jpg" --layers
+  python accuracy_run.py ./model report.json --synthetic --device cpu --dtype bf16 --layers
+  python accuracy_run.py ./model report.json --device cuda --target_mode compiled --min_cosine 0.9999
+
+Output: a per-image table, the aggregate, with --layers the modules where the outputs part, and a last line with the
+verdict; REPORT.json holds all of it plus the environment and the thresholds. Verdicts: PASS (every threshold met),
+FAIL (some missed, or the target produced NaN/Inf), INVALID (the reference logits are non-finite or have almost no
+spread, e.g. transformers' default init, so agreement would prove nothing).
+Exit codes: 0 PASS; 1 FAIL or INVALID; 2 usage, model, image or device error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import accuracy
+import common
+import dataset
+
+logger = logging.getLogger("mobilevit_npu.accuracy_run")
+
+THRESHOLD_FLAGS = {
+    "min_cosine": "lowest cosine similarity of logits allowed for any image",
+    "min_top1_agreement": "lowest share (0..1) of images whose top-1 class must match the reference's",
+    "max_prob_diff": "largest |probability difference| allowed (strictly below), over all images and classes",
+    "top1_tie_margin": "a top-1 flip is forgiven as a near tie when the reference's probabilities of the two classes "
+    "differ by less than this",
+    "layer_min_cosine": "--layers: a module whose output cosine falls under this is divergent",
+    "min_reference_logit_std": "the reference's logits must spread at least this much across classes (and across "
+    "images), else the verdict is INVALID",
+}
+
+
+def _defaults_text(name: str) -> str:
+    values = ", ".join(f"{d} {getattr(accuracy.DEFAULT_THRESHOLDS[d], name):g}" for d in ("fp32", "fp16", "bf16"))
+    return f"default by --dtype: {values}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accuracy_run.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=common.HelpFormatter,
+    )
+    model = common.add_model_args(parser, positional=True)
+    model.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use the full-size synthetic-weights X-Small instead of MODEL_PATH (healthy activations, real labels, "
+        "meaningless predictions); the report says so",
+    )
+    model.add_argument("--seed", type=int, default=0, help="--synthetic only: the seed of the synthetic weights")
+    parser.add_argument("report", metavar="REPORT.json", help="where to write the JSON report (atomically)")
+    target = common.add_device_args(parser)
+    common.add_dtype_arg(target, "the target's precision (the reference is always CPU float32)")
+    target.add_argument(
+        "--target_mode",
+        "--target-mode",
+        choices=accuracy.MODES,
+        default="eager",
+        help="how the target runs: eager; channels_last (model and input in NHWC); compiled (torch.compile, "
+        "TorchAir's backend on an NPU)",
+    )
+    inputs = parser.add_argument_group("input")
+    inputs.add_argument(
+        "--images",
+        nargs="+",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="image files, directories (their images, sorted), globs (quote them) or URLs; "
+        "default: the photos bundled in tests/data",
+    )
+    labelled = parser.add_argument_group(
+        "labelled set (ImageNet accuracy of reference and target; spreads over ranks under torchrun)"
+    )
+    labelled.add_argument(
+        "--dataset",
+        metavar="DIR",
+        help="an ImageNet-style folder: class subfolders named by wnid (n01440764) or class index (0..999), or flat "
+        "files named <wnid>_anything.JPEG",
+    )
+    labelled.add_argument(
+        "--labels", metavar="FILE.csv", help="CSV rows image,class_id (relative paths: from --dataset, else the CSV)"
+    )
+    labelled.add_argument(
+        "--resume", action="store_true",
+        help="continue a killed run from the JSON lines beside the report (REPORT.json.parts/), not redoing images",
+    )
+    labelled.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per forward pass")
+    labelled.add_argument(
+        "--workers", type=int, default=None,
+        help="DataLoader processes that decode and preprocess (default: cores per rank - 1, at most 8)",
+    )
+    labelled.add_argument("--limit", type=int, default=None, help="only the first N images of the set (a quick look)")
+    check = parser.add_argument_group("comparison (threshold defaults depend on --dtype; see the readme for reasons)")
+    check.add_argument(
+        "--layers",
+        action="store_true",
+        help="also compare every module's output (forward hooks, names as in the state dict) and name the first "
+        "divergent one, the first to produce NaN/Inf and the five worst",
+    )
+    for name, text in THRESHOLD_FLAGS.items():
+        check.add_argument(
+            f"--{name}",
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=argparse.SUPPRESS,
+            metavar="X",
+            help=f"{text}; {_defaults_text(name)}",
+        )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+@dataclass
+class AccuracyReport:
+    tool: str
+    verdict: str
+    verdict_reasons: list[str]
+    compared: str  # "cpu float32 eager  vs  cpu bfloat16 eager"
+    reference: dict[str, Any]
+    target: dict[str, Any]
+    model_source: dict[str, Any]
+    input: str
+    thresholds: dict[str, float]
+    threshold_reasons: dict[str, str]
+    checks: list[dict]
+    reference_checks: list[dict]
+    aggregate: dict[str, Any]
+    per_image: list[dict]
+    skipped_images: list[dict]
+    layers: dict[str, Any] | None
+    environment: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    dataset: dict[str, Any] | None = None  # --dataset / --labels: accuracy against the labels, per rank, per class
+
+
+@dataclass
+class Prepared:
+    source: str
+    pixels: torch.Tensor  # [1, 3, H, W] float32 on the CPU: what both sides consume
+
+
+def read_images(sources: list[str], cfg: common.PreprocessConfig) -> tuple[list[Prepared], list[dict]]:
+    ok, skipped = [], []
+    for source in sources:
+        try:
+            array = common.preprocess(source, cfg)
+        except OSError as exc:
+            skipped.append({"image": source, "error": str(exc) or type(exc).__name__})
+            logger.warning("skipping %s: %s", source, str(exc) or type(exc).__name__)
+            continue
+        ok.append(Prepared(source, torch.from_numpy(array).unsqueeze(0)))
+    return ok, skipped
+
+
+def run_comparison(
+    reference: accuracy.Side,
+    target: accuracy.Side,
+    items: list[Prepared],
+    thresholds: accuracy.Thresholds,
+    layers: bool,
+) -> tuple[accuracy.Comparison, accuracy.LayerReport | None]:
+    """Both sides over every image, one at a time; with `layers`, the module-by-module comparison as they go."""
+    comparator = None
+    if layers:
+        comparator = accuracy.LayerComparator(reference.hook_model, target.hook_model, thresholds.layer_min_cosine)
+    ref_rows, tgt_rows = [], []
+    try:
+        for item in items:
+            if comparator:
+                comparator.begin(item.source, "reference")
+            ref_rows.append(reference.logits(item.pixels))
+            if comparator and target.hook_model is not target.model:  # compiled: logits clean, layers on eager twin
+                tgt_rows.append(target.logits(item.pixels))
+                comparator.begin(item.source, "target")
+                target.logits(item.pixels, model=target.hook_model)
+            else:
+                if comparator:
+                    comparator.begin(item.source, "target")
+                tgt_rows.append(target.logits(item.pixels))
+            if comparator:
+                comparator.end_image()
+    finally:
+        if comparator:
+            comparator.close()
+    distinct = len({hashlib.sha256(item.pixels.numpy().tobytes()).hexdigest() for item in items}) > 1
+    comparison = accuracy.compare(
+        torch.cat(ref_rows),
+        torch.cat(tgt_rows),
+        target.dtype,
+        thresholds,
+        names=[item.source for item in items],
+        distinct_inputs=distinct,
+    )
+    layer_report = comparator.report() if comparator else None
+    if layer_report and target.mode == "compiled":
+        layer_report.note = "layers compared on an eager twin of the compiled target: hooks would split the graph"
+    return comparison, layer_report
+
+
+def _fmt(value: float | None, spec: str = ".6f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return format(value, spec)
+
+
+def format_console(
+    comparison: accuracy.Comparison, layers: accuracy.LayerReport | None, compared: str, id2label
+) -> str:
+    lines = [f"compared: {compared}", "(== same top-1, ~= a near-tie flip, != a flip)", ""]
+    width = min(max(len(Path(m.image).name) for m in comparison.per_image), 40)
+    lines.append(f"{'image':<{width}}  {'cosine':>10}  {'top1 ref -> target':<34}  {'max|dp|':>8}  {'max|dlogit|':>11}")
+    for m in comparison.per_image:
+        ref_label = id2label.get(m.top1_reference, str(m.top1_reference))[:14]
+        tgt_label = id2label.get(m.top1_target, str(m.top1_target))[:14] if m.target_finite else "NaN"
+        sign = "==" if m.top1_agree else ("~=" if m.top1_near_tie else "!=")
+        top1 = f"{ref_label} {sign} {tgt_label}"
+        lines.append(
+            f"{Path(m.image).name[:width]:<{width}}  {_fmt(m.cosine):>10}  {top1:<34}  "
+            f"{_fmt(m.max_abs_prob_diff, '.4f'):>8}  {_fmt(m.max_abs_logit_diff, '.4g'):>11}"
+        )
+    a = comparison.aggregate
+    lines += [
+        "",
+        f"over {a.images} image(s): cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; "
+        f"top-1 {a.top1_agree_count}/{a.images} (+{a.top1_near_tie_flips} near-tie flips); "
+        f"top-5 overlap {_fmt(a.top5_overlap_mean, '.3f')}; "
+        f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}; max|dlogit| {_fmt(a.max_abs_logit_diff, '.4g')}; "
+        f"RMSE {_fmt(a.rmse, '.4g')}",
+        f"  mean rel err {_fmt(a.mean_relative_error, '.4g')} (|r| > {a.small_value_cutoff:g}: "
+        f"{_fmt(a.mean_relative_error_above_cutoff, '.4g')}); rel err < 0.1%: "
+        f"{_fmt(a.share_rel_err_below_0_001, '.1%')}, < 0.5%: {_fmt(a.share_rel_err_below_0_005, '.1%')}; "
+        f"reference logit std {_fmt(a.reference_logit_std_min, '.3g')}",
+    ]
+    if layers is not None:
+        lines += [
+            "",
+            f"layers: {layers.modules_compared} module outputs compared (threshold cosine {layers.threshold})",
+        ]
+        for label, row in (("first divergent", layers.first_divergent), ("first NaN/Inf", layers.first_nonfinite)):
+            text = "none" if row is None else f"{row['name']}  (cosine {_fmt(row['cosine_min'])})"
+            lines.append(f"  {label + ':':<16} {text}")
+        lines.append(f"  {'five worst:':<16} {'cosine':>10}  {'max abs err':>11}  module")
+        for row in layers.worst:
+            lines.append(f"  {'':<16} {_fmt(row['cosine_min']):>10}  {_fmt(row['max_abs_error'], '.4g'):>11}  "
+                         f"{row['name']}")  # fmt: skip
+        if layers.note:
+            lines.append(f"  note: {layers.note}")
+    return "\n".join(lines)
+
+
+def verdict_line(comparison: accuracy.Comparison, layers: accuracy.LayerReport | None, compared: str) -> str:
+    a = comparison.aggregate
+    summary = (
+        f"cosine min {_fmt(a.cosine_min)}, top-1 {a.top1_agree_count}/{a.images}"
+        f"{f' (+{a.top1_near_tie_flips} near ties)' if a.top1_near_tie_flips else ''}, "
+        f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}"
+    )
+    why = f" ({'; '.join(comparison.reasons)})" if comparison.reasons else ""
+    where = ""
+    if layers is not None and comparison.verdict == "FAIL":
+        row = layers.first_nonfinite or layers.first_divergent
+        if row:
+            where = f"; first {'NaN/Inf' if layers.first_nonfinite else 'divergent'} layer: {row['name']}"
+    return f"VERDICT: {comparison.verdict}  {compared}: {summary}{why}{where}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments (no model loaded yet); usage errors exit 2 through parser.error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if Path(args.report).is_dir():
+        parser.error(f"REPORT.json {args.report} is a directory")
+    bad = [f"--{k} {v}" for k in THRESHOLD_FLAGS if (v := getattr(args, k, None)) is not None and not math.isfinite(v)]
+    if bad:
+        parser.error(f"thresholds must be finite numbers: {', '.join(bad)}")
+    return args
+
+
+def _main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) as return codes, for main([...]) callers
+        return exc.code if isinstance(exc.code, int) else 2
+    overrides = {name: getattr(args, name, None) for name in THRESHOLD_FLAGS}
+    common.setup_logging(args.verbose)
+    thresholds = accuracy.Thresholds.for_dtype(args.dtype, **overrides)
+
+    labelled = bool(args.dataset or args.labels)
+    if not labelled and (args.resume or args.limit):
+        raise common.UserError("--resume and --limit go with --dataset or --labels")
+    if labelled and (getattr(args, "images", None) or args.layers):
+        raise common.UserError("--images and --layers do not go with --dataset/--labels")
+    if args.batch_size < 1 or (args.workers or 0) < 0 or (args.limit is not None and args.limit < 1):
+        raise common.UserError("--batch_size and --limit must be at least 1, --workers at least 0")
+    dist, device = dataset.setup(args.device, jit_compile=args.jit_compile)
+    try:
+        if dist.enabled and not labelled:
+            raise common.UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
+        return _run(args, argv, thresholds, dist, device, labelled)
+    finally:
+        dist.close()
+
+
+def _run(args, argv, thresholds: accuracy.Thresholds, dist: dataset.Distributed, device: common.Device,
+         labelled: bool) -> int:
+    if args.synthetic:
+        loaded = common.synthetic_model(None, "fp32", seed=args.seed)
+    else:
+        loaded = common.load_model(args.model_path, None, "fp32")
+    reference = accuracy.reference_side(loaded.model)
+    target = accuracy.prepare_target(reference.model, device, args.dtype, args.target_mode)
+    compared = f"{reference.label}  vs  {target.label}"
+
+    if labelled:
+        return run_labelled(args, argv, loaded, reference, target, thresholds, dist, compared)
+    specs = getattr(args, "images", None)
+    sources = common.expand_images(specs) if specs else common.bundled_images()
+    if not sources:
+        raise common.UserError(f"no images found in {' '.join(specs or [str(common.BUNDLED_IMAGES_DIR)])}")
+    items, skipped = read_images(sources, loaded.preprocess)
+    if not items:
+        raise common.UserError(f"none of the {len(sources)} image(s) could be read: " + "; ".join(
+            f"{s['image']}: {s['error']}" for s in skipped[:5]))  # fmt: skip
+
+    notes = []
+    if target.device.type == "cpu" and args.dtype == "fp32" and args.target_mode == "eager":
+        notes.append("the target is the reference configuration: this checks determinism only")
+        logger.warning(notes[-1])
+    if args.synthetic:
+        notes.append(
+            "synthetic weights: the numbers say how the device treats a healthy X-Small, not ImageNet accuracy"
+        )
+
+    comparison, layer_report = run_comparison(reference, target, items, thresholds, args.layers)
+
+    print(format_console(comparison, layer_report, compared, loaded.id2label))
+    for s in skipped:
+        print(f"skipped {s['image']}: {s['error']}")
+    source = dict(loaded.source)
+    if args.synthetic:
+        source = {"synthetic": True, **source, "model_path_ignored": args.model_path}
+    report = AccuracyReport(
+        tool="accuracy_run.py",
+        verdict=comparison.verdict,
+        verdict_reasons=comparison.reasons,
+        compared=compared,
+        reference={"device": str(reference.device), "dtype": "float32", "mode": "eager"},
+        target={"device": str(target.device), "dtype": accuracy.DTYPE_NAMES[args.dtype], "mode": args.target_mode},
+        model_source=source,
+        input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
+        f"{accuracy.DTYPE_NAMES[args.dtype]} on {target.device}; batch size 1",
+        thresholds=dataclasses.asdict(thresholds),
+        threshold_reasons=accuracy.THRESHOLD_REASONS,
+        checks=[dataclasses.asdict(c) for c in comparison.checks],
+        reference_checks=[dataclasses.asdict(c) for c in comparison.reference_checks],
+        aggregate=dataclasses.asdict(comparison.aggregate),
+        per_image=[dataclasses.asdict(m) for m in comparison.per_image],
+        skipped_images=skipped,
+        layers=dataclasses.asdict(layer_report) if layer_report else None,
+        environment={"target": common.environment(target.device), "reference": common.environment(reference.device)},
+        notes=notes,
+        argv=list(sys.argv[1:] if argv is None else argv),
+    )
+    common.write_json_atomic(args.report, report)
+    print(f"wrote {args.report}")
+    print(verdict_line(comparison, layer_report, compared))
+    return 0 if comparison.verdict == "PASS" else 1
+
+
+def load_samples(args) -> tuple[list[dataset.Sample], list[dict]]:
+    if args.labels:
+        samples, unlabelled = dataset.read_labels_csv(args.labels, root=args.dataset), []
+    else:
+        samples, unlabelled = dataset.scan_folder(args.dataset)
+    return (samples[: args.limit] if args.limit else samples), unlabelled
+
+
+def run_labelled(
+    args, argv, loaded, reference: accuracy.Side, target: accuracy.Side, thresholds, dist, compared: str
+) -> int:
+    """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics kept per image."""
+    samples, unlabelled = load_samples(args)
+    run_key = {
+        "model": loaded.source.get("sha256") or loaded.source.get("name"),
+        "target": compared,
+        "images": hashlib.sha256("\n".join(f"{s.image},{s.label}" for s in samples).encode()).hexdigest(),
+        "thresholds": dataclasses.asdict(thresholds),
+    }
+    journal = dataset.Journal(args.report, dist, run_key, resume=args.resume)
+
+    def process(batch: list[dataset.Sample], pixels: torch.Tensor) -> list[dict]:
+        ref, tgt = reference.logits(pixels), target.logits(pixels)
+        metrics = accuracy.image_metrics(ref, tgt, args.dtype, thresholds, [s.image for s in batch])
+        ref5 = ref.topk(min(5, ref.shape[1])).indices.tolist()
+        tgt5 = torch.nan_to_num(tgt, nan=-math.inf).topk(min(5, tgt.shape[1])).indices.tolist()
+        return [
+            {"image": s.image, "label": s.label, "reference_top5": r5, "target_top5": t5,
+             "reference_finite": bool(torch.isfinite(row).all()), "metrics": dataclasses.asdict(m)}
+            for s, r5, t5, row, m in zip(batch, ref5, tgt5, ref, metrics)
+        ]  # fmt: skip
+
+    workers = args.workers if args.workers is not None else dataset.default_workers(dist.world_size)
+    records, per_rank = dataset.run(samples, loaded.preprocess, process, dist, args.batch_size, workers, journal)
+    if not dist.is_main:
+        journal.close(remove=True)
+        return 0
+    summary = dataset.summarize(records, unlabelled, per_rank)
+    done = [r for r in records if "error" not in r]
+    if not done:
+        journal.close(remove=False)
+        raise common.UserError(f"none of the {len(samples)} image(s) in the set could be read")
+    per_image = [accuracy.ImageMetrics(**r["metrics"]) for r in done]
+    comparison = accuracy.summarize(
+        per_image, args.dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
+    )
+    images_file = Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
+    dataset.write_jsonl_atomic(images_file, records)
+    worst = sorted(per_image, key=lambda m: (m.cosine if not math.isnan(m.cosine) else -2.0))[:20]
+    report = AccuracyReport(
+        tool="accuracy_run.py",
+        verdict=comparison.verdict,
+        verdict_reasons=comparison.reasons,
+        compared=compared,
+        reference={"device": str(reference.device), "dtype": "float32", "mode": "eager"},
+        target={"device": target.device.type if dist.enabled else str(target.device),
+                "dtype": accuracy.DTYPE_NAMES[args.dtype], "mode": args.target_mode},
+        model_source=dict(loaded.source),
+        input=f"labelled set {args.labels or args.dataset}: the same float32 CPU batch for both sides; the target "
+        f"casts it to {accuracy.DTYPE_NAMES[args.dtype]}; batch size {args.batch_size}; {dist.world_size} rank(s)",
+        thresholds=dataclasses.asdict(thresholds),
+        threshold_reasons=accuracy.THRESHOLD_REASONS,
+        checks=[dataclasses.asdict(c) for c in comparison.checks],
+        reference_checks=[dataclasses.asdict(c) for c in comparison.reference_checks],
+        aggregate=dataclasses.asdict(comparison.aggregate),
+        per_image=[dataclasses.asdict(m) for m in worst],
+        skipped_images=summary["skipped_images"],
+        layers=None,
+        environment={"target": common.environment(target.device), "reference": common.environment(reference.device)},
+        notes=[f"per_image holds the 20 lowest-cosine images; every image is in {images_file}"],
+        argv=list(sys.argv[1:] if argv is None else argv),
+        dataset={k: v for k, v in summary.items() if k != "skipped_images"},
+    )
+    common.write_json_atomic(args.report, report)
+    journal.close(remove=True)
+    print(format_labelled(summary, comparison, compared))
+    print(f"wrote {args.report} and {images_file}")
+    print(verdict_line(comparison, None, compared))
+    return 0 if comparison.verdict == "PASS" else 1
+
+
+def format_labelled(summary: dict, comparison: accuracy.Comparison, compared: str) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{x:.2%}"
+
+    a = comparison.aggregate
+    ranks = summary["per_rank_images"]
+    return "\n".join([
+        f"compared: {compared}",
+        f"images: {summary['images']} evaluated, {summary['skipped']} skipped"
+        + (f"; per rank {ranks}" if len(ranks) > 1 else ""),
+        f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",
+        f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
+        f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "
+        f"cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}",
+        *(f"skipped {s['image']}: {s['error']}" for s in summary["skipped_images"][:10]),
+        *([f"... and {summary['skipped'] - 10} more skipped (see the report)"] if summary["skipped"] > 10 else []),
+    ])  # fmt: skip
+
+
+def main(argv=None) -> int:
+    return common.run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

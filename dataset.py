@@ -1,0 +1,415 @@
+"""Labelled image sets at scale: ImageNet-style folders, streaming decode, torchrun sharding, and a resumable journal.
+
+- `scan_folder` / `read_labels_csv`: (path, class id) pairs from class subfolders (wnid or index), flat
+  `<wnid>_anything.JPEG` files, or a CSV `image,class_id`.
+- `stream`: a DataLoader whose workers decode and preprocess; bad images come back as errors, not exceptions.
+- `Distributed`: under `torchrun --nproc_per_node N` each rank takes every N-th image (each image exactly once, no
+  padding duplicates) on its own device (npu:LOCAL_RANK over HCCL, cuda over NCCL, cpu over gloo); results are
+  gathered to rank 0 over a gloo group, and ranks meet at a barrier before the process group is destroyed.
+- `Journal`: results appended as JSON lines beside the report (REPORT.json.parts/rank*.jsonl), so `--resume`
+  continues a killed run without redoing finished images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import common
+
+logger = logging.getLogger("mobilevit_npu.dataset")
+
+WNIDS_FILE = common.PROJECT_DIR / "assets" / "imagenet1k_wnids.txt"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labelled sets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str
+    label: int
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in the standard class-index order (n01440764 = 0 ... n15075141 = 999)."""
+    return WNIDS_FILE.read_text(encoding="ascii").split()
+
+
+def _class_of(name: str, wnid_index: dict[str, int], num_classes: int) -> int | None:
+    if name in wnid_index:
+        return wnid_index[name]
+    if name.isdigit() and int(name) < num_classes:
+        return int(name)
+    return None
+
+
+def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample], list[dict]]:
+    """Class subfolders named by wnid or class index, or flat files named `<wnid>_anything.ext`.
+
+    Returns the samples (sorted by path) and the files that could not be labelled, with the reason.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise common.UserError(f"--dataset {root} is not a folder")
+    wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
+    samples, unlabelled = [], []
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if subdirs:
+        for folder in subdirs:
+            label = _class_of(folder.name, wnid_index, num_classes)
+            if label is None:
+                raise common.UserError(
+                    f"class folder {folder} is neither an ImageNet wnid nor a class index below {num_classes}"
+                )
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and common.is_image_name(path.name):
+                    samples.append(Sample(str(path), label))
+    else:
+        for path in sorted(root.iterdir()):
+            if not (path.is_file() and common.is_image_name(path.name)):
+                continue
+            label = wnid_index.get(path.name.split("_", 1)[0])
+            if label is None:
+                unlabelled.append({"image": str(path), "error": "file name does not start with an ImageNet wnid"})
+            else:
+                samples.append(Sample(str(path), label))
+    if not samples:
+        raise common.UserError(f"no labelled images in {root} (class subfolders, or files named <wnid>_*.JPEG)")
+    return samples, unlabelled
+
+
+def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classes: int = 1000) -> list[Sample]:
+    """CSV rows `image,class_id` (a header row is allowed); relative paths are taken from `root` or the CSV's folder."""
+    path = Path(path)
+    base = Path(root) if root else path.parent
+    samples = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for line_no, row in enumerate(csv.reader(fh), 1):
+                if not row or row[0].startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise common.UserError(f"{path}:{line_no}: expected image,class_id")
+                image, label = row[0].strip(), row[1].strip()
+                if not label.lstrip("-").isdigit():
+                    if line_no == 1:
+                        continue  # header
+                    raise common.UserError(f"{path}:{line_no}: class_id {label!r} is not a whole number")
+                if not 0 <= int(label) < num_classes:
+                    raise common.UserError(f"{path}:{line_no}: class_id {label} is outside 0..{num_classes - 1}")
+                full = image if common.is_url(image) or os.path.isabs(image) else str(base / image)
+                samples.append(Sample(full, int(label)))
+    except OSError as exc:
+        raise common.UserError(f"cannot read --labels {path}: {exc}") from exc
+    if not samples:
+        raise common.UserError(f"--labels {path} lists no images")
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, sources: Sequence[str], cfg: common.PreprocessConfig):
+        self.sources, self.cfg = list(sources), cfg
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, torch.from_numpy(common.preprocess(self.sources[index], self.cfg)), None
+        except OSError as exc:
+            return index, None, str(exc) or type(exc).__name__
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, err in items if x is not None]
+    errors = [(i, err) for i, x, err in items if x is None]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], pixels, errors
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers only decode and resize: leave the cores to the model
+
+
+def stream(
+    sources: Sequence[str], cfg: common.PreprocessConfig, batch_size: int, workers: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Batches of (indices of the decoded images, their pixels, [(index, error)] for those that failed)."""
+    loader = torch.utils.data.DataLoader(
+        _Images(sources, cfg), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def default_workers(world_size: int = 1) -> int:
+    """Leave one core per rank for the model; 0 (decode in the main process) on small machines."""
+    cores = os.cpu_count() or 1
+    return max(0, min(8, cores // max(1, world_size) - 1))
+
+
+def progress(total: int, enabled: bool, desc: str):
+    """A progress bar with images/s on stderr (rank 0 only)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torchrun
+# --------------------------------------------------------------------------------------------------------------------
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo", "mps": "gloo"}
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    _group: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """Every world_size-th item from this rank's offset: each item exactly once over all ranks, no padding."""
+        return list(items[self.rank :: self.world_size])
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). Over gloo, whatever the device backend."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self._group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier(group=self._group)
+
+    def close(self) -> None:
+        """Meet at a barrier, then destroy the process group, so a finished run never ends in an abort."""
+        if self.enabled and torch.distributed.is_initialized():
+            self.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, common.Device]:
+    """Resolve the device, and under torchrun pin it to LOCAL_RANK and join the process group."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return Distributed(), common.resolve_device(device_spec, jit_compile)
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    kind = device_spec.split(":")[0]
+    if ":" in device_spec:
+        raise common.UserError(f"under torchrun each rank takes device LOCAL_RANK: --device {kind}, not {device_spec}")
+    if kind == "auto":
+        kind = common.resolve_device("auto", jit_compile).type
+    device = common.resolve_device(kind if kind in ("cpu", "mps") else f"{kind}:{local}", jit_compile)
+    backend = BACKENDS[device.type]
+    import torch.distributed as dist
+
+    timeout = timedelta(minutes=int(os.environ.get("MOBILEVIT_DIST_TIMEOUT_MIN", "60")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    logger.debug("rank %d/%d on %s over %s", rank, world, device, backend)
+    return Distributed(rank, world, local, backend, group), device
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Journal: results appended as they come, for --resume
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Journal:
+    """JSON lines per rank in `REPORT.parts/`; `meta.json` there says what run they belong to."""
+
+    def __init__(self, report: str | Path, dist: Distributed, run_key: dict[str, Any], resume: bool):
+        self.folder = Path(f"{report}.parts")
+        self.dist = dist
+        self.key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()[:16]
+        meta = self.folder / "meta.json"
+        error = None
+        if dist.is_main:
+            if resume and meta.is_file() and json.loads(meta.read_text()).get("key") != self.key:
+                error = (
+                    f"--resume: {self.folder} belongs to a different run (model, dtype, device kind or images "
+                    "changed); drop --resume to start over"
+                )
+            else:
+                if not resume and self.folder.exists():
+                    shutil.rmtree(self.folder)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                meta.write_text(json.dumps({"key": self.key, "run": run_key}, indent=2))
+        error = dist.broadcast(error)  # also the barrier: the folder is ready before any rank writes to it
+        if error:
+            raise common.UserError(error)
+        self._fh = open(self.folder / f"rank{dist.rank}.jsonl", "a", encoding="utf-8")
+
+    def done(self) -> dict[str, dict]:
+        """Every record of every rank's file so far, by image (a torn last line from a crash is ignored)."""
+        records: dict[str, dict] = {}
+        for path in sorted(self.folder.glob("rank*.jsonl")):
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    records[record["image"]] = record
+        return records
+
+    def append(self, records: Sequence[dict]) -> None:
+        for record in records:
+            self._fh.write(json.dumps(common.json_safe(record), allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self, remove: bool) -> None:
+        self._fh.close()
+        self.dist.barrier()
+        if remove and self.dist.is_main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run(
+    samples: Sequence[Sample],
+    cfg: common.PreprocessConfig,
+    process: Callable[[list[Sample], torch.Tensor], list[dict]],
+    dist: Distributed,
+    batch_size: int,
+    workers: int,
+    journal: Journal | None = None,
+    desc: str = "images",
+) -> tuple[list[dict], list[int]]:
+    """Stream this rank's share of `samples` through `process` and gather every record on rank 0.
+
+    `process(batch_samples, pixels)` returns one record per image (each with "image"). Bad images become records
+    `{"image", "label", "error"}`. With a journal, images already in it are skipped and every new record is appended
+    as soon as its batch is done. Returns (all records, images done per rank) on rank 0; ([], []) elsewhere.
+    """
+    previous = journal.done() if journal else {}
+    todo = [s for s in samples if s.image not in previous]
+    if previous and dist.is_main:
+        logger.info("resuming: %d of %d images already done, %d to go", len(previous), len(samples), len(todo))
+    mine = dist.shard(todo)
+    records: list[dict] = []
+    bar = progress(len(mine), dist.is_main, f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc)
+    with bar:
+        for indices, pixels, errors in stream([s.image for s in mine], cfg, batch_size, workers):
+            batch = [mine[i] for i in indices]
+            new = process(batch, pixels) if batch else []
+            new += [{"image": mine[i].image, "label": mine[i].label, "error": err} for i, err in errors]
+            if journal:
+                journal.append(new)
+            records.extend(new)
+            bar.update(len(new))
+    gathered = dist.gather(records)
+    if not dist.is_main:
+        return [], []
+    per_rank = [len(part) for part in gathered]
+    merged = dict(previous)
+    for part in gathered:
+        merged.update((r["image"], r) for r in part)
+    order = {s.image: i for i, s in enumerate(samples)}
+    return sorted(merged.values(), key=lambda r: order.get(r["image"], len(order))), per_rank
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labelled-set summary
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def summarize(records: Sequence[dict], unlabelled: Sequence[dict], per_rank: Sequence[int]) -> dict[str, Any]:
+    """Top-1/top-5 of reference and target against the labels, their agreement, per-class counts, disagreements.
+
+    Each record holds "image", "label" and either "error" or "reference_top5" / "target_top5" (class ids, best first).
+    """
+    done = [r for r in records if "error" not in r]
+    skipped = [{"image": r["image"], "error": r["error"]} for r in records if "error" in r] + list(unlabelled)
+    n = len(done)
+
+    def share(hits: int) -> float | None:
+        return hits / n if n else None
+
+    per_class: dict[int, dict[str, int]] = {}
+    disagreements = []
+    hits = {"ref1": 0, "ref5": 0, "tgt1": 0, "tgt5": 0, "agree": 0}
+    for r in done:
+        ref, tgt, label = r["reference_top5"], r["target_top5"], r["label"]
+        row = per_class.setdefault(label, {"images": 0, "reference_top1_correct": 0, "target_top1_correct": 0})
+        row["images"] += 1
+        row["reference_top1_correct"] += ref[0] == label
+        row["target_top1_correct"] += tgt[0] == label
+        hits["ref1"] += ref[0] == label
+        hits["ref5"] += label in ref
+        hits["tgt1"] += tgt[0] == label
+        hits["tgt5"] += label in tgt
+        if ref[0] == tgt[0]:
+            hits["agree"] += 1
+        else:
+            disagreements.append({"image": r["image"], "label": label, "reference": ref[0], "target": tgt[0]})
+    return {
+        "images": n,
+        "skipped": len(skipped),
+        "reference": {"top1": share(hits["ref1"]), "top5": share(hits["ref5"])},
+        "target": {"top1": share(hits["tgt1"]), "top5": share(hits["tgt5"])},
+        "agreement_top1": share(hits["agree"]),
+        "per_rank_images": list(per_rank),
+        "per_class": {str(k): per_class[k] for k in sorted(per_class)},
+        "disagreements": disagreements,
+        "skipped_images": skipped,
+    }
+
+
+def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> Path:
+    """All records as JSON lines, through a temp file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(common.json_safe(record), allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
