@@ -359,35 +359,49 @@ def _run(args, argv, thresholds: accuracy.Thresholds, dist: dataset.Distributed,
     print(format_console(comparison, layer_report, compared, loaded.id2label))
     for s in skipped:
         print(f"skipped {s['image']}: {s['error']}")
-    source = dict(loaded.source)
-    if args.synthetic:
-        source = {"synthetic": True, **source, "model_path_ignored": args.model_path}
-    report = AccuracyReport(
-        tool="accuracy_run.py",
-        verdict=comparison.verdict,
-        verdict_reasons=comparison.reasons,
-        compared=compared,
-        reference={"device": str(reference.device), "dtype": "float32", "mode": "eager"},
-        target={"device": str(target.device), "dtype": accuracy.DTYPE_NAMES[args.dtype], "mode": args.target_mode},
-        model_source=source,
+    report = make_report(
+        args, argv, comparison, loaded, reference, target,
         input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
         f"{accuracy.DTYPE_NAMES[args.dtype]} on {target.device}; batch size 1",
-        thresholds=dataclasses.asdict(thresholds),
-        threshold_reasons=accuracy.THRESHOLD_REASONS,
-        checks=[dataclasses.asdict(c) for c in comparison.checks],
-        reference_checks=[dataclasses.asdict(c) for c in comparison.reference_checks],
-        aggregate=dataclasses.asdict(comparison.aggregate),
-        per_image=[dataclasses.asdict(m) for m in comparison.per_image],
-        skipped_images=skipped,
-        layers=dataclasses.asdict(layer_report) if layer_report else None,
-        environment={"target": common.environment(target.device), "reference": common.environment(reference.device)},
-        notes=notes,
-        argv=list(sys.argv[1:] if argv is None else argv),
-    )
+        per_image=comparison.per_image, skipped=skipped, layers=layer_report, notes=notes,
+    )  # fmt: skip
     common.write_json_atomic(args.report, report)
     print(f"wrote {args.report}")
     print(verdict_line(comparison, layer_report, compared))
     return 0 if comparison.verdict == "PASS" else 1
+
+
+def make_report(
+    args, argv, comparison: accuracy.Comparison, loaded, reference: accuracy.Side, target: accuracy.Side, *,
+    input: str, per_image, skipped: list[dict], layers, notes: list[str], dataset: dict | None = None,
+    target_device: str | None = None,
+) -> AccuracyReport:  # fmt: skip
+    source = dict(loaded.source)
+    if args.synthetic:
+        source = {"synthetic": True, **source, "model_path_ignored": args.model_path}
+    return AccuracyReport(
+        tool="accuracy_run.py",
+        verdict=comparison.verdict,
+        verdict_reasons=comparison.reasons,
+        compared=f"{reference.label}  vs  {target.label}",
+        reference={"device": str(reference.device), "dtype": "float32", "mode": "eager"},
+        target={"device": target_device or str(target.device), "dtype": accuracy.DTYPE_NAMES[args.dtype],
+                "mode": args.target_mode},
+        model_source=source,
+        input=input,
+        thresholds=dataclasses.asdict(comparison.thresholds),
+        threshold_reasons=accuracy.THRESHOLD_REASONS,
+        checks=[dataclasses.asdict(c) for c in comparison.checks],
+        reference_checks=[dataclasses.asdict(c) for c in comparison.reference_checks],
+        aggregate=dataclasses.asdict(comparison.aggregate),
+        per_image=[dataclasses.asdict(m) for m in per_image],
+        skipped_images=skipped,
+        layers=dataclasses.asdict(layers) if layers else None,
+        environment={"target": common.environment(target.device), "reference": common.environment(reference.device)},
+        notes=notes,
+        argv=list(sys.argv[1:] if argv is None else argv),
+        dataset=dataset,
+    )  # fmt: skip
 
 
 def load_samples(args) -> tuple[list[dataset.Sample], list[dict]]:
@@ -439,30 +453,15 @@ def run_labelled(
     images_file = Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
     dataset.write_jsonl_atomic(images_file, records)
     worst = sorted(per_image, key=lambda m: (m.cosine if not math.isnan(m.cosine) else -2.0))[:20]
-    report = AccuracyReport(
-        tool="accuracy_run.py",
-        verdict=comparison.verdict,
-        verdict_reasons=comparison.reasons,
-        compared=compared,
-        reference={"device": str(reference.device), "dtype": "float32", "mode": "eager"},
-        target={"device": target.device.type if dist.enabled else str(target.device),
-                "dtype": accuracy.DTYPE_NAMES[args.dtype], "mode": args.target_mode},
-        model_source=dict(loaded.source),
+    report = make_report(
+        args, argv, comparison, loaded, reference, target,
         input=f"labelled set {args.labels or args.dataset}: the same float32 CPU batch for both sides; the target "
         f"casts it to {accuracy.DTYPE_NAMES[args.dtype]}; batch size {args.batch_size}; {dist.world_size} rank(s)",
-        thresholds=dataclasses.asdict(thresholds),
-        threshold_reasons=accuracy.THRESHOLD_REASONS,
-        checks=[dataclasses.asdict(c) for c in comparison.checks],
-        reference_checks=[dataclasses.asdict(c) for c in comparison.reference_checks],
-        aggregate=dataclasses.asdict(comparison.aggregate),
-        per_image=[dataclasses.asdict(m) for m in worst],
-        skipped_images=summary["skipped_images"],
-        layers=None,
-        environment={"target": common.environment(target.device), "reference": common.environment(reference.device)},
+        per_image=worst, skipped=summary["skipped_images"], layers=None,
         notes=[f"per_image holds the 20 lowest-cosine images; every image is in {images_file}"],
-        argv=list(sys.argv[1:] if argv is None else argv),
         dataset={k: v for k, v in summary.items() if k != "skipped_images"},
-    )
+        target_device=target.device.type if dist.enabled else None,
+    )  # fmt: skip
     common.write_json_atomic(args.report, report)
     journal.close(remove=True)
     print(format_labelled(summary, comparison, compared))
