@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,11 +438,15 @@ def run_labelled(
         ]  # fmt: skip
 
     workers = args.workers if args.workers is not None else dataset.default_workers(dist.world_size)
+    start = time.perf_counter()
     records, per_rank = dataset.run(samples, loaded.preprocess, process, dist, args.batch_size, workers, journal)
+    elapsed_s = time.perf_counter() - start
     if not dist.is_main:
         journal.close(remove=True)
         return 0
     summary = dataset.summarize(records, unlabelled, per_rank)
+    summary["elapsed_s"] = round(elapsed_s, 3)  # this run's images (not resumed ones), decode to gather, both sides
+    summary["images_per_s"] = round(sum(per_rank) / elapsed_s, 3) if elapsed_s > 0 else None
     done = [r for r in records if "error" not in r]
     if not done:
         journal.close(remove=False)
@@ -479,7 +484,8 @@ def format_labelled(summary: dict, comparison: accuracy.Comparison, compared: st
     return "\n".join([
         f"compared: {compared}",
         f"images: {summary['images']} evaluated, {summary['skipped']} skipped"
-        + (f"; per rank {ranks}" if len(ranks) > 1 else ""),
+        + (f"; per rank {ranks}" if len(ranks) > 1 else "")
+        + f"; {summary['images_per_s']} images/s (reference + target)",
         f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",
         f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
         f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "

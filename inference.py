@@ -129,16 +129,28 @@ def format_result(result: dict) -> str:
 
 
 def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> int:
+    """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
     import benchmark
 
+    allocator = benchmark.tune_malloc()
+    environment = benchmark.benchmark_environment(device, allocator)
+    images = common.expand_images(args.image) if args.image else None
     results = benchmark.run_benchmark(
         loaded, device, modes=["eager"], batch_sizes=[args.batch_size], iterations=args.iterations,
-        warmup=args.warmup, dtype=args.dtype, images=common.expand_images(args.image) if args.image else None,
+        warmup=args.warmup, dtype=args.dtype, images=images,
     )
     print(benchmark.format_table(results))
+    lat = results[0]["latency_ms"]
+    print(
+        f"{device} ({common.device_name(device)}), {args.dtype}, batch {args.batch_size}: latency ms mean "
+        f"{lat['mean']:.2f}  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  min {lat['min']:.2f}  max {lat['max']:.2f}; "
+        f"{results[0]['throughput_images_per_s']:.1f} images/s ({args.iterations} timed after {args.warmup} warm-up, "
+        "device synchronized before every clock read)"
+    )
     if args.output:
-        report = benchmark.build_report(loaded, device, results)
-        common.write_json_atomic(args.output, report)
+        settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
+                    "modes": ["eager"], "dtype": args.dtype, "end_to_end": False}  # fmt: skip
+        common.write_json_atomic(args.output, benchmark.build_report(loaded, device, results, settings, environment))
         print(f"wrote {args.output}")
     return 0
 

@@ -178,3 +178,21 @@ def test_script_runs_as_a_subprocess(tiny_model_dir):
     for flag in ("--model_path", "--image", "--top_k", "--batch_size", "--dtype", "--output", "--device",
                  "--benchmark", "--iterations", "--warmup", "--jit_compile"):
         assert flag in help_text.stdout
+
+
+def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    calls = []
+    real_sync = common.synchronize
+    monkeypatch.setattr(common, "synchronize", lambda device: (calls.append(str(device)), real_sync(device))[1])
+    out = tmp_path / "bench.json"
+    argv = ["--model_path", str(tiny_model_dir), "--benchmark", "--iterations", "4", "--warmup", "1",
+            "--batch_size", "2", "--output", str(out)]
+    assert inference.main(argv) == 0
+    report = read_json(out)
+    (result,) = report["results"]
+    assert result["mode"] == "eager" and result["batch_size"] == 2 and len(result["samples_ms"]) == 4
+    assert set(result["latency_ms"]) == {"mean", "p50", "p90", "p99", "min", "max", "stdev"}
+    assert report["settings"]["iterations"] == 4 and report["settings"]["warmup"] == 1
+    assert len(calls) >= 2 * 4  # a sync before and after every timed call
+    console = capsys.readouterr().out
+    assert "latency ms mean" in console and "device synchronized before every clock read" in console

@@ -1,0 +1,164 @@
+"""Benchmark MobileViT inference on npu / cuda / mps / cpu in several execution modes and write a JSON report.
+
+Examples:
+    python accuracy_run_perf.py ./model 50 perf_report.json
+    python accuracy_run_perf.py ./model 50 perf_report.json --synthetic --modes all --batch_sizes 1,32
+    python accuracy_run_perf.py ./model 100 e2e.json --modes eager,fast --end_to_end --plot latency.png
+
+Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (torch.compile:
+inductor + weight freezing on CPU, CUDA graphs on CUDA, torchair on NPU), fast (an exact restatement of the model,
+channels-last, compiled), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much).
+
+Timing: the device is synchronized before every clock read; `--warmup` calls per mode are excluded; modes are
+interleaved round-robin in one process so their ratios hold on a busy machine; every sample goes into the report.
+
+Output: a table on the console and REPORT.json with, per (mode, batch size): latency_ms (mean, p50, p90, p99, min,
+max, stdev; percentiles by linear interpolation), samples_ms, throughput_images_per_s, compile_s, peak_memory_bytes
+(device allocator peak on npu/cuda, process peak RSS on cpu), agreement with eager float32 on the same inputs (cosine,
+max_abs_diff, top1_agreement), exact, status ("ok" | "unavailable") and reason; plus the environment (device, versions,
+threads, allocator). Exit codes: 0 done, 1 no mode could run, 2 bad arguments, model or device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import benchmark
+import common
+
+logger = logging.getLogger("mobilevit_npu.perf")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part.strip()) for part in text.split(",") if part.strip()] or _fail(f"no sizes in {text!r}")
+
+
+def _fail(message: str):
+    raise argparse.ArgumentTypeError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    common.add_model_args(parser, positional=True)
+    parser.add_argument("iterations", type=_positive_int, help="timed iterations per mode and batch size")
+    parser.add_argument("report", help="where to write the JSON report (written atomically)")
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--warmup", type=_non_negative_int, default=10, help="untimed calls per mode before timing")
+    group.add_argument(
+        "--batch_sizes", "--batch-sizes", type=_int_list, default="1", help="comma list of batch sizes, e.g. 1,32"
+    )
+    group.add_argument(
+        "--modes",
+        default="eager",
+        help=f"comma list of {', '.join(benchmark.MODES)}, or all (every mode available on the device)",
+    )
+    common.add_dtype_arg(group, "precision of the weights and inputs in every mode (agreement is always vs fp32)")
+    group.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="benchmark the full-size X-Small with synthetic healthy weights (common.synthetic_model) instead of "
+        "MODEL_PATH; the report says so",
+    )
+    group.add_argument(
+        "--end_to_end",
+        "--end-to-end",
+        action="store_true",
+        help="time decode + preprocess + copy in + forward + copy out on the bundled photos, not only the forward",
+    )
+    group.add_argument("--plot", metavar="FILE.png", help="save a latency distribution plot per mode (matplotlib)")
+    group.add_argument(
+        "--allocator",
+        choices=("tuned", "system"),
+        default="tuned",
+        help="tuned: mallopt at start-up so glibc keeps large blocks instead of page-faulting them in again on "
+        "every forward (2.7x at batch 32 on CPU); system: leave malloc alone, to measure the difference",
+    )
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_device_args(parser)
+    return parser
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not modes:
+        raise common.UserError("--modes is empty")
+    unknown = [m for m in modes if m != "all" and m not in benchmark.MODES]
+    if unknown:
+        raise common.UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(benchmark.MODES)}, all")
+    return modes
+
+
+def _main(argv) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help is 0, usage errors are 2
+        return int(exc.code or 0)
+    common.setup_logging(args.verbose)
+    allocator = benchmark.tune_malloc() if args.allocator == "tuned" else benchmark.system_allocator()
+    modes = parse_modes(args.modes)
+    if args.plot and not benchmark.matplotlib_available():
+        raise common.UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    device = common.resolve_device(args.device, jit_compile=args.jit_compile)
+    if "all" in modes:
+        modes = benchmark.available_modes(device)
+    if args.synthetic:
+        logger.info("building the synthetic full-size X-Small (MODEL_PATH %s is not read)", args.model_path)
+        loaded = common.synthetic_model(device, args.dtype)
+    else:
+        loaded = common.load_model(args.model_path, device, args.dtype)
+    environment = benchmark.benchmark_environment(device, allocator)  # before the run: its load average is the start's
+    results = benchmark.run_benchmark(
+        loaded,
+        device,
+        modes=modes,
+        batch_sizes=args.batch_sizes,
+        iterations=args.iterations,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        end_to_end=args.end_to_end,
+    )
+    settings = {
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "batch_sizes": args.batch_sizes,
+        "modes": modes,
+        "dtype": args.dtype,
+        "end_to_end": args.end_to_end,
+    }
+    report = benchmark.build_report(loaded, device, results, settings, environment)
+    common.write_json_atomic(args.report, report)
+    print(benchmark.format_table(results))
+    print(f"report: {args.report}")
+    if args.plot:
+        print(f"plot: {benchmark.plot_latencies(results, args.plot)}")
+    return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+def main(argv=None) -> int:
+    return common.run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

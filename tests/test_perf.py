@@ -1,0 +1,315 @@
+"""Tests for accuracy_run_perf.py, benchmark.py and fastpath.py. Nothing here judges speed (machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import PHOTOS, ROOT, read_json
+
+import accuracy_run_perf
+import benchmark
+import common
+import fastpath
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics and agreement
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_latency_stats_from_known_samples():
+    samples = [10.0, 1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0]
+    stats = benchmark.latency_stats(samples)
+    assert stats.mean == pytest.approx(5.5)
+    assert stats.p50 == pytest.approx(5.5)
+    assert stats.p90 == pytest.approx(9.1)  # rank 0.9 * 9 = 8.1: 9 + 0.1 * (10 - 9)
+    assert stats.p99 == pytest.approx(9.91)
+    assert (stats.min, stats.max) == (1.0, 10.0)
+    assert stats.stdev == pytest.approx(math.sqrt(82.5 / 9))
+    for q, value in ((50, stats.p50), (90, stats.p90), (99, stats.p99)):
+        assert value == pytest.approx(np.percentile(samples, q))
+
+
+def test_latency_stats_single_sample_and_empty():
+    stats = benchmark.latency_stats([4.0])
+    assert (stats.mean, stats.p50, stats.p99, stats.min, stats.max, stats.stdev) == (4.0, 4.0, 4.0, 4.0, 4.0, None)
+    with pytest.raises(ValueError):
+        benchmark.latency_stats([])
+
+
+def test_compare_identical_and_different():
+    ref = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    same = benchmark.compare(ref, ref.clone())
+    assert same.cosine == pytest.approx(1.0) and same.max_abs_diff == 0.0 and same.top1_agreement == 1.0
+    assert benchmark.is_exact(same)
+    other = benchmark.compare(ref, torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    assert other.top1_agreement == 0.5 and other.max_abs_diff == 2.0
+    assert not benchmark.is_exact(other)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synchronization before every clock read, for every device kind
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FakeBackend:
+    def __init__(self, events: list, name: str):
+        self.events, self.name = events, name
+
+    def synchronize(self, index=None):
+        self.events.append(f"{self.name}.synchronize")
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Record every common.synchronize call and every benchmark clock read, in order."""
+    events: list[str] = []
+    real_sync = common.synchronize
+
+    def sync(device):
+        events.append("sync")
+        real_sync(device)
+
+    def clock():
+        events.append("clock")
+        return len(events) * 1e-3
+
+    monkeypatch.setattr(common, "synchronize", sync)
+    monkeypatch.setattr(benchmark, "_clock", clock)
+    return events
+
+
+@pytest.mark.parametrize("kind", ["npu", "cuda", "mps", "cpu"])
+def test_timed_call_synchronizes_before_each_clock_read(kind, recorder, monkeypatch):
+    if kind == "npu":  # a stand-in torch_npu: common.npu_api() takes it from sys.modules
+        monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace(npu=FakeBackend(recorder, "npu")))
+    elif kind == "cuda":
+        monkeypatch.setattr(torch.cuda, "synchronize", FakeBackend(recorder, "cuda").synchronize)
+    elif kind == "mps":
+        monkeypatch.setattr(torch.mps, "synchronize", FakeBackend(recorder, "mps").synchronize)
+    device = common.Device(kind, 0 if kind in ("npu", "cuda") else None)
+    _, ms = benchmark.timed_call(lambda: recorder.append("call"), device)
+    backend = [] if kind == "cpu" else [f"{kind}.synchronize"]
+    assert recorder == ["sync", *backend, "clock", "call", "sync", *backend, "clock"]
+    assert ms > 0
+
+
+def test_run_benchmark_synchronizes_before_every_clock_read(tiny_model_dir, recorder):
+    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
+    results = benchmark.run_benchmark(
+        loaded,
+        common.Device("cpu"),
+        modes=["eager", "channels_last"],
+        iterations=3,
+        warmup=1,
+        images=PHOTOS[:2],
+        progress=False,
+    )
+    assert [len(r["samples_ms"]) for r in results] == [3, 3]
+    clock_reads = [i for i, e in enumerate(recorder) if e == "clock"]
+    assert len(clock_reads) == 2 * (3 + 1) * 2  # (timed + peak-memory call) per mode, two reads each
+    assert all(recorder[i - 1] == "sync" for i in clock_reads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Modes: every mode agrees with eager within its bound
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_fast_model_is_exact_on_full_size_x_small(synthetic_model_dir):
+    loaded = common.load_model(str(synthetic_model_dir))
+    batch = torch.stack([torch.from_numpy(common.preprocess(p, loaded.preprocess)) for p in PHOTOS])
+    with torch.no_grad():
+        reference = loaded.model(pixel_values=batch).logits
+        for channels_last in (True, False):
+            fast = fastpath.build_fast_model(loaded.model, channels_last=channels_last)
+            x = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+            agreement = benchmark.compare(reference, fast(x))
+            assert agreement.cosine >= benchmark.EXACT_COSINE and agreement.top1_agreement == 1.0
+            assert agreement.max_abs_diff < 1e-3
+
+
+def test_fast_model_handles_sizes_that_need_interpolation(tiny_model_dir):
+    loaded = common.load_model(str(tiny_model_dir))
+    x = torch.rand(2, 3, 200, 232)  # feature maps of odd size: transformers interpolates inside the block
+    with torch.no_grad():
+        agreement = benchmark.compare(loaded.model(pixel_values=x).logits, fastpath.build_fast_model(loaded.model)(x))
+    assert agreement.cosine >= benchmark.EXACT_COSINE and agreement.top1_agreement == 1.0
+
+
+def _no_compiler(device):
+    """Stand-in for torch.compile (even dynamo tracing alone costs ~15 s per mode here): this test judges the model
+    rewrites and the plumbing; test_fast_mode_with_inductor_freezing_is_exact runs the real compiler once."""
+    return (lambda fn, name: benchmark._unique_function(fn, name)), {}, ["not compiled (test)"]
+
+
+def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
+    benchmark.clear_cache()
+    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
+    modes = benchmark.available_modes(common.Device("cpu"))
+    results = benchmark.run_benchmark(
+        loaded,
+        common.Device("cpu"),
+        modes=modes,
+        batch_sizes=[2],
+        iterations=2,
+        warmup=1,
+        images=PHOTOS,
+        progress=False,
+    )
+    benchmark.clear_cache()
+    by_mode = {r["mode"]: r for r in results}
+    assert set(by_mode) == set(modes)
+    for mode, r in by_mode.items():
+        assert r["status"] == "ok", (mode, r["reason"])
+        if mode in benchmark.EXACT_MODES:
+            assert r["exact"], (mode, r["agreement"])
+            assert r["agreement"]["cosine"] >= benchmark.EXACT_COSINE
+            assert r["agreement"]["top1_agreement"] == 1.0
+        else:  # bf16: a looser bound, and never passed off as exact unless it truly is
+            assert r["agreement"]["cosine"] >= 0.99
+    for mode in ("compiled", "fast"):
+        assert by_mode[mode]["compile_s"] > 0
+    assert by_mode["eager"]["compile_s"] is None
+
+
+def test_fast_mode_with_inductor_freezing_is_exact(tiny_model_dir):
+    """The real CPU compile path (inductor + freezing) for the mode that matters; one compile, tens of seconds."""
+    benchmark.clear_cache()
+    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
+    (r,) = benchmark.run_benchmark(
+        loaded, common.Device("cpu"), modes=["fast"], iterations=1, warmup=0, images=PHOTOS, progress=False
+    )
+    benchmark.clear_cache()
+    assert r["status"] == "ok", r["reason"]
+    assert r["exact"] and r["agreement"]["top1_agreement"] == 1.0, r["agreement"]
+    assert any("freezing" in note for note in r["notes"])
+
+
+def test_compiled_callables_are_distinct_and_cached(tiny_model_dir, monkeypatch):
+    loaded = common.load_model(str(tiny_model_dir))
+
+    def f(x):
+        return x
+
+    a, b = benchmark._unique_function(f, "a"), benchmark._unique_function(f, "b")
+    assert a.__code__ is not b.__code__ and a(3) == 3
+    monkeypatch.setattr(benchmark, "COMPILE_CACHE_SIZE", 2)
+    benchmark.clear_cache()
+    device = common.Device("cpu")
+    first = benchmark.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8))
+    assert benchmark.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8)) is first
+    for n in (2, 3, 4):
+        benchmark.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(n, 3, 8, 8))
+    assert len(benchmark._cache) == 2
+    benchmark.clear_cache()
+
+
+def test_npu_modes_without_torchair(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchair", None)  # import torchair raises ImportError
+    with pytest.raises(benchmark.Unavailable, match="torchair"):
+        benchmark._compiler(common.Device("npu", 0))
+    assert "channels_last" not in benchmark.available_modes(common.Device("npu", 0))
+
+
+def test_tune_malloc_reports_the_allocator():
+    info = benchmark.tune_malloc()
+    assert info["name"] and "tuned" in info
+    assert benchmark.tune_malloc() == info  # applied once
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI and report
+# --------------------------------------------------------------------------------------------------------------------
+
+RESULT_KEYS = {
+    "mode", "batch_size", "dtype", "latency_ms", "throughput_images_per_s", "samples_ms", "compile_s",
+    "peak_memory_bytes", "agreement", "status", "reason",
+}  # fmt: skip
+
+
+def test_report_schema(tiny_model_dir, tmp_path, capsys):
+    report = tmp_path / "perf.json"
+    argv = [str(tiny_model_dir), "3", str(report), "--warmup", "1", "--batch-sizes", "1,2", "--device", "cpu"]
+    assert accuracy_run_perf.main(argv + ["--modes", "eager,channels_last"]) == 0
+    data = read_json(report)
+    assert {"model", "source", "device", "environment", "results"} <= set(data)
+    assert data["device"] == "cpu" and data["synthetic"] is False
+    env = data["environment"]
+    assert {"torch", "transformers", "torch_threads", "allocator", "cpu_count", "device_name"} <= set(env)
+    assert [(r["mode"], r["batch_size"]) for r in data["results"]] == [
+        ("eager", 1), ("channels_last", 1), ("eager", 2), ("channels_last", 2),
+    ]  # fmt: skip
+    for r in data["results"]:
+        assert RESULT_KEYS <= set(r)
+        assert r["status"] == "ok" and r["reason"] is None
+        assert set(r["latency_ms"]) == {"mean", "p50", "p90", "p99", "min", "max", "stdev"}
+        assert len(r["samples_ms"]) == 3 and all(s > 0 for s in r["samples_ms"])
+        assert r["latency_ms"]["min"] <= r["latency_ms"]["p50"] <= r["latency_ms"]["max"]
+        assert r["throughput_images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["latency_ms"]["mean"])
+        assert set(r["agreement"]) == {"cosine", "max_abs_diff", "top1_agreement"}
+        assert r["peak_memory_bytes"] > 0
+    out = capsys.readouterr().out
+    assert "p50 ms" in out and "channels_last" in out
+
+
+def test_end_to_end_runs_on_the_photos(tiny_model_dir, tmp_path):
+    report = tmp_path / "e2e.json"
+    argv = [str(tiny_model_dir), "2", str(report), "--warmup", "0", "--end_to_end", "--device", "cpu"]
+    assert accuracy_run_perf.main(argv) == 0
+    (r,) = read_json(report)["results"]
+    assert r["end_to_end"] is True and r["status"] == "ok" and len(r["samples_ms"]) == 2
+
+
+def test_plot(tiny_model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "lat.png"
+    argv = [str(tiny_model_dir), "2", str(tmp_path / "r.json"), "--warmup", "0", "--plot", str(plot)]
+    assert accuracy_run_perf.main(argv + ["--device", "cpu"]) == 0
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--modes", "warp"],
+        ["--batch_sizes", "0"],
+        ["--batch_sizes", "1,x"],
+        ["--warmup", "-1"],
+        ["--device", "cuda:7"],
+        ["--device", "tpu"],
+        ["--dtype", "fp64"],
+    ],
+)
+def test_cli_usage_errors_exit_2(tiny_model_dir, tmp_path, extra):
+    assert accuracy_run_perf.main([str(tiny_model_dir), "1", str(tmp_path / "r.json"), *extra]) == 2
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_bad_model_and_iterations_exit_2(tmp_path):
+    assert accuracy_run_perf.main([str(tmp_path / "absent"), "1", str(tmp_path / "r.json"), "--device", "cpu"]) == 2
+    assert accuracy_run_perf.main([str(tmp_path), "0", str(tmp_path / "r.json")]) == 2
+    assert accuracy_run_perf.main(["--help"]) == 0
+
+
+def test_plot_without_matplotlib_exits_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "matplotlib_available", lambda: False)
+    argv = [str(tiny_model_dir), "1", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")]
+    assert accuracy_run_perf.main(argv) == 2
+    assert "matplotlib" in capsys.readouterr().err
+
+
+def test_script_runs_as_a_subprocess(tiny_model_dir, tmp_path):
+    report = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "accuracy_run_perf.py"), str(tiny_model_dir), "2", str(report), "--warmup", "0"]
+    proc = subprocess.run(cmd + ["--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["results"][0]["mode"] == "eager"
+    assert "eager" in proc.stdout
