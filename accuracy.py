@@ -168,15 +168,20 @@ class Comparison:
     reference_checks: list[Check]
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """float64 cosine; 1.0 for two zero vectors, 0.0 when only one is zero, NaN when either is non-finite."""
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    na, nb = float((a * a).sum()), float((b * b).sum())
-    if not (math.isfinite(na) and math.isfinite(nb)):
+def cosine_from(dot: float, norm2_a: float, norm2_b: float) -> float:
+    """Cosine from a dot product and squared norms: 1.0 for two zero vectors, 0.0 when only one is zero, NaN when
+    either is non-finite (the squared norms double as the NaN/Inf test)."""
+    if not (math.isfinite(norm2_a) and math.isfinite(norm2_b)):
         return math.nan
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return max(-1.0, min(1.0, float((a * b).sum()) / math.sqrt(na * nb)))
+    if norm2_a == 0.0 or norm2_b == 0.0:
+        return 1.0 if norm2_a == norm2_b else 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(norm2_a * norm2_b)))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """float64 cosine similarity of two tensors, flattened."""
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    return cosine_from(float(a @ b), float(a @ a), float(b @ b))
 
 
 def _relative_error(ref: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -203,7 +208,7 @@ def _image_metrics(name: str, ref: torch.Tensor, tgt: torch.Tensor, cutoff: floa
     margin = float(p_ref[top1_ref] - p_ref[top1_tgt]) if finite else math.nan
     return ImageMetrics(
         image=name,
-        cosine=_cosine(ref, tgt),
+        cosine=cosine(ref, tgt),
         top1_reference=top1_ref,
         top1_target=top1_tgt,
         top1_agree=finite and top1_ref == top1_tgt,
@@ -260,7 +265,7 @@ def compare(
     across = float(ref.std(dim=0).mean()) if n > 1 and distinct_inputs else None
     return summarize(
         per_image, dtype, thresholds, reference_finite=bool(torch.isfinite(ref).all()),
-        cosine_all_logits=_cosine(ref, tgt), across_images=across,
+        cosine_all_logits=cosine(ref, tgt), across_images=across,
     )
 
 
@@ -647,15 +652,10 @@ class LayerComparator:
         if not math.isfinite(nt):
             stat.target_nonfinite_images += 1
             stat.first_nonfinite_image = stat.first_nonfinite_image or self._image
-        if not (math.isfinite(nr) and math.isfinite(nt)):
-            cosine = math.nan
-        elif nr == 0.0 or nt == 0.0:
-            cosine = 1.0 if nr == nt else 0.0
-        else:
-            cosine = max(-1.0, min(1.0, dot / math.sqrt(nr * nt)))
+        cos = cosine_from(dot, nr, nt)
         err = float(torch.sub(tgt64, ref64, out=tgt64).abs_().max()) if ref64.numel() else 0.0
-        if stat.worst_image is None or _worse(cosine, stat.cosine_min):
-            stat.cosine_min = cosine
+        if stat.worst_image is None or _worse(cos, stat.cosine_min):
+            stat.cosine_min = cos
             stat.worst_image = self._image
         if math.isnan(err) or err > stat.max_abs_error:
             stat.max_abs_error = err

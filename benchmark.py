@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+import accuracy
 import common
 
 logger = logging.getLogger("mobilevit_npu.benchmark")
@@ -120,11 +121,8 @@ def compare(reference: torch.Tensor, test: torch.Tensor) -> Agreement:
     out = test.detach().to("cpu", torch.float64)
     if ref.shape != out.shape:
         raise ValueError(f"shape mismatch: {tuple(ref.shape)} vs {tuple(out.shape)}")
-    a, b = ref.flatten(), out.flatten()
-    denom = float(a.norm() * b.norm())
-    cosine = float(a @ b) / denom if denom > 0 else (1.0 if float((a - b).abs().max()) == 0 else 0.0)
     return Agreement(
-        cosine=cosine,
+        cosine=accuracy.cosine(ref, out),
         max_abs_diff=float((ref - out).abs().max()),
         top1_agreement=float((ref.argmax(-1) == out.argmax(-1)).double().mean()),
     )
