@@ -104,15 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", metavar="FILE.csv", help="CSV rows image,class_id (relative paths: from --dataset, else the CSV)"
     )
     labelled.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue a killed run from the JSON lines beside the report (REPORT.json.parts/), not redoing images",
     )
-    labelled.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per forward pass")
     labelled.add_argument(
-        "--workers", type=int, default=None,
+        "--batch_size", "--batch-size", type=common.int_at_least(1), default=32, help="images per forward pass"
+    )
+    labelled.add_argument(
+        "--workers",
+        type=common.int_at_least(0),
+        default=None,
         help="DataLoader processes that decode and preprocess (default: cores per rank - 1, at most 8)",
     )
-    labelled.add_argument("--limit", type=int, default=None, help="only the first N images of the set (a quick look)")
+    labelled.add_argument(
+        "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
+    )
     check = parser.add_argument_group("comparison (threshold defaults depend on --dtype; see the readme for reasons)")
     check.add_argument(
         "--layers",
@@ -157,29 +164,10 @@ class AccuracyReport:
     dataset: dict[str, Any] | None = None  # --dataset / --labels: accuracy against the labels, per rank, per class
 
 
-@dataclass
-class Prepared:
-    source: str
-    pixels: torch.Tensor  # [1, 3, H, W] float32 on the CPU: what both sides consume
-
-
-def read_images(sources: list[str], cfg: common.PreprocessConfig) -> tuple[list[Prepared], list[dict]]:
-    ok, skipped = [], []
-    for source in sources:
-        try:
-            array = common.preprocess(source, cfg)
-        except OSError as exc:
-            skipped.append({"image": source, "error": str(exc) or type(exc).__name__})
-            logger.warning("skipping %s: %s", source, str(exc) or type(exc).__name__)
-            continue
-        ok.append(Prepared(source, torch.from_numpy(array).unsqueeze(0)))
-    return ok, skipped
-
-
 def run_comparison(
     reference: accuracy.Side,
     target: accuracy.Side,
-    items: list[Prepared],
+    items: list[common.Decoded],
     thresholds: accuracy.Thresholds,
     layers: bool,
 ) -> tuple[accuracy.Comparison, accuracy.LayerReport | None]:
@@ -192,21 +180,21 @@ def run_comparison(
         for item in items:
             if comparator:
                 comparator.begin(item.source, "reference")
-            ref_rows.append(reference.logits(item.pixels))
+            ref_rows.append(reference.logits(item.batch))
             if comparator and target.hook_model is not target.model:  # compiled: logits clean, layers on eager twin
-                tgt_rows.append(target.logits(item.pixels))
+                tgt_rows.append(target.logits(item.batch))
                 comparator.begin(item.source, "target")
-                target.logits(item.pixels, model=target.hook_model)
+                target.logits(item.batch, model=target.hook_model)
             else:
                 if comparator:
                     comparator.begin(item.source, "target")
-                tgt_rows.append(target.logits(item.pixels))
+                tgt_rows.append(target.logits(item.batch))
             if comparator:
                 comparator.end_image()
     finally:
         if comparator:
             comparator.close()
-    distinct = len({hashlib.sha256(item.pixels.numpy().tobytes()).hexdigest() for item in items}) > 1
+    distinct = len({hashlib.sha256(item.batch.numpy().tobytes()).hexdigest() for item in items}) > 1
     comparison = accuracy.compare(
         torch.cat(ref_rows),
         torch.cat(tgt_rows),
@@ -314,8 +302,6 @@ def _main(argv=None) -> int:
         raise common.UserError("--resume and --limit go with --dataset or --labels")
     if labelled and (getattr(args, "images", None) or args.layers):
         raise common.UserError("--images and --layers do not go with --dataset/--labels")
-    if args.batch_size < 1 or (args.workers or 0) < 0 or (args.limit is not None and args.limit < 1):
-        raise common.UserError("--batch_size and --limit must be at least 1, --workers at least 0")
     dist, device = dataset.setup(args.device, jit_compile=args.jit_compile)
     try:
         if dist.enabled and not labelled:
@@ -325,8 +311,9 @@ def _main(argv=None) -> int:
         dist.close()
 
 
-def _run(args, argv, thresholds: accuracy.Thresholds, dist: dataset.Distributed, device: common.Device,
-         labelled: bool) -> int:
+def _run(
+    args, argv, thresholds: accuracy.Thresholds, dist: dataset.Distributed, device: common.Device, labelled: bool
+) -> int:
     if args.synthetic:
         loaded = common.synthetic_model(None, "fp32", seed=args.seed)
     else:
@@ -341,7 +328,10 @@ def _run(args, argv, thresholds: accuracy.Thresholds, dist: dataset.Distributed,
     sources = common.expand_images(specs) if specs else common.bundled_images()
     if not sources:
         raise common.UserError(f"no images found in {' '.join(specs or [str(common.BUNDLED_IMAGES_DIR)])}")
-    items, skipped = read_images(sources, loaded.preprocess)
+    items, skipped = common.read_images(sources, loaded.preprocess)
+    for s in skipped:
+        del s["position"]
+        logger.warning("skipping %s: %s", s["image"], s["error"])
     if not items:
         raise common.UserError(f"none of the {len(sources)} image(s) could be read: " + "; ".join(
             f"{s['image']}: {s['error']}" for s in skipped[:5]))  # fmt: skip
@@ -457,7 +447,7 @@ def run_labelled(
     )
     images_file = Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
     dataset.write_jsonl_atomic(images_file, records)
-    worst = sorted(per_image, key=lambda m: (m.cosine if not math.isnan(m.cosine) else -2.0))[:20]
+    worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:20]
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"labelled set {args.labels or args.dataset}: the same float32 CPU batch for both sides; the target "

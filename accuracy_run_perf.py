@@ -30,28 +30,10 @@ import common
 logger = logging.getLogger("mobilevit_npu.perf")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(part.strip()) for part in text.split(",") if part.strip()] or _fail(f"no sizes in {text!r}")
+    return [common.int_at_least(1)(part.strip()) for part in text.split(",") if part.strip()] or _fail(
+        f"no sizes in {text!r}"
+    )
 
 
 def _fail(message: str):
@@ -61,10 +43,10 @@ def _fail(message: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     common.add_model_args(parser, positional=True)
-    parser.add_argument("iterations", type=_positive_int, help="timed iterations per mode and batch size")
+    parser.add_argument("iterations", type=common.int_at_least(1), help="timed iterations per mode and batch size")
     parser.add_argument("report", help="where to write the JSON report (written atomically)")
     group = parser.add_argument_group("benchmark")
-    group.add_argument("--warmup", type=_non_negative_int, default=10, help="untimed calls per mode before timing")
+    group.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed calls per mode before timing")
     group.add_argument(
         "--batch_sizes", "--batch-sizes", type=_int_list, default="1", help="comma list of batch sizes, e.g. 1,32"
     )

@@ -58,6 +58,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in the help text, and the script docstring kept as written."""
 
 
+def int_at_least(minimum: int):
+    """An argparse type: a whole number >= minimum, with a usage error (exit 2) otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("device")
     group.add_argument(
@@ -613,6 +629,34 @@ def center_crop(array: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 
 def preprocess(source: str | Path, cfg: PreprocessConfig) -> np.ndarray:
     return preprocess_image(load_image(source), cfg)
+
+
+@dataclass
+class Decoded:
+    source: str
+    pixels: torch.Tensor  # [3, H, W] float32 on the CPU
+    preprocess_ms: float
+    position: int  # index in the caller's full list (ranks' results merge back in order)
+
+    @property
+    def batch(self) -> torch.Tensor:
+        return self.pixels.unsqueeze(0)
+
+
+def read_images(
+    sources: Sequence[str], cfg: PreprocessConfig, positions: Sequence[int] | None = None
+) -> tuple[list[Decoded], list[dict]]:
+    """Preprocess each image, timing it; the ones that fail come back as {"image", "error", "position"}."""
+    ok, errors = [], []
+    for source, position in zip(sources, positions if positions is not None else range(len(sources))):
+        start = time.perf_counter()
+        try:
+            array = preprocess(source, cfg)
+        except OSError as exc:
+            errors.append({"image": source, "error": str(exc) or type(exc).__name__, "position": position})
+            continue
+        ok.append(Decoded(source, torch.from_numpy(array), (time.perf_counter() - start) * 1000.0, position))
+    return ok, errors
 
 
 # --------------------------------------------------------------------------------------------------------------------

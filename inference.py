@@ -14,8 +14,6 @@ Prints, per image, the top-k ImageNet classes (rank, class id, label, probabilit
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import dataclass
 
 import torch
 
@@ -25,58 +23,44 @@ import dataset
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="inference.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
+        prog="inference.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n", 2)[2],
         formatter_class=common.HelpFormatter,
     )
     common.add_model_args(parser).add_argument(
-        "--synthetic", action="store_true",
+        "--synthetic",
+        action="store_true",
         help="use the full-size synthetic-weights X-Small instead of --model_path (no download; labels are real, "
         "predictions are not)",
     )
     inputs = parser.add_argument_group("input and output")
     inputs.add_argument(
-        "--image", nargs="+", metavar="PATH",
+        "--image",
+        nargs="+",
+        metavar="PATH",
         help="image files, directories (their images, sorted), globs (quote them) or http(s) URLs",
     )
-    inputs.add_argument("--top_k", "--top-k", type=int, default=5, help="how many classes to show per image")
-    inputs.add_argument("--batch_size", "--batch-size", type=int, default=1, help="images per forward pass")
+    inputs.add_argument(
+        "--top_k", "--top-k", type=common.int_at_least(1), default=5, help="how many classes to show per image"
+    )
+    inputs.add_argument(
+        "--batch_size", "--batch-size", type=common.int_at_least(1), default=1, help="images per forward pass"
+    )
     inputs.add_argument("--output", metavar="FILE.json", help="also write the results as JSON (atomically)")
     run = common.add_device_args(parser)
     common.add_dtype_arg(run)
     bench = parser.add_argument_group("benchmark (model latency on the device, as in the model card)")
     bench.add_argument("--benchmark", action="store_true", help="time the model instead of printing predictions")
-    bench.add_argument("--iterations", type=int, default=50, help="timed forward passes")
-    bench.add_argument("--warmup", type=int, default=10, help="untimed forward passes first")
+    bench.add_argument("--iterations", type=common.int_at_least(1), default=50, help="timed forward passes")
+    bench.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed forward passes first")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
-@dataclass
-class Prepared:
-    source: str
-    pixels: torch.Tensor
-    preprocess_ms: float
-    position: int  # index in the full list of images, so ranks' results merge back in order
-
-
-def prepare(
-    sources: list[str], cfg: common.PreprocessConfig, positions: list[int] | None = None
-) -> tuple[list[Prepared], list[dict]]:
-    ok, errors = [], []
-    for source, position in zip(sources, positions or range(len(sources))):
-        start = time.perf_counter()
-        try:
-            array = common.preprocess(source, cfg)
-        except OSError as exc:
-            errors.append({"image": source, "error": str(exc) or type(exc).__name__, "_position": position})
-            continue
-        ok.append(Prepared(source, torch.from_numpy(array), (time.perf_counter() - start) * 1000.0, position))
-    return ok, errors
-
-
 @torch.inference_mode()
 def classify(
-    loaded: common.LoadedModel, device: common.Device, items: list[Prepared], top_k: int, batch_size: int
+    loaded: common.LoadedModel, device: common.Device, items: list[common.Decoded], top_k: int, batch_size: int
 ) -> list[dict]:
     """Forward the images in batches; each result carries its top-k and the timing of its batch."""
     model = loaded.model
@@ -109,7 +93,7 @@ def classify(
                 "batch_size": len(chunk),
             }
             results.append(
-                {"image": item.source, "predictions": predictions, "timing_ms": timing, "_position": item.position}
+                {"image": item.source, "predictions": predictions, "timing_ms": timing, "position": item.position}
             )
     return results
 
@@ -136,8 +120,14 @@ def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> in
     environment = benchmark.benchmark_environment(device, allocator)
     images = common.expand_images(args.image) if args.image else None
     results = benchmark.run_benchmark(
-        loaded, device, modes=["eager"], batch_sizes=[args.batch_size], iterations=args.iterations,
-        warmup=args.warmup, dtype=args.dtype, images=images,
+        loaded,
+        device,
+        modes=["eager"],
+        batch_sizes=[args.batch_size],
+        iterations=args.iterations,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        images=images,
     )
     print(benchmark.format_table(results))
     lat = results[0]["latency_ms"]
@@ -158,12 +148,6 @@ def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> in
 def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error("--top_k must be at least 1")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    if args.iterations < 1 or args.warmup < 0:
-        parser.error("--iterations must be at least 1 and --warmup at least 0")
     if not args.image and not args.benchmark:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
@@ -188,13 +172,13 @@ def _run(args, dist: dataset.Distributed, device: common.Device) -> int:
         raise common.UserError(f"no images found in {' '.join(args.image)}")
     # Under torchrun each rank takes every world_size-th image; rank 0 gathers, prints and writes one report.
     positions = list(range(dist.rank, len(sources), dist.world_size))
-    items, errors = prepare([sources[i] for i in positions], loaded.preprocess, positions)
+    items, errors = common.read_images([sources[i] for i in positions], loaded.preprocess, positions)
     results = classify(loaded, device, items, args.top_k, args.batch_size) if items else []
     parts = dist.gather((results, errors, len(positions)))
     if not dist.is_main:
         return 1 if errors else 0
-    results = sorted((r for part in parts for r in part[0]), key=lambda r: r.pop("_position"))
-    errors = sorted((e for part in parts for e in part[1]), key=lambda e: e.pop("_position"))
+    results = sorted((r for part in parts for r in part[0]), key=lambda r: r.pop("position"))
+    errors = sorted((e for part in parts for e in part[1]), key=lambda e: e.pop("position"))
     for result in results:
         print(format_result(result))
     for error in errors:
