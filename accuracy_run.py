@@ -57,12 +57,7 @@ def _defaults_text(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="accuracy_run.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=common.HelpFormatter,
-    )
+    parser = common.script_parser("accuracy_run.py", __doc__)
     model = common.add_model_args(parser, positional=True)
     model.add_argument(
         "--synthetic",

@@ -41,7 +41,7 @@ def _fail(message: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = common.script_parser("accuracy_run_perf.py", __doc__)
     common.add_model_args(parser, positional=True)
     parser.add_argument("iterations", type=common.int_at_least(1), help="timed iterations per mode and batch size")
     parser.add_argument("report", help="where to write the JSON report (written atomically)")

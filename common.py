@@ -58,6 +58,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in the help text, and the script docstring kept as written."""
 
 
+def script_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph as the description, the rest (examples...) as the epilog."""
+    summary, _, rest = doc.strip().partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=summary, epilog=rest, formatter_class=HelpFormatter)
+
+
 def int_at_least(minimum: int):
     """An argparse type: a whole number >= minimum, with a usage error (exit 2) otherwise."""
 
@@ -182,6 +188,17 @@ def _setup_npu(index: int, jit_compile: bool) -> None:
     api.set_device(index)
 
 
+def detect_device_type() -> str:
+    """What --device auto means here: npu, else cuda, else mps, else cpu (nothing is configured yet)."""
+    if _npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if _mps_available():
+        return "mps"
+    return "cpu"
+
+
 def resolve_device(spec: str = "auto", jit_compile: bool = False) -> Device:
     """Turn a --device string into a Device, failing loudly (UserError) when the device is absent."""
     match = _DEVICE_RE.match(spec.strip().lower())
@@ -191,14 +208,7 @@ def resolve_device(spec: str = "auto", jit_compile: bool = False) -> Device:
     if kind == "auto":
         if index is not None:
             raise UserError("auto takes no index; name the device, e.g. npu:1 or cuda:1")
-        if _npu_available():
-            kind = "npu"
-        elif torch.cuda.is_available():
-            kind = "cuda"
-        elif _mps_available():
-            kind = "mps"
-        else:
-            kind = "cpu"
+        kind = detect_device_type()
     if kind in ("cpu", "mps") and index not in (None, "0"):
         raise UserError(f"{kind} takes no device index")
     idx = int(index) if index is not None else 0

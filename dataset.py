@@ -246,7 +246,7 @@ def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, com
     if ":" in device_spec:
         raise common.UserError(f"under torchrun each rank takes device LOCAL_RANK: --device {kind}, not {device_spec}")
     if kind == "auto":
-        kind = common.resolve_device("auto", jit_compile).type
+        kind = common.detect_device_type()
     device = common.resolve_device(kind if kind in ("cpu", "mps") else f"{kind}:{local}", jit_compile)
     backend = BACKENDS[device.type]
     import torch.distributed as dist

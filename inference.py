@@ -22,12 +22,7 @@ import dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="inference.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n", 2)[2],
-        formatter_class=common.HelpFormatter,
-    )
+    parser = common.script_parser("inference.py", __doc__)
     common.add_model_args(parser).add_argument(
         "--synthetic",
         action="store_true",

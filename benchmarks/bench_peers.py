@@ -31,7 +31,7 @@ logger = logging.getLogger("mobilevit_npu.peers")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = common.script_parser("bench_peers.py", __doc__)
     common.add_model_args(parser)
     group = parser.add_argument_group("benchmark")
     group.add_argument("--synthetic", action="store_true", help="use the synthetic full-size X-Small")
