@@ -15,8 +15,9 @@ interleaved round-robin in one process so their ratios hold on a busy machine; e
 Output: a table on the console and REPORT.json with, per (mode, batch size): latency_ms (mean, p50, p90, p99, min,
 max, stdev; percentiles by linear interpolation), samples_ms, throughput_images_per_s, compile_s, peak_memory_bytes
 (device allocator peak on npu/cuda, process peak RSS on cpu), agreement with eager float32 on the same inputs (cosine,
-max_abs_diff, top1_agreement), exact, status ("ok" | "unavailable") and reason; plus the environment (device, versions,
-threads, allocator). Exit codes: 0 done, 1 no mode could run, 2 bad arguments, model or device.
+max_abs_diff, top1_agreement), exact, roofline (the model's FLOPs, the device's measured matmul ceiling, the fraction
+of it reached at p50 and the floor: the time the FLOPs take at the ceiling), status ("ok" | "unavailable") and reason;
+plus the environment (device, versions, threads, allocator). Exit codes: 0 done, 1 no mode could run, 2 bad arguments, model or device.
 """
 
 from __future__ import annotations

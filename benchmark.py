@@ -35,6 +35,7 @@ import contextlib
 import copy
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 import os
@@ -402,6 +403,68 @@ def clear_cache() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Roofline: how far each mode is from the device's arithmetic ceiling
+# --------------------------------------------------------------------------------------------------------------------
+
+CEILING_SIZE = {"cpu": 2048}  # square matmul side; 8192 elsewhere (smaller ones leave a big accelerator idle)
+_ceilings: dict[tuple[str, torch.dtype], float | None] = {}
+
+
+def model_flop(model: torch.nn.Module, batch: torch.Tensor) -> int | None:
+    """Floating-point operations of one forward on `batch`, by torch's FLOP counter (convolutions and matmuls: the
+    elementwise work is not counted). None where the counter is missing (torch < 2.1) or fails on the device."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(pixel_values=batch)
+        return int(counter.get_total_flops()) or None
+    except Exception as exc:  # a counter that cannot see this backend's ops: leave the roofline out
+        logger.info("FLOP count unavailable: %s", exc)
+        return None
+
+
+def matmul_ceiling(device: common.Device, dtype: torch.dtype, repeats: int = 3) -> float | None:
+    """The device's dense matmul throughput in FLOP/s for `dtype`: the best of `repeats` synchronized n x n x n
+    matmuls. n doubles from 256 until one matmul takes 50 ms or n reaches CEILING_SIZE (so a dtype without fast
+    kernels, e.g. float16 on most CPUs, stays small); those calls are the warm-up. What a model made only of large
+    matmuls could reach; measured once per process, device and dtype."""
+    key = (str(device), dtype)
+    if key not in _ceilings:
+        largest = CEILING_SIZE.get(device.type, 8192)
+        n = min(256, largest)
+        try:
+            while True:
+                a = torch.randn(n, n, device=device.torch).to(dtype)
+                matmul = functools.partial(torch.matmul, a, a.T.contiguous())
+                _, ms = timed_call(matmul, device)
+                if ms >= 50.0 or n >= largest:
+                    break
+                n = min(2 * n, largest)
+            best = min(timed_call(matmul, device)[1] for _ in range(repeats))
+            _ceilings[key] = 2.0 * n**3 / (best / 1000.0)
+        except Exception as exc:  # e.g. no matmul kernel for this dtype on the device
+            logger.info("matmul ceiling for %s unavailable: %s", dtype, exc)
+            _ceilings[key] = None
+    return _ceilings[key]
+
+
+def roofline(flop_per_image: int | None, batch_size: int, p50_ms: float, ceiling: float | None) -> dict | None:
+    """Achieved FLOP/s at p50, the ceiling, the fraction of it, and the time the work would take at the ceiling."""
+    if not flop_per_image or p50_ms <= 0:
+        return None
+    flop = flop_per_image * batch_size
+    achieved = flop / (p50_ms / 1000.0)
+    return {
+        "flop_per_image": flop_per_image,
+        "achieved_gflop_per_s": achieved / 1e9,
+        "ceiling_gflop_per_s": ceiling / 1e9 if ceiling else None,
+        "fraction_of_ceiling": achieved / ceiling if ceiling else None,
+        "floor_ms": flop / ceiling * 1000.0 if ceiling else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -452,6 +515,7 @@ def _result(mode: str, batch_size: int, dtype: str, end_to_end: bool, **extra) -
         "peak_memory_bytes": None,
         "agreement": None,
         "exact": None,
+        "roofline": None,
         "notes": [],
     }
     base.update(extra)
@@ -478,12 +542,15 @@ def run_benchmark(
     end_to_end: bool = False,
     images: Sequence[str] | None = None,
     progress: bool = True,
+    measure_roofline: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark `modes` at each batch size on `device`; one result dict per (mode, batch size), report-ready.
 
     `loaded.model` must already be on `device` (common.load_model does that). Modes run interleaved round-robin,
     `warmup` untimed calls each first; the inputs are the bundled photos (or `images`), tiled to the batch size.
-    Unavailable modes come back with status "unavailable" and a reason instead of raising.
+    Unavailable modes come back with status "unavailable" and a reason instead of raising. With `measure_roofline`
+    each result also gets its "roofline": the model's FLOPs, the device's matmul ceiling in the mode's compute dtype
+    (measured here), the fraction of it achieved at p50 and the floor (the FLOPs at the ceiling).
     """
     if iterations < 1 or warmup < 0:
         raise ValueError("iterations must be >= 1 and warmup >= 0")
@@ -500,6 +567,7 @@ def run_benchmark(
     for batch_size in batch_sizes:
         batches = photo_batches(paths, loaded.preprocess, batch_size)
         reference = [reference_model(pixel_values=b.to(device.torch)).logits.float().cpu() for b in batches]
+        flop = model_flop(reference_model, batches[0][:1].to(device.torch)) if measure_roofline else None
         ready: dict[str, Prepared] = {}
         rows: dict[str, dict[str, Any]] = {}
         for mode in modes:
@@ -549,10 +617,13 @@ def run_benchmark(
             bar.close()
         for mode in order:
             stats = latency_stats(samples[mode])
+            compute_dtype = torch.bfloat16 if mode == "bf16" else torch_dtype
+            ceiling = matmul_ceiling(device, compute_dtype) if flop else None
             rows[mode].update(
                 latency_ms=asdict(stats),
                 samples_ms=samples[mode],
                 throughput_images_per_s=batch_size * 1000.0 / stats.mean,
+                roofline=roofline(flop, batch_size, stats.p50, ceiling),
             )
         results.extend(rows[mode] for mode in modes)
     return results
@@ -590,7 +661,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     eager_tp = {r["batch_size"]: r["throughput_images_per_s"] for r in results if r["mode"] == "eager"}
     header = (
         f"{'mode':<14}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}{'img/s':>9}{'p50 vs eager':>14}"
-        f"{'img/s vs eager':>16}{'compile s':>11}{'cosine':>12}{'top1':>7}  status"
+        f"{'img/s vs eager':>16}{'% ceiling':>11}{'compile s':>11}{'cosine':>12}{'top1':>7}  status"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -605,11 +676,23 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         cosine = f"{agreement['cosine']:.7f}" if agreement else "-"
         top1 = f"{agreement['top1_agreement'] * 100:.0f}%" if agreement else "-"
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        fraction = (r.get("roofline") or {}).get("fraction_of_ceiling")
+        ceiling = f"{fraction * 100:.0f}%" if fraction is not None else "-"
         status = r["status"] + ("" if r.get("exact") in (None, True) else " (not exact)")
         lines.append(
             f"{r['mode']:<14}{r['batch_size']:>6}{lat['p50']:>10.2f}{lat['p90']:>10.2f}{lat['mean']:>10.2f}"
-            f"{r['throughput_images_per_s']:>9.1f}{ratio:>14}{tp_ratio:>16}{compile_s:>11}{cosine:>12}{top1:>7}"
+            f"{r['throughput_images_per_s']:>9.1f}{ratio:>14}{tp_ratio:>16}{ceiling:>11}{compile_s:>11}{cosine:>12}{top1:>7}"
             f"  {status}"
+        )
+    ceilings = {}
+    for r in results:
+        roof = r.get("roofline") or {}
+        if roof.get("ceiling_gflop_per_s"):
+            ceilings.setdefault(r["dtype"], (roof["ceiling_gflop_per_s"], roof["flop_per_image"]))
+    for dtype, (gflops, flop) in ceilings.items():
+        lines.append(
+            f"% ceiling: FLOP/s at p50 ({flop / 1e9:.2f} GFLOP per image) over the measured {dtype} matmul ceiling, "
+            f"{gflops:.0f} GFLOP/s: at it an image would take {flop / gflops / 1e6:.2f} ms"
         )
     return "\n".join(lines)
 

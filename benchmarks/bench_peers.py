@@ -1,4 +1,4 @@
-"""ONNX Runtime side by side with eager and the `fast` mode, interleaved in one process, on CPU.
+"""ONNX Runtime and OpenVINO side by side with eager and the `fast` mode, interleaved in one process, on CPU.
 
 Examples:
     python benchmarks/bench_peers.py --synthetic --iterations 50 --batch_sizes 1,32 --output peers.json
@@ -9,16 +9,22 @@ static batch size, run with ORT_ENABLE_ALL and as many intra-op threads as torch
 session.intra_op.allow_spinning=0: ORT's workers otherwise busy-spin ~25 ms after each call and steal the CPU from
 whatever mode runs next in the interleaved loop (a peer alone in its own process is 15-40% faster). Agreement is
 against eager float32 on the same photos, like accuracy_run_perf.py.
+
+OpenVINO runs when it is installed (also in requirements-bench.txt): the same ONNX file, compiled for CPU with
+INFERENCE_PRECISION_HINT=f32 (its default on CPUs with bfloat16 is bf16, which is not exact), the LATENCY hint and
+as many inference threads as torch uses. `--peers` picks which peers run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +34,8 @@ import benchmark  # noqa: E402
 import common  # noqa: E402
 
 logger = logging.getLogger("mobilevit_npu.peers")
+
+PEERS = ("onnxruntime", "openvino")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup", type=int, default=10, help="untimed calls per runner first")
     group.add_argument("--batch_sizes", "--batch-sizes", default="1,32", help="comma list of batch sizes")
     group.add_argument("--modes", default="eager,fast", help="torch modes to run beside ONNX Runtime")
+    group.add_argument("--peers", default="onnxruntime,openvino", help="peers to run beside torch (those installed)")
     group.add_argument("--output", help="write the results as JSON here")
     group.add_argument("--allocator", choices=("tuned", "system"), default="tuned", help="as accuracy_run_perf.py")
     return parser
@@ -75,6 +84,27 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def openvino_model(path: Path, threads: int):
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda feed: request.infer(feed)[0]
+
+
+def peer_runners(names: list[str], path: Path, threads: int) -> dict[str, Callable[[dict], Any]]:
+    """{peer: run(feed) -> logits as numpy} for each installed peer named."""
+    runners = {}
+    for name in names:
+        if name == "onnxruntime":
+            session = ort_session(path, threads)
+            runners[name] = lambda feed, s=session: s.run(["logits"], feed)[0]
+        elif name == "openvino":
+            runners[name] = openvino_model(path, threads)
+    return runners
+
+
 @torch.no_grad()
 def run(args) -> list[dict]:
     allocator = benchmark.tune_malloc() if args.allocator == "tuned" else benchmark.system_allocator()
@@ -88,6 +118,7 @@ def run(args) -> list[dict]:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = benchmark.photo_batches(common.bundled_images(), loaded.preprocess, batch_size)
         reference = torch.cat([model(pixel_values=b).logits for b in batches])
+        flop = benchmark.model_flop(model, batches[0][:1])
         calls, rows = {}, {}
         for mode in modes:
             prepared = benchmark.prepare_mode(mode, model, device, "fp32", batches[0])
@@ -96,11 +127,11 @@ def run(args) -> list[dict]:
             calls[mode] = lambda p=prepared, x=x: p.call(x)
             rows[mode] = {"compile_s": prepared.compile_s, "agreement": benchmark.compare(reference, outputs)}
         path = export_onnx(model, batches[0], workdir / f"mobilevit_b{batch_size}.onnx")
-        session = ort_session(path, torch.get_num_threads())
         feeds = [{"pixel_values": b.numpy()} for b in batches]
-        outputs = torch.cat([torch.from_numpy(session.run(["logits"], f)[0]) for f in feeds])
-        calls["onnxruntime"] = lambda s=session, f=feeds[0]: s.run(["logits"], f)
-        rows["onnxruntime"] = {"compile_s": None, "agreement": benchmark.compare(reference, outputs)}
+        for name, runner in peer_runners(args.peer_list, path, torch.get_num_threads()).items():
+            outputs = torch.cat([torch.from_numpy(runner(f)) for f in feeds])
+            calls[name] = lambda r=runner, f=feeds[0]: r(f)
+            rows[name] = {"compile_s": None, "agreement": benchmark.compare(reference, outputs)}
         for call in calls.values():
             for _ in range(args.warmup):
                 call()
@@ -124,6 +155,9 @@ def run(args) -> list[dict]:
                     "compile_s": rows[name]["compile_s"],
                     "agreement": vars(rows[name]["agreement"]),
                     "exact": benchmark.is_exact(rows[name]["agreement"]),
+                    "roofline": benchmark.roofline(
+                        flop, batch_size, stats.p50, benchmark.matmul_ceiling(device, torch.float32)
+                    ),
                 }
             )
     return results
@@ -133,15 +167,22 @@ def main(argv=None) -> int:
     def body(argv) -> int:
         args = build_parser().parse_args(argv)
         common.setup_logging()
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise common.UserError("onnxruntime is not installed: pip install -r requirements-bench.txt")
+        args.peer_list = [p.strip() for p in args.peers.split(",") if p.strip()]
+        unknown = sorted(set(args.peer_list) - set(PEERS))
+        if unknown:
+            raise common.UserError(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(PEERS)}")
+        missing = [p for p in args.peer_list if importlib.util.find_spec(p) is None]
+        if missing:
+            logger.warning("not installed, skipped: %s (pip install -r requirements-bench.txt)", ", ".join(missing))
+            args.peer_list = [p for p in args.peer_list if p not in missing]
+        if not args.peer_list:
+            raise common.UserError("no peer to run: pip install -r requirements-bench.txt")
         results = run(args)
         print(benchmark.format_table(results))
         if args.output:
             env = benchmark.benchmark_environment(common.Device("cpu"), benchmark.tune_malloc())
-            import onnxruntime
-
-            env["onnxruntime"] = onnxruntime.__version__
+            for name in args.peer_list:
+                env[name] = importlib.import_module(name).__version__
             common.write_json_atomic(args.output, {"environment": env, "results": results})
             print(f"report: {args.output}")
         return 0

@@ -110,6 +110,7 @@ def test_run_benchmark_synchronizes_before_every_clock_read(tiny_model_dir, reco
         warmup=1,
         images=PHOTOS[:2],
         progress=False,
+        measure_roofline=False,  # its matmul timing adds clock reads, tested apart
     )
     assert [len(r["samples_ms"]) for r in results] == [3, 3]
     clock_reads = [i for i, e in enumerate(recorder) if e == "clock"]
@@ -231,7 +232,7 @@ def test_tune_malloc_reports_the_allocator():
 
 RESULT_KEYS = {
     "mode", "batch_size", "dtype", "latency_ms", "throughput_images_per_s", "samples_ms", "compile_s",
-    "peak_memory_bytes", "agreement", "status", "reason",
+    "peak_memory_bytes", "agreement", "status", "reason", "roofline",
 }  # fmt: skip
 
 
@@ -256,8 +257,58 @@ def test_report_schema(tiny_model_dir, tmp_path, capsys):
         assert r["throughput_images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["latency_ms"]["mean"])
         assert set(r["agreement"]) == {"cosine", "max_abs_diff", "top1_agreement"}
         assert r["peak_memory_bytes"] > 0
+        roof = r["roofline"]
+        assert roof["flop_per_image"] > 0 and roof["ceiling_gflop_per_s"] > 0
+        assert roof["achieved_gflop_per_s"] * 1e9 == pytest.approx(
+            roof["flop_per_image"] * r["batch_size"] / (r["latency_ms"]["p50"] / 1000)
+        )
     out = capsys.readouterr().out
     assert "p50 ms" in out and "channels_last" in out
+    assert "% ceiling" in out and "GFLOP per image" in out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Roofline
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_roofline_arithmetic():
+    roof = benchmark.roofline(flop_per_image=2e9, batch_size=2, p50_ms=20.0, ceiling=400e9)
+    assert roof["achieved_gflop_per_s"] == pytest.approx(200.0)
+    assert roof["fraction_of_ceiling"] == pytest.approx(0.5)
+    assert roof["floor_ms"] == pytest.approx(10.0)  # 4 GFLOP at 400 GFLOP/s
+    assert benchmark.roofline(2e9, 1, 20.0, None)["fraction_of_ceiling"] is None
+    assert benchmark.roofline(None, 1, 20.0, 400e9) is None
+
+
+def test_model_flop_counts_a_convolution():
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+
+        def forward(self, pixel_values):
+            return self.conv(pixel_values)
+
+    flop = benchmark.model_flop(Conv(), torch.zeros(1, 3, 16, 16))
+    assert flop == 2 * 8 * 3 * 3 * 3 * 16 * 16  # one multiply and one add per weight per output pixel
+
+
+def test_matmul_ceiling_is_timed_synchronized_and_cached(monkeypatch):
+    calls = []
+
+    def timed_call(fn, device):
+        calls.append(device.type)
+        return fn(), 10.0  # every matmul "takes" 10 ms
+
+    monkeypatch.setattr(benchmark, "timed_call", timed_call)
+    monkeypatch.setattr(benchmark, "CEILING_SIZE", {"cpu": 64})
+    monkeypatch.setattr(benchmark, "_ceilings", {})
+    device = common.Device("cpu")
+    ceiling = benchmark.matmul_ceiling(device, torch.float32, repeats=3)
+    assert ceiling == pytest.approx(2 * 64**3 / 0.010)
+    assert calls == ["cpu"] * 4  # one warm-up and three timed, each through timed_call
+    assert benchmark.matmul_ceiling(device, torch.float32) == ceiling and len(calls) == 4
 
 
 def test_end_to_end_runs_on_the_photos(tiny_model_dir, tmp_path):
