@@ -17,7 +17,8 @@ max, stdev; percentiles by linear interpolation), samples_ms, throughput_images_
 (device allocator peak on npu/cuda, process peak RSS on cpu), agreement with eager float32 on the same inputs (cosine,
 max_abs_diff, top1_agreement), exact, roofline (the model's FLOPs, the device's measured matmul ceiling, the fraction
 of it reached at p50 and the floor: the time the FLOPs take at the ceiling), status ("ok" | "unavailable") and reason;
-plus the environment (device, versions, threads, allocator). Exit codes: 0 done, 1 no mode could run, 2 bad arguments, model or device.
+plus the environment (device, versions, threads, allocator). Exit codes: 0 done, 1 no mode could run, 2 bad
+arguments, model or device.
 """
 
 from __future__ import annotations

@@ -107,8 +107,6 @@ def peer_runners(names: list[str], path: Path, threads: int) -> dict[str, Callab
 
 @torch.no_grad()
 def run(args) -> list[dict]:
-    allocator = benchmark.tune_malloc() if args.allocator == "tuned" else benchmark.system_allocator()
-    logger.info("allocator: %s", allocator)
     device = common.Device("cpu")
     loaded = common.synthetic_model(device) if args.synthetic else common.load_model(args.model_path, device)
     model = loaded.model
@@ -177,10 +175,12 @@ def main(argv=None) -> int:
             args.peer_list = [p for p in args.peer_list if p not in missing]
         if not args.peer_list:
             raise common.UserError("no peer to run: pip install -r requirements-bench.txt")
+        allocator = benchmark.tune_malloc() if args.allocator == "tuned" else benchmark.system_allocator()
+        logger.info("allocator: %s", allocator)
+        env = benchmark.benchmark_environment(common.Device("cpu"), allocator)
         results = run(args)
         print(benchmark.format_table(results))
         if args.output:
-            env = benchmark.benchmark_environment(common.Device("cpu"), benchmark.tune_malloc())
             for name in args.peer_list:
                 env[name] = importlib.import_module(name).__version__
             common.write_json_atomic(args.output, {"environment": env, "results": results})

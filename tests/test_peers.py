@@ -1,0 +1,47 @@
+"""benchmarks/bench_peers.py: ONNX Runtime and OpenVINO beside the torch modes (requirements-bench.txt)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+from conftest import ROOT, read_json
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_peers  # noqa: E402
+
+
+def test_unknown_peer_exits_2(tiny_model_dir, capsys):
+    assert bench_peers.main(["--model_path", str(tiny_model_dir), "--peers", "tensorrt"]) == 2
+    assert "unknown peer(s) tensorrt" in capsys.readouterr().err
+
+
+def test_no_installed_peer_exits_2(tiny_model_dir, monkeypatch, capsys):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name in bench_peers.PEERS else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert bench_peers.main(["--model_path", str(tiny_model_dir)]) == 2
+    assert "no peer to run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("peer", bench_peers.PEERS)
+def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
+    pytest.importorskip(peer)
+    pytest.importorskip("onnx")  # torch.onnx.export needs it
+    out = tmp_path / "peers.json"
+    argv = ["--model_path", str(tiny_model_dir), "--peers", peer, "--modes", "eager", "--iterations", "2",
+            "--warmup", "1", "--batch_sizes", "1,2", "--allocator", "system", "--output", str(out)]  # fmt: skip
+    assert bench_peers.main(argv) == 0
+    data = read_json(out)
+    assert data["environment"][peer] and data["environment"]["allocator"]["tuned"] is False
+    rows = [(r["mode"], r["batch_size"]) for r in data["results"]]
+    assert rows == [("eager", 1), (peer, 1), ("eager", 2), (peer, 2)]
+    for r in data["results"]:
+        assert len(r["samples_ms"]) == 2
+        assert r["exact"] is True, r["agreement"]  # float32 on both sides: the same logits to float rounding
+        assert r["roofline"]["flop_per_image"] > 0
