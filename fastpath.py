@@ -11,7 +11,7 @@ rounding aside: cosine >= 0.99999, same top-1) with:
 It reads the model through its state-dict structure only (`mobilevit.conv_stem`, `encoder.layer[i]`, `conv_kxk`,
 `transformer.layer[j].attention.attention.query`, ...), which every transformers release from 4.x to 5.x must keep to
 load checkpoints; no private helpers are imported. The benchmark's `fast` mode is this model in channels-last memory,
-compiled with inductor and weight freezing on CPU.
+built on CPU by torch.export + AOTInductor with weight freezing (torch.compile where that is unavailable).
 
 No fast preprocessing path lives here on purpose: torch's uint8 antialiased bilinear resize differs from PIL's by
 1/255 on 0.01-0.8% of the pixels of every bundled photo (measured), so end-to-end runs use `common.preprocess`.

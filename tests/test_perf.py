@@ -152,6 +152,7 @@ def _no_compiler(device):
 
 def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
+    monkeypatch.setattr(benchmark, "aoti_available", lambda: False)
     benchmark.clear_cache()
     loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
     modes = benchmark.available_modes(common.Device("cpu"))
@@ -182,16 +183,43 @@ def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
 
 
 def test_fast_mode_with_inductor_freezing_is_exact(tiny_model_dir):
-    """The real CPU compile path (inductor + freezing) for the mode that matters; one compile, tens of seconds."""
+    """The real CPU build (AOTInductor where torch has it, else inductor + freezing) for the mode that matters; one
+    build, tens of seconds."""
+    benchmark.clear_cache()
+    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
+    results = benchmark.run_benchmark(
+        loaded, common.Device("cpu"), modes=["fast"], batch_sizes=[1, 2], iterations=1, warmup=0, images=PHOTOS,
+        progress=False,
+    )  # fmt: skip
+    benchmark.clear_cache()
+    for r in results:  # one build per batch size: the AOT runner is specialised to its input shape
+        assert r["status"] == "ok", r["reason"]
+        assert r["exact"] and r["agreement"]["top1_agreement"] == 1.0, r["agreement"]
+        assert any("freezing" in note for note in r["notes"])
+        assert any("AOTInductor:" in note for note in r["notes"]) == benchmark.aoti_available()
+
+
+def test_fast_mode_falls_back_to_torch_compile_when_aoti_fails(tiny_model_dir, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nmore")
+
+    monkeypatch.setattr(benchmark, "aoti_available", lambda: True)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail, raising=False)
+    monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
     benchmark.clear_cache()
     loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
     (r,) = benchmark.run_benchmark(
         loaded, common.Device("cpu"), modes=["fast"], iterations=1, warmup=0, images=PHOTOS, progress=False
     )
     benchmark.clear_cache()
-    assert r["status"] == "ok", r["reason"]
-    assert r["exact"] and r["agreement"]["top1_agreement"] == 1.0, r["agreement"]
-    assert any("freezing" in note for note in r["notes"])
+    assert r["status"] == "ok" and r["exact"], r
+    assert "AOTInductor failed (RuntimeError: no C++ compiler); torch.compile instead" in r["notes"]
+    assert "not compiled (test)" in r["notes"]
+
+
+def test_aoti_available_needs_torch_2_6(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    assert benchmark.aoti_available() is False
 
 
 def test_compiled_callables_are_distinct_and_cached(tiny_model_dir, monkeypatch):
