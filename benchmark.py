@@ -309,17 +309,19 @@ def _prepare_aoti(
     `fast`'s batch-1 latency on CPU against torch.compile with the C++ wrapper. compile_s covers export, build, load
     and the first call."""
     x = to_input(batch)
-    common.synchronize(device)
-    start = _clock()
-    with tempfile.TemporaryDirectory(prefix="mobilevit_aoti_") as folder:
-        program = torch.export.export(module, (x,))
-        package = torch._inductor.aoti_compile_and_package(
-            program, package_path=os.path.join(folder, "fast.pt2"), inductor_configs={"freezing": True}
-        )
-        runner = torch._inductor.aoti_load_package(package)  # the shared library is loaded: the folder can go
-    runner(x)
-    common.synchronize(device)
-    compile_s = _clock() - start
+
+    def build() -> Callable[[torch.Tensor], torch.Tensor]:
+        with tempfile.TemporaryDirectory(prefix="mobilevit_aoti_") as folder:
+            program = torch.export.export(module, (x,))
+            package = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(folder, "fast.pt2"), inductor_configs={"freezing": True}
+            )
+            runner = torch._inductor.aoti_load_package(package)  # the shared library is loaded: the folder can go
+        runner(x)
+        return runner
+
+    runner, compile_ms = timed_call(build, device)
+    compile_s = compile_ms / 1000.0
     note = "AOTInductor: torch.export + aoti_compile_and_package, freezing"
     return Prepared(runner, to_input, compile_s, [*notes, note])
 
@@ -392,7 +394,7 @@ def _prepare(mode: str, model: torch.nn.Module, device: common.Device, dtype: st
         try:
             return _prepare_aoti(fn, to_input, batch, device, notes)
         except Exception as exc:  # an export or AOT build this torch cannot do: torch.compile below still can
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            first = common.first_line(exc)
             logger.warning("AOTInductor failed for %s (%s: %s); using torch.compile", mode, type(exc).__name__, first)
             notes.append(f"AOTInductor failed ({type(exc).__name__}: {first}); torch.compile instead")
 
@@ -416,14 +418,9 @@ def _prepare(mode: str, model: torch.nn.Module, device: common.Device, dtype: st
     x = to_input(batch)
     try:
         with _inductor_patch(options), torch.no_grad():
-            common.synchronize(device)
-            start = _clock()
-            compiled(x)
-            common.synchronize(device)
-            compile_s = _clock() - start
+            compile_s = timed_call(lambda: compiled(x), device)[1] / 1000.0
     except Exception as exc:  # a backend that cannot compile this model: report it, keep the other modes
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise Unavailable(f"torch.compile failed ({type(exc).__name__}: {first})") from exc
+        raise Unavailable(f"torch.compile failed ({type(exc).__name__}: {common.first_line(exc)})") from exc
     return Prepared(compiled, to_input, compile_s, notes + compile_notes)
 
 
@@ -522,6 +519,25 @@ def timed_call(fn: Callable[[], Any], device: common.Device) -> tuple[Any, float
     result = fn()
     common.synchronize(device)
     return result, (_clock() - start) * 1000.0
+
+
+def interleaved_samples(
+    calls: dict[str, Callable[[], Any]], iterations: int, device: common.Device, desc: str = "", progress: bool = False
+) -> dict[str, list[float]]:
+    """{name: milliseconds per call}: iteration i runs every call once, the order rotated by i, each through
+    timed_call, so a noisy machine slows them all alike."""
+    order = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in order}
+    bar = _progress(iterations, desc, progress and bool(order))
+    for i in range(iterations if order else 0):
+        for j in range(len(order)):
+            name = order[(i + j) % len(order)]
+            samples[name].append(timed_call(calls[name], device)[1])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return samples
 
 
 def photo_batches(paths: Sequence[str], cfg: common.PreprocessConfig, batch_size: int) -> list[torch.Tensor]:
@@ -650,18 +666,8 @@ def run_benchmark(
             common.reset_peak_memory(device)
             timed_call(call, device)
             rows[mode]["peak_memory_bytes"] = common.peak_memory_bytes(device)
-        order = list(calls)
-        samples: dict[str, list[float]] = {mode: [] for mode in order}
-        bar = _progress(iterations, f"batch {batch_size}", progress and bool(order))
-        for i in range(iterations if order else 0):
-            for j in range(len(order)):
-                mode = order[(i + j) % len(order)]
-                samples[mode].append(timed_call(calls[mode], device)[1])
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        for mode in order:
+        samples = interleaved_samples(calls, iterations, device, f"batch {batch_size}", progress)
+        for mode in calls:
             stats = latency_stats(samples[mode])
             compute_dtype = torch.bfloat16 if mode == "bf16" else torch_dtype
             ceiling = matmul_ceiling(device, compute_dtype) if flop else None

@@ -49,6 +49,13 @@ class UserError(Exception):
     """Bad usage, model or device: the scripts print the message (no traceback) and exit 2."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most `limit` characters ("" for an empty message): enough to say
+    why in a report or an error without a library's multi-page explanation."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
@@ -464,7 +471,7 @@ def load_model(model_path: str, device: Device | None = None, dtype: str = "fp32
     try:
         model, info = MobileViTForImageClassification.from_pretrained(str(folder), output_loading_info=True)
     except Exception as exc:  # safetensors/pickle errors on corrupt or truncated files, shape mismatches
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise UserError(f"could not load the weights in {weights}: corrupt, truncated or mismatched ({first})") from exc
     finally:
         hf_logging.set_verbosity(verbosity)

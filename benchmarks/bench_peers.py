@@ -109,55 +109,58 @@ def peer_runners(names: list[str], path: Path, threads: int) -> dict[str, Callab
 def run(args) -> list[dict]:
     device = common.Device("cpu")
     loaded = common.synthetic_model(device) if args.synthetic else common.load_model(args.model_path, device)
-    model = loaded.model
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     results = []
-    workdir = Path(tempfile.mkdtemp(prefix="mobilevit_onnx_"))
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        batches = benchmark.photo_batches(common.bundled_images(), loaded.preprocess, batch_size)
-        reference = torch.cat([model(pixel_values=b).logits for b in batches])
-        flop = benchmark.model_flop(model, batches[0][:1])
-        calls, rows = {}, {}
-        for mode in modes:
-            prepared = benchmark.prepare_mode(mode, model, device, "fp32", batches[0])
-            outputs = torch.cat([prepared.call(prepared.to_input(b)) for b in batches])
-            x = prepared.to_input(batches[0])
-            calls[mode] = lambda p=prepared, x=x: p.call(x)
-            rows[mode] = {"compile_s": prepared.compile_s, "agreement": benchmark.compare(reference, outputs)}
-        path = export_onnx(model, batches[0], workdir / f"mobilevit_b{batch_size}.onnx")
-        feeds = [{"pixel_values": b.numpy()} for b in batches]
-        for name, runner in peer_runners(args.peer_list, path, torch.get_num_threads()).items():
-            outputs = torch.cat([torch.from_numpy(runner(f)) for f in feeds])
-            calls[name] = lambda r=runner, f=feeds[0]: r(f)
-            rows[name] = {"compile_s": None, "agreement": benchmark.compare(reference, outputs)}
-        for call in calls.values():
-            for _ in range(args.warmup):
-                call()
-        order = list(calls)
-        samples = {name: [] for name in order}
-        for i in range(args.iterations):
-            for j in range(len(order)):
-                name = order[(i + j) % len(order)]
-                samples[name].append(benchmark.timed_call(calls[name], device)[1])
-        for name in order:
-            stats = benchmark.latency_stats(samples[name])
-            results.append(
-                {
-                    "mode": name,
-                    "batch_size": batch_size,
-                    "dtype": "fp32",
-                    "status": "ok",
-                    "latency_ms": vars(stats),
-                    "throughput_images_per_s": batch_size * 1000.0 / stats.mean,
-                    "samples_ms": samples[name],
-                    "compile_s": rows[name]["compile_s"],
-                    "agreement": vars(rows[name]["agreement"]),
-                    "exact": benchmark.is_exact(rows[name]["agreement"]),
-                    "roofline": benchmark.roofline(
-                        flop, batch_size, stats.p50, benchmark.matmul_ceiling(device, torch.float32)
-                    ),
-                }
-            )
+    with tempfile.TemporaryDirectory(prefix="mobilevit_onnx_") as workdir:
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            results.extend(_run_batch(args, loaded, modes, batch_size, Path(workdir)))
+    return results
+
+
+def _run_batch(args, loaded: common.LoadedModel, modes: list[str], batch_size: int, workdir: Path) -> list[dict]:
+    """Every torch mode and peer at one batch size, interleaved; one result dict each."""
+    device = common.Device("cpu")
+    model = loaded.model
+    results = []
+    batches = benchmark.photo_batches(common.bundled_images(), loaded.preprocess, batch_size)
+    reference = torch.cat([model(pixel_values=b).logits for b in batches])
+    flop = benchmark.model_flop(model, batches[0][:1])
+    calls, rows = {}, {}
+    for mode in modes:
+        prepared = benchmark.prepare_mode(mode, model, device, "fp32", batches[0])
+        outputs = torch.cat([prepared.call(prepared.to_input(b)) for b in batches])
+        x = prepared.to_input(batches[0])
+        calls[mode] = lambda p=prepared, x=x: p.call(x)
+        rows[mode] = {"compile_s": prepared.compile_s, "agreement": benchmark.compare(reference, outputs)}
+    path = export_onnx(model, batches[0], workdir / f"mobilevit_b{batch_size}.onnx")
+    feeds = [{"pixel_values": b.numpy()} for b in batches]
+    for name, runner in peer_runners(args.peer_list, path, torch.get_num_threads()).items():
+        outputs = torch.cat([torch.from_numpy(runner(f)) for f in feeds])
+        calls[name] = lambda r=runner, f=feeds[0]: r(f)
+        rows[name] = {"compile_s": None, "agreement": benchmark.compare(reference, outputs)}
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call()
+    samples = benchmark.interleaved_samples(calls, args.iterations, device)
+    for name in calls:
+        stats = benchmark.latency_stats(samples[name])
+        results.append(
+            {
+                "mode": name,
+                "batch_size": batch_size,
+                "dtype": "fp32",
+                "status": "ok",
+                "latency_ms": vars(stats),
+                "throughput_images_per_s": batch_size * 1000.0 / stats.mean,
+                "samples_ms": samples[name],
+                "compile_s": rows[name]["compile_s"],
+                "agreement": vars(rows[name]["agreement"]),
+                "exact": benchmark.is_exact(rows[name]["agreement"]),
+                "roofline": benchmark.roofline(
+                    flop, batch_size, stats.p50, benchmark.matmul_ceiling(device, torch.float32)
+                ),
+            }
+        )
     return results
 
 
