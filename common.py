@@ -206,8 +206,9 @@ def detect_device_type() -> str:
     return "cpu"
 
 
-def resolve_device(spec: str = "auto", jit_compile: bool = False) -> Device:
-    """Turn a --device string into a Device, failing loudly (UserError) when the device is absent."""
+def resolve_device(spec: str = "auto", jit_compile: bool = False, default_index: int = 0) -> Device:
+    """Turn a --device string into a Device, failing loudly (UserError) when the device is absent. An npu or cuda spec
+    without an index takes `default_index` (LOCAL_RANK under torchrun)."""
     match = _DEVICE_RE.match(spec.strip().lower())
     if not match:
         raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda[:N], npu[:N] or mps")
@@ -218,7 +219,7 @@ def resolve_device(spec: str = "auto", jit_compile: bool = False) -> Device:
         kind = detect_device_type()
     if kind in ("cpu", "mps") and index not in (None, "0"):
         raise UserError(f"{kind} takes no device index")
-    idx = int(index) if index is not None else 0
+    idx = int(index) if index is not None else default_index
     if kind == "npu":
         _setup_npu(idx, jit_compile)
         return Device("npu", idx)
@@ -827,9 +828,18 @@ def json_safe(obj: Any) -> Any:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write JSON through a temp file in the same folder, then rename: a crash never leaves half a report."""
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+
+
+def json_line(obj: Any) -> str:
+    """One JSON-lines record (strict JSON: NaN and infinities become null), newline included."""
+    return json.dumps(json_safe(obj), allow_nan=False) + "\n"
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` through a temp file in the same folder, fsync'd, then rename: readers see all of it or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_safe(obj), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -190,7 +190,6 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     backend: str | None = None
     _group: Any = None
 
@@ -242,12 +241,10 @@ def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, com
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         return Distributed(), common.resolve_device(device_spec, jit_compile)
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    kind = device_spec.split(":")[0]
     if ":" in device_spec:
+        kind = device_spec.split(":")[0].strip()
         raise common.UserError(f"under torchrun each rank takes device LOCAL_RANK: --device {kind}, not {device_spec}")
-    if kind == "auto":
-        kind = common.detect_device_type()
-    device = common.resolve_device(kind if kind in ("cpu", "mps") else f"{kind}:{local}", jit_compile)
+    device = common.resolve_device(device_spec, jit_compile, default_index=local)
     backend = BACKENDS[device.type]
     import torch.distributed as dist
 
@@ -255,7 +252,7 @@ def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, com
     dist.init_process_group(backend=backend, timeout=timeout)
     group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     logger.debug("rank %d/%d on %s over %s", rank, world, device, backend)
-    return Distributed(rank, world, local, backend, group), device
+    return Distributed(rank, world, backend, group), device
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,7 +270,8 @@ class Journal:
         meta = self.folder / "meta.json"
         error = None
         if dist.is_main:
-            if resume and meta.is_file() and json.loads(meta.read_text()).get("key") != self.key:
+            previous = common.read_json(meta, "the --resume journal's meta.json") if resume and meta.is_file() else None
+            if previous is not None and previous.get("key") != self.key:
                 error = (
                     f"--resume: {self.folder} belongs to a different run (model, dtype, device kind or images "
                     "changed); drop --resume to start over"
@@ -282,7 +280,7 @@ class Journal:
                 if not resume and self.folder.exists():
                     shutil.rmtree(self.folder)
                 self.folder.mkdir(parents=True, exist_ok=True)
-                meta.write_text(json.dumps({"key": self.key, "run": run_key}, indent=2))
+                common.write_json_atomic(meta, {"key": self.key, "run": run_key})
         error = dist.broadcast(error)  # also the barrier: the folder is ready before any rank writes to it
         if error:
             raise common.UserError(error)
@@ -303,7 +301,7 @@ class Journal:
 
     def append(self, records: Sequence[dict]) -> None:
         for record in records:
-            self._fh.write(json.dumps(common.json_safe(record), allow_nan=False) + "\n")
+            self._fh.write(common.json_line(record))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -406,10 +404,4 @@ def summarize(records: Sequence[dict], unlabelled: Sequence[dict], per_rank: Seq
 
 def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> Path:
     """All records as JSON lines, through a temp file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(common.json_safe(record), allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return common.write_text_atomic(path, "".join(common.json_line(record) for record in records))

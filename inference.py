@@ -114,16 +114,9 @@ def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> in
     allocator = benchmark.tune_malloc()
     environment = benchmark.benchmark_environment(device, allocator)
     images = common.expand_images(args.image) if args.image else None
-    results = benchmark.run_benchmark(
-        loaded,
-        device,
-        modes=["eager"],
-        batch_sizes=[args.batch_size],
-        iterations=args.iterations,
-        warmup=args.warmup,
-        dtype=args.dtype,
-        images=images,
-    )
+    settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
+                "modes": ["eager"], "dtype": args.dtype, "end_to_end": False}  # fmt: skip
+    results = benchmark.run_benchmark(loaded, device, images=images, **settings)
     print(benchmark.format_table(results))
     lat = results[0]["latency_ms"]
     print(
@@ -133,8 +126,6 @@ def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> in
         "device synchronized before every clock read)"
     )
     if args.output:
-        settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
-                    "modes": ["eager"], "dtype": args.dtype, "end_to_end": False}  # fmt: skip
         common.write_json_atomic(args.output, benchmark.build_report(loaded, device, results, settings, environment))
         print(f"wrote {args.output}")
     return 0
@@ -166,7 +157,7 @@ def _run(args, dist: dataset.Distributed, device: common.Device) -> int:
     if not sources:
         raise common.UserError(f"no images found in {' '.join(args.image)}")
     # Under torchrun each rank takes every world_size-th image; rank 0 gathers, prints and writes one report.
-    positions = list(range(dist.rank, len(sources), dist.world_size))
+    positions = dist.shard(range(len(sources)))
     items, errors = common.read_images([sources[i] for i in positions], loaded.preprocess, positions)
     results = classify(loaded, device, items, args.top_k, args.batch_size) if items else []
     parts = dist.gather((results, errors, len(positions)))
