@@ -184,9 +184,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return cosine_from(float(a @ b), float(a @ a), float(b @ b))
 
 
-def _relative_error(ref: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """|t - r| / |r| elementwise; 0 where both are equal (0/0), inf where r is 0 and t is not."""
-    diff = (tgt - ref).abs()
+def _relative_error(ref: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """|t - r| / |r| elementwise from diff = |t - r|; 0 where both are equal (0/0), inf where r is 0 and t is not."""
     rel = diff / ref.abs()
     return torch.where(diff == 0, torch.zeros_like(rel), rel)
 
@@ -201,7 +200,8 @@ def _image_metrics(name: str, ref: torch.Tensor, tgt: torch.Tensor, cutoff: floa
     k = min(5, ref.numel())
     top5_ref = set(torch.topk(ref, k).indices.tolist())
     top5_tgt = set(torch.topk(torch.nan_to_num(tgt, nan=-math.inf), k).indices.tolist())
-    rel = _relative_error(ref, tgt)
+    diff = (tgt - ref).abs()
+    rel = _relative_error(ref, diff)
     above = ref.abs() > cutoff
     top1_ref = int(ref.argmax())
     top1_tgt = int(tgt.argmax()) if finite else -1
@@ -216,8 +216,8 @@ def _image_metrics(name: str, ref: torch.Tensor, tgt: torch.Tensor, cutoff: floa
         top1_reference_margin=margin,
         top5_overlap=len(top5_ref & top5_tgt) / k if finite else 0.0,
         max_abs_prob_diff=float((p_tgt - p_ref).abs().max()),
-        max_abs_logit_diff=float((tgt - ref).abs().max()),
-        rmse=float(((tgt - ref) ** 2).mean().sqrt()),
+        max_abs_logit_diff=float(diff.max()),
+        rmse=float((diff**2).mean().sqrt()),
         mean_relative_error=_mean(rel),
         mean_relative_error_above_cutoff=_mean(rel[above]),
         logits_above_cutoff=int(above.sum()),
@@ -494,8 +494,11 @@ def compile_model(model: torch.nn.Module, device: common.Device):
     return torch.compile(model, dynamic=False)
 
 
-def prepare_target(reference: torch.nn.Module, device: common.Device, dtype: str, mode: str) -> Side:
-    """A deep copy of the reference (never an alias) on the device, dtype and mode, with any test patches applied."""
+def prepare_target(
+    reference: torch.nn.Module, device: common.Device, dtype: str, mode: str, layers: bool = False
+) -> Side:
+    """A deep copy of the reference (never an alias) on the device, dtype and mode, with any test patches applied.
+    `layers`: the run will watch every layer (--layers), so a compiled target also gets an eager twin to hook."""
     if mode not in MODES:
         raise common.UserError(f"unknown target mode {mode!r}: use {', '.join(MODES)}")
     model = copy.deepcopy(reference).eval()
@@ -504,7 +507,7 @@ def prepare_target(reference: torch.nn.Module, device: common.Device, dtype: str
     if mode == "channels_last":
         model.to(memory_format=torch.channels_last)
     hook_model = model
-    if mode == "compiled":
+    if mode == "compiled" and layers:
         # Layer hooks would break the compiled graph into pieces, so --layers watches an eager twin instead.
         hook_model = copy.deepcopy(model)
     for patch in _TARGET_PATCHES:

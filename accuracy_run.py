@@ -176,14 +176,11 @@ def run_comparison(
             if comparator:
                 comparator.begin(item.source, "reference")
             ref_rows.append(reference.logits(item.batch))
-            if comparator and target.hook_model is not target.model:  # compiled: logits clean, layers on eager twin
-                tgt_rows.append(target.logits(item.batch))
+            if comparator:
                 comparator.begin(item.source, "target")
+            tgt_rows.append(target.logits(item.batch))
+            if comparator and target.hook_model is not target.model:  # compiled: no hooks in it, layers on the twin
                 target.logits(item.batch, model=target.hook_model)
-            else:
-                if comparator:
-                    comparator.begin(item.source, "target")
-                tgt_rows.append(target.logits(item.batch))
             if comparator:
                 comparator.end_image()
     finally:
@@ -284,10 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as exc:  # usage errors (2) and --help (0) as return codes, for main([...]) callers
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parse_args(argv)
     overrides = {name: getattr(args, name, None) for name in THRESHOLD_FLAGS}
     common.setup_logging(args.verbose)
     thresholds = accuracy.Thresholds.for_dtype(args.dtype, **overrides)
@@ -314,7 +308,7 @@ def _run(
     else:
         loaded = common.load_model(args.model_path, None, "fp32")
     reference = accuracy.reference_side(loaded.model)
-    target = accuracy.prepare_target(reference.model, device, args.dtype, args.target_mode)
+    target = accuracy.prepare_target(reference.model, device, args.dtype, args.target_mode, layers=args.layers)
     compared = f"{reference.label}  vs  {target.label}"
 
     if labelled:
@@ -481,7 +475,7 @@ def format_labelled(summary: dict, comparison: accuracy.Comparison, compared: st
 
 
 def main(argv=None) -> int:
-    return common.run_main(_main, argv)
+    return common.run_main(_main, argv, usage_codes=True)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,7 @@ def parse_modes(text: str) -> list[str]:
 
 def _main(argv) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help is 0, usage errors are 2
-        return int(exc.code or 0)
+    args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
     allocator = benchmark.tune_malloc() if args.allocator == "tuned" else benchmark.system_allocator()
     modes = parse_modes(args.modes)
@@ -141,7 +138,7 @@ def _main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    return common.run_main(_main, argv)
+    return common.run_main(_main, argv, usage_codes=True)
 
 
 if __name__ == "__main__":

@@ -861,10 +861,15 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
 
 
-def run_main(body, argv=None) -> int:
-    """Run a script body, turning UserError into a one-line message and exit code 2 (no traceback)."""
+def run_main(body, argv=None, usage_codes: bool = False) -> int:
+    """Run a script body, turning UserError into a one-line message and exit code 2 (no traceback). With
+    `usage_codes`, argparse's exits (--help 0, usage errors 2) come back as return codes, for main([...]) callers."""
     try:
         return body(argv)
+    except SystemExit as exc:
+        if not usage_codes:
+            raise
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

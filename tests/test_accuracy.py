@@ -146,6 +146,19 @@ def test_target_is_a_copy_never_an_alias(tiny_model_dir):
     assert target.label == "cpu bfloat16 channels_last"
 
 
+@pytest.mark.parametrize("layers", [False, True])
+def test_compiled_target_gets_an_eager_twin_only_for_layers(tiny_model_dir, monkeypatch, layers):
+    compiled = []
+    monkeypatch.setattr(accuracy, "compile_model", lambda model, device: compiled.append(model) or model)
+    loaded = common.load_model(str(tiny_model_dir))
+    target = accuracy.prepare_target(loaded.model, common.Device("cpu"), "fp32", "compiled", layers=layers)
+    assert compiled == [target.model]
+    # --layers hooks a separate eager copy, so the compiled graph stays whole; without it no copy is made
+    assert (target.hook_model is not target.model) == layers
+    twin_ptrs = {p.data_ptr() for p in target.hook_model.parameters()}
+    assert bool(twin_ptrs & {p.data_ptr() for p in target.model.parameters()}) != layers
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The script, in-process
 # --------------------------------------------------------------------------------------------------------------------
