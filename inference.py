@@ -146,6 +146,8 @@ def _main(argv=None) -> int:
 
 
 def _run(args, dist: dataset.Distributed, device: common.Device) -> int:
+    if args.benchmark and dist.enabled:  # every rank would time its own device and write the same --output
+        raise common.UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
     if args.synthetic:
         loaded = common.synthetic_model(device, args.dtype)
     else:

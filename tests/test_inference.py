@@ -14,6 +14,7 @@ import torch
 from conftest import DATA_DIR, PHOTOS, ROOT, read_json
 
 import common
+import dataset
 import inference
 
 
@@ -196,3 +197,10 @@ def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_pa
     assert len(calls) >= 2 * 4  # a sync before and after every timed call
     console = capsys.readouterr().out
     assert "latency ms mean" in console and "device synchronized before every clock read" in console
+
+
+def test_benchmark_under_torchrun_is_refused(tiny_model_dir, monkeypatch, capsys):
+    two_ranks = dataset.Distributed(rank=0, world_size=2)
+    monkeypatch.setattr(dataset, "setup", lambda spec, jit_compile=False: (two_ranks, common.Device("cpu")))
+    assert inference.main(["--model_path", str(tiny_model_dir), "--benchmark"]) == 2
+    assert "--benchmark times one device" in capsys.readouterr().err
