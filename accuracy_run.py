@@ -3,7 +3,7 @@
 Reference: the CPU, float32, eager, always. Target: --device, --dtype and --target_mode. Both consume the very same
 preprocessed tensors. Metrics per image and over all images, in float64: cosine similarity of the logits, top-1
 agreement, top-5 overlap, max |probability difference|, max |logit difference|, RMSE, mean relative error (all logits,
-and logits above msprobe's small-value cut-off), and the share of logits within 0.1% and 0.5% relative error.
+and logits above msprobe's minimum-error floor), and the share of logits within 0.1% and 0.5% relative error.
 
 Examples:
   python accuracy_run.py ./model accuracy_report.json --device npu:0
@@ -27,15 +27,15 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import accuracy
 import common
-import dataset
+from mobilevit_npu import devices, distributed, labelsets, layerwise, metrics, preprocessing, reports, targets
+from mobilevit_npu.errors import UserError
+from mobilevit_npu.models import dtype_name
 
 logger = logging.getLogger("mobilevit_npu.accuracy_run")
 
@@ -52,40 +52,25 @@ THRESHOLD_FLAGS = {
 
 
 def _defaults_text(name: str) -> str:
-    values = ", ".join(f"{d} {getattr(accuracy.DEFAULT_THRESHOLDS[d], name):g}" for d in ("fp32", "fp16", "bf16"))
+    values = ", ".join(f"{d} {getattr(metrics.DEFAULT_THRESHOLDS[d], name):g}" for d in ("fp32", "fp16", "bf16"))
     return f"default by --dtype: {values}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = common.script_parser("accuracy_run.py", __doc__)
-    model = common.add_model_args(parser, positional=True)
-    model.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="use the full-size synthetic-weights X-Small instead of MODEL_PATH (healthy activations, real labels, "
-        "meaningless predictions); the report says so",
-    )
-    model.add_argument("--seed", type=int, default=0, help="--synthetic only: the seed of the synthetic weights")
+    common.add_synthetic_args(common.add_model_args(parser, positional=True), "MODEL_PATH")
     parser.add_argument("report", metavar="REPORT.json", help="where to write the JSON report (atomically)")
     target = common.add_device_args(parser)
     common.add_dtype_arg(target, "the target's precision (the reference is always CPU float32)")
     target.add_argument(
         "--target_mode",
         "--target-mode",
-        choices=accuracy.MODES,
+        choices=targets.MODES,
         default="eager",
-        help="how the target runs: eager; channels_last (model and input in NHWC); compiled (torch.compile, "
-        "TorchAir's backend on an NPU)",
+        help="how the target runs: eager; channels_last (model and input in NHWC); compiled (built exactly as "
+        "accuracy_run_perf.py's compiled mode: inductor + freezing on CPU, CUDA graphs on CUDA, torchair on NPU)",
     )
-    inputs = parser.add_argument_group("input")
-    inputs.add_argument(
-        "--images",
-        nargs="+",
-        default=argparse.SUPPRESS,
-        metavar="PATH",
-        help="image files, directories (their images, sorted), globs (quote them) or URLs; "
-        "default: the photos bundled in tests/data",
-    )
+    common.add_image_args(parser.add_argument_group("input"), "default: the photos bundled in tests/data")
     labelled = parser.add_argument_group(
         "labelled set (ImageNet accuracy of reference and target; spreads over ranks under torchrun)"
     )
@@ -135,72 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class AccuracyReport:
-    tool: str
-    verdict: str
-    verdict_reasons: list[str]
-    compared: str  # "cpu float32 eager  vs  cpu bfloat16 eager"
-    reference: dict[str, Any]
-    target: dict[str, Any]
-    model_source: dict[str, Any]
-    input: str
-    thresholds: dict[str, float]
-    threshold_reasons: dict[str, str]
-    checks: list[dict]
-    reference_checks: list[dict]
-    aggregate: dict[str, Any]
-    per_image: list[dict]
-    skipped_images: list[dict]
-    layers: dict[str, Any] | None
-    environment: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    argv: list[str] = field(default_factory=list)
-    dataset: dict[str, Any] | None = None  # --dataset / --labels: accuracy against the labels, per rank, per class
-
-
-def run_comparison(
-    reference: accuracy.Side,
-    target: accuracy.Side,
-    items: list[common.Decoded],
-    thresholds: accuracy.Thresholds,
-    layers: bool,
-) -> tuple[accuracy.Comparison, accuracy.LayerReport | None]:
-    """Both sides over every image, one at a time; with `layers`, the module-by-module comparison as they go."""
-    comparator = None
-    if layers:
-        comparator = accuracy.LayerComparator(reference.hook_model, target.hook_model, thresholds.layer_min_cosine)
-    ref_rows, tgt_rows = [], []
-    try:
-        for item in items:
-            if comparator:
-                comparator.begin(item.source, "reference")
-            ref_rows.append(reference.logits(item.batch))
-            if comparator:
-                comparator.begin(item.source, "target")
-            tgt_rows.append(target.logits(item.batch))
-            if comparator and target.hook_model is not target.model:  # compiled: no hooks in it, layers on the twin
-                target.logits(item.batch, model=target.hook_model)
-            if comparator:
-                comparator.end_image()
-    finally:
-        if comparator:
-            comparator.close()
-    distinct = len({hashlib.sha256(item.batch.numpy().tobytes()).hexdigest() for item in items}) > 1
-    comparison = accuracy.compare(
-        torch.cat(ref_rows),
-        torch.cat(tgt_rows),
-        target.dtype,
-        thresholds,
-        names=[item.source for item in items],
-        distinct_inputs=distinct,
-    )
-    layer_report = comparator.report() if comparator else None
-    if layer_report and target.mode == "compiled":
-        layer_report.note = "layers compared on an eager twin of the compiled target: hooks would split the graph"
-    return comparison, layer_report
-
-
 def _fmt(value: float | None, spec: str = ".6f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "nan"
@@ -208,7 +127,7 @@ def _fmt(value: float | None, spec: str = ".6f") -> str:
 
 
 def format_console(
-    comparison: accuracy.Comparison, layers: accuracy.LayerReport | None, compared: str, id2label
+    comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str, id2label
 ) -> str:
     lines = [f"compared: {compared}", "(== same top-1, ~= a near-tie flip, != a flip)", ""]
     width = min(max(len(Path(m.image).name) for m in comparison.per_image), 40)
@@ -230,8 +149,8 @@ def format_console(
         f"top-5 overlap {_fmt(a.top5_overlap_mean, '.3f')}; "
         f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}; max|dlogit| {_fmt(a.max_abs_logit_diff, '.4g')}; "
         f"RMSE {_fmt(a.rmse, '.4g')}",
-        f"  mean rel err {_fmt(a.mean_relative_error, '.4g')} (|r| > {a.small_value_cutoff:g}: "
-        f"{_fmt(a.mean_relative_error_above_cutoff, '.4g')}); rel err < 0.1%: "
+        f"  mean rel err {_fmt(a.mean_relative_error, '.4g')} (|r| > {a.min_error_floor:g}: "
+        f"{_fmt(a.mean_relative_error_above_error_floor, '.4g')}); rel err < 0.1%: "
         f"{_fmt(a.share_rel_err_below_0_001, '.1%')}, < 0.5%: {_fmt(a.share_rel_err_below_0_005, '.1%')}; "
         f"reference logit std {_fmt(a.reference_logit_std_min, '.3g')}",
     ]
@@ -252,7 +171,7 @@ def format_console(
     return "\n".join(lines)
 
 
-def verdict_line(comparison: accuracy.Comparison, layers: accuracy.LayerReport | None, compared: str) -> str:
+def verdict_line(comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str) -> str:
     a = comparison.aggregate
     summary = (
         f"cosine min {_fmt(a.cosine_min)}, top-1 {a.top1_agree_count}/{a.images}"
@@ -284,45 +203,46 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {name: getattr(args, name, None) for name in THRESHOLD_FLAGS}
     common.setup_logging(args.verbose)
-    thresholds = accuracy.Thresholds.for_dtype(args.dtype, **overrides)
+    thresholds = metrics.Thresholds.for_dtype(args.dtype, **overrides)
 
     labelled = bool(args.dataset or args.labels)
     if not labelled and (args.resume or args.limit):
-        raise common.UserError("--resume and --limit go with --dataset or --labels")
-    if labelled and (getattr(args, "images", None) or args.layers):
-        raise common.UserError("--images and --layers do not go with --dataset/--labels")
-    dist, device = dataset.setup(args.device, jit_compile=args.jit_compile)
+        raise UserError("--resume and --limit go with --dataset or --labels")
+    if labelled and (args.images or args.layers):
+        raise UserError("--images and --layers do not go with --dataset/--labels")
+    dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
     try:
         if dist.enabled and not labelled:
-            raise common.UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
+            raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
         return _run(args, argv, thresholds, dist, device, labelled)
     finally:
         dist.close()
 
 
 def _run(
-    args, argv, thresholds: accuracy.Thresholds, dist: dataset.Distributed, device: common.Device, labelled: bool
+    args, argv, thresholds: metrics.Thresholds, dist: distributed.Distributed, device: devices.Device, labelled: bool
 ) -> int:
-    if args.synthetic:
-        loaded = common.synthetic_model(None, "fp32", seed=args.seed)
-    else:
-        loaded = common.load_model(args.model_path, None, "fp32")
-    reference = accuracy.reference_side(loaded.model)
-    target = accuracy.prepare_target(reference.model, device, args.dtype, args.target_mode, layers=args.layers)
+    loaded = common.load(args, None, "fp32")
+    reference = targets.reference_side(loaded.model)
+    example = torch.zeros(args.batch_size if labelled else 1, 3, loaded.preprocess.crop_height,
+                          loaded.preprocess.crop_width)  # fmt: skip
+    target = targets.prepare_target(
+        loaded.model, device, args.dtype, args.target_mode, example, layers=args.layers
+    )
     compared = f"{reference.label}  vs  {target.label}"
 
     if labelled:
         return run_labelled(args, argv, loaded, reference, target, thresholds, dist, compared)
-    specs = getattr(args, "images", None)
-    sources = common.expand_images(specs) if specs else common.bundled_images()
+    specs = args.images
+    sources = preprocessing.expand_images(specs) if specs else preprocessing.bundled_images()
     if not sources:
-        raise common.UserError(f"no images found in {' '.join(specs or [str(common.BUNDLED_IMAGES_DIR)])}")
-    items, skipped = common.read_images(sources, loaded.preprocess)
+        raise UserError(f"no images found in {' '.join(specs or [str(preprocessing.BUNDLED_IMAGES_DIR)])}")
+    items, skipped = preprocessing.read_images(sources, loaded.preprocess)
     for s in skipped:
         del s["position"]
         logger.warning("skipping %s: %s", s["image"], s["error"])
     if not items:
-        raise common.UserError(f"none of the {len(sources)} image(s) could be read: " + "; ".join(
+        raise UserError(f"none of the {len(sources)} image(s) could be read: " + "; ".join(
             f"{s['image']}: {s['error']}" for s in skipped[:5]))  # fmt: skip
 
     notes = []
@@ -334,7 +254,7 @@ def _run(
             "synthetic weights: the numbers say how the device treats a healthy X-Small, not ImageNet accuracy"
         )
 
-    comparison, layer_report = run_comparison(reference, target, items, thresholds, args.layers)
+    comparison, layer_report = targets.compare_sides(reference, target, items, thresholds, args.layers)
 
     print(format_console(comparison, layer_report, compared, loaded.id2label))
     for s in skipped:
@@ -342,58 +262,56 @@ def _run(
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
-        f"{accuracy.DTYPE_NAMES[args.dtype]} on {target.device}; batch size 1",
-        per_image=comparison.per_image, skipped=skipped, layers=layer_report, notes=notes,
+        f"{dtype_name(args.dtype)} on {target.device}; batch size 1",
+        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes,
     )  # fmt: skip
-    common.write_json_atomic(args.report, report)
+    reports.write_json_atomic(args.report, report)
     print(f"wrote {args.report}")
     print(verdict_line(comparison, layer_report, compared))
     return 0 if comparison.verdict == "PASS" else 1
 
 
 def make_report(
-    args, argv, comparison: accuracy.Comparison, loaded, reference: accuracy.Side, target: accuracy.Side, *,
-    input: str, per_image, skipped: list[dict], layers, notes: list[str], dataset: dict | None = None,
+    args, argv, comparison: metrics.Comparison, loaded, reference: targets.Side, target: targets.Side, *,
+    input: str, per_image, errors: list[dict], layers, notes: list[str], dataset: dict | None = None,
     target_device: str | None = None,
-) -> AccuracyReport:  # fmt: skip
-    source = dict(loaded.source)
-    if args.synthetic:
-        source = {"synthetic": True, **source, "model_path_ignored": args.model_path}
-    return AccuracyReport(
-        tool="accuracy_run.py",
-        verdict=comparison.verdict,
-        verdict_reasons=comparison.reasons,
-        compared=f"{reference.label}  vs  {target.label}",
-        reference={"device": str(reference.device), "dtype": "float32", "mode": "eager"},
-        target={"device": target_device or str(target.device), "dtype": accuracy.DTYPE_NAMES[args.dtype],
-                "mode": args.target_mode},
-        model_source=source,
-        input=input,
-        thresholds=dataclasses.asdict(comparison.thresholds),
-        threshold_reasons=accuracy.THRESHOLD_REASONS,
-        checks=[dataclasses.asdict(c) for c in comparison.checks],
-        reference_checks=[dataclasses.asdict(c) for c in comparison.reference_checks],
-        aggregate=dataclasses.asdict(comparison.aggregate),
-        per_image=[dataclasses.asdict(m) for m in per_image],
-        skipped_images=skipped,
-        layers=dataclasses.asdict(layers) if layers else None,
-        environment={"target": common.environment(target.device), "reference": common.environment(reference.device)},
-        notes=notes,
-        argv=list(sys.argv[1:] if argv is None else argv),
-        dataset=dataset,
-    )  # fmt: skip
+) -> dict[str, Any]:  # fmt: skip
+    """The JSON report: the shared header (tool, argv, model_source, synthetic, environment of the target), the
+    verdict and everything it rests on. `errors` lists the images that could not be used, as inference.py does."""
+    return {
+        **reports.header("accuracy_run.py", sys.argv[1:] if argv is None else argv, loaded,
+                         devices.environment(target.device)),
+        "reference_environment": devices.environment(reference.device),
+        "verdict": comparison.verdict,
+        "verdict_reasons": comparison.reasons,
+        "compared": f"{reference.label}  vs  {target.label}",
+        "reference": {"device": str(reference.device), "dtype": "float32", "mode": "eager"},
+        "target": {"device": target_device or str(target.device), "dtype": dtype_name(args.dtype),
+                   "mode": args.target_mode, "notes": target.notes},
+        "input": input,
+        "thresholds": dataclasses.asdict(comparison.thresholds),
+        "threshold_reasons": metrics.THRESHOLD_REASONS,
+        "checks": [dataclasses.asdict(c) for c in comparison.checks],
+        "reference_checks": [dataclasses.asdict(c) for c in comparison.reference_checks],
+        "aggregate": dataclasses.asdict(comparison.aggregate),
+        "per_image": [dataclasses.asdict(m) for m in per_image],
+        "errors": errors,
+        "layers": dataclasses.asdict(layers) if layers else None,
+        "notes": notes,
+        "dataset": dataset,
+    }  # fmt: skip
 
 
-def load_samples(args) -> tuple[list[dataset.Sample], list[dict]]:
+def load_samples(args) -> tuple[list[labelsets.Sample], list[dict]]:
     if args.labels:
-        samples, unlabelled = dataset.read_labels_csv(args.labels, root=args.dataset), []
+        samples, unlabelled = labelsets.read_labels_csv(args.labels, root=args.dataset), []
     else:
-        samples, unlabelled = dataset.scan_folder(args.dataset)
+        samples, unlabelled = labelsets.scan_folder(args.dataset)
     return (samples[: args.limit] if args.limit else samples), unlabelled
 
 
 def run_labelled(
-    args, argv, loaded, reference: accuracy.Side, target: accuracy.Side, thresholds, dist, compared: str
+    args, argv, loaded, reference: targets.Side, target: targets.Side, thresholds, dist, compared: str
 ) -> int:
     """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics kept per image."""
     samples, unlabelled = load_samples(args)
@@ -403,50 +321,50 @@ def run_labelled(
         "images": hashlib.sha256("\n".join(f"{s.image},{s.label}" for s in samples).encode()).hexdigest(),
         "thresholds": dataclasses.asdict(thresholds),
     }
-    journal = dataset.Journal(args.report, dist, run_key, resume=args.resume)
+    journal = labelsets.Journal(args.report, dist, run_key, resume=args.resume)
 
-    def process(batch: list[dataset.Sample], pixels: torch.Tensor) -> list[dict]:
+    def process(batch: list[labelsets.Sample], pixels: torch.Tensor) -> list[dict]:
         ref, tgt = reference.logits(pixels), target.logits(pixels)
-        metrics = accuracy.image_metrics(ref, tgt, args.dtype, thresholds, [s.image for s in batch])
+        per_image = metrics.image_metrics(ref, tgt, args.dtype, thresholds, [s.image for s in batch])
         ref5 = ref.topk(min(5, ref.shape[1])).indices.tolist()
         tgt5 = torch.nan_to_num(tgt, nan=-math.inf).topk(min(5, tgt.shape[1])).indices.tolist()
         return [
             {"image": s.image, "label": s.label, "reference_top5": r5, "target_top5": t5,
              "reference_finite": bool(torch.isfinite(row).all()), "metrics": dataclasses.asdict(m)}
-            for s, r5, t5, row, m in zip(batch, ref5, tgt5, ref, metrics)
+            for s, r5, t5, row, m in zip(batch, ref5, tgt5, ref, per_image)
         ]  # fmt: skip
 
-    workers = args.workers if args.workers is not None else dataset.default_workers(dist.world_size)
+    workers = args.workers if args.workers is not None else labelsets.default_workers(dist.world_size)
     start = time.perf_counter()
-    records, per_rank = dataset.run(samples, loaded.preprocess, process, dist, args.batch_size, workers, journal)
+    records, per_rank = labelsets.run(samples, loaded.preprocess, process, dist, args.batch_size, workers, journal)
     elapsed_s = time.perf_counter() - start
     if not dist.is_main:
         journal.close(remove=True)
         return 0
-    summary = dataset.summarize(records, unlabelled, per_rank)
+    summary = labelsets.summarize_labels(records, unlabelled, per_rank)
     summary["elapsed_s"] = round(elapsed_s, 3)  # this run's images (not resumed ones), decode to gather, both sides
     summary["images_per_s"] = round(sum(per_rank) / elapsed_s, 3) if elapsed_s > 0 else None
     done = [r for r in records if "error" not in r]
     if not done:
         journal.close(remove=False)
-        raise common.UserError(f"none of the {len(samples)} image(s) in the set could be read")
-    per_image = [accuracy.ImageMetrics(**r["metrics"]) for r in done]
-    comparison = accuracy.summarize(
+        raise UserError(f"none of the {len(samples)} image(s) in the set could be read")
+    per_image = [metrics.ImageMetrics(**r["metrics"]) for r in done]
+    comparison = metrics.judge(
         per_image, args.dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
     )
     images_file = Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
-    dataset.write_jsonl_atomic(images_file, records)
+    reports.write_jsonl_atomic(images_file, records)
     worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:20]
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"labelled set {args.labels or args.dataset}: the same float32 CPU batch for both sides; the target "
-        f"casts it to {accuracy.DTYPE_NAMES[args.dtype]}; batch size {args.batch_size}; {dist.world_size} rank(s)",
-        per_image=worst, skipped=summary["skipped_images"], layers=None,
+        f"casts it to {dtype_name(args.dtype)}; batch size {args.batch_size}; {dist.world_size} rank(s)",
+        per_image=worst, errors=summary["skipped_images"], layers=None,
         notes=[f"per_image holds the 20 lowest-cosine images; every image is in {images_file}"],
         dataset={k: v for k, v in summary.items() if k != "skipped_images"},
         target_device=target.device.type if dist.enabled else None,
     )  # fmt: skip
-    common.write_json_atomic(args.report, report)
+    reports.write_json_atomic(args.report, report)
     journal.close(remove=True)
     print(format_labelled(summary, comparison, compared))
     print(f"wrote {args.report} and {images_file}")
@@ -454,7 +372,7 @@ def run_labelled(
     return 0 if comparison.verdict == "PASS" else 1
 
 
-def format_labelled(summary: dict, comparison: accuracy.Comparison, compared: str) -> str:
+def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str) -> str:
     def pct(x):
         return "n/a" if x is None else f"{x:.2%}"
 

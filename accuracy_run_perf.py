@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-import benchmark
 import common
+from mobilevit_npu import bench, devices, execution, malloc, reports
+from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.perf")
 
@@ -55,15 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--modes",
         default="eager",
-        help=f"comma list of {', '.join(benchmark.MODES)}, or all (every mode available on the device)",
+        help=f"comma list of {', '.join(execution.MODES)}, or all (every mode available on the device)",
     )
     common.add_dtype_arg(group, "precision of the weights and inputs in every mode (agreement is always vs fp32)")
-    group.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="benchmark the full-size X-Small with synthetic healthy weights (common.synthetic_model) instead of "
-        "MODEL_PATH; the report says so",
-    )
+    common.add_synthetic_args(group, "MODEL_PATH")
     group.add_argument(
         "--end_to_end",
         "--end-to-end",
@@ -71,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time decode + preprocess + copy in + forward + copy out on the bundled photos, not only the forward",
     )
     group.add_argument("--plot", metavar="FILE.png", help="save a latency distribution plot per mode (matplotlib)")
-    group.add_argument(
-        "--allocator",
-        choices=("tuned", "system"),
-        default="tuned",
-        help="tuned: mallopt at start-up so glibc keeps large blocks instead of page-faulting them in again on "
-        "every forward (2.7x at batch 32 on CPU); system: leave malloc alone, to measure the difference",
-    )
+    common.add_allocator_arg(group)
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_device_args(parser)
     return parser
@@ -86,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not modes:
-        raise common.UserError("--modes is empty")
-    unknown = [m for m in modes if m != "all" and m not in benchmark.MODES]
+        raise UserError("--modes is empty")
+    unknown = [m for m in modes if m != "all" and m not in execution.MODES]
     if unknown:
-        raise common.UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(benchmark.MODES)}, all")
+        raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(execution.MODES)}, all")
     return modes
 
 
@@ -97,20 +88,16 @@ def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
-    allocator = benchmark.tune_malloc() if args.allocator == "tuned" else benchmark.system_allocator()
+    allocator = malloc.select(args.allocator)
     modes = parse_modes(args.modes)
-    if args.plot and not benchmark.matplotlib_available():
-        raise common.UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
-    device = common.resolve_device(args.device, jit_compile=args.jit_compile)
+    if args.plot and not bench.matplotlib_available():
+        raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    device = devices.resolve_device(args.device, jit_compile=args.jit_compile)
     if "all" in modes:
-        modes = benchmark.available_modes(device)
-    if args.synthetic:
-        logger.info("building the synthetic full-size X-Small (MODEL_PATH %s is not read)", args.model_path)
-        loaded = common.synthetic_model(device, args.dtype)
-    else:
-        loaded = common.load_model(args.model_path, device, args.dtype)
-    environment = benchmark.benchmark_environment(device, allocator)  # before the run: its load average is the start's
-    results = benchmark.run_benchmark(
+        modes = execution.available_modes(device)
+    loaded = common.load(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
+    environment = devices.environment(device, allocator)  # before the run: its load average is the start's
+    results = bench.run_benchmark(
         loaded,
         device,
         modes=modes,
@@ -128,12 +115,13 @@ def _main(argv) -> int:
         "dtype": args.dtype,
         "end_to_end": args.end_to_end,
     }
-    report = benchmark.build_report(loaded, device, results, settings, environment)
-    common.write_json_atomic(args.report, report)
-    print(benchmark.format_table(results))
+    report = bench.build_report("accuracy_run_perf.py", sys.argv[1:] if argv is None else argv, loaded, device,
+                                results, settings, environment)  # fmt: skip
+    reports.write_json_atomic(args.report, report)
+    print(bench.format_table(results))
     print(f"report: {args.report}")
     if args.plot:
-        print(f"plot: {benchmark.plot_latencies(results, args.plot)}")
+        print(f"plot: {bench.plot_latencies(results, args.plot)}")
     return 0 if any(r["status"] == "ok" for r in results) else 1
 
 

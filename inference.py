@@ -14,28 +14,20 @@ Prints, per image, the top-k ImageNet classes (rank, class id, label, probabilit
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 import common
-import dataset
+from mobilevit_npu import bench, devices, distributed, malloc, models, preprocessing, reports, timing
+from mobilevit_npu.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = common.script_parser("inference.py", __doc__)
-    common.add_model_args(parser).add_argument(
-        "--synthetic",
-        action="store_true",
-        help="use the full-size synthetic-weights X-Small instead of --model_path (no download; labels are real, "
-        "predictions are not)",
-    )
+    common.add_synthetic_args(common.add_model_args(parser), "--model_path")
     inputs = parser.add_argument_group("input and output")
-    inputs.add_argument(
-        "--image",
-        nargs="+",
-        metavar="PATH",
-        help="image files, directories (their images, sorted), globs (quote them) or http(s) URLs",
-    )
+    common.add_image_args(inputs, "with --benchmark, the photos to time on (default: the bundled ones)")
     inputs.add_argument(
         "--top_k", "--top-k", type=common.int_at_least(1), default=5, help="how many classes to show per image"
     )
@@ -45,17 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--output", metavar="FILE.json", help="also write the results as JSON (atomically)")
     run = common.add_device_args(parser)
     common.add_dtype_arg(run)
-    bench = parser.add_argument_group("benchmark (model latency on the device, as in the model card)")
-    bench.add_argument("--benchmark", action="store_true", help="time the model instead of printing predictions")
-    bench.add_argument("--iterations", type=common.int_at_least(1), default=50, help="timed forward passes")
-    bench.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed forward passes first")
+    timed = parser.add_argument_group("benchmark (model latency on the device, as in the model card)")
+    timed.add_argument("--benchmark", action="store_true", help="time the model instead of printing predictions")
+    timed.add_argument("--iterations", type=common.int_at_least(1), default=50, help="timed forward passes")
+    timed.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed forward passes first")
+    common.add_allocator_arg(timed)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 @torch.inference_mode()
 def classify(
-    loaded: common.LoadedModel, device: common.Device, items: list[common.Decoded], top_k: int, batch_size: int
+    loaded: models.LoadedModel, device: devices.Device, items: list[preprocessing.Decoded], top_k: int, batch_size: int
 ) -> list[dict]:
     """Forward the images in batches; each result carries its top-k and the timing of its batch."""
     model = loaded.model
@@ -66,9 +59,10 @@ def classify(
     results = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        with common.Timer(device) as timer:
-            batch = torch.stack([item.pixels for item in chunk]).to(device.torch, dtype=dtype)
-            logits = model(pixel_values=batch).logits.float().cpu()
+        pixels = torch.stack([item.pixels for item in chunk])
+        logits, elapsed_ms = timing.timed_call(
+            lambda pixels=pixels: model(pixel_values=pixels.to(device.torch, dtype=dtype)).logits.float().cpu(), device
+        )
         probs = logits.softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for row, item in enumerate(chunk):
@@ -81,15 +75,13 @@ def classify(
                 }
                 for rank, (prob, class_id) in enumerate(zip(top.values[row], top.indices[row]))
             ]
-            timing = {
+            times = {
                 "preprocess": round(item.preprocess_ms, 3),
-                "model": round(timer.elapsed_ms / len(chunk), 3),
-                "model_batch": round(timer.elapsed_ms, 3),
+                "model": round(elapsed_ms / len(chunk), 3),
+                "model_batch": round(elapsed_ms, 3),
                 "batch_size": len(chunk),
             }
-            results.append(
-                {"image": item.source, "predictions": predictions, "timing_ms": timing, "position": item.position}
-            )
+            results.append({"image": item.source, "predictions": predictions, "timing_ms": times})
     return results
 
 
@@ -107,26 +99,24 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> int:
+def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device) -> int:
     """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
-    import benchmark
-
-    allocator = benchmark.tune_malloc()
-    environment = benchmark.benchmark_environment(device, allocator)
-    images = common.expand_images(args.image) if args.image else None
+    environment = devices.environment(device, malloc.select(args.allocator))
+    images = preprocessing.expand_images(args.images) if args.images else None
     settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
                 "modes": ["eager"], "dtype": args.dtype, "end_to_end": False}  # fmt: skip
-    results = benchmark.run_benchmark(loaded, device, images=images, **settings)
-    print(benchmark.format_table(results))
+    results = bench.run_benchmark(loaded, device, images=images, **settings)
+    print(bench.format_table(results))
     lat = results[0]["latency_ms"]
     print(
-        f"{device} ({common.device_name(device)}), {args.dtype}, batch {args.batch_size}: latency ms mean "
+        f"{device} ({devices.device_name(device)}), {args.dtype}, batch {args.batch_size}: latency ms mean "
         f"{lat['mean']:.2f}  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  min {lat['min']:.2f}  max {lat['max']:.2f}; "
         f"{results[0]['throughput_images_per_s']:.1f} images/s ({args.iterations} timed after {args.warmup} warm-up, "
         "device synchronized before every clock read)"
     )
     if args.output:
-        common.write_json_atomic(args.output, benchmark.build_report(loaded, device, results, settings, environment))
+        report = bench.build_report("inference.py", argv, loaded, device, results, settings, environment)
+        reports.write_json_atomic(args.output, report)
         print(f"wrote {args.output}")
     return 0
 
@@ -134,62 +124,57 @@ def run_benchmark(args, loaded: common.LoadedModel, device: common.Device) -> in
 def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.image and not args.benchmark:
+    if not args.images and not args.benchmark:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
 
-    dist, device = dataset.setup(args.device, jit_compile=args.jit_compile)
+    dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
     try:
-        return _run(args, dist, device)
+        return _run(args, sys.argv[1:] if argv is None else argv, dist, device)
     finally:
         dist.close()
 
 
-def _run(args, dist: dataset.Distributed, device: common.Device) -> int:
+def _run(args, argv, dist: distributed.Distributed, device: devices.Device) -> int:
     if args.benchmark and dist.enabled:  # every rank would time its own device and write the same --output
-        raise common.UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
-    if args.synthetic:
-        loaded = common.synthetic_model(device, args.dtype)
-    else:
-        loaded = common.load_model(args.model_path, device, args.dtype)
-    if args.benchmark:
-        return run_benchmark(args, loaded, device)
+        raise UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
+    if args.benchmark:  # float32 weights: the benchmark casts a copy for --dtype and checks it against them
+        return run_benchmark(args, argv, common.load(args, device, "fp32"), device)
+    loaded = common.load(args, device, args.dtype)
 
-    sources = common.expand_images(args.image)
+    sources = preprocessing.expand_images(args.images)
     if not sources:
-        raise common.UserError(f"no images found in {' '.join(args.image)}")
-    # Under torchrun each rank takes every world_size-th image; rank 0 gathers, prints and writes one report.
-    positions = dist.shard(range(len(sources)))
-    items, errors = common.read_images([sources[i] for i in positions], loaded.preprocess, positions)
+        raise UserError(f"no images found in {' '.join(args.images)}")
+    # Under torchrun each rank takes a contiguous block of the images; rank 0 gathers, prints, writes one report.
+    mine = dist.block(sources)
+    items, failed = preprocessing.read_images(mine, loaded.preprocess)
     results = classify(loaded, device, items, args.top_k, args.batch_size) if items else []
-    parts = dist.gather((results, errors, len(positions)))
+    parts = dist.gather((results, failed, len(mine)))
     if not dist.is_main:
-        return 1 if errors else 0
-    results = sorted((r for part in parts for r in part[0]), key=lambda r: r.pop("position"))
-    errors = sorted((e for part in parts for e in part[1]), key=lambda e: e.pop("position"))
+        return 1 if failed else 0
+    results = [r for part in parts for r in part[0]]
+    failed = [e for part in parts for e in part[1]]
     for result in results:
         print(format_result(result))
-    for error in errors:
+    for error in failed:
         print(f"{error['image']}: error: {error['error']}")
-    where = f"{device} ({common.device_name(device)})"
+    where = f"{device} ({devices.device_name(device)})"
     if dist.enabled:
         where = f"{dist.world_size} ranks on {device.type} over {dist.backend}"
     print(f"{len(results)} of {len(sources)} image(s) classified on {where}, {args.dtype}")
     if args.output:
         report = {
-            "model": loaded.name,
-            "source": loaded.source,
+            **reports.header("inference.py", argv, loaded, devices.environment(device)),
             "device": str(device) if not dist.enabled else device.type,
             "dtype": args.dtype,
-            "environment": common.environment(device),
             "results": results,
-            "errors": errors,
+            "errors": failed,
         }
         if dist.enabled:
             report["per_rank_images"] = [part[2] for part in parts]
-        common.write_json_atomic(args.output, report)
+        reports.write_json_atomic(args.output, report)
         print(f"wrote {args.output}")
-    return 1 if errors else 0
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mobilevit_npu import synthetic
 
-import common  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 DATA_DIR = ROOT / "tests" / "data"
 PHOTOS = sorted(str(p) for p in DATA_DIR.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -45,7 +44,7 @@ def save_folder(model, folder: Path) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny MobileViT (10 classes) with healthy synthetic weights, saved as a Hugging Face folder."""
     torch.manual_seed(0)
-    model = common.build_synthetic_model(config=tiny_config(), images=PHOTOS[:2])
+    model = synthetic.build_synthetic_model(config=tiny_config(), images=PHOTOS[:2])
     return save_folder(model, tmp_path_factory.mktemp("tiny"))
 
 
@@ -61,7 +60,7 @@ def default_init_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_model_dir(tmp_path_factory) -> Path:
     """The full-size X-Small with healthy synthetic weights (1000 ImageNet labels), saved and loadable."""
-    return common.save_synthetic_model(tmp_path_factory.mktemp("xsmall"))
+    return synthetic.save_synthetic_model(tmp_path_factory.mktemp("xsmall"))
 
 
 @pytest.fixture

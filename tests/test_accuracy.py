@@ -11,9 +11,8 @@ import pytest
 import torch
 from conftest import PHOTOS, ROOT, read_json
 
-import accuracy
 import accuracy_run
-import common
+from mobilevit_npu import devices, layerwise, metrics, models, targets
 
 PERTURBED = "mobilevit.encoder.layer.1.layer.0.conv_3x3.convolution"
 COFFEE = str(ROOT / "tests" / "data" / "coffee.png")  # a clear top-1 on the synthetic X-Small (no near tie)
@@ -36,7 +35,7 @@ def healthy_logits(n: int = 3, classes: int = 20) -> torch.Tensor:
 
 def test_compare_identical_is_pass_with_cosine_exactly_one():
     logits = healthy_logits()
-    result = accuracy.compare(logits, logits.clone(), "fp32")
+    result = metrics.compare_logits(logits, logits.clone(), "fp32")
     assert result.verdict == "PASS"
     assert result.aggregate.cosine_min == 1.0
     assert result.aggregate.max_abs_logit_diff == 0.0
@@ -47,13 +46,13 @@ def test_compare_identical_is_pass_with_cosine_exactly_one():
 def test_compare_metrics_match_hand_computation():
     ref = torch.tensor([[4.0, -2.0, 1e-6, 0.5, 1.0, -1.0]], dtype=torch.float64)
     tgt = ref + torch.tensor([[0.002, 0.0, 1e-6, 0.5, 0.0, 0.004]], dtype=torch.float64)
-    result = accuracy.compare(ref, tgt, "fp16")
+    result = metrics.compare_logits(ref, tgt, "fp16")
     m = result.per_image[0]
     rel = [0.0005, 0.0, 1.0, 1.0, 0.0, 0.004]
     assert m.mean_relative_error == pytest.approx(sum(rel) / 6)
-    # 1e-6 is under fp16's small-value cut-off (2^-11), so it leaves the second mean
-    assert m.logits_above_cutoff == 5
-    assert m.mean_relative_error_above_cutoff == pytest.approx((0.0005 + 1.0 + 0.004) / 5)
+    # 1e-6 is under fp16's minimum-error floor (2^-11), so it leaves the second mean
+    assert m.logits_above_error_floor == 5
+    assert m.mean_relative_error_above_error_floor == pytest.approx((0.0005 + 1.0 + 0.004) / 5)
     assert m.share_rel_err_below_0_001 == pytest.approx(3 / 6)
     assert m.share_rel_err_below_0_005 == pytest.approx(4 / 6)
     assert m.max_abs_logit_diff == pytest.approx(0.5)
@@ -63,23 +62,23 @@ def test_compare_metrics_match_hand_computation():
 
 def test_compare_flat_or_nonfinite_reference_is_invalid():
     flat = torch.zeros(2, 10)
-    assert accuracy.compare(flat, flat, "fp32").verdict == "INVALID"
+    assert metrics.compare_logits(flat, flat, "fp32").verdict == "INVALID"
     nan_ref = healthy_logits()
     nan_ref[0, 0] = math.nan
-    assert accuracy.compare(nan_ref, healthy_logits(), "fp32").verdict == "INVALID"
+    assert metrics.compare_logits(nan_ref, healthy_logits(), "fp32").verdict == "INVALID"
     # spread across classes, but the same for every input: the model ignores its input
     same = healthy_logits(1).repeat(3, 1)
-    result = accuracy.compare(same, same, "fp32")
+    result = metrics.compare_logits(same, same, "fp32")
     assert result.verdict == "INVALID"
     assert "across_images" in " ".join(result.reasons)
-    assert accuracy.compare(same, same, "fp32", distinct_inputs=False).verdict == "PASS"
+    assert metrics.compare_logits(same, same, "fp32", distinct_inputs=False).verdict == "PASS"
 
 
 def test_compare_nonfinite_target_fails():
     ref = healthy_logits()
     tgt = ref.clone()
     tgt[1, 3] = math.inf
-    result = accuracy.compare(ref, tgt, "fp32")
+    result = metrics.compare_logits(ref, tgt, "fp32")
     assert result.verdict == "FAIL"
     assert result.aggregate.target_nonfinite_images == 1
     assert any("target_logits_finite" in r for r in result.reasons)
@@ -88,8 +87,8 @@ def test_compare_nonfinite_target_fails():
 def test_near_tie_flips_are_forgiven_only_where_the_dtype_allows():
     ref = torch.tensor([[2.00, 1.99, -3.0, 0.0, -1.0, 1.0]])
     tgt = torch.tensor([[1.99, 2.00, -3.0, 0.0, -1.0, 1.0]])
-    assert accuracy.compare(ref, tgt, "bf16", distinct_inputs=False).verdict == "PASS"
-    fp32 = accuracy.compare(ref, tgt, "fp32", distinct_inputs=False)
+    assert metrics.compare_logits(ref, tgt, "bf16", distinct_inputs=False).verdict == "PASS"
+    fp32 = metrics.compare_logits(ref, tgt, "fp32", distinct_inputs=False)
     assert fp32.verdict == "FAIL"
     assert fp32.per_image[0].top1_near_tie is False
 
@@ -119,8 +118,8 @@ class Pair(torch.nn.Module):
 
 def test_layer_comparator_handles_repeated_calls_and_tuples():
     ref = TwiceAndTuple().eval()
-    tgt = accuracy.prepare_target(ref, common.Device("cpu"), "fp32", "eager").model
-    comparator = accuracy.LayerComparator(ref, tgt, threshold=0.999)
+    tgt = targets.prepare_target(ref, devices.Device("cpu"), "fp32", "eager").model
+    comparator = layerwise.LayerComparator(ref, tgt, threshold=0.999)
     with torch.no_grad():
         x = torch.randn(2, 4)
         comparator.begin("x", "reference")
@@ -138,8 +137,8 @@ def test_layer_comparator_handles_repeated_calls_and_tuples():
 
 
 def test_target_is_a_copy_never_an_alias(tiny_model_dir):
-    loaded = common.load_model(str(tiny_model_dir))
-    target = accuracy.prepare_target(loaded.model, common.Device("cpu"), "bf16", "channels_last")
+    loaded = models.load_model(str(tiny_model_dir))
+    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "bf16", "channels_last")
     ref_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
     assert not ref_ptrs & {p.data_ptr() for p in target.model.parameters()}
     assert next(loaded.model.parameters()).dtype == torch.float32
@@ -150,8 +149,8 @@ def test_target_is_a_copy_never_an_alias(tiny_model_dir):
 def test_compiled_target_gets_an_eager_twin_only_for_layers(tiny_model_dir, monkeypatch, layers):
     compiled = []
     monkeypatch.setattr(accuracy, "compile_model", lambda model, device: compiled.append(model) or model)
-    loaded = common.load_model(str(tiny_model_dir))
-    target = accuracy.prepare_target(loaded.model, common.Device("cpu"), "fp32", "compiled", layers=layers)
+    loaded = models.load_model(str(tiny_model_dir))
+    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "fp32", "compiled", layers=layers)
     assert compiled == [target.model]
     # --layers hooks a separate eager copy, so the compiled graph stays whole; without it no copy is made
     assert (target.hook_model is not target.model) == layers
@@ -231,9 +230,9 @@ def test_half_precision_cpu_targets_report_sensible_numbers(tmp_path, request, d
     assert 0.0 < agg["max_abs_logit_diff"] < 2.0
     assert 0.0 < agg["rmse"] < 1.0
     assert 0.0 <= agg["share_rel_err_below_0_001"] <= agg["share_rel_err_below_0_005"] <= 1.0
-    assert agg["small_value_cutoff"] == accuracy.SMALL_VALUE[dtype]
+    assert agg["min_error_floor"] == metrics.MIN_ERROR_FLOOR[dtype]
     assert agg["top1_agree_count"] == 1
-    assert report["thresholds"] == dataclasses.asdict(accuracy.DEFAULT_THRESHOLDS[dtype])
+    assert report["thresholds"] == dataclasses.asdict(metrics.DEFAULT_THRESHOLDS[dtype])
     assert (rc, report["verdict"]) == (0, "PASS")
 
 
@@ -280,7 +279,7 @@ def test_usage_errors_are_exit_2(tmp_path, tiny_model_dir):
 
 def test_synthetic_flag_is_stated_in_the_report(tmp_path, tiny_model_dir, monkeypatch):
     def fake_synthetic(device=None, dtype="fp32", seed=0):
-        loaded = common.load_model(str(tiny_model_dir), device, dtype)
+        loaded = models.load_model(str(tiny_model_dir), device, dtype)
         loaded.source = {"synthetic": True, "name": "stand-in", "seed": seed}
         return loaded
 

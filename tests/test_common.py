@@ -17,7 +17,7 @@ import torch
 from conftest import PHOTOS, ROOT, tiny_config
 from PIL import Image
 
-import common
+from mobilevit_npu import devices, errors, models, preprocessing, reports, synthetic
 
 # ------------------------------------------------------------------------------------------------ stand-in torch_npu
 
@@ -71,7 +71,7 @@ def calls():
 
 
 def test_npu_wiring_imports_applies_transfer_then_configures(fake_torch_npu):
-    device = common.resolve_device("npu:1")
+    device = devices.resolve_device("npu:1")
     assert (device.type, device.index, str(device)) == ("npu", 1, "npu:1")
     log = sys.modules["torch_npu"].CALLS
     names = calls()
@@ -82,28 +82,28 @@ def test_npu_wiring_imports_applies_transfer_then_configures(fake_torch_npu):
 
 
 def test_npu_jit_compile_flag_is_passed(fake_torch_npu):
-    common.resolve_device("npu", jit_compile=True)
+    devices.resolve_device("npu", jit_compile=True)
     assert ("set_compile_mode", ("jit_compile", True)) in sys.modules["torch_npu"].CALLS
 
 
 def test_auto_prefers_npu_when_torch_npu_sees_a_device(fake_torch_npu):
-    assert common.resolve_device("auto") == common.Device("npu", 0)
+    assert devices.resolve_device("auto") == devices.Device("npu", 0)
     assert "transfer_to_npu applied" in calls()
 
 
 def test_npu_index_beyond_visible_devices_is_a_user_error(fake_torch_npu):
-    with pytest.raises(common.UserError, match="only 2 NPU"):
-        common.resolve_device("npu:5")
+    with pytest.raises(errors.UserError, match="only 2 NPU"):
+        devices.resolve_device("npu:5")
     assert "transfer_to_npu applied" not in calls()
 
 
 def test_backend_helpers_go_to_torch_npu(fake_torch_npu):
-    device = common.resolve_device("npu:0")
-    common.synchronize(device)
-    common.reset_peak_memory(device)
-    assert common.peak_memory_bytes(device) == 1234
-    assert common.device_name(device) == "Ascend910B4"
-    env = common.environment(device)
+    device = devices.resolve_device("npu:0")
+    devices.synchronize(device)
+    devices.reset_peak_memory(device)
+    assert devices.peak_memory_bytes(device) == 1234
+    assert devices.device_name(device) == "Ascend910B4"
+    env = devices.environment(device)
     assert (env["torch_npu"], env["cann"], env["device_name"]) == ("2.5.1.fake", "8.0.RC2", "Ascend910B4")
     log = sys.modules["torch_npu"].CALLS
     assert ("synchronize", 0) in log and ("reset_peak_memory_stats", 0) in log and ("max_memory_allocated", 0) in log
@@ -118,34 +118,34 @@ def test_importing_common_never_imports_torch_npu(fake_torch_npu):
 
 def test_npu_without_torch_npu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(common.UserError, match="torch_npu is not installed"):
-        common.resolve_device("npu")
+    with pytest.raises(errors.UserError, match="torch_npu is not installed"):
+        devices.resolve_device("npu")
 
 
 @pytest.mark.parametrize("spec", ["gpu", "cuda:x", "npu0", "tpu", "auto:1", "cpu:3"])
 def test_bad_device_strings(spec):
-    with pytest.raises(common.UserError):
-        common.resolve_device(spec)
+    with pytest.raises(errors.UserError):
+        devices.resolve_device(spec)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_absent_cuda_is_a_clear_error():
-    with pytest.raises(common.UserError, match="no CUDA device"):
-        common.resolve_device("cuda")
+    with pytest.raises(errors.UserError, match="no CUDA device"):
+        devices.resolve_device("cuda")
 
 
 def test_cpu_device_and_its_helpers():
-    device = common.resolve_device("cpu")
-    assert device == common.Device("cpu") and device.torch == torch.device("cpu")
-    common.synchronize(device)  # a no-op, but callable
-    assert common.peak_memory_bytes(device) > 10_000_000  # peak RSS of this process
+    device = devices.resolve_device("cpu")
+    assert device == devices.Device("cpu") and device.torch == torch.device("cpu")
+    devices.synchronize(device)  # a no-op, but callable
+    assert devices.peak_memory_bytes(device) > 10_000_000  # peak RSS of this process
 
 
 # ------------------------------------------------------------------------------------------------ model loading
 
 
 def test_loads_tiny_folder(tiny_model_dir):
-    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     assert not loaded.model.training
     assert loaded.source["weights"] == "model.safetensors" and len(loaded.source["sha256"]) == 64
     assert loaded.id2label[3] == "class 3"
@@ -157,28 +157,28 @@ def test_loads_pytorch_model_bin(tmp_path):
     model = MobileViTForImageClassification(tiny_config())
     model.config.save_pretrained(str(tmp_path))  # transformers 5 writes only safetensors; write the legacy file by hand
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    loaded = common.load_model(str(tmp_path))
+    loaded = models.load_model(str(tmp_path))
     assert loaded.source["weights"] == "pytorch_model.bin"
     assert torch.equal(loaded.model.classifier.weight, model.classifier.weight)
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(common.UserError, match="does not exist"):
-        common.load_model(str(tmp_path / "nope"))
+    with pytest.raises(errors.UserError, match="does not exist"):
+        models.load_model(str(tmp_path / "nope"))
 
 
 def test_folder_without_weights_names_the_download_command(model_copy):
     (model_copy / "model.safetensors").unlink()
-    with pytest.raises(common.UserError, match="download apple/mobilevit-x-small --local-dir"):
-        common.load_model(str(model_copy))
+    with pytest.raises(errors.UserError, match="download apple/mobilevit-x-small --local-dir"):
+        models.load_model(str(model_copy))
 
 
 def test_not_mobilevit(model_copy):
     cfg = json.loads((model_copy / "config.json").read_text())
     cfg["model_type"] = "vit"
     (model_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(common.UserError, match="not a MobileViT model"):
-        common.load_model(str(model_copy))
+    with pytest.raises(errors.UserError, match="not a MobileViT model"):
+        models.load_model(str(model_copy))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -186,15 +186,15 @@ def test_corrupt_weights(model_copy, damage):
     weights = model_copy / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(b"\x00garbage" * 100 if damage == "garbage" else data[: len(data) // 2])
-    with pytest.raises(common.UserError, match="corrupt, truncated or mismatched"):
-        common.load_model(str(model_copy))
+    with pytest.raises(errors.UserError, match="corrupt, truncated or mismatched"):
+        models.load_model(str(model_copy))
 
 
 def test_hub_id_offline_gives_the_command(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(common.UserError, match="could not download apple/mobilevit-x-small.*--local-dir ./model"):
-        common.load_model("apple/mobilevit-x-small")
+    with pytest.raises(errors.UserError, match="could not download apple/mobilevit-x-small.*--local-dir ./model"):
+        models.load_model("apple/mobilevit-x-small")
 
 
 def test_default_folder_without_weights_tries_the_hub(monkeypatch, tmp_path):
@@ -202,8 +202,8 @@ def test_default_folder_without_weights_tries_the_hub(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(common.UserError, match="could not download apple/mobilevit-x-small"):
-        common.load_model("./model")
+    with pytest.raises(errors.UserError, match="could not download apple/mobilevit-x-small"):
+        models.load_model("./model")
 
 
 def test_committed_model_config_is_x_small():
@@ -211,7 +211,7 @@ def test_committed_model_config_is_x_small():
     assert cfg["hidden_sizes"] == [96, 120, 144]
     assert cfg["neck_hidden_sizes"] == [16, 32, 48, 64, 80, 96, 384]
     assert len(cfg["id2label"]) == 1000 and cfg["id2label"]["281"] == "tabby, tabby cat"
-    pre = common.PreprocessConfig.from_folder(ROOT / "model")
+    pre = preprocessing.PreprocessConfig.from_folder(ROOT / "model")
     assert (pre.shortest_edge, pre.crop_height, pre.crop_width, pre.resample) == (288, 256, 256, 2)
     assert pre.do_flip_channel_order
 
@@ -233,7 +233,7 @@ def transformers_processor(cfg: dict):
 
 
 def test_both_config_forms_parse_alike():
-    assert common.PreprocessConfig.from_dict(LEGACY) == common.PreprocessConfig.from_dict(CURRENT)
+    assert preprocessing.PreprocessConfig.from_dict(LEGACY) == preprocessing.PreprocessConfig.from_dict(CURRENT)
 
 
 @pytest.mark.parametrize("form", [LEGACY, CURRENT], ids=["legacy", "current"])
@@ -242,7 +242,7 @@ def test_preprocessing_equals_transformers(photo, form):
     from transformers.image_utils import load_image
 
     expected = transformers_processor(form)(load_image(photo), return_tensors="np")["pixel_values"][0]
-    ours = common.preprocess(photo, common.PreprocessConfig.from_dict(form))
+    ours = preprocessing.preprocess(photo, preprocessing.PreprocessConfig.from_dict(form))
     assert ours.dtype == np.float32 and ours.shape == expected.shape == (3, 256, 256)
     assert np.abs(ours - expected).max() <= 1e-6
 
@@ -255,7 +255,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif.tobytes())
-    ours = common.load_image(path)
+    ours = preprocessing.load_image(path)
     assert ours.size == (image.height, image.width)
     assert np.array_equal(np.asarray(ours), np.asarray(load_image(str(path))))
 
@@ -270,7 +270,7 @@ def test_every_mode_becomes_rgb(tmp_path, mode):
     else:
         image = base.convert(mode)
     assert image.mode == mode
-    rgb = common.to_rgb(image)
+    rgb = preprocessing.to_rgb(image)
     assert rgb.mode == "RGB" and rgb.size == (64, 48)
     if mode in ("I;16", "F", "L"):  # high-depth greyscale is scaled to 8 bits, not clipped to white
         assert np.abs(np.asarray(rgb)[..., 0].astype(int) - np.asarray(base.convert("L"))).max() <= 1
@@ -278,13 +278,13 @@ def test_every_mode_becomes_rgb(tmp_path, mode):
 
 def test_transparency_is_composited_on_white():
     image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
-    assert common.to_rgb(image).getpixel((0, 0)) == (255, 255, 255)
+    assert preprocessing.to_rgb(image).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_decompression_bomb_guard_stays_on(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(OSError, match="decompression-bomb"):
-        common.load_image(PHOTOS[0])
+        preprocessing.load_image(PHOTOS[0])
 
 
 def test_truncated_and_non_images_are_oserrors(tmp_path):
@@ -294,13 +294,13 @@ def test_truncated_and_non_images_are_oserrors(tmp_path):
     text.write_text("not an image")
     for path in (truncated, text, tmp_path / "missing.png"):
         with pytest.raises(OSError):
-            common.load_image(path)
+            preprocessing.load_image(path)
 
 
 def test_expand_images(tmp_path):
     for name in ("b.png", "a.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
-    got = common.expand_images([str(tmp_path), str(tmp_path / "*.png"), "http://x/y.jpg", "missing.png"])
+    got = preprocessing.expand_images([str(tmp_path), str(tmp_path / "*.png"), "http://x/y.jpg", "missing.png"])
     assert got == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), str(tmp_path / "b.png"), "http://x/y.jpg",
                    "missing.png"]
 
@@ -309,14 +309,14 @@ def test_expand_images(tmp_path):
 
 
 def test_synthetic_x_small_has_healthy_activations():
-    model = common.build_synthetic_model()
+    model = synthetic.build_synthetic_model()
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(2.32e6, rel=0.01)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) for m in norms)
     means = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: means.append(out.abs().mean().item()))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    batch = torch.stack([torch.from_numpy(common.preprocess(p, common.PreprocessConfig())) for p in PHOTOS])
+    batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, preprocessing.PreprocessConfig())) for p in PHOTOS])
     with torch.no_grad():
         logits = model(pixel_values=batch).logits
     for hook in hooks:
@@ -329,13 +329,13 @@ def test_synthetic_x_small_has_healthy_activations():
 
     torch.manual_seed(0)
     with torch.no_grad():
-        dead = MobileViTForImageClassification(common.x_small_config()).eval()(pixel_values=batch[:1]).logits
+        dead = MobileViTForImageClassification(synthetic.x_small_config()).eval()(pixel_values=batch[:1]).logits
     assert dead.std() < 0.05 * logits.std()
 
 
 def test_synthetic_weights_are_deterministic(tmp_path):
-    a = common.build_synthetic_model(config=tiny_config(), images=PHOTOS[:1], seed=3)
-    b = common.build_synthetic_model(config=tiny_config(), images=PHOTOS[:1], seed=3)
+    a = synthetic.build_synthetic_model(config=tiny_config(), images=PHOTOS[:1], seed=3)
+    b = synthetic.build_synthetic_model(config=tiny_config(), images=PHOTOS[:1], seed=3)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
@@ -345,24 +345,24 @@ def test_synthetic_weights_are_deterministic(tmp_path):
 
 def test_write_json_atomic(tmp_path):
     path = tmp_path / "report.json"
-    common.write_json_atomic(path, {"x": float("nan"), "y": np.float32(1.5), "z": [float("inf")]})
+    reports.write_json_atomic(path, {"x": float("nan"), "y": np.float32(1.5), "z": [float("inf")]})
     assert json.loads(path.read_text()) == {"x": None, "y": 1.5, "z": [None]}
     with pytest.raises(TypeError):
-        common.write_json_atomic(path, {"bad": object()})
+        reports.write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text())["y"] == 1.5  # the old report survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # and no temp file is left
 
 
 def test_run_main_turns_user_errors_into_exit_2(capsys):
     def body(argv):
-        raise common.UserError("no such thing")
+        raise errors.UserError("no such thing")
 
     assert common.run_main(body) == 2
     assert capsys.readouterr().err == "error: no such thing\n"
 
 
 def test_environment_names_versions():
-    env = common.environment(common.Device("cpu"))
+    env = devices.environment(devices.Device("cpu"))
     assert env["torch"] == torch.__version__ and env["transformers"] and env["cpu_count"] >= 1
     assert env["torch_npu"] is None and env["cann"] is None
     assert io.StringIO(json.dumps(env))  # serialisable

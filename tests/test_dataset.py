@@ -12,10 +12,9 @@ import pytest
 import torch
 from conftest import PHOTOS, ROOT, read_json
 
-import common
-import dataset
+from mobilevit_npu import distributed, errors, preprocessing, targets
 
-WNIDS = dataset.imagenet_wnids()
+WNIDS = labelsets.imagenet_wnids()
 
 
 def test_wnid_list_is_imagenet_1k_order():
@@ -43,7 +42,7 @@ def make_folder(root, layout: str):
 @pytest.mark.parametrize("layout", ["wnid", "index", "flat"])
 def test_scan_folder_layouts(tmp_path, layout):
     labels = make_folder(tmp_path, layout)
-    samples, unlabelled = dataset.scan_folder(tmp_path)
+    samples, unlabelled = labelsets.scan_folder(tmp_path)
     assert sorted(s.label for s in samples) == sorted(labels)
     assert unlabelled == []
     assert all(os.path.isfile(s.image) for s in samples)
@@ -51,32 +50,32 @@ def test_scan_folder_layouts(tmp_path, layout):
 
 def test_scan_folder_rejects_unknown_class_folders(tmp_path):
     (tmp_path / "cats").mkdir()
-    with pytest.raises(common.UserError, match="neither an ImageNet wnid nor a class index"):
-        dataset.scan_folder(tmp_path)
+    with pytest.raises(errors.UserError, match="neither an ImageNet wnid nor a class index"):
+        labelsets.scan_folder(tmp_path)
 
 
 def test_flat_files_without_wnid_are_listed(tmp_path):
     make_folder(tmp_path, "flat")
     shutil.copy(PHOTOS[0], tmp_path / "holiday.png")
-    samples, unlabelled = dataset.scan_folder(tmp_path)
+    samples, unlabelled = labelsets.scan_folder(tmp_path)
     assert len(samples) == 5 and [u["image"] for u in unlabelled] == [str(tmp_path / "holiday.png")]
 
 
 def test_labels_csv(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("image,class_id\n" + "".join(f"{p},{i}\n" for i, p in enumerate(PHOTOS)) + "rel.png,7\n")
-    samples = dataset.read_labels_csv(csv)
+    samples = labelsets.read_labels_csv(csv)
     assert [s.label for s in samples] == [0, 1, 2, 3, 4, 7]
     assert samples[-1].image == str(tmp_path / "rel.png")
     csv.write_text("a.png,1000\n")
-    with pytest.raises(common.UserError, match="outside"):
-        dataset.read_labels_csv(csv)
+    with pytest.raises(errors.UserError, match="outside"):
+        labelsets.read_labels_csv(csv)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shards_cover_every_item_once(world):
     items = list(range(11))
-    shards = [dataset.Distributed(rank=r, world_size=world).shard(items) for r in range(world)]
+    shards = [distributed.Distributed(rank=r, world_size=world).shard(items) for r in range(world)]
     assert sorted(sum(shards, [])) == items
     assert all(shards)  # every rank given work
 
@@ -85,12 +84,12 @@ def test_stream_reports_bad_images_and_keeps_going(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("no")
     sources = [PHOTOS[0], str(bad), PHOTOS[1]]
-    batches = list(dataset.stream(sources, common.PreprocessConfig(), batch_size=2, workers=1))
+    batches = list(labelsets.stream(sources, preprocessing.PreprocessConfig(), batch_size=2, workers=1))
     ok = [i for indices, _, _ in batches for i in indices]
     errors = [e for _, _, errs in batches for e in errs]
     assert ok == [0, 2] and [i for i, _ in errors] == [1]
     assert batches[0][1].shape == (1, 3, 256, 256)
-    expected = torch.from_numpy(common.preprocess(PHOTOS[1], common.PreprocessConfig()))
+    expected = torch.from_numpy(preprocessing.preprocess(PHOTOS[1], preprocessing.PreprocessConfig()))
     assert torch.equal(batches[1][1][0], expected)
 
 
@@ -104,13 +103,13 @@ def fake_process(calls):
 
 def test_run_journals_and_resumes(tmp_path):
     make_folder(tmp_path / "set", "wnid")
-    samples, _ = dataset.scan_folder(tmp_path / "set")
+    samples, _ = labelsets.scan_folder(tmp_path / "set")
     report = tmp_path / "report.json"
-    dist = dataset.Distributed()
+    dist = distributed.Distributed()
     key = {"model": "x"}
     calls: list[str] = []
-    journal = dataset.Journal(report, dist, key, resume=False)
-    records, per_rank = dataset.run(samples[:3], common.PreprocessConfig(), fake_process(calls), dist, 2, 0, journal)
+    journal = labelsets.Journal(report, dist, key, resume=False)
+    records, per_rank = labelsets.run(samples[:3], preprocessing.PreprocessConfig(), fake_process(calls), dist, 2, 0, journal)
     journal.close(remove=False)
     assert len(records) == 3 and per_rank == [3]
     lines = (tmp_path / "report.json.parts" / "rank0.jsonl").read_text().splitlines()
@@ -119,8 +118,8 @@ def test_run_journals_and_resumes(tmp_path):
         fh.write('{"image": "torn')  # a crash mid-line
 
     calls.clear()
-    journal = dataset.Journal(report, dist, key, resume=True)
-    records, per_rank = dataset.run(samples, common.PreprocessConfig(), fake_process(calls), dist, 2, 0, journal)
+    journal = labelsets.Journal(report, dist, key, resume=True)
+    records, per_rank = labelsets.run(samples, preprocessing.PreprocessConfig(), fake_process(calls), dist, 2, 0, journal)
     journal.close(remove=True)
     assert calls == [s.image for s in samples[3:]]  # finished images are not redone
     assert [r["image"] for r in records] == [s.image for s in samples] and per_rank == [2]
@@ -128,10 +127,10 @@ def test_run_journals_and_resumes(tmp_path):
 
 
 def test_resume_refuses_a_different_run(tmp_path):
-    dist = dataset.Distributed()
-    dataset.Journal(tmp_path / "r.json", dist, {"dtype": "fp32"}, resume=False).close(remove=False)
-    with pytest.raises(common.UserError, match="different run"):
-        dataset.Journal(tmp_path / "r.json", dist, {"dtype": "bf16"}, resume=True)
+    dist = distributed.Distributed()
+    labelsets.Journal(tmp_path / "r.json", dist, {"dtype": "fp32"}, resume=False).close(remove=False)
+    with pytest.raises(errors.UserError, match="different run"):
+        labelsets.Journal(tmp_path / "r.json", dist, {"dtype": "bf16"}, resume=True)
 
 
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -215,13 +214,12 @@ def test_labels_csv_run(tiny_model_dir, tmp_path):
 
 
 def test_killed_run_resumes_without_redoing_images(tiny_model_dir, labelled_set, tmp_path, monkeypatch):
-    import accuracy
     import accuracy_run
 
     report = tmp_path / "report.json"
     seen: list[int] = []
     kill = [True]
-    real = accuracy.Side.logits
+    real = targets.Side.logits
 
     def logits(self, pixels, model=None):
         if self.dtype == "fp32" and self.mode == "eager" and model is None and self.device.type == "cpu":
@@ -230,7 +228,7 @@ def test_killed_run_resumes_without_redoing_images(tiny_model_dir, labelled_set,
                 raise KeyboardInterrupt
         return real(self, pixels, model)
 
-    monkeypatch.setattr(accuracy.Side, "logits", logits)
+    monkeypatch.setattr(targets.Side, "logits", logits)
     args = labelled_args(tiny_model_dir, labelled_set, report, "--target_mode", "channels_last")
     assert accuracy_run.main(args) == 130
     assert not report.exists()

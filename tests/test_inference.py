@@ -13,9 +13,8 @@ import pytest
 import torch
 from conftest import DATA_DIR, PHOTOS, ROOT, read_json
 
-import common
-import dataset
 import inference
+from mobilevit_npu import devices, distributed, preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_bad_images_are_reported_and_the_rest_go_on(tiny_model_dir, tmp_path, ht
 def test_url_size_cap(http_photos, monkeypatch):
     monkeypatch.setattr(common, "URL_MAX_BYTES", 1000)
     with pytest.raises(OSError, match="cap"):
-        common.fetch_url(f"{http_photos}/chelsea.png", max_bytes=1000)
+        preprocessing.fetch_url(f"{http_photos}/chelsea.png", max_bytes=1000)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +182,7 @@ def test_script_runs_as_a_subprocess(tiny_model_dir):
 
 def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_path, capsys, monkeypatch):
     calls = []
-    real_sync = common.synchronize
+    real_sync = devices.synchronize
     monkeypatch.setattr(common, "synchronize", lambda device: (calls.append(str(device)), real_sync(device))[1])
     out = tmp_path / "bench.json"
     argv = ["--model_path", str(tiny_model_dir), "--benchmark", "--iterations", "4", "--warmup", "1",
@@ -200,7 +199,7 @@ def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_pa
 
 
 def test_benchmark_under_torchrun_is_refused(tiny_model_dir, monkeypatch, capsys):
-    two_ranks = dataset.Distributed(rank=0, world_size=2)
-    monkeypatch.setattr(dataset, "setup", lambda spec, jit_compile=False: (two_ranks, common.Device("cpu")))
+    two_ranks = distributed.Distributed(rank=0, world_size=2)
+    monkeypatch.setattr(dataset, "setup", lambda spec, jit_compile=False: (two_ranks, devices.Device("cpu")))
     assert inference.main(["--model_path", str(tiny_model_dir), "--benchmark"]) == 2
     assert "--benchmark times one device" in capsys.readouterr().err

@@ -14,9 +14,19 @@ import torch
 from conftest import PHOTOS, ROOT, read_json
 
 import accuracy_run_perf
-import benchmark
-import common
-import fastpath
+from mobilevit_npu import (
+    bench,
+    compilers,
+    devices,
+    execution,
+    fastpath,
+    flops,
+    malloc,
+    metrics,
+    models,
+    preprocessing,
+    timing,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Statistics and agreement
@@ -25,7 +35,7 @@ import fastpath
 
 def test_latency_stats_from_known_samples():
     samples = [10.0, 1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0]
-    stats = benchmark.latency_stats(samples)
+    stats = timing.latency_stats(samples)
     assert stats.mean == pytest.approx(5.5)
     assert stats.p50 == pytest.approx(5.5)
     assert stats.p90 == pytest.approx(9.1)  # rank 0.9 * 9 = 8.1: 9 + 0.1 * (10 - 9)
@@ -37,20 +47,20 @@ def test_latency_stats_from_known_samples():
 
 
 def test_latency_stats_single_sample_and_empty():
-    stats = benchmark.latency_stats([4.0])
+    stats = timing.latency_stats([4.0])
     assert (stats.mean, stats.p50, stats.p99, stats.min, stats.max, stats.stdev) == (4.0, 4.0, 4.0, 4.0, 4.0, None)
     with pytest.raises(ValueError):
-        benchmark.latency_stats([])
+        timing.latency_stats([])
 
 
 def test_compare_identical_and_different():
     ref = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
-    same = benchmark.compare(ref, ref.clone())
+    same = metrics.agreement(ref, ref.clone())
     assert same.cosine == pytest.approx(1.0) and same.max_abs_diff == 0.0 and same.top1_agreement == 1.0
-    assert benchmark.is_exact(same)
-    other = benchmark.compare(ref, torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    assert metrics.is_exact(same)
+    other = metrics.agreement(ref, torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
     assert other.top1_agreement == 0.5 and other.max_abs_diff == 2.0
-    assert not benchmark.is_exact(other)
+    assert not metrics.is_exact(other)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -70,7 +80,7 @@ class FakeBackend:
 def recorder(monkeypatch):
     """Record every common.synchronize call and every benchmark clock read, in order."""
     events: list[str] = []
-    real_sync = common.synchronize
+    real_sync = devices.synchronize
 
     def sync(device):
         events.append("sync")
@@ -93,18 +103,18 @@ def test_timed_call_synchronizes_before_each_clock_read(kind, recorder, monkeypa
         monkeypatch.setattr(torch.cuda, "synchronize", FakeBackend(recorder, "cuda").synchronize)
     elif kind == "mps":
         monkeypatch.setattr(torch.mps, "synchronize", FakeBackend(recorder, "mps").synchronize)
-    device = common.Device(kind, 0 if kind in ("npu", "cuda") else None)
-    _, ms = benchmark.timed_call(lambda: recorder.append("call"), device)
+    device = devices.Device(kind, 0 if kind in ("npu", "cuda") else None)
+    _, ms = timing.timed_call(lambda: recorder.append("call"), device)
     backend = [] if kind == "cpu" else [f"{kind}.synchronize"]
     assert recorder == ["sync", *backend, "clock", "call", "sync", *backend, "clock"]
     assert ms > 0
 
 
 def test_run_benchmark_synchronizes_before_every_clock_read(tiny_model_dir, recorder):
-    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
-    results = benchmark.run_benchmark(
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
+    results = bench.run_benchmark(
         loaded,
-        common.Device("cpu"),
+        devices.Device("cpu"),
         modes=["eager", "channels_last"],
         iterations=3,
         warmup=1,
@@ -124,41 +134,41 @@ def test_run_benchmark_synchronizes_before_every_clock_read(tiny_model_dir, reco
 
 
 def test_fast_model_is_exact_on_full_size_x_small(synthetic_model_dir):
-    loaded = common.load_model(str(synthetic_model_dir))
-    batch = torch.stack([torch.from_numpy(common.preprocess(p, loaded.preprocess)) for p in PHOTOS])
+    loaded = models.load_model(str(synthetic_model_dir))
+    batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, loaded.preprocess)) for p in PHOTOS])
     with torch.no_grad():
         reference = loaded.model(pixel_values=batch).logits
         for channels_last in (True, False):
             fast = fastpath.build_fast_model(loaded.model, channels_last=channels_last)
             x = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
-            agreement = benchmark.compare(reference, fast(x))
-            assert agreement.cosine >= benchmark.EXACT_COSINE and agreement.top1_agreement == 1.0
+            agreement = metrics.agreement(reference, fast(x))
+            assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
             assert agreement.max_abs_diff < 1e-3
 
 
 def test_fast_model_handles_sizes_that_need_interpolation(tiny_model_dir):
-    loaded = common.load_model(str(tiny_model_dir))
+    loaded = models.load_model(str(tiny_model_dir))
     x = torch.rand(2, 3, 200, 232)  # feature maps of odd size: transformers interpolates inside the block
     with torch.no_grad():
-        agreement = benchmark.compare(loaded.model(pixel_values=x).logits, fastpath.build_fast_model(loaded.model)(x))
-    assert agreement.cosine >= benchmark.EXACT_COSINE and agreement.top1_agreement == 1.0
+        agreement = metrics.agreement(loaded.model(pixel_values=x).logits, fastpath.build_fast_model(loaded.model)(x))
+    assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
 
 
 def _no_compiler(device):
     """Stand-in for torch.compile (even dynamo tracing alone costs ~15 s per mode here): this test judges the model
     rewrites and the plumbing; test_fast_mode_with_inductor_freezing_is_exact runs the real compiler once."""
-    return (lambda fn, name: benchmark._unique_function(fn, name)), {}, ["not compiled (test)"]
+    return (lambda fn, name: compilers._unique_function(fn, name)), {}, ["not compiled (test)"]
 
 
 def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
     monkeypatch.setattr(benchmark, "aoti_available", lambda: False)
     benchmark.clear_cache()
-    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
-    modes = benchmark.available_modes(common.Device("cpu"))
-    results = benchmark.run_benchmark(
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
+    modes = execution.available_modes(devices.Device("cpu"))
+    results = bench.run_benchmark(
         loaded,
-        common.Device("cpu"),
+        devices.Device("cpu"),
         modes=modes,
         batch_sizes=[2],
         iterations=2,
@@ -173,7 +183,7 @@ def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
         assert r["status"] == "ok", (mode, r["reason"])
         if mode in benchmark.EXACT_MODES:
             assert r["exact"], (mode, r["agreement"])
-            assert r["agreement"]["cosine"] >= benchmark.EXACT_COSINE
+            assert r["agreement"]["cosine"] >= metrics.EXACT_COSINE
             assert r["agreement"]["top1_agreement"] == 1.0
         else:  # bf16: a looser bound, and never passed off as exact unless it truly is
             assert r["agreement"]["cosine"] >= 0.99
@@ -186,9 +196,9 @@ def test_fast_mode_with_inductor_freezing_is_exact(tiny_model_dir):
     """The real CPU build (AOTInductor where torch has it, else inductor + freezing) for the mode that matters; one
     build, tens of seconds."""
     benchmark.clear_cache()
-    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
-    results = benchmark.run_benchmark(
-        loaded, common.Device("cpu"), modes=["fast"], batch_sizes=[1, 2], iterations=1, warmup=0, images=PHOTOS,
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
+    results = bench.run_benchmark(
+        loaded, devices.Device("cpu"), modes=["fast"], batch_sizes=[1, 2], iterations=1, warmup=0, images=PHOTOS,
         progress=False,
     )  # fmt: skip
     benchmark.clear_cache()
@@ -196,7 +206,7 @@ def test_fast_mode_with_inductor_freezing_is_exact(tiny_model_dir):
         assert r["status"] == "ok", r["reason"]
         assert r["exact"] and r["agreement"]["top1_agreement"] == 1.0, r["agreement"]
         assert any("freezing" in note for note in r["notes"])
-        assert any("AOTInductor:" in note for note in r["notes"]) == benchmark.aoti_available()
+        assert any("AOTInductor:" in note for note in r["notes"]) == compilers.aoti_available()
 
 
 def test_fast_mode_falls_back_to_torch_compile_when_aoti_fails(tiny_model_dir, monkeypatch):
@@ -207,9 +217,9 @@ def test_fast_mode_falls_back_to_torch_compile_when_aoti_fails(tiny_model_dir, m
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail, raising=False)
     monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
     benchmark.clear_cache()
-    loaded = common.load_model(str(tiny_model_dir), common.Device("cpu"))
-    (r,) = benchmark.run_benchmark(
-        loaded, common.Device("cpu"), modes=["fast"], iterations=1, warmup=0, images=PHOTOS, progress=False
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
+    (r,) = bench.run_benchmark(
+        loaded, devices.Device("cpu"), modes=["fast"], iterations=1, warmup=0, images=PHOTOS, progress=False
     )
     benchmark.clear_cache()
     assert r["status"] == "ok" and r["exact"], r
@@ -219,39 +229,39 @@ def test_fast_mode_falls_back_to_torch_compile_when_aoti_fails(tiny_model_dir, m
 
 def test_aoti_available_needs_torch_2_6(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
-    assert benchmark.aoti_available() is False
+    assert compilers.aoti_available() is False
 
 
 def test_compiled_callables_are_distinct_and_cached(tiny_model_dir, monkeypatch):
-    loaded = common.load_model(str(tiny_model_dir))
+    loaded = models.load_model(str(tiny_model_dir))
 
     def f(x):
         return x
 
-    a, b = benchmark._unique_function(f, "a"), benchmark._unique_function(f, "b")
+    a, b = compilers._unique_function(f, "a"), compilers._unique_function(f, "b")
     assert a.__code__ is not b.__code__ and a(3) == 3
     monkeypatch.setattr(benchmark, "COMPILE_CACHE_SIZE", 2)
     benchmark.clear_cache()
-    device = common.Device("cpu")
-    first = benchmark.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8))
-    assert benchmark.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8)) is first
+    device = devices.Device("cpu")
+    first = execution.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8))
+    assert execution.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8)) is first
     for n in (2, 3, 4):
-        benchmark.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(n, 3, 8, 8))
-    assert len(benchmark._cache) == 2
+        execution.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(n, 3, 8, 8))
+    assert len(execution._cache) == 2
     benchmark.clear_cache()
 
 
 def test_npu_modes_without_torchair(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchair", None)  # import torchair raises ImportError
-    with pytest.raises(benchmark.Unavailable, match="torchair"):
-        benchmark._compiler(common.Device("npu", 0))
-    assert "channels_last" not in benchmark.available_modes(common.Device("npu", 0))
+    with pytest.raises(execution.Unavailable, match="torchair"):
+        compilers.compiler_for(devices.Device("npu", 0))
+    assert "channels_last" not in execution.available_modes(devices.Device("npu", 0))
 
 
 def test_tune_malloc_reports_the_allocator():
-    info = benchmark.tune_malloc()
+    info = malloc.tune_malloc()
     assert info["name"] and "tuned" in info
-    assert benchmark.tune_malloc() == info  # applied once
+    assert malloc.tune_malloc() == info  # applied once
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -301,12 +311,12 @@ def test_report_schema(tiny_model_dir, tmp_path, capsys):
 
 
 def test_roofline_arithmetic():
-    roof = benchmark.roofline(flop_per_image=2e9, batch_size=2, p50_ms=20.0, ceiling=400e9)
+    roof = flops.roofline(flop_per_image=2e9, batch_size=2, p50_ms=20.0, ceiling=400e9)
     assert roof["achieved_gflop_per_s"] == pytest.approx(200.0)
     assert roof["fraction_of_ceiling"] == pytest.approx(0.5)
     assert roof["floor_ms"] == pytest.approx(10.0)  # 4 GFLOP at 400 GFLOP/s
-    assert benchmark.roofline(2e9, 1, 20.0, None)["fraction_of_ceiling"] is None
-    assert benchmark.roofline(None, 1, 20.0, 400e9) is None
+    assert flops.roofline(2e9, 1, 20.0, None)["fraction_of_ceiling"] is None
+    assert flops.roofline(None, 1, 20.0, 400e9) is None
 
 
 def test_model_flop_counts_a_convolution():
@@ -318,7 +328,7 @@ def test_model_flop_counts_a_convolution():
         def forward(self, pixel_values):
             return self.conv(pixel_values)
 
-    flop = benchmark.model_flop(Conv(), torch.zeros(1, 3, 16, 16))
+    flop = flops.model_flop(Conv(), torch.zeros(1, 3, 16, 16))
     assert flop == 2 * 8 * 3 * 3 * 3 * 16 * 16  # one multiply and one add per weight per output pixel
 
 
@@ -332,11 +342,11 @@ def test_matmul_ceiling_is_timed_synchronized_and_cached(monkeypatch):
     monkeypatch.setattr(benchmark, "timed_call", timed_call)
     monkeypatch.setattr(benchmark, "CEILING_SIZE", {"cpu": 64})
     monkeypatch.setattr(benchmark, "_ceilings", {})
-    device = common.Device("cpu")
-    ceiling = benchmark.matmul_ceiling(device, torch.float32, repeats=3)
+    device = devices.Device("cpu")
+    ceiling = flops.matmul_ceiling(device, torch.float32, repeats=3)
     assert ceiling == pytest.approx(2 * 64**3 / 0.010)
     assert calls == ["cpu"] * 4  # one warm-up and three timed, each through timed_call
-    assert benchmark.matmul_ceiling(device, torch.float32) == ceiling and len(calls) == 4
+    assert flops.matmul_ceiling(device, torch.float32) == ceiling and len(calls) == 4
 
 
 def test_end_to_end_runs_on_the_photos(tiny_model_dir, tmp_path):

@@ -1,11 +1,9 @@
-"""Labelled image sets at scale: ImageNet-style folders, streaming decode, torchrun sharding, and a resumable journal.
+"""Labelled image sets at scale: ImageNet-style folders, streaming decode and a resumable journal.
 
 - `scan_folder` / `read_labels_csv`: (path, class id) pairs from class subfolders (wnid or index), flat
   `<wnid>_anything.JPEG` files, or a CSV `image,class_id`.
 - `stream`: a DataLoader whose workers decode and preprocess; bad images come back as errors, not exceptions.
-- `Distributed`: under `torchrun --nproc_per_node N` each rank takes every N-th image (each image exactly once, no
-  padding duplicates) on its own device (npu:LOCAL_RANK over HCCL, cuda over NCCL, cpu over gloo); results are
-  gathered to rank 0 over a gloo group, and ranks meet at a barrier before the process group is destroyed.
+- `run`: each rank's share (distributed.Distributed.shard), results gathered on rank 0.
 - `Journal`: results appended as JSON lines beside the report (REPORT.json.parts/rank*.jsonl), so `--resume`
   continues a killed run without redoing finished images.
 """
@@ -18,25 +16,20 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import common
+from mobilevit_npu import PROJECT_DIR, distributed, preprocessing, reports, timing
+from mobilevit_npu.errors import UserError
 
-logger = logging.getLogger("mobilevit_npu.dataset")
-
-WNIDS_FILE = common.PROJECT_DIR / "assets" / "imagenet1k_wnids.txt"
+logger = logging.getLogger("mobilevit_npu.labelsets")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Labelled sets
-# --------------------------------------------------------------------------------------------------------------------
+WNIDS_FILE = PROJECT_DIR / "assets" / "imagenet1k_wnids.txt"
 
 
 @dataclass(frozen=True)
@@ -65,7 +58,7 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
     """
     root = Path(root)
     if not root.is_dir():
-        raise common.UserError(f"--dataset {root} is not a folder")
+        raise UserError(f"--dataset {root} is not a folder")
     wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
     samples, unlabelled = [], []
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
@@ -73,15 +66,15 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
         for folder in subdirs:
             label = _class_of(folder.name, wnid_index, num_classes)
             if label is None:
-                raise common.UserError(
+                raise UserError(
                     f"class folder {folder} is neither an ImageNet wnid nor a class index below {num_classes}"
                 )
             for path in sorted(folder.rglob("*")):
-                if path.is_file() and common.is_image_name(path.name):
+                if path.is_file() and preprocessing.is_image_name(path.name):
                     samples.append(Sample(str(path), label))
     else:
         for path in sorted(root.iterdir()):
-            if not (path.is_file() and common.is_image_name(path.name)):
+            if not (path.is_file() and preprocessing.is_image_name(path.name)):
                 continue
             label = wnid_index.get(path.name.split("_", 1)[0])
             if label is None:
@@ -89,7 +82,7 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
             else:
                 samples.append(Sample(str(path), label))
     if not samples:
-        raise common.UserError(f"no labelled images in {root} (class subfolders, or files named <wnid>_*.JPEG)")
+        raise UserError(f"no labelled images in {root} (class subfolders, or files named <wnid>_*.JPEG)")
     return samples, unlabelled
 
 
@@ -104,30 +97,25 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
                 if not row or row[0].startswith("#"):
                     continue
                 if len(row) < 2:
-                    raise common.UserError(f"{path}:{line_no}: expected image,class_id")
+                    raise UserError(f"{path}:{line_no}: expected image,class_id")
                 image, label = row[0].strip(), row[1].strip()
                 if not label.lstrip("-").isdigit():
                     if line_no == 1:
                         continue  # header
-                    raise common.UserError(f"{path}:{line_no}: class_id {label!r} is not a whole number")
+                    raise UserError(f"{path}:{line_no}: class_id {label!r} is not a whole number")
                 if not 0 <= int(label) < num_classes:
-                    raise common.UserError(f"{path}:{line_no}: class_id {label} is outside 0..{num_classes - 1}")
-                full = image if common.is_url(image) or os.path.isabs(image) else str(base / image)
+                    raise UserError(f"{path}:{line_no}: class_id {label} is outside 0..{num_classes - 1}")
+                full = image if preprocessing.is_url(image) or os.path.isabs(image) else str(base / image)
                 samples.append(Sample(full, int(label)))
     except OSError as exc:
-        raise common.UserError(f"cannot read --labels {path}: {exc}") from exc
+        raise UserError(f"cannot read --labels {path}: {exc}") from exc
     if not samples:
-        raise common.UserError(f"--labels {path} lists no images")
+        raise UserError(f"--labels {path} lists no images")
     return samples
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Streaming
-# --------------------------------------------------------------------------------------------------------------------
-
-
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, sources: Sequence[str], cfg: common.PreprocessConfig):
+    def __init__(self, sources: Sequence[str], cfg: preprocessing.PreprocessConfig):
         self.sources, self.cfg = list(sources), cfg
 
     def __len__(self) -> int:
@@ -135,7 +123,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, torch.from_numpy(common.preprocess(self.sources[index], self.cfg)), None
+            return index, torch.from_numpy(preprocessing.preprocess(self.sources[index], self.cfg)), None
         except OSError as exc:
             return index, None, str(exc) or type(exc).__name__
 
@@ -152,7 +140,7 @@ def _worker_init(_):
 
 
 def stream(
-    sources: Sequence[str], cfg: common.PreprocessConfig, batch_size: int, workers: int
+    sources: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int, workers: int
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Batches of (indices of the decoded images, their pixels, [(index, error)] for those that failed)."""
     loader = torch.utils.data.DataLoader(
@@ -169,108 +157,17 @@ def default_workers(world_size: int = 1) -> int:
     return max(0, min(8, cores // max(1, world_size) - 1))
 
 
-def progress(total: int, enabled: bool, desc: str):
-    """A progress bar with images/s on stderr (rank 0 only)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# torchrun
-# --------------------------------------------------------------------------------------------------------------------
-
-BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo", "mps": "gloo"}
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 when not under torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    backend: str | None = None
-    _group: Any = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, items: Sequence[Any]) -> list[Any]:
-        """Every world_size-th item from this rank's offset: each item exactly once over all ranks, no padding."""
-        return list(items[self.rank :: self.world_size])
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). Over gloo, whatever the device backend."""
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world_size if self.is_main else None
-        torch.distributed.gather_object(obj, out, dst=0, group=self._group)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0, group=self._group)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier(group=self._group)
-
-    def close(self) -> None:
-        """Meet at a barrier, then destroy the process group, so a finished run never ends in an abort."""
-        if self.enabled and torch.distributed.is_initialized():
-            self.barrier()
-            torch.distributed.destroy_process_group()
-
-
-def launched_by_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, common.Device]:
-    """Resolve the device, and under torchrun pin it to LOCAL_RANK and join the process group."""
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
-        return Distributed(), common.resolve_device(device_spec, jit_compile)
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if ":" in device_spec:
-        kind = device_spec.split(":")[0].strip()
-        raise common.UserError(f"under torchrun each rank takes device LOCAL_RANK: --device {kind}, not {device_spec}")
-    device = common.resolve_device(device_spec, jit_compile, default_index=local)
-    backend = BACKENDS[device.type]
-    import torch.distributed as dist
-
-    timeout = timedelta(minutes=int(os.environ.get("MOBILEVIT_DIST_TIMEOUT_MIN", "60")))
-    dist.init_process_group(backend=backend, timeout=timeout)
-    group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    logger.debug("rank %d/%d on %s over %s", rank, world, device, backend)
-    return Distributed(rank, world, backend, group), device
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Journal: results appended as they come, for --resume
-# --------------------------------------------------------------------------------------------------------------------
-
-
 class Journal:
     """JSON lines per rank in `REPORT.parts/`; `meta.json` there says what run they belong to."""
 
-    def __init__(self, report: str | Path, dist: Distributed, run_key: dict[str, Any], resume: bool):
+    def __init__(self, report: str | Path, dist: distributed.Distributed, run_key: dict[str, Any], resume: bool):
         self.folder = Path(f"{report}.parts")
         self.dist = dist
         self.key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()[:16]
         meta = self.folder / "meta.json"
         error = None
         if dist.is_main:
-            previous = common.read_json(meta, "the --resume journal's meta.json") if resume and meta.is_file() else None
+            previous = reports.read_json(meta, "the --resume journal's meta.json") if resume and meta.is_file() else None
             if previous is not None and previous.get("key") != self.key:
                 error = (
                     f"--resume: {self.folder} belongs to a different run (model, dtype, device kind or images "
@@ -280,10 +177,10 @@ class Journal:
                 if not resume and self.folder.exists():
                     shutil.rmtree(self.folder)
                 self.folder.mkdir(parents=True, exist_ok=True)
-                common.write_json_atomic(meta, {"key": self.key, "run": run_key})
+                reports.write_json_atomic(meta, {"key": self.key, "run": run_key})
         error = dist.broadcast(error)  # also the barrier: the folder is ready before any rank writes to it
         if error:
-            raise common.UserError(error)
+            raise UserError(error)
         self._fh = open(self.folder / f"rank{dist.rank}.jsonl", "a", encoding="utf-8")
 
     def done(self) -> dict[str, dict]:
@@ -301,7 +198,7 @@ class Journal:
 
     def append(self, records: Sequence[dict]) -> None:
         for record in records:
-            self._fh.write(common.json_line(record))
+            self._fh.write(reports.json_line(record))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -314,9 +211,9 @@ class Journal:
 
 def run(
     samples: Sequence[Sample],
-    cfg: common.PreprocessConfig,
+    cfg: preprocessing.PreprocessConfig,
     process: Callable[[list[Sample], torch.Tensor], list[dict]],
-    dist: Distributed,
+    dist: distributed.Distributed,
     batch_size: int,
     workers: int,
     journal: Journal | None = None,
@@ -334,7 +231,7 @@ def run(
         logger.info("resuming: %d of %d images already done, %d to go", len(previous), len(samples), len(todo))
     mine = dist.shard(todo)
     records: list[dict] = []
-    bar = progress(len(mine), dist.is_main, f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc)
+    bar = timing.progress_bar(len(mine), dist.is_main, f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc)
     with bar:
         for indices, pixels, errors in stream([s.image for s in mine], cfg, batch_size, workers):
             batch = [mine[i] for i in indices]
@@ -355,12 +252,7 @@ def run(
     return sorted(merged.values(), key=lambda r: order.get(r["image"], len(order))), per_rank
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Labelled-set summary
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def summarize(records: Sequence[dict], unlabelled: Sequence[dict], per_rank: Sequence[int]) -> dict[str, Any]:
+def summarize_labels(records: Sequence[dict], unlabelled: Sequence[dict], per_rank: Sequence[int]) -> dict[str, Any]:
     """Top-1/top-5 of reference and target against the labels, their agreement, per-class counts, disagreements.
 
     Each record holds "image", "label" and either "error" or "reference_top5" / "target_top5" (class ids, best first).
@@ -400,8 +292,3 @@ def summarize(records: Sequence[dict], unlabelled: Sequence[dict], per_rank: Seq
         "disagreements": disagreements,
         "skipped_images": skipped,
     }
-
-
-def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> Path:
-    """All records as JSON lines, through a temp file and a rename."""
-    return common.write_text_atomic(path, "".join(common.json_line(record) for record in records))

@@ -1,0 +1,261 @@
+"""The benchmark runner: modes interleaved round-robin per batch size, every sample kept, agreement with float32
+eager, roofline, the result schema, the console table and the plot.
+
+Timing rules: the device is synchronized (timing.timed_call) before every clock read; warm-up calls are excluded;
+within one batch size the modes are interleaved (iteration i runs every mode once, the order rotated by i) so their
+ratios hold on a busy machine. Agreement is against float32 eager weights on the same device and inputs (the bundled
+photos, tiled to the batch size): the target in another dtype is a cast copy of the float32 model, so rounding the
+weights counts against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from mobilevit_npu import devices, execution, flops, metrics, models, preprocessing, reports, timing
+from mobilevit_npu.errors import Unavailable, UserError
+
+Builder = Callable[[torch.nn.Module, devices.Device, str, torch.Tensor], execution.Prepared]
+
+logger = logging.getLogger("mobilevit_npu.bench")
+
+
+def photo_batches(paths: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int) -> list[torch.Tensor]:
+    """The photos, preprocessed, cycled into enough batches of `batch_size` to cover every photo at least once."""
+    tensors = [torch.from_numpy(preprocessing.preprocess(p, cfg)) for p in paths]
+    if not tensors:
+        raise UserError("no photos to benchmark on")
+    count = max(1, math.ceil(len(tensors) / batch_size))
+    return [
+        torch.stack([tensors[(b * batch_size + i) % len(tensors)] for i in range(batch_size)]) for b in range(count)
+    ]
+
+
+def _end_to_end_call(prepared: execution.Prepared, paths: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int):
+    """decode + preprocess + copy in + forward + copy out, on `batch_size` photos (cycled)."""
+    chosen = [paths[i % len(paths)] for i in range(batch_size)]
+
+    def run() -> torch.Tensor:
+        batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, cfg)) for p in chosen])
+        return prepared.call(prepared.to_input(batch)).float().cpu()
+
+    return run
+
+
+def _result(mode: str, batch_size: int, dtype: str, end_to_end: bool, **extra) -> dict[str, Any]:
+    base = {
+        "mode": mode,
+        "batch_size": batch_size,
+        "dtype": "bf16 autocast" if mode == "bf16" else dtype,
+        "end_to_end": end_to_end,
+        "status": "ok",
+        "reason": None,
+        "latency_ms": None,
+        "throughput_images_per_s": None,
+        "samples_ms": [],
+        "compile_s": None,
+        "peak_memory_bytes": None,
+        "agreement": None,
+        "exact": None,
+        "roofline": None,
+        "notes": [],
+    }
+    base.update(extra)
+    return base
+
+
+@torch.no_grad()
+def run_benchmark(
+    loaded: models.LoadedModel,
+    device: devices.Device,
+    modes: Sequence[str] = ("eager",),
+    batch_sizes: Sequence[int] = (1,),
+    iterations: int = 50,
+    warmup: int = 10,
+    dtype: str = "fp32",
+    end_to_end: bool = False,
+    images: Sequence[str] | None = None,
+    progress: bool = True,
+    measure_roofline: bool = True,
+    runners: dict[str, Builder] | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark `modes` at each batch size on `device`; one result dict per (mode, batch size), report-ready.
+
+    `loaded.model` is the float32 model, already on `device`: it is the agreement reference, and another `dtype` runs
+    on a cast copy, so the rounding of the weights counts against the target. `runners` adds named runners beside the
+    modes (ONNX Runtime, OpenVINO...): each builder gets (model, device, dtype, first batch) and returns a Prepared,
+    or raises Unavailable; they are timed, checked and reported exactly like the modes. Modes run interleaved round-robin,
+    `warmup` untimed calls each first; the inputs are the bundled photos (or `images`), tiled to the batch size.
+    Unavailable modes come back with status "unavailable" and a reason instead of raising. With `measure_roofline`
+    each result also gets its "roofline": the model's FLOPs, the device's matmul ceiling in the mode's compute dtype
+    (measured here), the fraction of it achieved at p50 and the floor (the FLOPs at the ceiling).
+    """
+    if iterations < 1 or warmup < 0:
+        raise ValueError("iterations must be >= 1 and warmup >= 0")
+    unknown = [m for m in modes if m not in execution.MODES]
+    if unknown:
+        raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(execution.MODES)}")
+    paths = list(images) if images is not None else preprocessing.bundled_images()
+    reference_model = loaded.model.eval()
+    if next(reference_model.parameters()).dtype != torch.float32:
+        raise ValueError("run_benchmark takes the float32 model (the reference); it casts a copy for `dtype`")
+    torch_dtype = models.DTYPES[dtype]
+    model = reference_model if dtype == "fp32" else copy.deepcopy(reference_model).to(torch_dtype)
+    builders: dict[str, Builder] = {mode: functools.partial(execution.prepare_mode, mode) for mode in modes}
+    builders.update(runners or {})
+    results: list[dict[str, Any]] = []
+    for batch_size in batch_sizes:
+        batches = photo_batches(paths, loaded.preprocess, batch_size)
+        reference = [reference_model(pixel_values=b.to(device.torch)).logits.float().cpu() for b in batches]
+        flop = flops.model_flop(reference_model, batches[0][:1].to(device.torch)) if measure_roofline else None
+        ready: dict[str, execution.Prepared] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        for mode, build in builders.items():
+            logger.info("preparing %s at batch %d", mode, batch_size)
+            try:
+                prepared = build(model, device, dtype, batches[0])
+            except Unavailable as exc:
+                logger.warning("%s unavailable at batch %d: %s", mode, batch_size, exc)
+                rows[mode] = _result(mode, batch_size, dtype, end_to_end, status="unavailable", reason=str(exc))
+                continue
+            outputs = [prepared.call(prepared.to_input(b)).float().cpu() for b in batches]
+            agreement = metrics.agreement(torch.cat(reference), torch.cat(outputs))
+            rows[mode] = _result(
+                mode,
+                batch_size,
+                dtype,
+                end_to_end,
+                compile_s=prepared.compile_s,
+                agreement=asdict(agreement),
+                exact=metrics.is_exact(agreement),
+                notes=list(prepared.notes),
+            )
+            ready[mode] = prepared
+        calls: dict[str, Callable[[], Any]] = {}
+        for mode, prepared in ready.items():
+            if end_to_end:
+                calls[mode] = _end_to_end_call(prepared, paths, loaded.preprocess, batch_size)
+            else:
+                x = prepared.to_input(batches[0])
+                calls[mode] = lambda p=prepared, x=x: p.call(x)
+        for mode, call in calls.items():  # warm-up, untimed; then each mode's own peak memory
+            for _ in range(warmup):
+                call()
+            devices.reset_peak_memory(device)
+            timing.timed_call(call, device)
+            rows[mode]["peak_memory_bytes"] = devices.peak_memory_bytes(device)
+        samples = timing.interleaved_samples(calls, iterations, device, f"batch {batch_size}", progress)
+        for mode in calls:
+            stats = timing.latency_stats(samples[mode])
+            compute_dtype = torch.bfloat16 if mode == "bf16" else torch_dtype
+            ceiling = flops.matmul_ceiling(device, compute_dtype) if flop else None
+            rows[mode].update(
+                latency_ms=asdict(stats),
+                samples_ms=samples[mode],
+                throughput_images_per_s=batch_size * 1000.0 / stats.mean,
+                roofline=flops.roofline(flop, batch_size, stats.p50, ceiling),
+            )
+        results.extend(rows[mode] for mode in builders)
+    return results
+
+
+def build_report(
+    tool: str,
+    argv: Sequence[str],
+    loaded: models.LoadedModel,
+    device: devices.Device,
+    results: list[dict[str, Any]],
+    settings: dict[str, Any],
+    environment: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON report of a run: the shared header (reports.header), then how it ran and every result."""
+    return {
+        **reports.header(tool, argv, loaded, environment),
+        "device": str(device),
+        "settings": {**settings, "interleaved": True, "percentiles": "linear interpolation between closest ranks",
+                     "synchronized": "the device is synchronized before every clock read"},
+        "results": results,
+    }  # fmt: skip
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table: one line per result, ratios against eager at the same batch size."""
+    eager_p50 = {
+        r["batch_size"]: r["latency_ms"]["p50"] for r in results if r["mode"] == "eager" and r.get("latency_ms")
+    }
+    eager_tp = {r["batch_size"]: r["throughput_images_per_s"] for r in results if r["mode"] == "eager"}
+    header = (
+        f"{'mode':<14}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}{'img/s':>9}{'p50 vs eager':>14}"
+        f"{'img/s vs eager':>16}{'% ceiling':>11}{'compile s':>11}{'cosine':>12}{'top1':>7}  status"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lat = r.get("latency_ms")
+        if not lat:
+            lines.append(f"{r['mode']:<14}{r['batch_size']:>6}  {r['status']}: {r.get('reason') or ''}")
+            continue
+        base, tp_base = eager_p50.get(r["batch_size"]), eager_tp.get(r["batch_size"])
+        ratio = f"{lat['p50'] / base:.2f}x" if base else "-"
+        tp_ratio = f"{r['throughput_images_per_s'] / tp_base:.2f}x" if tp_base else "-"
+        agreement = r.get("agreement") or {}
+        cosine = f"{agreement['cosine']:.7f}" if agreement else "-"
+        top1 = f"{agreement['top1_agreement'] * 100:.0f}%" if agreement else "-"
+        compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        fraction = (r.get("roofline") or {}).get("fraction_of_ceiling")
+        ceiling = f"{fraction * 100:.0f}%" if fraction is not None else "-"
+        status = r["status"] + ("" if r.get("exact") in (None, True) else " (not exact)")
+        lines.append(
+            f"{r['mode']:<14}{r['batch_size']:>6}{lat['p50']:>10.2f}{lat['p90']:>10.2f}{lat['mean']:>10.2f}"
+            f"{r['throughput_images_per_s']:>9.1f}{ratio:>14}{tp_ratio:>16}{ceiling:>11}{compile_s:>11}{cosine:>12}{top1:>7}"
+            f"  {status}"
+        )
+    ceilings = {}
+    for r in results:
+        roof = r.get("roofline") or {}
+        if roof.get("ceiling_gflop_per_s"):
+            ceilings.setdefault(r["dtype"], (roof["ceiling_gflop_per_s"], roof["flop_per_image"]))
+    for dtype, (gflops, flop) in ceilings.items():
+        lines.append(
+            f"% ceiling: FLOP/s at p50 ({flop / 1e9:.2f} GFLOP per image) over the measured {dtype} matmul ceiling, "
+            f"{gflops:.0f} GFLOP/s: at it an image would take {flop / gflops / 1e6:.2f} ms"
+        )
+    return "\n".join(lines)
+
+
+def plot_latencies(results: Sequence[dict[str, Any]], path: str) -> str:
+    """Box plots of every mode's samples, one panel per batch size. Needs matplotlib (checked by the caller)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch_sizes = sorted({r["batch_size"] for r in results if r.get("samples_ms")})
+    if not batch_sizes:
+        raise UserError("nothing to plot: no mode produced samples")
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4), squeeze=False)
+    for ax, batch_size in zip(axes[0], batch_sizes):
+        rows = [r for r in results if r["batch_size"] == batch_size and r.get("samples_ms")]
+        ax.boxplot([r["samples_ms"] for r in rows], showfliers=True)
+        ax.set_xticks(range(1, len(rows) + 1), [r["mode"] for r in rows], rotation=30)
+        ax.set_title(f"batch {batch_size}")
+        ax.set_yscale("log")  # contention bursts on shared machines are 10-100x the typical call
+        ax.set_ylabel("latency per call (ms, log scale)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def matplotlib_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None

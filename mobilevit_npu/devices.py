@@ -1,0 +1,260 @@
+"""The device seam: every backend call (npu, cuda, mps, cpu) and the environment every report carries.
+
+Nothing here touches an accelerator at import time: torch_npu is imported only when an NPU is asked for or
+auto-detected. `resolve_device` fails loudly (UserError) when the device asked for is absent; scripts never write
+torch.cuda.* or torch.npu.* themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobilevit_npu.errors import UserError
+
+logger = logging.getLogger("mobilevit_npu.devices")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device. `type` is npu | cuda | mps | cpu; `index` is None for cpu and mps."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(str(self))
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|npu|mps)(?::(\d+))?$")
+
+
+def _import_torch_npu():
+    """Import torch_npu, or return None when it is not installed. Import failures (no CANN) become a UserError."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return None
+    try:
+        return importlib.import_module("torch_npu")
+    except Exception as exc:  # torch_npu raises ImportError/RuntimeError/OSError when CANN is missing or broken
+        raise UserError(
+            f"torch_npu is installed but failed to import ({type(exc).__name__}: {exc}). "
+            "Source CANN first: source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+        ) from exc
+
+
+def npu_api():
+    """torch_npu.npu, the module that torch_npu also exposes as torch.npu."""
+    torch_npu = sys.modules.get("torch_npu") or _import_torch_npu()
+    if torch_npu is None:
+        raise UserError("torch_npu is not installed (pip install torch-npu matching your torch and CANN)")
+    return torch_npu.npu
+
+
+def _npu_available() -> bool:
+    try:
+        torch_npu = _import_torch_npu()
+    except UserError as exc:
+        logger.warning("ignoring torch_npu during auto-detection: %s", exc)
+        return False
+    return torch_npu is not None and bool(torch_npu.npu.is_available())
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _setup_npu(index: int, jit_compile: bool) -> None:
+    """Import torch_npu, apply transfer_to_npu, set the compile mode and the current device, in that order."""
+    api = npu_api()
+    if not api.is_available() or api.device_count() == 0:
+        raise UserError("no NPU device is visible to torch_npu (check npu-smi info and ASCEND_RT_VISIBLE_DEVICES)")
+    if index >= api.device_count():
+        raise UserError(f"npu:{index} asked for, but only {api.device_count()} NPU device(s) are visible")
+    # Importing this module is what applies it: it patches torch.cuda/.to('cuda') etc. onto the NPU. It must happen
+    # before the model is built, and only on the NPU path.
+    importlib.import_module("torch_npu.contrib.transfer_to_npu")
+    api.set_compile_mode(jit_compile=jit_compile)
+    api.set_device(index)
+
+
+def detect_device_type() -> str:
+    """What --device auto means here: npu, else cuda, else mps, else cpu (nothing is configured yet)."""
+    if _npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if _mps_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(spec: str = "auto", jit_compile: bool = False, default_index: int = 0) -> Device:
+    """Turn a --device string into a Device, failing loudly (UserError) when the device is absent. An npu or cuda spec
+    without an index takes `default_index` (LOCAL_RANK under torchrun)."""
+    match = _DEVICE_RE.match(spec.strip().lower())
+    if not match:
+        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda[:N], npu[:N] or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
+        if index is not None:
+            raise UserError("auto takes no index; name the device, e.g. npu:1 or cuda:1")
+        kind = detect_device_type()
+    if kind in ("cpu", "mps") and index not in (None, "0"):
+        raise UserError(f"{kind} takes no device index")
+    idx = int(index) if index is not None else default_index
+    if kind == "npu":
+        _setup_npu(idx, jit_compile)
+        return Device("npu", idx)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("no CUDA device: torch.cuda.is_available() is False (CPU build of torch or no driver)")
+        if idx >= torch.cuda.device_count():
+            raise UserError(f"cuda:{idx} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        torch.cuda.set_device(idx)
+        return Device("cuda", idx)
+    if kind == "mps":
+        if not _mps_available():
+            raise UserError("no MPS device: torch.backends.mps.is_available() is False")
+        return Device("mps")
+    return Device("cpu")
+
+
+def backend_api(device: Device):
+    """The torch module for the device's backend (torch.cuda, torch_npu.npu, torch.mps), None for cpu."""
+    if device.type == "npu":
+        return npu_api()
+    if device.type == "cuda":
+        return torch.cuda
+    if device.type == "mps":
+        return torch.mps
+    return None
+
+
+def synchronize(device: Device) -> None:
+    """Wait for all queued work on the device. Every clock read in this project is preceded by this call."""
+    api = backend_api(device)
+    if api is None:
+        return
+    if device.type == "mps":
+        api.synchronize()
+    else:
+        api.synchronize(device.index)
+
+
+def reset_peak_memory(device: Device) -> None:
+    api = backend_api(device)
+    if api is not None and hasattr(api, "reset_peak_memory_stats"):
+        api.reset_peak_memory_stats(device.index)
+
+
+def peak_memory_bytes(device: Device) -> int | None:
+    """The device allocator's peak (npu, cuda), the current allocation on mps, the process's peak RSS on cpu."""
+    api = backend_api(device)
+    if device.type in ("npu", "cuda"):
+        return int(api.max_memory_allocated(device.index))
+    if device.type == "mps":
+        return int(api.current_allocated_memory())
+    return process_peak_rss_bytes()
+
+
+def process_peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def device_name(device: Device) -> str:
+    if device.type in ("npu", "cuda"):
+        return str(backend_api(device).get_device_name(device.index))
+    if device.type == "mps":
+        return "Apple MPS"
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cann_version() -> str | None:
+    """CANN version through torch_npu when it is loaded (never imports it)."""
+    torch_npu = sys.modules.get("torch_npu")
+    if torch_npu is None:
+        return None
+    for getter in ("npu.utils.get_cann_version", "utils.get_cann_version"):
+        obj = torch_npu
+        try:
+            for part in getter.split("."):
+                obj = getattr(obj, part)
+            version = obj(module="CANN")
+        except Exception:  # older torch_npu lacks it or CANN < 8.1.RC1 answers ""
+            continue
+        if version:
+            return str(version)
+    return None
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: Device, allocator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every report carries about where it ran: device, versions, threads, allocator, load."""
+    import transformers
+
+    from mobilevit_npu import malloc
+
+    torch_npu = sys.modules.get("torch_npu")
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_npu": getattr(torch_npu, "__version__", None) if torch_npu else package_version("torch_npu"),
+        "cann": cann_version(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "cpu_bf16": cpu_bf16_supported() if device.type == "cpu" else None,
+        "allocator": allocator or malloc.current(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def cpu_bf16_supported() -> bool:
+    with contextlib.suppress(Exception):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False

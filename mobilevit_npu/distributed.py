@@ -1,0 +1,100 @@
+"""torchrun: this process's rank, its device (LOCAL_RANK) and a process group (HCCL on npu, NCCL on cuda, gloo
+on cpu) with a gloo side group for gathering Python objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from mobilevit_npu import devices
+from mobilevit_npu.errors import UserError
+
+logger = logging.getLogger("mobilevit_npu.distributed")
+
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo", "mps": "gloo"}
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+    _group: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """Every world_size-th item from this rank's offset: each item exactly once over all ranks, no padding."""
+        return list(items[self.rank :: self.world_size])
+
+    def block(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous share of `items` (sizes differ by at most one): concatenating every rank's share in
+        rank order gives `items` back, so gathered results need no positions to come back in order."""
+        size, extra = divmod(len(items), self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return list(items[start : start + size + (self.rank < extra)])
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). Over gloo, whatever the device backend."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self._group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier(group=self._group)
+
+    def close(self) -> None:
+        """Meet at a barrier, then destroy the process group, so a finished run never ends in an abort."""
+        if self.enabled and torch.distributed.is_initialized():
+            self.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, devices.Device]:
+    """Resolve the device, and under torchrun pin it to LOCAL_RANK and join the process group."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return Distributed(), devices.resolve_device(device_spec, jit_compile)
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if ":" in device_spec:
+        kind = device_spec.split(":")[0].strip()
+        raise UserError(f"under torchrun each rank takes device LOCAL_RANK: --device {kind}, not {device_spec}")
+    device = devices.resolve_device(device_spec, jit_compile, default_index=local)
+    backend = BACKENDS[device.type]
+    import torch.distributed as dist
+
+    timeout = timedelta(minutes=int(os.environ.get("MOBILEVIT_DIST_TIMEOUT_MIN", "60")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    logger.debug("rank %d/%d on %s over %s", rank, world, device, backend)
+    return Distributed(rank, world, backend, group), device

@@ -1,0 +1,244 @@
+"""Images: decode (files, folders, globs, URLs), and preprocess exactly as MobileViTImageProcessor does
+(shortest edge 288, centre crop 256, x 1/255, RGB->BGR), from the model's own preprocessor_config.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from mobilevit_npu import PROJECT_DIR, reports
+from mobilevit_npu.errors import UserError
+
+logger = logging.getLogger("mobilevit_npu.preprocessing")
+
+
+BUNDLED_IMAGES_DIR = PROJECT_DIR / "tests" / "data"
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+URL_TIMEOUT_S = 20.0
+
+
+URL_MAX_BYTES = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    shortest_edge: int = 288
+    crop_height: int = 256
+    crop_width: int = 256
+    resample: int = Image.Resampling.BILINEAR
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_flip_channel_order: bool = True
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> PreprocessConfig:
+        size = cfg.get("size", cls.shortest_edge)
+        if isinstance(size, dict):
+            if "shortest_edge" not in size:
+                raise UserError(f"preprocessor size {size} is not supported: MobileViT resizes by shortest_edge")
+            size = size["shortest_edge"]
+        crop = cfg.get("crop_size", cls.crop_height)
+        if isinstance(crop, dict):
+            crop_h, crop_w = crop["height"], crop["width"]
+        else:
+            crop_h = crop_w = crop
+        return cls(
+            shortest_edge=int(size),
+            crop_height=int(crop_h),
+            crop_width=int(crop_w),
+            resample=int(cfg.get("resample", Image.Resampling.BILINEAR)),
+            do_resize=bool(cfg.get("do_resize", True)),
+            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            do_rescale=bool(cfg.get("do_rescale", True)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            do_flip_channel_order=bool(cfg.get("do_flip_channel_order", True)),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> PreprocessConfig:
+        path = Path(folder) / "preprocessor_config.json"
+        if not path.is_file():
+            logger.warning("%s missing: using MobileViT's defaults (288 / 256 / bilinear / BGR)", path)
+            return cls()
+        try:
+            return cls.from_dict(reports.read_json(path, "preprocessor_config.json"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} is not a MobileViT preprocessor config ({exc})") from exc
+
+
+def resize_shape(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """(width, height) after a shortest-edge resize, rounded as transformers does (int(), not round())."""
+    if width <= height:
+        return shortest_edge, int(shortest_edge * height / width)
+    return int(shortest_edge * width / height), shortest_edge
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB. Transparency is composited on white (as transformers' convert_to_rgb does); 16- and
+    32-bit integer and float greyscale are scaled to 8 bits instead of being clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            array = array / 257.0
+        elif image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
+            array = array * 255.0
+        elif image.mode == "I" and array.size and array.max() > 255:
+            array = array / 257.0
+        array = np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array).convert("RGB")  # 2-D uint8 is mode L
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """GET an http(s) image with a timeout and a size cap. Failures are OSError, like a bad file."""
+    import requests
+
+    try:
+        with requests.get(url, timeout=timeout, stream=True) as response:
+            response.raise_for_status()
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise OSError(f"{url} is {int(declared)} bytes, over the {max_bytes}-byte cap")
+            data = bytearray()
+            for chunk in response.iter_content(1 << 16):
+                data.extend(chunk)
+                if len(data) > max_bytes:
+                    raise OSError(f"{url} is over the {max_bytes}-byte cap")
+            return bytes(data)
+    except requests.RequestException as exc:
+        raise OSError(f"could not fetch {url}: {exc}") from exc
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def load_image(source: str | Path) -> Image.Image:
+    """Open a file or URL, apply its EXIF orientation and convert it to RGB. Every failure is an OSError."""
+    source = str(source)
+    try:
+        stream = io.BytesIO(fetch_url(source)) if is_url(source) else source
+        with Image.open(stream) as opened:
+            opened.load()  # decode now, so a truncated file fails here
+            image = ImageOps.exif_transpose(opened)
+            return to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise OSError(f"refused: {exc} (PIL's decompression-bomb guard)") from exc
+    except (ValueError, SyntaxError) as exc:  # some PIL plugins raise these on corrupt data
+        raise OSError(f"cannot decode image: {exc}") from exc
+
+
+def preprocess_image(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """An RGB PIL image to a CHW float32 array exactly as MobileViTImageProcessor makes it."""
+    if cfg.do_resize:
+        size = resize_shape(image.width, image.height, cfg.shortest_edge)
+        if size != image.size:
+            image = image.resize(size, resample=Image.Resampling(cfg.resample))
+    array = np.asarray(image)
+    if cfg.do_center_crop:
+        array = center_crop(array, cfg.crop_height, cfg.crop_width)
+    array = array.astype(np.float32)
+    if cfg.do_rescale:
+        array = array * np.float32(cfg.rescale_factor)
+    if cfg.do_flip_channel_order:
+        array = array[:, :, ::-1]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def center_crop(array: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """HWC centre crop with transformers' offsets; pads with zeros where the crop is larger than the image."""
+    h, w = array.shape[:2]
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return array[top : top + crop_h, left : left + crop_w]
+    out_h, out_w = max(h, crop_h), max(w, crop_w)
+    padded = np.zeros((out_h, out_w) + array.shape[2:], dtype=array.dtype)
+    pad_top, pad_left = (out_h - h) // 2, (out_w - w) // 2
+    padded[pad_top : pad_top + h, pad_left : pad_left + w] = array
+    top, left = (out_h - crop_h) // 2, (out_w - crop_w) // 2
+    return padded[top : top + crop_h, left : left + crop_w]
+
+
+def preprocess(source: str | Path, cfg: PreprocessConfig) -> np.ndarray:
+    return preprocess_image(load_image(source), cfg)
+
+
+@dataclass
+class Decoded:
+    source: str
+    pixels: torch.Tensor  # [3, H, W] float32 on the CPU
+    preprocess_ms: float
+
+    @property
+    def batch(self) -> torch.Tensor:
+        return self.pixels.unsqueeze(0)
+
+
+def read_images(
+    sources: Sequence[str], cfg: PreprocessConfig
+) -> tuple[list[Decoded], list[dict]]:
+    """Preprocess each image, timing it; the ones that fail come back as {"image", "error"}. Both lists keep the
+    order of `sources`."""
+    ok, errors = [], []
+    for source in sources:
+        start = time.perf_counter()
+        try:
+            array = preprocess(source, cfg)
+        except OSError as exc:
+            errors.append({"image": source, "error": str(exc) or type(exc).__name__})
+            continue
+        ok.append(Decoded(source, torch.from_numpy(array), (time.perf_counter() - start) * 1000.0))
+    return ok, errors
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def expand_images(specs: Sequence[str]) -> list[str]:
+    """Paths, directories (their images, sorted), globs and URLs, in the order given. A spec that names nothing
+    stays in the list as given, so the caller reports it as an error for that image."""
+    out: list[str] = []
+    for spec in specs:
+        if is_url(spec):
+            out.append(spec)
+        elif os.path.isdir(spec):
+            out.extend(sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and is_image_name(p.name)))
+        elif glob.has_magic(spec):
+            out.extend(sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)))
+        else:
+            out.append(spec)
+    return out
+
+
+def bundled_images() -> list[str]:
+    """The photos in tests/data, as paths relative to the working directory when they lie below it."""
+    folder = BUNDLED_IMAGES_DIR
+    with contextlib.suppress(ValueError):
+        folder = BUNDLED_IMAGES_DIR.relative_to(Path.cwd())
+    return expand_images([str(folder)])

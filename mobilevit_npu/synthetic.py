@@ -1,0 +1,110 @@
+"""Synthetic full-size weights with healthy activations, for machines without the real checkpoint.
+
+transformers' random init draws BatchNorm scales near 0, so activations die (logits ~0, CPU-vs-device checks pass
+trivially, float denormals slow CPU inference ~5x). These weights have BatchNorm scale 1 and running statistics
+calibrated on real photos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import ImageOps
+
+from mobilevit_npu import PROJECT_DIR, devices, models, preprocessing
+
+logger = logging.getLogger("mobilevit_npu.synthetic")
+
+
+def x_small_config():
+    """The apple/mobilevit-x-small configuration, read from the committed model/config.json."""
+    from transformers import MobileViTConfig
+
+    return MobileViTConfig.from_pretrained(str(PROJECT_DIR / "model"))
+
+
+def _calibration_batch(images: Iterable[str], cfg: preprocessing.PreprocessConfig) -> torch.Tensor:
+    """The photos plus their mirror images and two shifted crops each: varied real statistics for BatchNorm."""
+    tensors = []
+    for path in images:
+        image = preprocessing.load_image(path)
+        tensors.append(torch.from_numpy(preprocessing.preprocess_image(image, cfg)))
+        tensors.append(torch.from_numpy(preprocessing.preprocess_image(ImageOps.mirror(image), cfg)))
+        wide = preprocessing.PreprocessConfig(**{**dataclasses.asdict(cfg), "shortest_edge": cfg.shortest_edge + 64})
+        tensors.append(torch.from_numpy(preprocessing.preprocess_image(image, wide)))
+        tensors.append(torch.from_numpy(preprocessing.preprocess_image(ImageOps.flip(image), wide)))
+    return torch.stack(tensors)
+
+
+@torch.no_grad()
+def build_synthetic_model(
+    config=None, seed: int = 0, images: Sequence[str] | None = None, logit_std: float = 3.0
+) -> torch.nn.Module:
+    """A MobileViTForImageClassification whose activations are healthy, for machines without the real weights.
+
+    transformers' random init draws BatchNorm scales near 0, so activations die (logits ~0, float denormals make CPU
+    inference ~5x slower). Here: He-initialised convs and linears, BatchNorm/LayerNorm scale 1, BatchNorm running
+    statistics calibrated on real photos, and the classifier scaled so the logits spread (std `logit_std` across
+    classes) as a trained model's do. Deterministic for a given seed, config and photos.
+    """
+    from transformers import MobileViTForImageClassification
+
+    config = config or x_small_config()
+    generator = torch.Generator().manual_seed(seed)
+    model = MobileViTForImageClassification(config).eval()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            fan_in = module.weight[0].numel()
+            gain = 1.0 if getattr(module, "groups", 1) > 1 else math.sqrt(2.0)
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * gain / math.sqrt(fan_in))
+            if module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.02)
+        elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+    batch = _calibration_batch(images or preprocessing.bundled_images(), preprocessing.PreprocessConfig())
+    calibrate_batchnorm(model, batch)
+    logits = model(pixel_values=batch).logits
+    classifier = model.classifier
+    scale = logit_std / float(logits.std(dim=1).mean())
+    classifier.weight.mul_(scale)
+    classifier.bias.copy_(torch.randn(classifier.bias.shape, generator=generator) * 0.1 * logit_std)
+    return model.eval()
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: torch.nn.Module, batch: torch.Tensor) -> None:
+    """Set every BatchNorm's running mean/var to the statistics of `batch`, layer by layer, in one forward pass."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one pass gives the exact batch statistics
+        m.train()
+    try:
+        model(pixel_values=batch)
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
+
+
+def synthetic_model(device: devices.Device | None = None, dtype: str = "fp32", seed: int = 0) -> models.LoadedModel:
+    """The full-size synthetic X-Small, ready to run; reports name it "synthetic"."""
+    model = build_synthetic_model(seed=seed)
+    source = {"synthetic": True, "name": f"synthetic mobilevit-x-small (seed {seed})", "seed": seed}
+    return models.finish(model, preprocessing.PreprocessConfig.from_folder(PROJECT_DIR / "model"), source, device, dtype)
+
+
+def save_synthetic_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write the synthetic X-Small as a Hugging Face folder (config, safetensors, preprocessor config)."""
+    folder = Path(folder)
+    build_synthetic_model(seed=seed).save_pretrained(str(folder))
+    src = PROJECT_DIR / "model" / "preprocessor_config.json"
+    (folder / "preprocessor_config.json").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
