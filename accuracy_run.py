@@ -239,7 +239,6 @@ def _run(
         raise UserError(f"no images found in {' '.join(specs or [str(preprocessing.BUNDLED_IMAGES_DIR)])}")
     items, skipped = preprocessing.read_images(sources, loaded.preprocess)
     for s in skipped:
-        del s["position"]
         logger.warning("skipping %s: %s", s["image"], s["error"])
     if not items:
         raise UserError(f"none of the {len(sources)} image(s) could be read: " + "; ".join(

@@ -88,13 +88,13 @@ def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
-    allocator = malloc.select(args.allocator)
     modes = parse_modes(args.modes)
     if args.plot and not bench.matplotlib_available():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
     device = devices.resolve_device(args.device, jit_compile=args.jit_compile)
     if "all" in modes:
         modes = execution.available_modes(device)
+    allocator = malloc.select(args.allocator)  # after every argument is checked: mallopt cannot be undone
     loaded = common.load(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
     environment = devices.environment(device, allocator)  # before the run: its load average is the start's
     results = bench.run_benchmark(

@@ -39,7 +39,9 @@ def photo_batches(paths: Sequence[str], cfg: preprocessing.PreprocessConfig, bat
     ]
 
 
-def _end_to_end_call(prepared: execution.Prepared, paths: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int):
+def _end_to_end_call(
+    prepared: execution.Prepared, paths: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int
+):
     """decode + preprocess + copy in + forward + copy out, on `batch_size` photos (cycled)."""
     chosen = [paths[i % len(paths)] for i in range(batch_size)]
 
@@ -92,7 +94,7 @@ def run_benchmark(
     `loaded.model` is the float32 model, already on `device`: it is the agreement reference, and another `dtype` runs
     on a cast copy, so the rounding of the weights counts against the target. `runners` adds named runners beside the
     modes (ONNX Runtime, OpenVINO...): each builder gets (model, device, dtype, first batch) and returns a Prepared,
-    or raises Unavailable; they are timed, checked and reported exactly like the modes. Modes run interleaved round-robin,
+    or raises Unavailable; they are timed, checked and reported exactly like the modes. Modes run interleaved,
     `warmup` untimed calls each first; the inputs are the bundled photos (or `images`), tiled to the batch size.
     Unavailable modes come back with status "unavailable" and a reason instead of raising. With `measure_roofline`
     each result also gets its "roofline": the model's FLOPs, the device's matmul ceiling in the mode's compute dtype

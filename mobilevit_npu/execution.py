@@ -130,7 +130,10 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
 _cache: collections.OrderedDict[tuple, tuple[torch.nn.Module, Prepared]] = collections.OrderedDict()
 
 
-def prepare_mode(mode: str, model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> Prepared:
+def prepare_mode(
+    mode: str, model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor
+) -> Prepared:
+    """`mode` built for `model` (already in `dtype` on `device`) at `batch`'s shape; cached per process."""
     key = (id(model), mode, int(batch.shape[0]), dtype, str(device))
     hit = _cache.get(key)
     if hit is not None and hit[0] is model:

@@ -167,7 +167,8 @@ class Journal:
         meta = self.folder / "meta.json"
         error = None
         if dist.is_main:
-            previous = reports.read_json(meta, "the --resume journal's meta.json") if resume and meta.is_file() else None
+            what = "the --resume journal's meta.json"
+            previous = reports.read_json(meta, what) if resume and meta.is_file() else None
             if previous is not None and previous.get("key") != self.key:
                 error = (
                     f"--resume: {self.folder} belongs to a different run (model, dtype, device kind or images "
@@ -231,7 +232,8 @@ def run(
         logger.info("resuming: %d of %d images already done, %d to go", len(previous), len(samples), len(todo))
     mine = dist.shard(todo)
     records: list[dict] = []
-    bar = timing.progress_bar(len(mine), dist.is_main, f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc)
+    label = f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc
+    bar = timing.progress_bar(len(mine), dist.is_main, label)
     with bar:
         for indices, pixels, errors in stream([s.image for s in mine], cfg, batch_size, workers):
             batch = [mine[i] for i in indices]

@@ -277,7 +277,8 @@ def judge(
     ties = sum(m.top1_near_tie for m in per_image)
     above = sum(m.logits_above_error_floor for m in per_image)
     mre_above = (
-        sum(m.mean_relative_error_above_error_floor * m.logits_above_error_floor for m in per_image if m.logits_above_error_floor)
+        sum(m.mean_relative_error_above_error_floor * m.logits_above_error_floor
+            for m in per_image if m.logits_above_error_floor)
         / above
         if above
         else math.nan

@@ -98,7 +98,8 @@ def synthetic_model(device: devices.Device | None = None, dtype: str = "fp32", s
     """The full-size synthetic X-Small, ready to run; reports name it "synthetic"."""
     model = build_synthetic_model(seed=seed)
     source = {"synthetic": True, "name": f"synthetic mobilevit-x-small (seed {seed})", "seed": seed}
-    return models.finish(model, preprocessing.PreprocessConfig.from_folder(PROJECT_DIR / "model"), source, device, dtype)
+    preprocess = preprocessing.PreprocessConfig.from_folder(PROJECT_DIR / "model")
+    return models.finish(model, preprocess, source, device, dtype)
 
 
 def save_synthetic_model(folder: str | Path, seed: int = 0) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import subprocess
@@ -10,12 +11,15 @@ import sys
 import pytest
 import torch
 from conftest import PHOTOS, ROOT, read_json
+from perturb import add_noise, inject_nan, perturb_targets
 
 import accuracy_run
-from mobilevit_npu import devices, layerwise, metrics, models, targets
+from mobilevit_npu import bench, compilers, devices, execution, layerwise, metrics, models, synthetic, targets
 
 PERTURBED = "mobilevit.encoder.layer.1.layer.0.conv_3x3.convolution"
 COFFEE = str(ROOT / "tests" / "data" / "coffee.png")  # a clear top-1 on the synthetic X-Small (no near tie)
+
+EXAMPLE = torch.zeros(1, 3, 256, 256)  # the batch shape compiled targets are built for
 
 
 def run(tmp_path, model_dir, *extra: str) -> tuple[int, dict | None]:
@@ -118,7 +122,7 @@ class Pair(torch.nn.Module):
 
 def test_layer_comparator_handles_repeated_calls_and_tuples():
     ref = TwiceAndTuple().eval()
-    tgt = targets.prepare_target(ref, devices.Device("cpu"), "fp32", "eager").model
+    tgt = copy.deepcopy(ref)
     comparator = layerwise.LayerComparator(ref, tgt, threshold=0.999)
     with torch.no_grad():
         x = torch.randn(2, 4)
@@ -138,24 +142,55 @@ def test_layer_comparator_handles_repeated_calls_and_tuples():
 
 def test_target_is_a_copy_never_an_alias(tiny_model_dir):
     loaded = models.load_model(str(tiny_model_dir))
-    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "bf16", "channels_last")
+    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "bf16", "channels_last", EXAMPLE)
     ref_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
-    assert not ref_ptrs & {p.data_ptr() for p in target.model.parameters()}
+    assert not ref_ptrs & {p.data_ptr() for p in target.hook_model.parameters()}
+    assert target.hook_model.mobilevit.conv_stem.convolution.weight.is_contiguous(memory_format=torch.channels_last)
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert target.label == "cpu bfloat16 channels_last"
 
 
+def record_compiles(monkeypatch) -> list[dict]:
+    """compilers.compile_for replaced by a recorder that returns the function uncompiled."""
+    calls = []
+
+    def fake(fn, device, name, example, cpp_wrapper=False):
+        calls.append({"device": str(device), "shape": tuple(example.shape), "cpp_wrapper": cpp_wrapper})
+        return fn, 0.0, ["recorded"]
+
+    monkeypatch.setattr(compilers, "compile_for", fake)
+    execution._cache.clear()
+    return calls
+
+
 @pytest.mark.parametrize("layers", [False, True])
 def test_compiled_target_gets_an_eager_twin_only_for_layers(tiny_model_dir, monkeypatch, layers):
-    compiled = []
-    monkeypatch.setattr(accuracy, "compile_model", lambda model, device: compiled.append(model) or model)
+    calls = record_compiles(monkeypatch)
     loaded = models.load_model(str(tiny_model_dir))
-    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "fp32", "compiled", layers=layers)
-    assert compiled == [target.model]
+    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "fp32", "compiled", EXAMPLE, layers=layers)
+    assert len(calls) == 1 and target.notes == ["recorded"]
     # --layers hooks a separate eager copy, so the compiled graph stays whole; without it no copy is made
-    assert (target.hook_model is not target.model) == layers
+    assert (target.hook_model is not target.prepared.module) == layers
     twin_ptrs = {p.data_ptr() for p in target.hook_model.parameters()}
-    assert bool(twin_ptrs & {p.data_ptr() for p in target.model.parameters()}) != layers
+    assert bool(twin_ptrs & {p.data_ptr() for p in target.prepared.module.parameters()}) != layers
+
+
+def test_compiled_target_is_built_as_the_benchmark_builds_its_compiled_mode(tiny_model_dir, monkeypatch):
+    """The verdict must cover the code path whose latency is reported: accuracy_run's compiled target and the
+    benchmark's compiled mode go through the same compile call with the same settings."""
+    calls = record_compiles(monkeypatch)
+    loaded = models.load_model(str(tiny_model_dir))
+    targets.prepare_target(loaded.model, devices.Device("cpu"), "fp32", "compiled", EXAMPLE)
+    bench.run_benchmark(loaded, devices.Device("cpu"), modes=["compiled"], iterations=1, warmup=0,
+                        images=PHOTOS[:1], progress=False, measure_roofline=False)  # fmt: skip
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+
+@pytest.mark.slow
+def test_compiled_target_report_names_the_benchmark_compile_settings(tmp_path, tiny_model_dir):
+    rc, report = run(tmp_path, tiny_model_dir, "--images", PHOTOS[0], "--target_mode", "compiled")
+    assert rc == 0 and report["verdict"] == "PASS"
+    assert any("freezing=True" in note for note in report["target"]["notes"])  # the benchmark's CPU compile
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -171,15 +206,16 @@ def test_identical_cpu_target_passes_with_cosine_one(tmp_path, tiny_model_dir, c
     assert report["aggregate"]["cosine_min"] == 1.0
     assert [m["cosine"] for m in report["per_image"]] == [1.0, 1.0]
     assert report["model_source"]["sha256"] and report["model_source"]["path"] == str(tiny_model_dir)
-    assert set(report["environment"]) == {"target", "reference"}
+    assert report["environment"]["device"] == "cpu" and report["reference_environment"]["device"] == "cpu"
+    assert report["tool"] == "accuracy_run.py" and report["synthetic"] is False and report["errors"] == []
     assert report["thresholds"]["min_cosine"] == 0.999
     assert "determinism" in " ".join(report["notes"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("VERDICT: PASS  cpu float32 eager  vs")
 
 
-def test_perturbed_module_fails_and_layers_name_it(tmp_path, tiny_model_dir, capsys):
-    with accuracy.patched_target(accuracy.add_noise(PERTURBED, scale=1.0)):
-        rc, report = run(tmp_path, tiny_model_dir, "--images", *PHOTOS[:2], "--layers")
+def test_perturbed_module_fails_and_layers_name_it(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    perturb_targets(monkeypatch, add_noise(PERTURBED, scale=1.0))
+    rc, report = run(tmp_path, tiny_model_dir, "--images", *PHOTOS[:2], "--layers")
     assert rc == 1
     assert report["verdict"] == "FAIL"
     layers = report["layers"]
@@ -192,13 +228,12 @@ def test_perturbed_module_fails_and_layers_name_it(tmp_path, tiny_model_dir, cap
     out = capsys.readouterr().out
     assert f"first divergent: {PERTURBED}" in out
     assert out.strip().splitlines()[-1].endswith(f"first divergent layer: {PERTURBED}")
-    assert not accuracy._TARGET_PATCHES  # the seam is closed again
 
 
-def test_nan_target_fails_and_layers_name_the_first_nan_module(tmp_path, tiny_model_dir, capsys):
+def test_nan_target_fails_and_layers_name_the_first_nan_module(tmp_path, tiny_model_dir, capsys, monkeypatch):
     nan_module = "mobilevit.encoder.layer.2.conv_kxk"
-    with accuracy.patched_target(accuracy.inject_nan(nan_module)):
-        rc, report = run(tmp_path, tiny_model_dir, "--images", PHOTOS[0], "--layers")
+    perturb_targets(monkeypatch, inject_nan(nan_module))
+    rc, report = run(tmp_path, tiny_model_dir, "--images", PHOTOS[0], "--layers")
     assert rc == 1
     assert report["verdict"] == "FAIL"
     assert report["aggregate"]["target_nonfinite_images"] == 1
@@ -219,7 +254,7 @@ def test_default_init_model_is_invalid_not_pass(tmp_path, default_init_model_dir
     "dtype, name, floor, model",
     [
         ("fp16", "float16", 0.999, "tiny_model_dir"),  # fp16 convolutions are ~50x slower than fp32 on CPUs
-        ("bf16", "bfloat16", 0.98, "synthetic_model_dir"),
+        pytest.param("bf16", "bfloat16", 0.98, "synthetic_model_dir", marks=pytest.mark.slow),
     ],
 )
 def test_half_precision_cpu_targets_report_sensible_numbers(tmp_path, request, dtype, name, floor, model):
@@ -251,8 +286,8 @@ def test_bad_images_are_skipped_and_listed(tmp_path, tiny_model_dir, capsys):
     rc, report = run(tmp_path, tiny_model_dir, "--images", missing, PHOTOS[0], str(truncated))
     assert rc == 0
     assert [m["image"] for m in report["per_image"]] == [PHOTOS[0]]
-    assert [s["image"] for s in report["skipped_images"]] == [missing, str(truncated)]
-    assert all(s["error"] for s in report["skipped_images"])
+    assert [s["image"] for s in report["errors"]] == [missing, str(truncated)]
+    assert all(s["error"] for s in report["errors"])
     assert f"skipped {missing}" in capsys.readouterr().out
 
 
@@ -283,7 +318,7 @@ def test_synthetic_flag_is_stated_in_the_report(tmp_path, tiny_model_dir, monkey
         loaded.source = {"synthetic": True, "name": "stand-in", "seed": seed}
         return loaded
 
-    monkeypatch.setattr(common, "synthetic_model", fake_synthetic)
+    monkeypatch.setattr(synthetic, "synthetic_model", fake_synthetic)
     rc, report = run(tmp_path, "./model", "--synthetic", "--images", PHOTOS[0])
     assert rc == 0
     assert report["model_source"]["synthetic"] is True

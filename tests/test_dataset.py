@@ -1,4 +1,4 @@
-"""dataset.py: labelled folders, sharding, the resumable journal, and torchrun (gloo) runs of inference.py."""
+"""labelsets and distributed: labelled folders, sharding, the resumable journal, torchrun (gloo) runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import PHOTOS, ROOT, read_json
 
-from mobilevit_npu import distributed, errors, preprocessing, targets
+from mobilevit_npu import distributed, errors, labelsets, preprocessing, targets
 
 WNIDS = labelsets.imagenet_wnids()
 
@@ -78,6 +78,9 @@ def test_shards_cover_every_item_once(world):
     shards = [distributed.Distributed(rank=r, world_size=world).shard(items) for r in range(world)]
     assert sorted(sum(shards, [])) == items
     assert all(shards)  # every rank given work
+    blocks = [distributed.Distributed(rank=r, world_size=world).block(items) for r in range(world)]
+    assert sum(blocks, []) == items  # contiguous, in order: gathered results need no positions
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
 def test_stream_reports_bad_images_and_keeps_going(tmp_path):
@@ -109,7 +112,8 @@ def test_run_journals_and_resumes(tmp_path):
     key = {"model": "x"}
     calls: list[str] = []
     journal = labelsets.Journal(report, dist, key, resume=False)
-    records, per_rank = labelsets.run(samples[:3], preprocessing.PreprocessConfig(), fake_process(calls), dist, 2, 0, journal)
+    cfg = preprocessing.PreprocessConfig()
+    records, per_rank = labelsets.run(samples[:3], cfg, fake_process(calls), dist, 2, 0, journal)
     journal.close(remove=False)
     assert len(records) == 3 and per_rank == [3]
     lines = (tmp_path / "report.json.parts" / "rank0.jsonl").read_text().splitlines()
@@ -119,7 +123,7 @@ def test_run_journals_and_resumes(tmp_path):
 
     calls.clear()
     journal = labelsets.Journal(report, dist, key, resume=True)
-    records, per_rank = labelsets.run(samples, preprocessing.PreprocessConfig(), fake_process(calls), dist, 2, 0, journal)
+    records, per_rank = labelsets.run(samples, cfg, fake_process(calls), dist, 2, 0, journal)
     journal.close(remove=True)
     assert calls == [s.image for s in samples[3:]]  # finished images are not redone
     assert [r["image"] for r in records] == [s.image for s in samples] and per_rank == [2]
@@ -141,6 +145,7 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subproc
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.slow
 def test_inference_under_torchrun_matches_one_process(tiny_model_dir, tmp_path, nproc):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -194,7 +199,7 @@ def test_accuracy_on_a_labelled_folder(tiny_model_dir, labelled_set, tmp_path, c
     assert data["agreement_top1"] == 1.0 and data["disagreements"] == []
     assert data["reference"] == data["target"]  # an identical CPU target
     assert sum(c["images"] for c in data["per_class"].values()) == 5
-    assert read_json(report)["skipped_images"][0]["image"].endswith("broken.png")
+    assert read_json(report)["errors"][0]["image"].endswith("broken.png")
     lines = (tmp_path / "report.images.jsonl").read_text().splitlines()
     assert len(lines) == 6
     assert not (tmp_path / "report.json.parts").exists()  # the journal goes once the report is written
@@ -244,6 +249,7 @@ def test_killed_run_resumes_without_redoing_images(tiny_model_dir, labelled_set,
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.slow
 def test_accuracy_under_torchrun_matches_one_process(tiny_model_dir, labelled_set, tmp_path, nproc):
     import accuracy_run
 

@@ -36,6 +36,7 @@ def http_photos():
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_synthetic_x_small_matches_transformers_own_pipeline(synthetic_model_dir, tmp_path):
     """The done-when check: same class ids as transformers' processor + model, probabilities within 1e-5."""
     import transformers
@@ -66,7 +67,8 @@ def test_report_shape_and_console_table(tiny_model_dir, tmp_path, capsys):
                          "--batch_size", "2", "--output", str(out)])
     assert rc == 0
     report = read_json(out)
-    assert set(report) >= {"model", "device", "dtype", "environment", "results", "errors"}
+    assert set(report) >= {"tool", "argv", "model_source", "device", "dtype", "environment", "results", "errors"}
+    assert report["tool"] == "inference.py" and report["model_source"]["path"] == str(tiny_model_dir)
     assert report["device"] == "cpu" and report["dtype"] == "fp32" and report["errors"] == []
     assert report["environment"]["torch"] == torch.__version__
     assert len(report["results"]) == len(PHOTOS)
@@ -122,8 +124,7 @@ def test_bad_images_are_reported_and_the_rest_go_on(tiny_model_dir, tmp_path, ht
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_url_size_cap(http_photos, monkeypatch):
-    monkeypatch.setattr(common, "URL_MAX_BYTES", 1000)
+def test_url_size_cap(http_photos):
     with pytest.raises(OSError, match="cap"):
         preprocessing.fetch_url(f"{http_photos}/chelsea.png", max_bytes=1000)
 
@@ -183,10 +184,10 @@ def test_script_runs_as_a_subprocess(tiny_model_dir):
 def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_path, capsys, monkeypatch):
     calls = []
     real_sync = devices.synchronize
-    monkeypatch.setattr(common, "synchronize", lambda device: (calls.append(str(device)), real_sync(device))[1])
+    monkeypatch.setattr(devices, "synchronize", lambda device: (calls.append(str(device)), real_sync(device))[1])
     out = tmp_path / "bench.json"
     argv = ["--model_path", str(tiny_model_dir), "--benchmark", "--iterations", "4", "--warmup", "1",
-            "--batch_size", "2", "--output", str(out)]
+            "--batch_size", "2", "--output", str(out), "--allocator", "system"]
     assert inference.main(argv) == 0
     report = read_json(out)
     (result,) = report["results"]
@@ -200,6 +201,6 @@ def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_pa
 
 def test_benchmark_under_torchrun_is_refused(tiny_model_dir, monkeypatch, capsys):
     two_ranks = distributed.Distributed(rank=0, world_size=2)
-    monkeypatch.setattr(dataset, "setup", lambda spec, jit_compile=False: (two_ranks, devices.Device("cpu")))
+    monkeypatch.setattr(distributed, "setup", lambda spec, jit_compile=False: (two_ranks, devices.Device("cpu")))
     assert inference.main(["--model_path", str(tiny_model_dir), "--benchmark"]) == 2
     assert "--benchmark times one device" in capsys.readouterr().err

@@ -9,9 +9,7 @@ import sys
 import pytest
 from conftest import ROOT, read_json
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import bench_peers  # noqa: E402
+from benchmarks import bench_peers
 
 
 def test_unknown_peer_exits_2(tiny_model_dir, capsys):
@@ -30,6 +28,7 @@ def test_no_installed_peer_exits_2(tiny_model_dir, monkeypatch, capsys):
     assert "no peer to run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peer", bench_peers.PEERS)
 def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
     """As a user runs it, in its own process: OpenVINO's thread pool in the pytest process (next to the gloo groups and
@@ -39,11 +38,12 @@ def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
     out = tmp_path / "peers.json"
     argv = ["--model_path", str(tiny_model_dir), "--peers", peer, "--modes", "eager", "--iterations", "2",
             "--warmup", "1", "--batch_sizes", "1,2", "--allocator", "system", "--output", str(out)]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), *argv], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_peers", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert peer in proc.stdout and "% ceiling" in proc.stdout
-    data = read_json(out)
+    data = read_json(out)  # the benchmark's own report: same header, settings and result schema
+    assert data["tool"] == "benchmarks/bench_peers.py" and data["settings"]["peers"] == [peer]
     assert data["environment"][peer] and data["environment"]["allocator"]["tuned"] is False
     rows = [(r["mode"], r["batch_size"]) for r in data["results"]]
     assert rows == [("eager", 1), (peer, 1), ("eager", 2), (peer, 2)]
@@ -51,3 +51,4 @@ def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
         assert len(r["samples_ms"]) == 2
         assert r["exact"] is True, r["agreement"]  # float32 on both sides: the same logits to float rounding
         assert r["roofline"]["flop_per_image"] > 0
+        assert r["status"] == "ok" and r["peak_memory_bytes"] > 0 and r["latency_ms"]["p50"] > 0

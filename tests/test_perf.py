@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import types
@@ -21,12 +23,12 @@ from mobilevit_npu import (
     execution,
     fastpath,
     flops,
-    malloc,
     metrics,
     models,
     preprocessing,
     timing,
 )
+from mobilevit_npu.errors import Unavailable
 
 # --------------------------------------------------------------------------------------------------------------------
 # Statistics and agreement
@@ -90,8 +92,8 @@ def recorder(monkeypatch):
         events.append("clock")
         return len(events) * 1e-3
 
-    monkeypatch.setattr(common, "synchronize", sync)
-    monkeypatch.setattr(benchmark, "_clock", clock)
+    monkeypatch.setattr(devices, "synchronize", sync)
+    monkeypatch.setattr(timing, "_clock", clock)
     return events
 
 
@@ -133,6 +135,7 @@ def test_run_benchmark_synchronizes_before_every_clock_read(tiny_model_dir, reco
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fast_model_is_exact_on_full_size_x_small(synthetic_model_dir):
     loaded = models.load_model(str(synthetic_model_dir))
     batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, loaded.preprocess)) for p in PHOTOS])
@@ -154,16 +157,38 @@ def test_fast_model_handles_sizes_that_need_interpolation(tiny_model_dir):
     assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
 
 
-def _no_compiler(device):
-    """Stand-in for torch.compile (even dynamo tracing alone costs ~15 s per mode here): this test judges the model
-    rewrites and the plumbing; test_fast_mode_with_inductor_freezing_is_exact runs the real compiler once."""
-    return (lambda fn, name: compilers._unique_function(fn, name)), {}, ["not compiled (test)"]
+EXACT_MODES = ("eager", "channels_last", "compiled", "fast")  # must match float32 eager exactly
+SYSTEM = ["--allocator", "system"]  # in-process script runs leave malloc alone (mallopt is process-wide)
+
+
+@torch.no_grad()
+def test_lower_precision_agreement_counts_the_rounding_of_the_weights(tiny_model_dir):
+    """bf16 agreement is against the float32 weights, not an upcast copy of the rounded ones (which would hide the
+    weight-rounding error)."""
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
+    (r,) = bench.run_benchmark(loaded, devices.Device("cpu"), modes=["eager"], iterations=1, warmup=0, dtype="bf16",
+                               images=PHOTOS, progress=False, measure_roofline=False)  # fmt: skip
+    batches = bench.photo_batches(PHOTOS, loaded.preprocess, 1)
+    rounded = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    target = torch.cat([rounded(pixel_values=b.to(torch.bfloat16)).logits.float() for b in batches])
+    honest = metrics.agreement(torch.cat([loaded.model(pixel_values=b).logits for b in batches]), target)
+    upcast = copy.deepcopy(rounded).float()
+    flattering = metrics.agreement(torch.cat([upcast(pixel_values=b).logits for b in batches]), target)
+    assert r["agreement"]["cosine"] == pytest.approx(honest.cosine, abs=1e-12)
+    assert honest.cosine < flattering.cosine - 1e-4  # the two differ: the test can tell them apart
+    assert next(loaded.model.parameters()).dtype == torch.float32  # the caller's model is left as it was
+
+
+def _no_compile(fn, device, name, example, cpp_wrapper=False):
+    """Stand-in for compilers.compile_for (even dynamo tracing alone costs ~15 s per mode here): this test judges the
+    model rewrites and the plumbing; test_fast_mode_with_inductor_freezing_is_exact runs the real compiler once."""
+    return fn, timing.timed_call(lambda: fn(example), device)[1] / 1000.0, ["not compiled (test)"]
 
 
 def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
-    monkeypatch.setattr(benchmark, "aoti_available", lambda: False)
-    benchmark.clear_cache()
+    monkeypatch.setattr(compilers, "compile_for", _no_compile)
+    monkeypatch.setattr(compilers, "aoti_available", lambda: False)
+    execution._cache.clear()
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     modes = execution.available_modes(devices.Device("cpu"))
     results = bench.run_benchmark(
@@ -176,32 +201,35 @@ def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
         images=PHOTOS,
         progress=False,
     )
-    benchmark.clear_cache()
+    execution._cache.clear()
     by_mode = {r["mode"]: r for r in results}
     assert set(by_mode) == set(modes)
     for mode, r in by_mode.items():
         assert r["status"] == "ok", (mode, r["reason"])
-        if mode in benchmark.EXACT_MODES:
+        if mode in EXACT_MODES:
             assert r["exact"], (mode, r["agreement"])
             assert r["agreement"]["cosine"] >= metrics.EXACT_COSINE
             assert r["agreement"]["top1_agreement"] == 1.0
-        else:  # bf16: a looser bound, and never passed off as exact unless it truly is
+        else:  # bf16: a looser bound, and "exact" only if its agreement truly meets the exact bound
             assert r["agreement"]["cosine"] >= 0.99
+            agreement = metrics.Agreement(**r["agreement"])
+            assert r["exact"] is (agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0)
     for mode in ("compiled", "fast"):
         assert by_mode[mode]["compile_s"] > 0
     assert by_mode["eager"]["compile_s"] is None
 
 
+@pytest.mark.slow
 def test_fast_mode_with_inductor_freezing_is_exact(tiny_model_dir):
     """The real CPU build (AOTInductor where torch has it, else inductor + freezing) for the mode that matters; one
     build, tens of seconds."""
-    benchmark.clear_cache()
+    execution._cache.clear()
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     results = bench.run_benchmark(
         loaded, devices.Device("cpu"), modes=["fast"], batch_sizes=[1, 2], iterations=1, warmup=0, images=PHOTOS,
         progress=False,
     )  # fmt: skip
-    benchmark.clear_cache()
+    execution._cache.clear()
     for r in results:  # one build per batch size: the AOT runner is specialised to its input shape
         assert r["status"] == "ok", r["reason"]
         assert r["exact"] and r["agreement"]["top1_agreement"] == 1.0, r["agreement"]
@@ -213,15 +241,15 @@ def test_fast_mode_falls_back_to_torch_compile_when_aoti_fails(tiny_model_dir, m
     def fail(*args, **kwargs):
         raise RuntimeError("no C++ compiler\nmore")
 
-    monkeypatch.setattr(benchmark, "aoti_available", lambda: True)
+    monkeypatch.setattr(compilers, "aoti_available", lambda: True)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail, raising=False)
-    monkeypatch.setattr(benchmark, "_compiler", _no_compiler)
-    benchmark.clear_cache()
+    monkeypatch.setattr(compilers, "compile_for", _no_compile)
+    execution._cache.clear()
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     (r,) = bench.run_benchmark(
         loaded, devices.Device("cpu"), modes=["fast"], iterations=1, warmup=0, images=PHOTOS, progress=False
     )
-    benchmark.clear_cache()
+    execution._cache.clear()
     assert r["status"] == "ok" and r["exact"], r
     assert "AOTInductor failed (RuntimeError: no C++ compiler); torch.compile instead" in r["notes"]
     assert "not compiled (test)" in r["notes"]
@@ -240,28 +268,44 @@ def test_compiled_callables_are_distinct_and_cached(tiny_model_dir, monkeypatch)
 
     a, b = compilers._unique_function(f, "a"), compilers._unique_function(f, "b")
     assert a.__code__ is not b.__code__ and a(3) == 3
-    monkeypatch.setattr(benchmark, "COMPILE_CACHE_SIZE", 2)
-    benchmark.clear_cache()
+    monkeypatch.setattr(execution, "COMPILE_CACHE_SIZE", 2)
+    execution._cache.clear()
     device = devices.Device("cpu")
     first = execution.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8))
     assert execution.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(1, 3, 8, 8)) is first
     for n in (2, 3, 4):
         execution.prepare_mode("eager", loaded.model, device, "fp32", torch.zeros(n, 3, 8, 8))
     assert len(execution._cache) == 2
-    benchmark.clear_cache()
+    execution._cache.clear()
 
 
 def test_npu_modes_without_torchair(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchair", None)  # import torchair raises ImportError
-    with pytest.raises(execution.Unavailable, match="torchair"):
-        compilers.compiler_for(devices.Device("npu", 0))
+    with pytest.raises(Unavailable, match="torchair"):
+        compilers.compile_for(lambda x: x, devices.Device("npu", 0), "f", torch.zeros(1))
     assert "channels_last" not in execution.available_modes(devices.Device("npu", 0))
 
 
-def test_tune_malloc_reports_the_allocator():
-    info = malloc.tune_malloc()
-    assert info["name"] and "tuned" in info
-    assert malloc.tune_malloc() == info  # applied once
+ALLOCATOR_PROBE = """
+import json, sys
+from mobilevit_npu import malloc
+first = malloc.select(sys.argv[1])
+print(json.dumps({"first": first, "again": malloc.select(sys.argv[1]), "current": malloc.current()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+@pytest.mark.parametrize("choice", ["tuned", "system"])
+def test_allocator_choice_is_applied_and_reported(choice):
+    """In a subprocess: mallopt is process-wide and irreversible, so the pytest process never calls it."""
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, choice], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "LD_PRELOAD": ""})  # fmt: skip
+    info = json.loads(out.stdout)
+    assert info["first"]["name"] == "glibc malloc"
+    assert info["first"]["tuned"] is (choice == "tuned")
+    assert info["again"] == info["first"] == info["current"]  # applied once, and what every report records
+    if choice == "tuned":
+        assert info["first"]["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1, "M_TOP_PAD": 1 << 30}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -276,11 +320,13 @@ RESULT_KEYS = {
 
 def test_report_schema(tiny_model_dir, tmp_path, capsys):
     report = tmp_path / "perf.json"
-    argv = [str(tiny_model_dir), "3", str(report), "--warmup", "1", "--batch-sizes", "1,2", "--device", "cpu"]
+    argv = [str(tiny_model_dir), "3", str(report), "--warmup", "1", "--batch-sizes", "1,2", "--device", "cpu", *SYSTEM]
     assert accuracy_run_perf.main(argv + ["--modes", "eager,channels_last"]) == 0
     data = read_json(report)
-    assert {"model", "source", "device", "environment", "results"} <= set(data)
+    assert {"tool", "argv", "model_source", "synthetic", "device", "settings", "environment", "results"} <= set(data)
+    assert data["tool"] == "accuracy_run_perf.py" and data["argv"] == argv + ["--modes", "eager,channels_last"]
     assert data["device"] == "cpu" and data["synthetic"] is False
+    assert data["model_source"]["sha256"] and data["environment"]["allocator"]["tuned"] is False
     env = data["environment"]
     assert {"torch", "transformers", "torch_threads", "allocator", "cpu_count", "device_name"} <= set(env)
     assert [(r["mode"], r["batch_size"]) for r in data["results"]] == [
@@ -339,9 +385,9 @@ def test_matmul_ceiling_is_timed_synchronized_and_cached(monkeypatch):
         calls.append(device.type)
         return fn(), 10.0  # every matmul "takes" 10 ms
 
-    monkeypatch.setattr(benchmark, "timed_call", timed_call)
-    monkeypatch.setattr(benchmark, "CEILING_SIZE", {"cpu": 64})
-    monkeypatch.setattr(benchmark, "_ceilings", {})
+    monkeypatch.setattr(timing, "timed_call", timed_call)
+    monkeypatch.setattr(flops, "CEILING_SIZE", {"cpu": 64})
+    monkeypatch.setattr(flops, "_ceilings", {})
     device = devices.Device("cpu")
     ceiling = flops.matmul_ceiling(device, torch.float32, repeats=3)
     assert ceiling == pytest.approx(2 * 64**3 / 0.010)
@@ -351,7 +397,7 @@ def test_matmul_ceiling_is_timed_synchronized_and_cached(monkeypatch):
 
 def test_end_to_end_runs_on_the_photos(tiny_model_dir, tmp_path):
     report = tmp_path / "e2e.json"
-    argv = [str(tiny_model_dir), "2", str(report), "--warmup", "0", "--end_to_end", "--device", "cpu"]
+    argv = [str(tiny_model_dir), "2", str(report), "--warmup", "0", "--end_to_end", "--device", "cpu", *SYSTEM]
     assert accuracy_run_perf.main(argv) == 0
     (r,) = read_json(report)["results"]
     assert r["end_to_end"] is True and r["status"] == "ok" and len(r["samples_ms"]) == 2
@@ -360,7 +406,7 @@ def test_end_to_end_runs_on_the_photos(tiny_model_dir, tmp_path):
 def test_plot(tiny_model_dir, tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "lat.png"
-    argv = [str(tiny_model_dir), "2", str(tmp_path / "r.json"), "--warmup", "0", "--plot", str(plot)]
+    argv = [str(tiny_model_dir), "2", str(tmp_path / "r.json"), "--warmup", "0", "--plot", str(plot), *SYSTEM]
     assert accuracy_run_perf.main(argv + ["--device", "cpu"]) == 0
     assert plot.stat().st_size > 0
 
@@ -378,19 +424,20 @@ def test_plot(tiny_model_dir, tmp_path):
     ],
 )
 def test_cli_usage_errors_exit_2(tiny_model_dir, tmp_path, extra):
-    assert accuracy_run_perf.main([str(tiny_model_dir), "1", str(tmp_path / "r.json"), *extra]) == 2
+    assert accuracy_run_perf.main([str(tiny_model_dir), "1", str(tmp_path / "r.json"), *extra, *SYSTEM]) == 2
     assert not (tmp_path / "r.json").exists()
 
 
 def test_cli_bad_model_and_iterations_exit_2(tmp_path):
-    assert accuracy_run_perf.main([str(tmp_path / "absent"), "1", str(tmp_path / "r.json"), "--device", "cpu"]) == 2
-    assert accuracy_run_perf.main([str(tmp_path), "0", str(tmp_path / "r.json")]) == 2
+    absent = [str(tmp_path / "absent"), "1", str(tmp_path / "r.json"), "--device", "cpu", *SYSTEM]
+    assert accuracy_run_perf.main(absent) == 2
+    assert accuracy_run_perf.main([str(tmp_path), "0", str(tmp_path / "r.json"), *SYSTEM]) == 2
     assert accuracy_run_perf.main(["--help"]) == 0
 
 
 def test_plot_without_matplotlib_exits_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(benchmark, "matplotlib_available", lambda: False)
-    argv = [str(tiny_model_dir), "1", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")]
+    monkeypatch.setattr(bench, "matplotlib_available", lambda: False)
+    argv = [str(tiny_model_dir), "1", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png"), *SYSTEM]
     assert accuracy_run_perf.main(argv) == 2
     assert "matplotlib" in capsys.readouterr().err
 
