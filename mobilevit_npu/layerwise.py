@@ -18,22 +18,22 @@ from mobilevit_npu import metrics
 logger = logging.getLogger("mobilevit_npu.layerwise")
 
 
-def _tensors(output: Any) -> Iterator[torch.Tensor]:
+def float_tensors(output: Any) -> Iterator[torch.Tensor]:
     """The floating-point tensors in a module output: a tensor, a (nested) tuple/list, a dict or a ModelOutput."""
     if isinstance(output, torch.Tensor):
         if output.is_floating_point():
             yield output
     elif isinstance(output, (tuple, list)):
         for item in output:
-            yield from _tensors(item)
+            yield from float_tensors(item)
     elif isinstance(output, dict):
         for item in output.values():
-            yield from _tensors(item)
+            yield from float_tensors(item)
 
 
 def _flatten(output: Any) -> torch.Tensor | None:
     """All floating tensors of an output as one new 1-D CPU tensor (a copy: later in-place ops cannot change it)."""
-    parts = [t.detach().reshape(-1).to("cpu", torch.float32) for t in _tensors(output)]
+    parts = [t.detach().reshape(-1).to("cpu", torch.float32) for t in float_tensors(output)]
     if not parts:
         return None
     return torch.cat(parts) if len(parts) > 1 else parts[0].clone()

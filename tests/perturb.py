@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from mobilevit_npu import targets
+from mobilevit_npu.layerwise import float_tensors
 
 
 def perturb_targets(monkeypatch, *patches: targets.Patch) -> None:
@@ -17,21 +17,8 @@ def perturb_targets(monkeypatch, *patches: targets.Patch) -> None:
     monkeypatch.setattr(targets, "prepare_target", functools.partial(targets.prepare_target, patches=patches))
 
 
-def _tensors(output: Any) -> Iterator[torch.Tensor]:
-    """The floating-point tensors in a module output: a tensor, a (nested) tuple/list, a dict or a ModelOutput."""
-    if isinstance(output, torch.Tensor):
-        if output.is_floating_point():
-            yield output
-    elif isinstance(output, (tuple, list)):
-        for item in output:
-            yield from _tensors(item)
-    elif isinstance(output, dict):
-        for item in output.values():
-            yield from _tensors(item)
-
-
 def _first_tensor(output: Any) -> torch.Tensor | None:
-    for tensor in _tensors(output):
+    for tensor in float_tensors(output):
         return tensor
     return None
 
