@@ -59,10 +59,8 @@ def download_command(repo_id: str, folder: str) -> str:
 
 def fetch_from_hub(repo_id: str, folder: Path | None = None, shown_as: str = DEFAULT_MODEL_DIR) -> Path:
     """Download a checkpoint with huggingface_hub (HF_ENDPOINT honoured). Offline: UserError with the command."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise UserError("huggingface_hub is not installed: pip install huggingface_hub") from exc
+    from huggingface_hub import snapshot_download
+
     endpoint = os.environ.get("HF_ENDPOINT") or None
     logger.info("fetching %s from %s", repo_id, endpoint or "https://huggingface.co")
     hub_logger = logging.getLogger("huggingface_hub")
