@@ -216,6 +216,8 @@ def num(x: Any, spec: str) -> str:
         raise TypeError(f"not a finite number: {x!r}")
     if spec == "%":
         return f"{100 * x:.2f}%"
+    if spec == "%3":  # agreement and accuracy: one image in 50,000 is 0.002%
+        return f"{100 * x:.3f}%"
     if spec == "%1":
         return f"{100 * x:.1f}%"
     if spec == ",":
@@ -291,20 +293,35 @@ class CardWriter:
         lines = [row(self.w("env_field"), *(code(r.name) for r in items)), row(*["---"] * (len(items) + 1))]
         for key, label in self.ENV_ROWS:
             if key in self.OPTIONAL_ENV:
+                for r in items:  # an NPU target's report must say which torch_npu and CANN it ran with
+                    if key in ("torch_npu", "cann") and platform_kind(str(r.need("environment", "device"))) == "npu":
+                        r.need("environment", key, null=key == "cann")
                 if all(r.get("environment", key) is None for r in items):
                     continue  # not applicable anywhere (no torch_npu on a CPU run): no row, rather than a blank one
-                cells = [r.get("environment", key) for r in items]
-                cells = [code(c) if c is not None else self.w("absent") for c in cells]
+                cells = [self.optional_env(r, key) for r in items]
             else:
                 cells = [code(r.need("environment", key)) for r in items]
             lines.append(row(self.w(label), *cells))
         lines.append(row(self.w("env_allocator"), *(self.allocator(r) for r in items)))
+        if any(r.get("environment", "load_average") for r in items):
+            lines.append(row(self.w("env_load"), *(self.load(r) for r in items)))
         if any(self.precision(r) for r in items):
             lines.append(row(self.w("env_fp32"), *(self.precision(r) or self.w("not_recorded") for r in items)))
         if any(r.get("environment", "torch_npu_mismatch") for r in items):
             lines.append(row(self.w("env_mismatch"), *(r.get("environment", "torch_npu_mismatch")
                                                        or self.w("no") for r in items)))  # fmt: skip
         return "\n".join(lines)
+
+    def optional_env(self, r: Report, key: str) -> str:
+        environment = r.need("environment")
+        if key not in environment:
+            return self.w("not_recorded")
+        value = environment[key]
+        return code(value) if value is not None else self.w(f"env_null_{key}")
+
+    def load(self, r: Report) -> str:
+        load = r.get("environment", "load_average")
+        return " / ".join(num(x, ".2f") for x in load) if load else self.w("not_recorded")
 
     def allocator(self, r: Report) -> str:
         name = r.need("environment", "allocator", "name")
@@ -348,7 +365,7 @@ class CardWriter:
 
     # --------------------------------------------------------------------------------------------------- accuracy
     METRICS = (
-        ("cosine_min", ".6f"), ("cosine_mean", ".6f"), ("top1_agreement", "%"), ("top1_near_tie_flips", "d"),
+        ("cosine_min", ".6f"), ("cosine_mean", ".6f"), ("top1_agreement", "%3"), ("top1_near_tie_flips", "d"),
         ("top5_overlap_mean", ".4f"), ("max_abs_prob_diff", ".6f"), ("max_abs_logit_diff", ".6f"), ("rmse", ".6f"),
         ("mean_relative_error", ".4f"), ("mean_relative_error_above_error_floor", ".4f"),
         ("share_rel_err_below_0_001", "%"), ("reference_logit_std_min", ".4f"),
@@ -375,7 +392,7 @@ class CardWriter:
         reasons = r.need("verdict_reasons")
         if verdict != "PASS" and not reasons:
             raise CardError(f"{r.path}: verdict {verdict} with no verdict_reasons; the card would not say why")
-        reason_text = bullets(reasons) if reasons else self.w("verdict_no_reasons")
+        reason_text = "\n\n" + bullets(reasons) if reasons else self.w("verdict_no_reasons")
         skipped = r.get("skipped")
         if skipped is None:
             skipped = r.need("dataset", "skipped") if r.kind == "labelled" else len(r.need("errors"))
@@ -419,11 +436,11 @@ class CardWriter:
     def labelled(self, r: Report) -> str:
         rows = [row(self.w("side_col"), "top-1", "top-5"), row("---", "---:", "---:")]
         for which in ("reference", "target"):
-            rows.append(row(self.w(which) + " " + self.side(r, which), num(r.need("dataset", which, "top1"), "%"),
-                            num(r.need("dataset", which, "top5"), "%")))  # fmt: skip
+            rows.append(row(self.w(which) + " " + self.side(r, which), num(r.need("dataset", which, "top1"), "%3"),
+                            num(r.need("dataset", which, "top5"), "%3")))  # fmt: skip
         return self.t.fill("labelled", table="\n".join(rows), images=r.need("dataset", "images"),
                            skipped=r.need("dataset", "skipped"),
-                           agreement=num(r.need("dataset", "agreement_top1"), "%"),
+                           agreement=num(r.need("dataset", "agreement_top1"), "%3"),
                            differ=len(r.need("dataset", "disagreements")))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ performance
@@ -458,7 +475,7 @@ class CardWriter:
                 code(mode), batch, *lat, num(need("throughput_images_per_s"), ".2f"),
                 self.w("not_compiled") if compile_s is None else num(compile_s, ".2f"),
                 self.w("na") if agreement is None else self.value(agreement["cosine"], ".7f"),
-                self.w("na") if agreement is None else self.value(agreement["top1_agreement"], "%"),
+                self.w("na") if agreement is None else self.value(agreement["top1_agreement"], "%3"),
                 self.yes_no(need("exact")),
                 self.w("na") if roofline is None else num(roofline["fraction_of_ceiling"], "%1"),
             ))  # fmt: skip
@@ -526,7 +543,7 @@ class CardWriter:
         if self.synthetic:
             seed = weights_identity(self.items[0])[1]
             out += [templates[lang].fill("synthetic_banner", seed=seed) for lang in order]
-        if not any(k in ("npu", "cuda") for k in target_devices(self.items)):
+        if set(target_devices(self.items)) == {"cpu"}:
             out.append(self.t.fill("cpu_banner", platforms=self.platforms()))
         return "\n\n".join(out)
 
@@ -610,7 +627,7 @@ def front_matter(items: list[Report], facts: ModelFacts) -> str:
 # ------------------------------------------------------------------------------------------------------ the tool
 
 _HOLE_RE = re.compile(
-    r"\$\{|\$[A-Za-z_]|\|\s*(?:None|nan|null|)\s*\|(?!-)|(?<![\w.])(?:None|nan)(?![\w.])|[:：]\s*[。.]\s*$|\(\s*\)|（\s*）"
+    r"\$\{|\$[A-Za-z_]|\|\s*(?:None|nan|null|)\s*\|(?!-)|(?<![\w.])(?:None|nan)(?![\w.])|[:：]\s*[。.]\s*$|(?<!\w)\(\s*\)|（\s*）"
 )
 
 

@@ -251,6 +251,7 @@ def environment(device: Device, allocator: dict[str, Any] | None = None) -> dict
         "cpu_bf16": cpu_bf16_supported() if device.type == "cpu" else None,
         "allocator": allocator or malloc.current(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "pillow": package_version("pillow"),  # decoding and resizing are part of what a port run checks
     }
 
 
