@@ -392,7 +392,7 @@ class CardWriter:
         reasons = r.need("verdict_reasons")
         if verdict != "PASS" and not reasons:
             raise CardError(f"{r.path}: verdict {verdict} with no verdict_reasons; the card would not say why")
-        reason_text = "\n\n" + bullets(reasons) if reasons else self.w("verdict_no_reasons")
+        reason_text = self.w("verdict_reasons") + "\n\n" + bullets(reasons) if reasons else self.w("verdict_no_reasons")
         skipped = r.get("skipped")
         if skipped is None:
             skipped = r.need("dataset", "skipped") if r.kind == "labelled" else len(r.need("errors"))
@@ -563,6 +563,7 @@ class CardWriter:
             accuracy="\n\n".join(self.accuracy(r) for r in acc), model=self.model(), sources=sources,
             performance="\n\n".join(self.performance(r) for r in perf),
         )  # fmt: skip
+        text = "\n".join(line.rstrip() for line in text.splitlines())
         return re.sub(r"\n{3,}", "\n\n", text) + "\n"
 
 
