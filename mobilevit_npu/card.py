@@ -8,8 +8,9 @@ the field: the card never shows an empty cell or an unfilled placeholder.
 
 Fields read, besides the required ones (a missing one stops the tool):
 - environment: device, device_name, cpu, cpu_count, platform, python, torch, transformers, torch_npu, cann, cuda,
-  torch_threads, allocator.name / allocator.tuned; when present: pillow, torch_npu_mismatch, fp32_precision
-  (conv_hf32 / matmul_hf32 on npu, conv_tf32 / matmul_tf32 on cuda, float32_matmul_precision elsewhere), hf32, tf32.
+  torch_threads, allocator.name / allocator.tuned; when present: pillow, load_average, torch_npu_mismatch,
+  fp32_precision (conv_hf32 / matmul_hf32 on npu, conv_tf32 / matmul_tf32 on cuda, float32_matmul_precision
+  elsewhere), hf32, tf32. torch_npu and cann are required in the report of an npu target.
 - report (accuracy) or result (perf): cpu_fallback when present ({"operators": {op: count}, ...}, or a list of
   operator names); for an npu target without it the card says the report does not record fallbacks.
 - accuracy: skipped (a count) when present, else the length of errors (dataset.skipped for a labelled set).
@@ -570,59 +571,72 @@ class CardWriter:
 # ------------------------------------------------------------------------------------------------- front matter
 
 
-def front_matter(items: list[Report], facts: ModelFacts) -> str:
-    from huggingface_hub import EvalResult, ModelCardData
+DEVICE_TAGS = {"npu": ["NPU", "Ascend", "torch_npu"], "cuda": ["CUDA"], "mps": ["MPS"], "cpu": ["CPU"]}
+
+
+def _result(r: Report, dataset: str, metrics: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """One model-index result (the hub's layout: task, dataset, metrics), one per report."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(r.path).stem)
+    return {
+        "task": {"type": "image-classification", "name": "Image Classification"},
+        "dataset": {"name": dataset, "type": f"report/{stem}"},
+        "metrics": [{"type": kind, "value": value, "name": name} for kind, name, value in metrics],
+    }
+
+
+def front_matter(items: list[Report]) -> str:
+    """YAML front matter a hub reads: license, base_model, pipeline_tag, tags, and a model-index of the measured
+    results. Written with yaml in a fixed key order (not huggingface_hub's card writer, whose order varies by
+    version); tests read it back with huggingface_hub's own model-index parser."""
+    import yaml
 
     synthetic = bool(items[0].need("synthetic"))
-    kinds = target_devices(items)
     tags = ["vision", "image-classification", "mobilevit"]
-    tags += {"npu": ["NPU", "Ascend", "torch_npu"], "cuda": ["CUDA"], "mps": ["MPS"], "cpu": ["CPU"]}[kinds[0]]
-    for kind in kinds[1:]:
-        tags += {"npu": ["NPU", "Ascend", "torch_npu"], "cuda": ["CUDA"], "mps": ["MPS"], "cpu": ["CPU"]}[kind]
+    for kind in target_devices(items):
+        tags += DEVICE_TAGS[kind]
     if synthetic:
         tags.append("synthetic-weights")
     results = []
-    task = {"task_type": "image-classification", "task_name": "Image Classification"}
     for r in items:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(r.path).stem)
         if r.kind == "perf":
-            name = (
-                f"latency on {r.need('device')} ({r.need('environment', 'device_name')}), {r.need('settings', 'dtype')}"
-            )
+            metrics = []
             for res in r.need("results"):
                 if res.get("status") != "ok":
                     continue
                 label = f"{res['mode']}, batch {res['batch_size']}"
-                results.append(EvalResult(**task, dataset_type=f"report/{stem}", dataset_name=name,
-                                          metric_type="latency_p50_ms", metric_name=f"p50 latency (ms), {label}",
-                                          metric_value=round(res["latency_ms"]["p50"], 2)))  # fmt: skip
-                results.append(EvalResult(**task, dataset_type=f"report/{stem}", dataset_name=name,
-                                          metric_type="throughput_images_per_s", metric_name=f"images/s, {label}",
-                                          metric_value=round(res["throughput_images_per_s"], 2)))  # fmt: skip
+                metrics.append(("latency_p50_ms", f"p50 latency (ms), {label}", round(res["latency_ms"]["p50"], 2)))
+                metrics.append(("throughput_images_per_s", f"images/s, {label}",
+                                round(res["throughput_images_per_s"], 2)))  # fmt: skip
+            device = f"{r.need('device')} ({r.need('environment', 'device_name')})"
+            results.append(_result(r, f"latency on {device}, {r.need('settings', 'dtype')}", metrics))
             continue
-        agg = r.need("aggregate")
+        agg, metrics = r.need("aggregate"), []
         if r.kind == "labelled":
-            name = f"labelled set ({r.need('dataset', 'images')} images): {r.need('compared')}"
+            dataset = f"labelled set ({r.need('dataset', 'images')} images): {r.need('compared')}"
             for k in ("top1", "top5"):
-                results.append(EvalResult(**task, dataset_type=f"report/{stem}", dataset_name=name,
-                                          metric_type="accuracy", metric_name=f"{k} accuracy (target)",
-                                          metric_value=round(r.need("dataset", "target", k), 6)))  # fmt: skip
+                metrics.append(("accuracy", f"{k} accuracy (target)", round(r.need("dataset", "target", k), 6)))
         else:
-            name = f"{r.need('compared')} ({r.need('aggregate', 'images')} images)"
-        for key, metric in (
+            dataset = f"{r.need('compared')} ({r.need('aggregate', 'images')} images)"
+        for key, name in (
             ("cosine_min", "cosine similarity, worst image"),
             ("top1_agreement", "top-1 agreement"),
             ("max_abs_prob_diff", "max |probability diff|"),
         ):
             if agg.get(key) is not None:
-                results.append(EvalResult(**task, dataset_type=f"report/{stem}", dataset_name=name, metric_type=key,
-                                          metric_name=metric, metric_value=round(agg[key], 6)))  # fmt: skip
+                metrics.append((key, name, round(agg[key], 6)))
+        results.append(_result(r, dataset, metrics))
     model_name = "mobilevit-x-small" + (" (synthetic weights, not a port result)" if synthetic else "")
-    data = ModelCardData(
-        **LICENSE, base_model=BASE_MODEL, pipeline_tag="image-classification", library_name="transformers",
-        datasets=["imagenet-1k"], tags=tags, model_name=model_name, eval_results=results,
-    )  # fmt: skip
-    return "---\n" + data.to_yaml() + "\n---\n"
+    meta = {
+        **LICENSE,
+        "base_model": BASE_MODEL,
+        "pipeline_tag": "image-classification",
+        "library_name": "transformers",
+        "datasets": ["imagenet-1k"],
+        "tags": tags,
+        "model-index": [{"name": model_name, "results": results}],
+    }
+    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    return "---\n" + text + "---\n"
 
 
 # ------------------------------------------------------------------------------------------------------ the tool
@@ -653,6 +667,6 @@ def build_card(paths: list[str], lang: str = "both", model_path: str | None = No
     templates = {code_: load_template(code_) for code_ in LANGS}
     langs = LANGS if lang == "both" else (lang,)
     bodies = [CardWriter(items, facts, templates[code_]).card(templates) for code_ in langs]
-    text = front_matter(items, facts) + "\n" + "\n---\n\n".join(bodies)
+    text = front_matter(items) + "\n" + "\n---\n\n".join(bodies)
     check_no_holes(text)
     return text
