@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
+
 import torch
 
 import common

@@ -27,6 +27,8 @@ import argparse
 import logging
 import sys
 
+import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
+
 import common
 from mobilevit_npu import bench, devices, execution, malloc, reports
 from mobilevit_npu.errors import UserError

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
+
 import torch
 
 import common

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu.errors import UserError
+from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.devices")
 
@@ -52,8 +52,9 @@ def _import_torch_npu():
         return importlib.import_module("torch_npu")
     except Exception as exc:  # torch_npu raises ImportError/RuntimeError/OSError when CANN is missing or broken
         raise UserError(
-            f"torch_npu is installed but failed to import ({type(exc).__name__}: {exc}). "
-            "Source CANN first: source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+            f"torch_npu is installed but failed to import ({type(exc).__name__}: {first_line(exc)}). Source CANN first "
+            "(source /usr/local/Ascend/ascend-toolkit/set_env.sh); for a CPU or CUDA run on this host set "
+            "TORCH_DEVICE_BACKEND_AUTOLOAD=0 and pick --device cpu or cuda"
         ) from exc
 
 
@@ -91,6 +92,9 @@ def _setup_npu(index: int, jit_compile: bool) -> None:
     importlib.import_module("torch_npu.contrib.transfer_to_npu")
     api.set_compile_mode(jit_compile=jit_compile)
     api.set_device(index)
+    pairing = torch_npu_pairing()
+    if pairing["mismatch"]:
+        logger.warning("!!! %s", pairing["mismatch"])
 
 
 def detect_device_type() -> str:
@@ -165,11 +169,10 @@ def reset_peak_memory(device: Device) -> None:
 
 def peak_memory_bytes(device: Device) -> int | None:
     """The device allocator's peak (npu, cuda), the current allocation on mps, the process's peak RSS on cpu."""
-    api = backend_api(device)
     if device.type in ("npu", "cuda"):
-        return int(api.max_memory_allocated(device.index))
+        return int(backend_api(device).max_memory_allocated(device.index))
     if device.type == "mps":
-        return int(api.current_allocated_memory())
+        return int(torch.mps.current_allocated_memory())
     return process_peak_rss_bytes()
 
 
@@ -201,21 +204,63 @@ def cpu_name() -> str:
 
 
 def cann_version() -> str | None:
-    """CANN version through torch_npu when it is loaded (never imports it)."""
+    """CANN version through torch_npu when it is loaded (never imports it): torch_npu.npu.utils.get_cann_version,
+    in torch_npu 2.5.1 and later; it answers "" for CANN older than 8.1.RC1."""
     torch_npu = sys.modules.get("torch_npu")
     if torch_npu is None:
         return None
-    for getter in ("npu.utils.get_cann_version", "utils.get_cann_version"):
-        obj = torch_npu
+    try:
+        version = torch_npu.npu.utils.get_cann_version(module="CANN")
+    except Exception:  # an older torch_npu without it, or CANN refusing the query
+        return None
+    return str(version) if version else None
+
+
+def torch_npu_pairing() -> dict[str, Any]:
+    """torch_npu X.Y.Z[.postN] is built for exactly torch X.Y.Z: the two versions and, when they differ, the warning
+    (None when they pair or torch_npu is absent)."""
+    torch_npu = sys.modules.get("torch_npu")
+    npu_version = getattr(torch_npu, "__version__", None) if torch_npu else package_version("torch_npu")
+    mismatch = None
+    if npu_version:
+        from packaging.version import InvalidVersion, Version
+
         try:
-            for part in getter.split("."):
-                obj = getattr(obj, part)
-            version = obj(module="CANN")
-        except Exception:  # older torch_npu lacks it or CANN < 8.1.RC1 answers ""
-            continue
-        if version:
-            return str(version)
-    return None
+            ours, theirs = Version(torch.__version__).release[:3], Version(str(npu_version)).release[:3]
+        except InvalidVersion:
+            ours = theirs = None
+        if ours != theirs:
+            mismatch = (f"torch_npu {npu_version} is built for torch {'.'.join(map(str, theirs or ()))}, but torch "
+                        f"{torch.__version__} is installed: install the matching pair (pip install torch=="
+                        f"{'.'.join(map(str, theirs or ()))} or the torch_npu release for this torch)")  # fmt: skip
+    return {"torch": torch.__version__, "torch_npu": npu_version, "mismatch": mismatch}
+
+
+def fp32_precision(device: Device) -> dict[str, Any]:
+    """The reduced-precision float32 modes in force on the device: on npu HF32 for convolutions (torch_npu's default:
+    on) and matmuls (off); on cuda TF32 for cuDNN convolutions (torch's default: on) and matmuls (off); elsewhere
+    torch's float32 matmul precision."""
+    if device.type == "npu":
+        api = npu_api()
+        return {"conv_hf32": bool(api.conv.allow_hf32), "matmul_hf32": bool(api.matmul.allow_hf32)}
+    if device.type == "cuda":
+        return {
+            "conv_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        }
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def set_fp32_reduced_precision(device: Device, allow: bool) -> dict[str, Any]:
+    """Allow (or forbid) HF32 on npu / TF32 on cuda for both convolutions and matmuls; the state now in force."""
+    if device.type == "npu":
+        api = npu_api()
+        api.conv.allow_hf32 = allow
+        api.matmul.allow_hf32 = allow
+    elif device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = allow
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    return fp32_precision(device)
 
 
 def package_version(name: str) -> str | None:
@@ -242,7 +287,9 @@ def environment(device: Device, allocator: dict[str, Any] | None = None) -> dict
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_npu": getattr(torch_npu, "__version__", None) if torch_npu else package_version("torch_npu"),
+        "torch_npu_mismatch": torch_npu_pairing()["mismatch"],
         "cann": cann_version(),
+        "fp32_precision": fp32_precision(device),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

@@ -1,0 +1,114 @@
+"""The real torch_npu is the contract: every NPU name the project uses, with the arguments it passes, must be defined in
+the Python source of the real wheels (torch-npu 2.5.1, the model card's stack, and 2.13.0, which pairs with CI's torch).
+
+The wheels are fetched with `pip download --no-deps` into MOBILEVIT_NPU_WHEELS (default ~/.cache/mobilevit-npu/wheels)
+and only their .py files are unpacked. Locally an unreachable index skips these tests; in CI (CI=1 or
+MOBILEVIT_REQUIRE_NPU_WHEELS=1) it fails them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import npu_contract as contract
+import pytest
+
+pytestmark = pytest.mark.npu_contract
+
+
+@pytest.fixture(scope="module", params=contract.VERSIONS)
+def real_source(request) -> contract.Source:
+    try:
+        wheel = contract.fetch_wheel(request.param)
+    except contract.WheelUnavailable as exc:
+        if contract.required():
+            pytest.fail(f"CI must check the NPU contract, but the wheel could not be fetched: {exc}")
+        pytest.skip(f"torch-npu {request.param} wheel not reachable here ({exc}); CI runs this")
+    source = contract.Source(contract.unpack_sources(wheel))
+    source.version = request.param
+    return source
+
+
+@pytest.fixture(scope="module")
+def project_uses() -> list[contract.Use]:
+    return contract.collect_uses()
+
+
+def test_the_collector_sees_the_project_npu_calls(project_uses):
+    """A floor, so the contract cannot pass by collecting nothing: the start-up sequence and the graph backend."""
+    dotted = {u.dotted() for u in project_uses}
+    for name in ("torch_npu.npu.set_compile_mode", "torch_npu.npu.set_device", "torch_npu.contrib.transfer_to_npu",
+                 "torchair.get_npu_backend", "torch_npu.npu.conv.allow_hf32", "torch_npu.npu.matmul.allow_hf32"):  # fmt: skip
+        assert name in dotted, f"{name} not collected from the project source"
+    assert len(project_uses) >= 20
+
+
+def test_every_npu_use_is_defined_in_the_real_wheel(real_source, project_uses):
+    problems = [p for u in project_uses if (p := contract.check_use(real_source, u))]
+    assert not problems, f"torch-npu {real_source.version}:\n" + "\n".join(problems)
+
+
+def _mutated_project(tmp_path, old: str, new: str):
+    dest = tmp_path / "project"
+    shutil.copytree(contract.ROOT / "mobilevit_npu", dest / "mobilevit_npu")
+    changed = 0
+    for path in (dest / "mobilevit_npu").rglob("*.py"):
+        text = path.read_text()
+        if old in text:
+            path.write_text(text.replace(old, new, 1))
+            changed += 1
+    assert changed == 1, f"{old!r} should occur in exactly one module"
+    return contract.collect_uses(dest)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("api.set_compile_mode(jit_compile=", "api.set_compile_mode(jit_compiled=", "no parameter 'jit_compiled'"),
+        (".get_device_name(", ".get_devices_name(", "defines no 'get_devices_name'"),
+        ("conv.allow_hf32 =", "conv.allow_hf16 =", "no attribute 'allow_hf16'"),
+        ('.mode = "reduce-overhead"', '.mode = "reduce_overhead"', "not one of"),
+    ],
+)
+def test_a_misspelt_name_or_keyword_fails_the_contract(tmp_path, real_source, old, new, message):
+    problems = [p for u in _mutated_project(tmp_path, old, new) if (p := contract.check_use(real_source, u))]
+    assert any(message in p for p in problems), problems
+
+
+def test_collector_follows_bindings_through_the_project(tmp_path):
+    """torch.npu, torch_npu, torchair, a project function returning the NPU module, and an instance's attributes."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text(
+        textwrap.dedent("""
+        import sys, importlib, torch
+        def api():
+            torch_npu = sys.modules.get("torch_npu") or importlib.import_module("torch_npu")
+            return torch_npu.npu
+        def use(device):
+            api().synchronize(device, 3, flag=True)
+            torch.npu.conv.allow_hf32 = False
+            import torchair
+            cfg = torchair.CompilerConfig()
+            cfg.mode = "reduce-overhead"
+            other = torch.cuda
+            other.synchronize()
+    """)
+    )
+    uses = {(u.dotted(), u.kind): u for u in contract.collect_uses(tmp_path)}
+    sync = uses[("torch_npu.npu.synchronize", "call")]
+    assert (sync.nargs, sync.keywords) == (2, ("flag",))
+    assert uses[("torch_npu.npu.conv.allow_hf32", "set")].value is False
+    assert uses[("torchair.CompilerConfig().mode", "set")].value == "reduce-overhead"
+    assert not any("cuda" in name for name, _ in uses)
+
+
+def test_signature_binding_rules():
+    import ast
+
+    fn = ast.parse("def f(self, a, b=1, *, c, d=2): pass").body[0]
+    check = contract.signature_problem
+    assert check(fn, True, 1, ("c",), False) is None
+    assert "needs c" in check(fn, True, 1, (), False)
+    assert "at most 2 positional" in check(fn, True, 3, ("c",), False)
+    assert "no parameter 'e'" in check(fn, True, 1, ("c", "e"), False)
