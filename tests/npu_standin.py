@@ -1,0 +1,418 @@
+"""A stand-in torch_npu package that behaves like the real one where it matters to this project (read from the real
+torch-npu 2.5.1 / 2.13.0 sources, see /work/shared/NPU_NOTES.md):
+
+- `import torch_npu` registers torch.npu (the npu module, with the real functions' signatures) and the lazy `torchair`
+  placeholder (torch_npu.dynamo._LazyTorchair): `import torchair` always succeeds; a broken torchair raises
+  _TorchairImportError (an Exception, not an ImportError) at the first attribute use;
+- importing torch_npu.contrib.transfer_to_npu repoints torch.cuda at torch.npu (torch.cuda.is_available() becomes
+  True) and disables torch.jit.script;
+- torch.npu.conv.allow_hf32 reads True until set, torch.npu.matmul.allow_hf32 False;
+- an operator named in `fallback_ops` warns, on every forward of a model moved to npu, with torch_npu's CPU-fallback
+  text;
+- torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated; its backend refuses a graph
+  holding scaled_dot_product_attention when `reject_flash_attention` (torchair 7.0.0's flash-attention converter
+  raises NotImplementedError);
+- with `autoload_fails`, a torch_npu-X.dist-info declaring the `torch.backends` entry point whose _autoload raises, as
+  on a host where CANN's set_env.sh was not sourced (only subprocesses see it: `import torch` reads entry points).
+
+Device storage is the CPU: torch.device("npu") is valid (torch's PrivateUse1 renamed, as torch_npu does) and the
+stand-in maps npu devices to the CPU in Tensor.to, Module.to, torch.zeros and torch.randn. Every step is appended to
+torch_npu.CALLS, in order. `npu_standin` (the fixture) installs it in this process and undoes every patch afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+FALLBACK_TEXT = (
+    "CAUTION: The operator '{op}' is not currently supported on the NPU backend and will fall back to run on the CPU. "
+    "This may have performance implications."
+)
+
+_INIT = """
+import json, os, sys, types, warnings
+from pathlib import Path
+
+import torch
+
+OPTIONS = json.loads((Path(__file__).parent / "standin.json").read_text())
+__version__ = OPTIONS["version"]
+CALLS = ["import torch_npu"]
+PATCHES = []  # (owner, name, previous value): the fixture puts them back
+_MISSING = object()
+FALLBACK_TEXT = OPTIONS["fallback_text"]
+
+
+def _patch(owner, name, value):
+    PATCHES.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def _autoload():
+    if OPTIONS["autoload_fails"]:
+        raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. Please run 'source set_env.sh' in the CANN installation path.")
+
+
+# --- torch.npu ----------------------------------------------------------------------------------------------------
+_options = {}
+
+
+class _allowHF32Matmul:
+    def __setattr__(cls, name, value):
+        if name == "allow_hf32":
+            CALLS.append(f"matmul.allow_hf32={value}")
+            _options["ALLOW_MATMUL_HF32"] = "enable" if value else "disable"
+            return
+        raise AttributeError(name)
+
+    def __getattr__(cls, name):
+        if name == "allow_hf32":
+            return _options.get("ALLOW_MATMUL_HF32") == "enable"
+        raise AttributeError(name)
+
+
+class _allowHF32Conv:
+    def __setattr__(cls, name, value):
+        if name == "allow_hf32":
+            CALLS.append(f"conv.allow_hf32={value}")
+            _options["ALLOW_CONV_HF32"] = "enable" if value else "disable"
+            return
+        raise AttributeError(name)
+
+    def __getattr__(cls, name):
+        if name == "allow_hf32":
+            value = _options.get("ALLOW_CONV_HF32")
+            return value is None or value == "" or value == "enable"
+        raise AttributeError(name)
+
+
+npu = types.ModuleType("torch_npu.npu")
+npu.__all__ = ["is_available", "device_count", "set_device", "current_device", "synchronize", "get_device_name",
+               "max_memory_allocated", "reset_peak_memory_stats", "set_compile_mode", "is_bf16_supported"]
+_state = {"device": 0}
+
+
+def is_available():
+    return npu.device_count() > 0
+
+
+def device_count():
+    return OPTIONS["device_count"]
+
+
+def set_device(device):
+    CALLS.append(f"set_device({device})")
+    _state["device"] = int(str(device).split(":")[-1])
+
+
+def current_device():
+    return _state["device"]
+
+
+def synchronize(device=None):
+    pass
+
+
+def get_device_name(device_name=None):
+    return "Ascend910B4 (stand-in)"
+
+
+def max_memory_allocated(device=None):
+    return 1234
+
+
+def reset_peak_memory_stats(device=None):
+    pass
+
+
+def set_compile_mode(jit_compile=False):
+    CALLS.append(f"set_compile_mode(jit_compile={jit_compile})")
+
+
+def is_bf16_supported():
+    return True
+
+
+for _fn in (is_available, device_count, set_device, current_device, synchronize, get_device_name,
+            max_memory_allocated, reset_peak_memory_stats, set_compile_mode, is_bf16_supported):
+    setattr(npu, _fn.__name__, _fn)
+npu.conv = _allowHF32Conv()
+npu.matmul = _allowHF32Matmul()
+npu.utils = types.ModuleType("torch_npu.npu.utils")
+
+
+def get_cann_version(module="CANN"):
+    return OPTIONS["cann"]
+
+
+npu.utils.get_cann_version = get_cann_version
+sys.modules["torch_npu.npu"] = npu
+sys.modules["torch_npu.npu.utils"] = npu.utils
+_patch(torch, "npu", npu)
+
+# --- device storage on the CPU --------------------------------------------------------------------------------------
+if torch._C._get_privateuse1_backend_name() != "npu":
+    torch.utils.rename_privateuse1_backend("npu")
+
+
+def _is_npu(value):
+    return (isinstance(value, torch.device) and value.type == "npu") or (isinstance(value, str) and value.startswith("npu"))
+
+
+def _cpu(args, kwargs):
+    args = tuple("cpu" if _is_npu(a) else a for a in args)
+    kwargs = {k: ("cpu" if _is_npu(v) else v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _fallback_hook(module, inputs):
+    for op in OPTIONS["fallback_ops"]:
+        warnings.warn(FALLBACK_TEXT.format(op=op), UserWarning, stacklevel=2)
+
+
+def _wrap(owner, name, on_npu=None):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        moved = any(_is_npu(a) for a in args) or any(_is_npu(v) for v in kwargs.values())
+        if moved and on_npu:
+            on_npu(args)
+        args, kwargs = _cpu(args, kwargs)
+        return original(*args, **kwargs)
+
+    wrapper.__name__ = name
+    _patch(owner, name, wrapper)
+
+
+def _module_moved(args):
+    module = args[0]
+    if not getattr(module, "_standin_on_npu", False):
+        CALLS.append(f"model moved to npu ({type(module).__name__})")
+        object.__setattr__(module, "_standin_on_npu", True)
+        if OPTIONS["fallback_ops"]:
+            module.register_forward_pre_hook(_fallback_hook)
+
+
+_wrap(torch.Tensor, "to")
+_wrap(torch.nn.Module, "to", on_npu=_module_moved)
+_wrap(torch, "zeros")
+_wrap(torch, "randn")
+
+import torch_npu.dynamo  # noqa: E402  installs the lazy torchair, as the real package does
+"""
+
+_DYNAMO = """
+import sys
+
+
+class _TorchairImportError(Exception):
+    def __init__(self):
+        super().__init__(self)
+        self.err_info = ("\\nAn error occured when import `torchair` and the above is the specific error message. \\n"
+                         "This error message was generated when import torchair, but throwed asynchronously here. \\n")
+
+    def __str__(self):
+        return self.err_info
+
+
+class _LazyException:
+    def __init__(self, e):
+        self._info = _TorchairImportError()
+        self._e = e
+
+    def __getattr__(self, name):
+        raise self._info from self._e
+
+    def __call__(self, *args, **kwargs):
+        raise self._info from self._e
+
+
+class _LazyTorchair:
+    def __init__(self):
+        self._torchair = None
+        self._exception = None
+        self._allowed_list = ["__spec__", "__path__"]
+
+    def __getattr__(self, name):
+        if self._exception is not None:
+            return self._exception()
+        if self._torchair is not None:
+            return getattr(self._torchair, name)
+        if name not in self._allowed_list:
+            raise AttributeError(f"Try to get torchair's attr `{name}` before torchair is initialized.")
+        try:
+            from . import torchair
+        except Exception as e:
+            self._exception = _LazyException(e)
+            raise
+        self._torchair = torchair
+        return getattr(torchair, name)
+
+
+sys.modules["torchair"] = _LazyTorchair()
+"""
+
+_TORCHAIR = """
+import torch_npu
+
+if torch_npu.OPTIONS["torchair_broken"]:
+    raise ModuleNotFoundError("No module named 'google.protobuf'")
+
+
+class OptionValue:
+    def __init__(self, default, optional=None):
+        self.default, self.optional, self._value = default, optional, default
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        if self.optional is not None and v not in self.optional:
+            raise ValueError(f"mode value {v!r} is not in {self.optional}")
+        self._value = v
+
+
+class CompilerConfig:
+    def __init__(self):
+        object.__setattr__(self, "mode", OptionValue("max-autotune", torch_npu.OPTIONS["torchair_modes"]))
+
+    def __setattr__(self, key, value):
+        if key != "mode":
+            raise ValueError(f"CompilerConfig has no option {key}")
+        self.mode.value = value
+
+
+def get_npu_backend(*, compiler_config=None, custom_decompositions={}):
+    config = compiler_config or CompilerConfig()
+    mode = config.mode.value
+    torch_npu.CALLS.append(f"torchair backend mode={mode}")
+
+    def backend(gm, example_inputs):
+        if torch_npu.OPTIONS["reject_flash_attention"]:
+            for node in gm.graph.nodes:
+                if "scaled_dot_product_attention" in str(node.target):
+                    raise NotImplementedError("torchair: no converter for aten._scaled_dot_product_flash_attention")
+        torch_npu.CALLS.append(f"torchair compiled a graph (mode={mode})")
+        return gm.forward
+
+    return backend
+"""
+
+_TRANSFER = """
+import torch
+import torch_npu
+
+torch_npu.CALLS.append("transfer_to_npu applied")
+torch_npu._patch(torch, "cuda", torch_npu.npu)  # the real one copies torch_npu.npu.__all__ onto torch.cuda
+
+
+def _jit_script(obj, *args, **kwargs):
+    return obj
+
+
+torch_npu._patch(torch.jit, "script", _jit_script)
+"""
+
+DEFAULTS = {
+    "device_count": 2,
+    "cann": "8.0.RC3",
+    "fallback_ops": [],
+    "torchair_broken": False,
+    "torchair_modes": ["max-autotune", "reduce-overhead"],
+    "reject_flash_attention": False,
+    "autoload_fails": False,
+}
+
+
+def build(folder: Path, **options) -> Path:
+    """Write the stand-in package under `folder` (a sys.path entry) with `options` over DEFAULTS; the folder."""
+    unknown = set(options) - set(DEFAULTS) - {"version"}
+    if unknown:
+        raise TypeError(f"unknown stand-in options {sorted(unknown)}")
+    settings = {**DEFAULTS, "version": torch.__version__.split("+")[0], **options, "fallback_text": FALLBACK_TEXT}
+    files = {
+        "torch_npu/__init__.py": _INIT,
+        "torch_npu/standin.json": json.dumps(settings),
+        "torch_npu/contrib/__init__.py": "",
+        "torch_npu/contrib/transfer_to_npu.py": _TRANSFER,
+        "torch_npu/dynamo/__init__.py": _DYNAMO,
+        "torch_npu/dynamo/torchair/__init__.py": _TORCHAIR,
+    }
+    if settings["autoload_fails"]:
+        info = f"torch_npu-{settings['version']}.dist-info"
+        files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: torch_npu\nVersion: {settings['version']}\n"
+        files[f"{info}/entry_points.txt"] = "[torch.backends]\ntorch_npu = torch_npu:_autoload\n"
+        files[f"{info}/RECORD"] = ""
+    for rel, text in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+    return folder
+
+
+class StandIn:
+    """The installed stand-in: `calls` (the ordered log), `module` (torch_npu itself)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def module(self):
+        return sys.modules["torch_npu"]
+
+    @property
+    def calls(self) -> list[str]:
+        module = sys.modules.get("torch_npu")
+        return list(module.CALLS) if module is not None else []
+
+    def index(self, prefix: str) -> int:
+        """Position of the first call starting with `prefix` (ValueError when absent)."""
+        for i, call in enumerate(self.calls):
+            if call.startswith(prefix):
+                return i
+        raise ValueError(f"{prefix!r} not in {self.calls}")
+
+
+def _forget_modules() -> None:
+    for name in [n for n in sys.modules if n in ("torch_npu", "torchair") or n.startswith(("torch_npu.", "torchair."))]:
+        del sys.modules[name]
+
+
+def _undo() -> None:
+    module = sys.modules.get("torch_npu")
+    for owner, name, old in reversed(getattr(module, "PATCHES", [])):
+        if old is getattr(module, "_MISSING", None):
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+
+
+@pytest.fixture
+def npu_standin(tmp_path, monkeypatch):
+    """A function: npu_standin(**options) installs the stand-in in this process and returns a StandIn; everything it
+    patched is put back after the test. The execution mode cache is emptied on both sides (it keys on model ids)."""
+    from mobilevit_npu import execution
+
+    installed = []
+
+    def install(**options) -> StandIn:
+        folder = build(tmp_path / f"standin{len(installed)}", **options)
+        _undo()
+        _forget_modules()
+        monkeypatch.syspath_prepend(str(folder))
+        installed.append(folder)
+        return StandIn(folder)
+
+    execution._cache.clear()
+    yield install
+    _undo()
+    _forget_modules()
+    execution._cache.clear()
