@@ -35,7 +35,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import devices, distributed, labelsets, layerwise, metrics, preprocessing, reports, targets
+from mobilevit_npu import devices, distributed, labelsets, layerwise, metrics, npu, preprocessing, reports, targets
 from mobilevit_npu.errors import UserError
 from mobilevit_npu.models import dtype_name
 
@@ -69,8 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-mode",
         choices=targets.MODES,
         default="eager",
-        help="how the target runs: eager; channels_last (model and input in NHWC); compiled (built exactly as "
-        "accuracy_run_perf.py's compiled mode: inductor + freezing on CPU, CUDA graphs on CUDA, torchair on NPU)",
+        help="how the target runs: eager; channels_last (model and input in NHWC; not on npu); compiled (built "
+        "exactly as accuracy_run_perf.py's compiled mode: inductor + freezing on CPU, CUDA graphs on CUDA, torchair "
+        "GE graph on NPU); npugraph (npu only: torchair reduce-overhead, aclgraph)",
+    )
+    target.add_argument(
+        "--allow_hf32",
+        "--allow-hf32",
+        action="store_true",
+        help="float32 target on npu/cuda: keep the device's reduced-precision float32 as in production (npu: HF32 "
+        "convolutions, torch_npu's default; cuda: TF32). By default both HF32 (conv, matmul) or TF32 are turned off, "
+        "so fp32 means fp32; the report's environment.fp32_precision says what was in force",
+    )
+    target.add_argument(
+        "--fail_on_cpu_fallback",
+        "--fail-on-cpu-fallback",
+        action="store_true",
+        help="npu: an operator that fell back to the CPU (torch_npu's warning) makes the verdict FAIL; without it "
+        "the fallbacks are listed beside the verdict and in the report",
     )
     common.add_image_args(parser.add_argument_group("input"), "default: the photos bundled in tests/data")
     labelled = parser.add_argument_group(
@@ -216,9 +232,32 @@ def _main(argv=None) -> int:
     try:
         if dist.enabled and not labelled:
             raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
-        return _run(args, argv, thresholds, dist, device, labelled)
+        if args.target_mode == "npugraph" and device.type != "npu":
+            raise UserError(f"--target_mode npugraph is torchair's aclgraph mode: npu only, not {device}")
+        if args.dtype == "fp32" and device.type in ("npu", "cuda"):
+            state = devices.set_fp32_reduced_precision(device, args.allow_hf32)
+            logger.info("float32 on %s: %s", device, state)
+        with npu.CpuFallbacks(device) as fallbacks:
+            args.cpu_fallbacks = fallbacks
+            return _run(args, argv, thresholds, dist, device, labelled)
     finally:
         dist.close()
+
+
+def _fallback_verdict(args, comparison: metrics.Comparison) -> metrics.Comparison:
+    """--fail_on_cpu_fallback: operators that ran on the CPU turn the verdict into FAIL (with the reason)."""
+    counts = args.cpu_fallbacks.counts if getattr(args, "cpu_fallbacks", None) else {}
+    if not (args.fail_on_cpu_fallback and counts) or comparison.verdict == "INVALID":
+        return comparison
+    reason = f"{len(counts)} operator(s) fell back to the CPU: {', '.join(sorted(counts))} (--fail_on_cpu_fallback)"
+    return dataclasses.replace(comparison, verdict="FAIL", reasons=[*comparison.reasons, reason])
+
+
+def _print_verdict(args, comparison, layers, compared) -> None:
+    line = args.cpu_fallbacks.line() if getattr(args, "cpu_fallbacks", None) else None
+    if line:
+        print(line)
+    print(verdict_line(comparison, layers, compared))
 
 
 def _run(
@@ -256,6 +295,7 @@ def _run(
         )
 
     comparison, layer_report = targets.compare_sides(reference, target, items, thresholds, args.layers)
+    comparison = _fallback_verdict(args, comparison)
 
     print(format_console(comparison, layer_report, compared, loaded.id2label))
     for s in skipped:
@@ -268,7 +308,7 @@ def _run(
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     print(f"wrote {args.report}")
-    print(verdict_line(comparison, layer_report, compared))
+    _print_verdict(args, comparison, layer_report, compared)
     return 0 if comparison.verdict == "PASS" else 1
 
 
@@ -300,6 +340,7 @@ def make_report(
         "layers": dataclasses.asdict(layers) if layers else None,
         "notes": notes,
         "dataset": dataset,
+        "cpu_fallbacks": fallbacks.summary() if (fallbacks := getattr(args, "cpu_fallbacks", None)) else None,
     }  # fmt: skip
 
 
@@ -353,6 +394,7 @@ def run_labelled(
     comparison = metrics.judge(
         per_image, args.dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
     )
+    comparison = _fallback_verdict(args, comparison)
     images_file = Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
     reports.write_jsonl_atomic(images_file, records)
     worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:20]
@@ -369,7 +411,7 @@ def run_labelled(
     journal.close(remove=True)
     print(format_labelled(summary, comparison, compared))
     print(f"wrote {args.report} and {images_file}")
-    print(verdict_line(comparison, None, compared))
+    _print_verdict(args, comparison, None, compared)
     return 0 if comparison.verdict == "PASS" else 1
 
 

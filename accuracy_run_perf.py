@@ -6,8 +6,10 @@ Examples:
     python accuracy_run_perf.py ./model 100 e2e.json --modes eager,fast --end_to_end --plot latency.png
 
 Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (torch.compile:
-inductor + weight freezing on CPU, CUDA graphs on CUDA, torchair on NPU), fast (an exact restatement of the model,
-channels-last, compiled), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much).
+inductor + weight freezing on CPU, CUDA graphs on CUDA, torchair GE graph on NPU), fast (an exact restatement of the
+model, channels-last, compiled), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much),
+npugraph (npu only: torchair's reduce-overhead mode, aclgraph). On npu the report lists the operators that fell back
+to the CPU (cpu_fallbacks).
 
 Timing: the device is synchronized before every clock read; `--warmup` calls per mode are excluded; modes are
 interleaved round-robin in one process so their ratios hold on a busy machine; every sample goes into the report.
@@ -30,7 +32,7 @@ import sys
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, reports
+from mobilevit_npu import bench, devices, execution, malloc, npu, reports
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.perf")
@@ -97,18 +99,21 @@ def _main(argv) -> int:
     if "all" in modes:
         modes = execution.available_modes(device)
     allocator = malloc.select(args.allocator)  # after every argument is checked: mallopt cannot be undone
-    loaded = common.load(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
-    environment = devices.environment(device, allocator)  # before the run: its load average is the start's
-    results = bench.run_benchmark(
-        loaded,
-        device,
-        modes=modes,
-        batch_sizes=args.batch_sizes,
-        iterations=args.iterations,
-        warmup=args.warmup,
-        dtype=args.dtype,
-        end_to_end=args.end_to_end,
-    )
+    with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, with counts
+        loaded = common.load(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
+        # Before the run: its load average is the start's. The device's float32 defaults (HF32 convs on npu, TF32 on
+        # cuda) are left as they are, as in production, and recorded here.
+        environment = devices.environment(device, allocator)
+        results = bench.run_benchmark(
+            loaded,
+            device,
+            modes=modes,
+            batch_sizes=args.batch_sizes,
+            iterations=args.iterations,
+            warmup=args.warmup,
+            dtype=args.dtype,
+            end_to_end=args.end_to_end,
+        )
     settings = {
         "iterations": args.iterations,
         "warmup": args.warmup,
@@ -119,8 +124,11 @@ def _main(argv) -> int:
     }
     report = bench.build_report("accuracy_run_perf.py", sys.argv[1:] if argv is None else argv, loaded, device,
                                 results, settings, environment)  # fmt: skip
+    report["cpu_fallbacks"] = fallbacks.summary()
     reports.write_json_atomic(args.report, report)
     print(bench.format_table(results))
+    if fallbacks.line():
+        print(fallbacks.line())
     print(f"report: {args.report}")
     if args.plot:
         print(f"plot: {bench.plot_latencies(results, args.plot)}")

@@ -21,7 +21,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import bench, devices, distributed, malloc, models, preprocessing, reports, timing
+from mobilevit_npu import bench, devices, distributed, malloc, models, npu, preprocessing, reports, timing
 from mobilevit_npu.errors import UserError
 
 
@@ -118,6 +118,7 @@ def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device
     )
     if args.output:
         report = bench.build_report("inference.py", argv, loaded, device, results, settings, environment)
+        report["cpu_fallbacks"] = args.cpu_fallbacks.summary() if getattr(args, "cpu_fallbacks", None) else None
         reports.write_json_atomic(args.output, report)
         print(f"wrote {args.output}")
     return 0
@@ -132,7 +133,12 @@ def _main(argv=None) -> int:
 
     dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
     try:
-        return _run(args, sys.argv[1:] if argv is None else argv, dist, device)
+        with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, in the report and one line
+            args.cpu_fallbacks = fallbacks
+            code = _run(args, sys.argv[1:] if argv is None else argv, dist, device)
+        if fallbacks.line() and dist.is_main:
+            print(fallbacks.line())
+        return code
     finally:
         dist.close()
 
@@ -171,6 +177,7 @@ def _run(args, argv, dist: distributed.Distributed, device: devices.Device) -> i
             "dtype": args.dtype,
             "results": results,
             "errors": failed,
+            "cpu_fallbacks": args.cpu_fallbacks.summary() if getattr(args, "cpu_fallbacks", None) else None,
         }
         if dist.enabled:
             report["per_rank_images"] = [part[2] for part in parts]

@@ -2,7 +2,7 @@
 compiled benchmark mode and by accuracy_run's compiled target (so the verdict covers the code path that is timed),
 and the AOTInductor build used for `fast` on CPU.
 
-- npu: torchair's GE backend (CompilerConfig defaults);
+- npu: torchair's GE backend (CompilerConfig defaults), or its "reduce-overhead" mode (aclgraph) for `npugraph`;
 - cuda: inductor mode="reduce-overhead" (CUDA graphs);
 - cpu: inductor with torch._inductor.config.freezing=True (options={"freezing": True} is silently ignored), plus the
   C++ wrapper where asked (`cpp_wrapper`: ~150 kernel calls per forward, so Python between them shows at batch 1);
@@ -34,16 +34,41 @@ def _unique_function(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _backend(device: devices.Device, cpp_wrapper: bool) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+NPU_GRAPH_MODES = {"max-autotune": "torchair GE graph (CompilerConfig defaults)",
+                   "reduce-overhead": 'torchair mode="reduce-overhead" (aclgraph, the NPU\'s CUDA graphs)'}  # fmt: skip
+
+
+def _why(exc: BaseException) -> str:
+    """Type and first line of an exception and of its cause: torchair's _TorchairImportError says only "an error
+    occurred when importing torchair"; the cause (a missing protobuf, say) is the useful part."""
+    text = f"{type(exc).__name__}: {first_line(exc)}"
+    if exc.__cause__ is not None:
+        text += f"; caused by {type(exc.__cause__).__name__}: {first_line(exc.__cause__)}"
+    return text
+
+
+def _torchair_backend(npu_mode: str):
+    """torchair's backend for torch.compile in `npu_mode` (max-autotune: GE graph; reduce-overhead: aclgraph).
+    Unavailable when torchair cannot be used: torch_npu installs a lazy placeholder as `torchair`, so `import
+    torchair` succeeds even when it is broken and the failure comes at the first attribute use, as
+    _TorchairImportError (not an ImportError); a torchair without the mode raises ValueError when it is set."""
+    try:
+        import torchair  # noqa: PLC0415 - ships inside torch_npu, imported only on the NPU path
+
+        config = torchair.CompilerConfig()
+        if npu_mode != "max-autotune":
+            config.mode = "reduce-overhead"
+        return torchair.get_npu_backend(compiler_config=config)
+    except Exception as exc:  # anything torchair raises makes this mode unavailable, never the run
+        raise Unavailable(f"torchair cannot provide {npu_mode!r} ({_why(exc)})") from exc
+
+
+def _backend(
+    device: devices.Device, cpp_wrapper: bool, npu_mode: str = "max-autotune"
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(torch.compile keywords, inductor config patch for the compiling calls, notes) for the device."""
     if device.type == "npu":
-        try:
-            import torchair  # noqa: PLC0415 - ships inside torch_npu, imported only on the NPU path
-
-            backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
-        except Exception as exc:  # ImportError, or torch_npu/CANN errors surfacing at import
-            raise Unavailable(f"torchair does not import ({type(exc).__name__}: {first_line(exc)})") from exc
-        return {"backend": backend}, {}, ["torchair GE backend (CompilerConfig defaults)"]
+        return {"backend": _torchair_backend(npu_mode)}, {}, [NPU_GRAPH_MODES[npu_mode]]
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}, {}, ['inductor mode="reduce-overhead" (CUDA graphs)']
     if device.type == "cpu":
@@ -57,11 +82,17 @@ def _backend(device: devices.Device, cpp_wrapper: bool) -> tuple[dict[str, Any],
 
 
 def compile_for(
-    fn: Forward, device: devices.Device, name: str, example: torch.Tensor, cpp_wrapper: bool = False
+    fn: Forward,
+    device: devices.Device,
+    name: str,
+    example: torch.Tensor,
+    cpp_wrapper: bool = False,
+    npu_mode: str = "max-autotune",
 ) -> tuple[Forward, float, list[str]]:
     """`fn` compiled for `device` with a static shape, and its first (compiling) call made on `example`:
-    (compiled callable, compile seconds, notes). Unavailable when the device's compiler cannot build it."""
-    kwargs, patch, notes = _backend(device, cpp_wrapper)
+    (compiled callable, compile seconds, notes). `npu_mode` picks torchair's mode on npu. Unavailable when the
+    device's compiler cannot build it."""
+    kwargs, patch, notes = _backend(device, cpp_wrapper, npu_mode)
 
     def forward(pixel_values: torch.Tensor, _fn=fn) -> torch.Tensor:
         return _fn(pixel_values)
@@ -71,7 +102,7 @@ def compile_for(
         with _inductor_patch(patch), torch.no_grad():
             compile_ms = timing.timed_call(lambda: compiled(example), device)[1]
     except Exception as exc:  # a backend that cannot compile this model: report it, keep the other modes
-        raise Unavailable(f"torch.compile failed ({type(exc).__name__}: {first_line(exc)})") from exc
+        raise Unavailable(f"torch.compile failed ({_why(exc)})") from exc
     return compiled, compile_ms / 1000.0, notes
 
 

@@ -126,6 +126,9 @@ def resolve_device(spec: str = "auto", jit_compile: bool = False, default_index:
         _setup_npu(idx, jit_compile)
         return Device("npu", idx)
     if kind == "cuda":
+        if "torch_npu.contrib.transfer_to_npu" in sys.modules:  # it repointed torch.cuda at torch.npu
+            raise UserError("torch_npu's transfer_to_npu is applied in this process, so torch.cuda is the NPU: use "
+                            "--device npu")  # fmt: skip
         if not torch.cuda.is_available():
             raise UserError("no CUDA device: torch.cuda.is_available() is False (CPU build of torch or no driver)")
         if idx >= torch.cuda.device_count():

@@ -7,6 +7,12 @@
                    torch.export + AOTInductor with freezing (else torch.compile with the C++ wrapper); elsewhere as
                    `compiled`
     bf16           `fast` under bfloat16 autocast. Not exact: reported with its agreement cost.
+    npugraph       npu only: the Hugging Face model compiled by torchair in mode="reduce-overhead" (aclgraph, the NPU's
+                   analogue of CUDA graphs); unavailable where the installed torchair lacks the mode
+
+On npu, `fast` (and bf16) whose graph torchair cannot convert (torchair 7.0.0 has no converter for the flash SDPA)
+falls back to the same model with its attention spelt out (matmul, softmax, matmul), else runs uncompiled; the notes
+say which ran.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from mobilevit_npu.errors import Unavailable, first_line
 logger = logging.getLogger("mobilevit_npu.execution")
 
 
-MODES = ("eager", "channels_last", "compiled", "fast", "bf16")
+MODES = ("eager", "channels_last", "compiled", "fast", "bf16", "npugraph")
 COMPILE_CACHE_SIZE = 8  # compiled callables kept per process: each costs 15-50 s to build on 2 cores
 
 
@@ -45,6 +51,8 @@ def available_modes(device: devices.Device) -> list[str]:
     modes = list(MODES)
     if device.type == "npu":
         modes.remove("channels_last")
+    else:
+        modes.remove("npugraph")
     if device.type == "mps" or (device.type == "cpu" and not devices.cpu_bf16_supported()):
         modes.remove("bf16")
     return modes
@@ -83,9 +91,12 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
         if device.type == "cpu" and not devices.cpu_bf16_supported():
             raise Unavailable("this CPU has no native bfloat16 (oneDNN reports none)")
 
+    if mode == "npugraph" and device.type != "npu":
+        raise Unavailable("npugraph is torchair's reduce-overhead (aclgraph) mode: npu only")
+
     notes: list[str] = []
     module: torch.nn.Module = model
-    if mode == "compiled":
+    if mode in ("compiled", "npugraph"):
         fn, to_input = _hf_call(model), plain
     elif mode in ("fast", "bf16"):
         use_cl = device.type != "npu"
@@ -114,16 +125,43 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
             first = first_line(exc)
             logger.warning("AOTInductor failed for %s (%s: %s); using torch.compile", mode, type(exc).__name__, first)
             notes.append(f"AOTInductor failed ({type(exc).__name__}: {first}); torch.compile instead")
+    name = f"mobilevit_{mode}_b{batch.shape[0]}"
+    npu_mode = "reduce-overhead" if mode == "npugraph" else "max-autotune"
     try:
         compiled, compile_s, built = compilers.compile_for(
-            fn, device, f"mobilevit_{mode}_b{batch.shape[0]}", x, cpp_wrapper=mode in ("fast", "bf16")
+            fn, device, name, x, cpp_wrapper=mode in ("fast", "bf16"), npu_mode=npu_mode
         )
     except Unavailable as exc:
-        if mode == "compiled":
+        if mode in ("compiled", "npugraph"):
             raise
+        if device.type == "npu" and isinstance(module, fastpath.FastMobileViT):
+            return _fast_without_sdpa(mode, model, device, fn, module, to_input, x, notes, exc, name)
         notes.append(f"not compiled: {exc}")
         return Prepared(fn, to_input, None, notes, module=module)
     return Prepared(compiled, to_input, compile_s, notes + built, module=module)
+
+
+def _fast_without_sdpa(mode, model, device, fn, fast, to_input, x, notes, exc, name) -> Prepared:
+    """torchair could not compile `fast` (its converter for the flash SDPA is missing in 7.0.0): the same model with
+    the attention spelt out, compiled; else `fast` uncompiled. The notes say which one ran."""
+    notes = notes + [f"torchair could not compile fast with scaled_dot_product_attention ({exc})"]
+    math_fast = fastpath.build_fast_model(model, channels_last=False, math_attention=True)
+    if mode == "bf16":
+
+        def math_fn(x: torch.Tensor, _fast=math_fast) -> torch.Tensor:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                return _fast(x).float()
+    else:
+        math_fn = math_fast
+    try:
+        compiled, compile_s, built = compilers.compile_for(math_fn, device, f"{name}_math", x)
+    except Unavailable as again:
+        logger.warning("%s runs uncompiled on %s: %s", mode, device, again)
+        notes.append(f"fell back to fast uncompiled (math attention did not compile either: {again})")
+        return Prepared(fn, to_input, None, notes, module=fast)
+    logger.warning("%s on %s: compiled with math attention instead of SDPA", mode, device)
+    notes.append("fell back to math attention (matmul-softmax-matmul), compiled by torchair")
+    return Prepared(compiled, to_input, compile_s, notes + built, module=math_fast)
 
 
 # Compiled callables per (model, mode, batch, dtype, device), least recently used dropped beyond COMPILE_CACHE_SIZE.

@@ -28,7 +28,8 @@ from torch import nn
 
 
 def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None) -> nn.Conv2d:
-    """A new Conv2d with bias equal to conv followed by bn (eval statistics); the arithmetic is done in float64."""
+    """A new Conv2d with bias equal to conv followed by bn (eval statistics); the arithmetic is done in float64 on the
+    CPU, whatever the device, and the result copied to the conv's device."""
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -42,14 +43,17 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None) -> nn.Conv2d:
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
-    weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
-    bias = bias.to(weight.device)
+
+    def cpu64(t: torch.Tensor) -> torch.Tensor:  # float64 on the CPU: the NPU's float64 support varies by operator
+        return t.detach().to("cpu", torch.float64)
+
+    weight = cpu64(conv.weight)
+    bias = cpu64(conv.bias) if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
     if bn is not None:
-        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        scale = cpu64(bn.weight) / torch.sqrt(cpu64(bn.running_var) + bn.eps)
         weight = weight * scale.reshape(-1, 1, 1, 1)
-        bias = (bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()
-    with torch.no_grad():
+        bias = (bias - cpu64(bn.running_mean)) * scale + cpu64(bn.bias)
+    with torch.no_grad():  # cast on the CPU, then copied to the device
         fused.weight.copy_(weight.to(conv.weight.dtype))
         fused.bias.copy_(bias.to(conv.weight.dtype))
     return fused
@@ -89,6 +93,7 @@ class TransformerLayer(nn.Module):
         attn = layer.attention.attention
         self.heads = int(attn.num_attention_heads)
         self.head_dim = int(attn.attention_head_size)
+        self.math_attention = False
         q, k, v = attn.query, attn.key, attn.value
         self.qkv = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None)
         self.qkv.to(device=q.weight.device, dtype=q.weight.dtype)
@@ -108,7 +113,11 @@ class TransformerLayer(nn.Module):
         s, n, c = x.shape
         qkv = self.qkv(self.norm1(x)).view(s, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as transformers divides
+        if self.math_attention:  # softmax(q k^T / sqrt(d)) v spelt out: for graph compilers without an SDPA converter
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            attn = torch.matmul(scores.softmax(dim=-1), v)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as transformers divides
         x = x + self.proj(attn.transpose(1, 2).reshape(s, n, c))
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
@@ -182,11 +191,15 @@ class FastMobileViT(nn.Module):
 
 
 @torch.no_grad()
-def build_fast_model(model: nn.Module, channels_last: bool = True) -> FastMobileViT:
-    """The exact re-statement of a MobileViTForImageClassification (the original is left untouched)."""
+def build_fast_model(model: nn.Module, channels_last: bool = True, math_attention: bool = False) -> FastMobileViT:
+    """The exact re-statement of a MobileViTForImageClassification (the original is left untouched). With
+    `math_attention` the attention is written as matmul-softmax-matmul instead of scaled_dot_product_attention."""
     if not hasattr(model, "mobilevit") or not hasattr(model, "classifier"):
         raise TypeError(f"expected a MobileViTForImageClassification, got {type(model).__name__}")
     fast = FastMobileViT(model).eval()
+    for module in fast.modules():
+        if isinstance(module, TransformerLayer):
+            module.math_attention = math_attention
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return fast

@@ -19,7 +19,7 @@ from mobilevit_npu.errors import Unavailable, UserError
 logger = logging.getLogger("mobilevit_npu.targets")
 
 
-MODES = ("eager", "channels_last", "compiled")  # the execution modes accuracy_run can target
+MODES = ("eager", "channels_last", "compiled", "npugraph")  # the execution modes accuracy_run can target
 Patch = Callable[[torch.nn.Module], Any]  # installs something on a model (a forward hook, say) before it runs
 
 
@@ -74,20 +74,25 @@ def prepare_target(
     `layers`: the run will watch every layer (--layers), so a compiled target also gets an eager twin to hook."""
     if mode not in MODES:
         raise UserError(f"unknown target mode {mode!r}: use {', '.join(MODES)}")
+    if mode == "channels_last" and device.type == "npu":  # refused before the model is copied to the device
+        raise UserError(
+            "--target_mode channels_last cannot run on npu: NPU tensors refuse channels-last memory (\"Only "
+            "c10::MemoryFormat::Contiguous is supported for creating a npu tensor\"); use eager, compiled or npugraph"
+        )
     model = copy.deepcopy(reference).eval()
     model.to(dtype=models.DTYPES[dtype])
     model.to(device.torch)
     for patch in patches:
         patch(model)
     hook_model = model
-    if mode == "compiled" and layers:
+    if mode in ("compiled", "npugraph") and layers:
         # Layer hooks would break the compiled graph into pieces, so --layers watches an eager twin instead.
         hook_model = copy.deepcopy(model)
     try:
         prepared = execution.prepare_mode(mode, model, device, dtype, example)
     except Unavailable as exc:
         raise UserError(f"--target_mode {mode} cannot run on {device}: {exc}") from exc
-    if mode != "compiled":
+    if mode not in ("compiled", "npugraph"):
         hook_model = prepared.module
     return Side(prepared=prepared, hook_model=hook_model, device=device, dtype=dtype, mode=mode)
 
@@ -112,7 +117,7 @@ def compare_sides(
             if comparator:
                 comparator.begin(item.source, "target")
             tgt_rows.append(target.logits(item.batch))
-            if comparator and target.mode == "compiled":  # no hooks in the graph: layers on the eager twin
+            if comparator and target.mode in ("compiled", "npugraph"):  # no hooks in a graph: the eager twin
                 target.logits(item.batch, on_hook_model=True)
             if comparator:
                 comparator.end_image()
@@ -129,6 +134,6 @@ def compare_sides(
         distinct_inputs=distinct,
     )
     layer_report = comparator.report() if comparator else None
-    if layer_report and target.mode == "compiled":
+    if layer_report and target.mode in ("compiled", "npugraph"):
         layer_report.note = "layers compared on an eager twin of the compiled target: hooks would split the graph"
     return comparison, layer_report
