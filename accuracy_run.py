@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow_hf32",
         "--allow-hf32",
         action="store_true",
-        help="float32 target on npu/cuda: keep the device's reduced-precision float32 as in production (npu: HF32 "
-        "convolutions, torch_npu's default; cuda: TF32). By default both HF32 (conv, matmul) or TF32 are turned off, "
-        "so fp32 means fp32; the report's environment.fp32_precision says what was in force",
+        help="float32 target on npu/cuda: leave the device's float32 defaults as in production (npu: HF32 "
+        "convolutions on, HF32 matmuls off, torch_npu's defaults; cuda: torch's TF32 defaults). Without it HF32 "
+        "(npu) or TF32 (cuda) is turned off for convolutions and matmuls, so fp32 means fp32. The report's "
+        "environment.fp32_precision says what was in force",
     )
     target.add_argument(
         "--fail_on_cpu_fallback",
@@ -234,8 +235,8 @@ def _main(argv=None) -> int:
             raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
         if args.target_mode == "npugraph" and device.type != "npu":
             raise UserError(f"--target_mode npugraph is torchair's aclgraph mode: npu only, not {device}")
-        if args.dtype == "fp32" and device.type in ("npu", "cuda"):
-            state = devices.set_fp32_reduced_precision(device, args.allow_hf32)
+        if args.dtype == "fp32" and device.type in ("npu", "cuda") and not args.allow_hf32:
+            state = devices.set_fp32_reduced_precision(device, False)  # fp32 means fp32: HF32 / TF32 off
             logger.info("float32 on %s: %s", device, state)
         with npu.CpuFallbacks(device) as fallbacks:
             args.cpu_fallbacks = fallbacks

@@ -202,7 +202,8 @@ class _Collector(ast.NodeVisitor):
                 path, "call", self._where(node),
                 nargs=sum(not isinstance(a, ast.Starred) for a in node.args),
                 keywords=tuple(k.arg for k in node.keywords if k.arg),
-                open_args=any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords),
+                open_args=any(isinstance(a, ast.Starred) for a in node.args)
+                or any(k.arg is None for k in node.keywords),
             ))  # fmt: skip
             self.visit(node.func.value)
             for child in node.args + [k.value for k in node.keywords]:

@@ -9,9 +9,7 @@ torch-npu 2.5.1 / 2.13.0 sources, see /work/shared/NPU_NOTES.md):
 - torch.npu.conv.allow_hf32 reads True until set, torch.npu.matmul.allow_hf32 False;
 - an operator named in `fallback_ops` warns, on every forward of a model moved to npu, with torch_npu's CPU-fallback
   text;
-- torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated; its backend refuses a graph
-  holding scaled_dot_product_attention when `reject_flash_attention` (torchair 7.0.0's flash-attention converter
-  raises NotImplementedError);
+- torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated (`torchair_modes`);
 - with `autoload_fails`, a torch_npu-X.dist-info declaring the `torch.backends` entry point whose _autoload raises, as
   on a host where CANN's set_env.sh was not sourced (only subprocesses see it: `import torch` reads entry points).
 
@@ -50,13 +48,15 @@ FALLBACK_TEXT = OPTIONS["fallback_text"]
 
 
 def _patch(owner, name, value):
-    PATCHES.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name, _MISSING)))
+    old = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name, _MISSING)
+    PATCHES.append((owner, name, old))
     setattr(owner, name, value)
 
 
 def _autoload():
     if OPTIONS["autoload_fails"]:
-        raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. Please run 'source set_env.sh' in the CANN installation path.")
+        raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. "
+                          "Please run 'source set_env.sh' in the CANN installation path.")
 
 
 # --- torch.npu ----------------------------------------------------------------------------------------------------
@@ -94,7 +94,8 @@ class _allowHF32Conv:
 
 npu = types.ModuleType("torch_npu.npu")
 npu.__all__ = ["is_available", "device_count", "set_device", "current_device", "synchronize", "get_device_name",
-               "max_memory_allocated", "reset_peak_memory_stats", "set_compile_mode", "is_bf16_supported"]
+               "max_memory_allocated", "reset_peak_memory_stats", "set_compile_mode", "is_bf16_supported",
+               "get_rng_state", "set_rng_state"]
 _state = {"device": 0}
 
 
@@ -139,8 +140,17 @@ def is_bf16_supported():
     return True
 
 
+def get_rng_state(device="npu"):
+    return torch.get_rng_state()
+
+
+def set_rng_state(new_state, device="npu"):
+    torch.set_rng_state(new_state)
+
+
 for _fn in (is_available, device_count, set_device, current_device, synchronize, get_device_name,
-            max_memory_allocated, reset_peak_memory_stats, set_compile_mode, is_bf16_supported):
+            max_memory_allocated, reset_peak_memory_stats, set_compile_mode, is_bf16_supported, get_rng_state,
+            set_rng_state):
     setattr(npu, _fn.__name__, _fn)
 npu.conv = _allowHF32Conv()
 npu.matmul = _allowHF32Matmul()
@@ -154,7 +164,8 @@ def get_cann_version(module="CANN"):
 npu.utils.get_cann_version = get_cann_version
 sys.modules["torch_npu.npu"] = npu
 sys.modules["torch_npu.npu.utils"] = npu.utils
-_patch(torch, "npu", npu)
+_patch(torch, "npu", npu)  # torch._register_device_module("npu", ...), which cannot be undone, does these two
+sys.modules["torch.npu"] = npu
 
 # --- device storage on the CPU --------------------------------------------------------------------------------------
 if torch._C._get_privateuse1_backend_name() != "npu":
@@ -162,7 +173,9 @@ if torch._C._get_privateuse1_backend_name() != "npu":
 
 
 def _is_npu(value):
-    return (isinstance(value, torch.device) and value.type == "npu") or (isinstance(value, str) and value.startswith("npu"))
+    if isinstance(value, torch.device):
+        return value.type == "npu"
+    return isinstance(value, str) and value.startswith("npu")
 
 
 def _cpu(args, kwargs):
@@ -296,10 +309,6 @@ def get_npu_backend(*, compiler_config=None, custom_decompositions={}):
     torch_npu.CALLS.append(f"torchair backend mode={mode}")
 
     def backend(gm, example_inputs):
-        if torch_npu.OPTIONS["reject_flash_attention"]:
-            for node in gm.graph.nodes:
-                if "scaled_dot_product_attention" in str(node.target):
-                    raise NotImplementedError("torchair: no converter for aten._scaled_dot_product_flash_attention")
         torch_npu.CALLS.append(f"torchair compiled a graph (mode={mode})")
         return gm.forward
 
@@ -311,7 +320,8 @@ import torch
 import torch_npu
 
 torch_npu.CALLS.append("transfer_to_npu applied")
-torch_npu._patch(torch, "cuda", torch_npu.npu)  # the real one copies torch_npu.npu.__all__ onto torch.cuda
+for name in torch_npu.npu.__all__:  # as the real one: torch_npu.npu's public functions copied onto torch.cuda
+    torch_npu._patch(torch.cuda, name, getattr(torch_npu.npu, name))
 
 
 def _jit_script(obj, *args, **kwargs):
@@ -327,7 +337,6 @@ DEFAULTS = {
     "fallback_ops": [],
     "torchair_broken": False,
     "torchair_modes": ["max-autotune", "reduce-overhead"],
-    "reject_flash_attention": False,
     "autoload_fails": False,
 }
 
@@ -382,7 +391,12 @@ class StandIn:
 
 
 def _forget_modules() -> None:
-    for name in [n for n in sys.modules if n in ("torch_npu", "torchair") or n.startswith(("torch_npu.", "torchair."))]:
+    names = [
+        n
+        for n in sys.modules
+        if n in ("torch_npu", "torchair", "torch.npu") or n.startswith(("torch_npu.", "torchair."))
+    ]
+    for name in names:
         del sys.modules[name]
 
 
@@ -395,8 +409,8 @@ def _undo() -> None:
             setattr(owner, name, old)
 
 
-@pytest.fixture
-def npu_standin(tmp_path, monkeypatch):
+@pytest.fixture(name="npu_standin")
+def npu_standin_fixture(tmp_path, monkeypatch):
     """A function: npu_standin(**options) installs the stand-in in this process and returns a StandIn; everything it
     patched is put back after the test. The execution mode cache is emptied on both sides (it keys on model ids)."""
     from mobilevit_npu import execution

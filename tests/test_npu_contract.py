@@ -38,8 +38,15 @@ def project_uses() -> list[contract.Use]:
 def test_the_collector_sees_the_project_npu_calls(project_uses):
     """A floor, so the contract cannot pass by collecting nothing: the start-up sequence and the graph backend."""
     dotted = {u.dotted() for u in project_uses}
-    for name in ("torch_npu.npu.set_compile_mode", "torch_npu.npu.set_device", "torch_npu.contrib.transfer_to_npu",
-                 "torchair.get_npu_backend", "torch_npu.npu.conv.allow_hf32", "torch_npu.npu.matmul.allow_hf32"):  # fmt: skip
+    expected = [
+        "torch_npu.npu.set_compile_mode",
+        "torch_npu.npu.set_device",
+        "torch_npu.contrib.transfer_to_npu",
+        "torchair.get_npu_backend",
+        "torch_npu.npu.conv.allow_hf32",
+        "torch_npu.npu.matmul.allow_hf32",
+    ]
+    for name in expected:
         assert name in dotted, f"{name} not collected from the project source"
     assert len(project_uses) >= 20
 
