@@ -245,7 +245,10 @@ def fp32_precision(device: Device) -> dict[str, Any]:
     torch's float32 matmul precision."""
     if device.type == "npu":
         api = npu_api()
-        return {"conv_hf32": bool(api.conv.allow_hf32), "matmul_hf32": bool(api.matmul.allow_hf32)}
+        try:
+            return {"conv_hf32": bool(api.conv.allow_hf32), "matmul_hf32": bool(api.matmul.allow_hf32)}
+        except AttributeError:  # a torch_npu without the HF32 switches: unknown, not guessed
+            return {"conv_hf32": None, "matmul_hf32": None}
     if device.type == "cuda":
         return {
             "conv_tf32": bool(torch.backends.cudnn.allow_tf32),
