@@ -126,10 +126,10 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
             logger.warning("AOTInductor failed for %s (%s: %s); using torch.compile", mode, type(exc).__name__, first)
             notes.append(f"AOTInductor failed ({type(exc).__name__}: {first}); torch.compile instead")
     name = f"mobilevit_{mode}_b{batch.shape[0]}"
-    npu_mode = "reduce-overhead" if mode == "npugraph" else "max-autotune"
+    graph = {"npu_mode": "reduce-overhead"} if mode == "npugraph" else {}  # else compile_for's default: GE graph
     try:
         compiled, compile_s, built = compilers.compile_for(
-            fn, device, name, x, cpp_wrapper=mode in ("fast", "bf16"), npu_mode=npu_mode
+            fn, device, name, x, cpp_wrapper=mode in ("fast", "bf16"), **graph
         )
     except Unavailable as exc:
         if mode in ("compiled", "npugraph"):
