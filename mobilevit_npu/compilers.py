@@ -42,8 +42,9 @@ def _why(exc: BaseException) -> str:
     """Type and first line of an exception and of its cause: torchair's _TorchairImportError says only "an error
     occurred when importing torchair"; the cause (a missing protobuf, say) is the useful part."""
     text = f"{type(exc).__name__}: {first_line(exc)}"
-    if exc.__cause__ is not None:
-        text += f"; caused by {type(exc.__cause__).__name__}: {first_line(exc.__cause__)}"
+    cause = exc.__cause__ or getattr(exc, "inner_exception", None)  # dynamo's BackendCompilerFailed keeps it there
+    if cause is not None:
+        text += f"; caused by {type(cause).__name__}: {first_line(cause)}"
     return text
 
 

@@ -9,13 +9,19 @@ torch-npu 2.5.1 / 2.13.0 sources, see /work/shared/NPU_NOTES.md):
 - torch.npu.conv.allow_hf32 reads True until set, torch.npu.matmul.allow_hf32 False;
 - an operator named in `fallback_ops` warns, on every forward of a model moved to npu, with torch_npu's CPU-fallback
   text;
-- torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated (`torchair_modes`);
+- torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated (`torchair_modes`); its
+  backend (the graph runs as traced) refuses a graph holding scaled_dot_product_attention with
+  `reject_flash_attention`, as torchair 7.0.0's converter for the flash SDPA raises NotImplementedError;
 - with `autoload_fails`, a torch_npu-X.dist-info declaring the `torch.backends` entry point whose _autoload raises, as
   on a host where CANN's set_env.sh was not sourced (only subprocesses see it: `import torch` reads entry points).
 
-Device storage is the CPU: torch.device("npu") is valid (torch's PrivateUse1 renamed, as torch_npu does) and the
-stand-in maps npu devices to the CPU in Tensor.to, Module.to, torch.zeros and torch.randn. Every step is appended to
-torch_npu.CALLS, in order. `npu_standin` (the fixture) installs it in this process and undoes every patch afterwards.
+Device storage is the CPU. The real torch_npu renames torch's PrivateUse1 backend to "npu"; the stand-in cannot: the
+rename cannot be undone, and afterwards torch.accelerator (and so every torch.compile) fails for the rest of the test
+process ("Device 'npu' does not have a corresponding module registered"). Instead the `npu_standin` fixture points
+Device("npu", N).torch at torch.device("cpu", 0), which the stand-in recognises as the NPU in Tensor.to, Module.to,
+torch.zeros and torch.randn; torch.autocast("npu") runs the CPU's autocast. A model's first move to the NPU is logged
+and gets the fallback hook. Every step is appended to torch_npu.CALLS, in order. The fixture installs the stand-in in
+this process and undoes every patch afterwards.
 """
 
 from __future__ import annotations
@@ -168,14 +174,15 @@ _patch(torch, "npu", npu)  # torch._register_device_module("npu", ...), which ca
 sys.modules["torch.npu"] = npu
 
 # --- device storage on the CPU --------------------------------------------------------------------------------------
-if torch._C._get_privateuse1_backend_name() != "npu":
-    torch.utils.rename_privateuse1_backend("npu")
+# The npu_standin fixture makes Device("npu", N).torch give NPU_DEVICE, a CPU device that nothing else in the project
+# names (its "cpu" has no index), so the wrappers below can tell a move to the NPU from a move to the CPU.
+NPU_DEVICE = torch.device("cpu", 0)
 
 
 def _is_npu(value):
     if isinstance(value, torch.device):
-        return value.type == "npu"
-    return isinstance(value, str) and value.startswith("npu")
+        return value == NPU_DEVICE
+    return isinstance(value, str) and (value.startswith("npu") or value == "cpu:0")
 
 
 def _cpu(args, kwargs):
@@ -212,6 +219,12 @@ def _module_moved(args):
             module.register_forward_pre_hook(_fallback_hook)
 
 
+class _autocast(torch.autocast):  # torch.autocast("npu") is valid with the real torch_npu; here it is the CPU's
+    def __init__(self, device_type, *args, **kwargs):
+        super().__init__("cpu" if device_type == "npu" else device_type, *args, **kwargs)
+
+
+_patch(torch, "autocast", _autocast)
 _wrap(torch.Tensor, "to")
 _wrap(torch.nn.Module, "to", on_npu=_module_moved)
 _wrap(torch, "zeros")
@@ -309,6 +322,10 @@ def get_npu_backend(*, compiler_config=None, custom_decompositions={}):
     torch_npu.CALLS.append(f"torchair backend mode={mode}")
 
     def backend(gm, example_inputs):
+        if torch_npu.OPTIONS["reject_flash_attention"]:  # torchair 7.0.0: no converter for the flash SDPA
+            for node in gm.graph.nodes:
+                if "scaled_dot_product_attention" in str(node.target):
+                    raise NotImplementedError("no converter for aten._scaled_dot_product_flash_attention")
         torch_npu.CALLS.append(f"torchair compiled a graph (mode={mode})")
         return gm.forward
 
@@ -337,6 +354,7 @@ DEFAULTS = {
     "fallback_ops": [],
     "torchair_broken": False,
     "torchair_modes": ["max-autotune", "reduce-overhead"],
+    "reject_flash_attention": False,
     "autoload_fails": False,
 }
 
@@ -413,8 +431,12 @@ def _undo() -> None:
 def npu_standin_fixture(tmp_path, monkeypatch):
     """A function: npu_standin(**options) installs the stand-in in this process and returns a StandIn; everything it
     patched is put back after the test. The execution mode cache is emptied on both sides (it keys on model ids)."""
-    from mobilevit_npu import execution
+    from mobilevit_npu import devices, execution
 
+    def device_torch(self) -> torch.device:
+        return torch.device("cpu", 0) if self.type == "npu" else torch.device(str(self))
+
+    monkeypatch.setattr(devices.Device, "torch", property(device_torch))
     installed = []
 
     def install(**options) -> StandIn:

@@ -140,25 +140,41 @@ def test_math_attention_matches_sdpa(tiny_model_dir):
 
 def _torchair_without_sdpa_converter(fn, device, name, example, cpp_wrapper=False, npu_mode="max-autotune"):
     """compilers.compile_for as torchair 7.0.0 behaves: no converter for the flash SDPA (NotImplementedError)."""
-    layers = [m for m in fn.modules() if isinstance(m, fastpath.TransformerLayer)] if hasattr(fn, "modules") else []
+    module = fn if hasattr(fn, "modules") else (fn.__defaults__ or [None])[0]  # bf16: the autocast wrapper's _fast
+    layers = [m for m in module.modules() if isinstance(m, fastpath.TransformerLayer)]
     if any(not layer.math_attention for layer in layers):
         raise Unavailable("torch.compile failed (NotImplementedError: no converter for "
                           "aten._scaled_dot_product_flash_attention)")  # fmt: skip
     return fn, 0.5, ["torchair GE graph (CompilerConfig defaults)"]
 
 
-def test_fast_falls_back_to_math_attention_when_torchair_rejects_sdpa(npu_standin, tiny_model_dir, monkeypatch):
-    npu_standin()
-    monkeypatch.setattr(compilers, "compile_for", _torchair_without_sdpa_converter)
+def test_fast_falls_back_to_math_attention_when_torchair_rejects_sdpa(npu_standin, tiny_model_dir):
+    """Through torch.compile and the stand-in torchair, whose backend refuses the SDPA as torchair 7.0.0 does."""
+    s = npu_standin(reject_flash_attention=True)
     device = devices.resolve_device("npu")
     model = _tiny(tiny_model_dir).model
     prepared = execution.prepare_mode("fast", model, device, "fp32", torch.zeros(1, 3, 256, 256))
     assert any("fell back to math attention" in n for n in prepared.notes), prepared.notes
-    assert any("scaled_dot_product_flash_attention" in n for n in prepared.notes)
-    assert prepared.compile_s == 0.5
+    assert any("scaled_dot_product_flash_attention" in n for n in prepared.notes), prepared.notes
+    assert "torchair compiled a graph (mode=max-autotune)" in s.calls
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         assert torch.allclose(prepared.call(x), model(pixel_values=x).logits, atol=1e-4)
+
+
+def test_fast_fallback_keeps_bf16_autocast(npu_standin, tiny_model_dir, monkeypatch):
+    npu_standin()
+    monkeypatch.setattr(compilers, "compile_for", _torchair_without_sdpa_converter)
+    device = devices.resolve_device("npu")
+    model = _tiny(tiny_model_dir).model
+    prepared = execution.prepare_mode("bf16", model, device, "fp32", torch.zeros(1, 3, 256, 256))
+    assert any("fell back to math attention" in n for n in prepared.notes), prepared.notes
+    assert prepared.compile_s == 0.5
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        out = prepared.call(x)
+    assert out.dtype == torch.float32  # bf16 autocast inside, float logits out, as the SDPA version
+    assert torch.nn.functional.cosine_similarity(out, model(pixel_values=x).logits).min() > 0.99
 
 
 def test_fast_runs_uncompiled_when_torchair_cannot_compile_it_at_all(npu_standin, tiny_model_dir, monkeypatch):
@@ -224,6 +240,17 @@ def test_npugraph_uses_torchair_reduce_overhead(npu_standin):
     assert "npugraph" not in execution.available_modes(devices.Device("cpu"))
 
 
+def test_npugraph_is_a_benchmark_mode_with_its_own_agreement(npu_standin, tiny_model_dir):
+    s = npu_standin()
+    device = devices.resolve_device("npu")
+    results = bench.run_benchmark(_tiny(tiny_model_dir), device, modes=["eager", "npugraph"], iterations=1, warmup=0,
+                                  progress=False, measure_roofline=False)  # fmt: skip
+    row = {r["mode"]: r for r in results}["npugraph"]
+    assert row["status"] == "ok" and row["agreement"]["top1_agreement"] == 1.0, row
+    assert any("aclgraph" in n for n in row["notes"])
+    assert "torchair compiled a graph (mode=reduce-overhead)" in s.calls
+
+
 def test_npugraph_is_unavailable_where_torchair_lacks_the_mode(npu_standin):
     npu_standin(torchair_modes=["max-autotune"])
     with pytest.raises(Unavailable, match="reduce-overhead"):
@@ -285,3 +312,13 @@ def test_each_script_on_npu_follows_the_start_up_order(npu_standin, tiny_model_d
     data = json.loads(report.read_text())
     assert data["environment"]["device"] == "npu:1"
     assert data["cpu_fallbacks"]["operators"].get("aten::_foo_op", 0) >= 1
+
+
+def test_the_stand_in_leaves_torch_as_it_found_it():
+    """Runs after the stand-in tests (file order): nothing of the stand-in survives its fixture, and torch.accelerator
+    (which torch.compile consults) still works; a renamed PrivateUse1 backend would break it for the whole process."""
+    assert "torch_npu" not in sys.modules and "torchair" not in sys.modules and not hasattr(torch, "npu")
+    assert not torch.cuda.is_available() or not hasattr(torch.cuda, "set_compile_mode")
+    assert torch.accelerator.current_accelerator() in (None, torch.device("cuda"), torch.device("mps"))
+    assert devices.Device.torch.fget.__module__ == "mobilevit_npu.devices"
+    assert torch.Tensor.to is torch._C.TensorBase.to
