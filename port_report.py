@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import sys
 
+import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
+
 import common
 from mobilevit_npu import card, reports
 

@@ -33,12 +33,21 @@ def _tiny(tiny_model_dir, device=NPU):
 # --- 1. autoload: `import torch` fails before any project code runs ---------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["inference.py", "accuracy_run.py", "accuracy_run_perf.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["inference.py"],
+        ["accuracy_run.py"],
+        ["accuracy_run_perf.py"],
+        ["port_report.py"],
+        ["-m", "benchmarks.bench_peers"],
+    ],
+)
 def test_failed_torch_npu_autoload_is_one_line_naming_both_ways_out(tmp_path, script):
     folder = standin.build(tmp_path / "site", autoload_fails=True)
     env = {**os.environ, "PYTHONPATH": f"{folder}{os.pathsep}{ROOT}"}
     env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)
-    args = [sys.executable, script, "--help"]
+    args = [sys.executable, *script, "--help"]
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
