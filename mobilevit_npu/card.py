@@ -11,7 +11,7 @@ Fields read, besides the required ones (a missing one stops the tool):
   torch_threads, allocator.name / allocator.tuned; when present: pillow, load_average, torch_npu_mismatch,
   fp32_precision (conv_hf32 / matmul_hf32 on npu, conv_tf32 / matmul_tf32 on cuda, float32_matmul_precision
   elsewhere), hf32, tf32. torch_npu and cann are required in the report of an npu target.
-- report (accuracy) or result (perf): cpu_fallback when present ({"operators": {op: count}, ...}, or a list of
+- report (accuracy) or result (perf): cpu_fallbacks when present ({"operators": {op: count}, ...}, or a list of
   operator names); for an npu target without it the card says the report does not record fallbacks.
 - accuracy: skipped (a count) when present, else the length of errors (dataset.skipped for a labelled set).
 """
@@ -348,10 +348,10 @@ class CardWriter:
         """The CPU-fallback line for an npu target: the operators, none, or that the report does not record them."""
         source = where if where is not None else r.data
         device = r.need("target", "device") if r.kind != "perf" else r.need("device")
-        value = source.get("cpu_fallback")
+        value = source.get("cpu_fallbacks")
         if platform_kind(str(device)) != "npu" and not value:
             return None
-        if "cpu_fallback" not in source:
+        if "cpu_fallbacks" not in source:
             return self.w("fallback_not_recorded")
         if isinstance(value, dict):
             ops = value.get("operators") or {}
@@ -482,7 +482,7 @@ class CardWriter:
             ))  # fmt: skip
             for note in need("notes"):
                 notes.append(f"{code(mode)} / {batch}: {note}")
-            if "cpu_fallback" in res and "cpu_fallback" not in r.data:
+            if "cpu_fallbacks" in res and "cpu_fallbacks" not in r.data:
                 line = self.fallback(r, res)
                 if line:
                     notes.append(f"{code(mode)} / {batch}: {line}")
@@ -498,7 +498,7 @@ class CardWriter:
             percentiles=settings.get("percentiles") or self.w("na"), scope=scope, interleaved=interleaved,
             table="\n".join(table), ceiling=ceiling_text,
         )  # fmt: skip
-        per_result = "cpu_fallback" not in r.data and any("cpu_fallback" in res for res in results)
+        per_result = "cpu_fallbacks" not in r.data and any("cpu_fallbacks" in res for res in results)
         extra = [] if per_result else [line for line in (self.fallback(r),) if line]
         if unavailable:
             body += "\n\n" + self.t.fill("perf_unavailable_list", items=bullets(unavailable))

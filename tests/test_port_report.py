@@ -199,7 +199,7 @@ def test_npu_card_shows_fallbacks_and_hf32(work):
     text = write_card(NPU_SET, "en")
     assert "`aten::_softmax_backward_data` x1" in text
     assert "CPU fallback: none, every operator ran on the NPU." in text
-    assert "does not record it" in text  # npu_labelled.json has no cpu_fallback field
+    assert "does not record it" in text  # npu_labelled.json has no cpu_fallbacks field
     assert "`conv_hf32=False, matmul_hf32=False`" in text
 
 
