@@ -9,7 +9,9 @@ import glob
 import io
 import logging
 import os
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mobilevit_npu import PROJECT_DIR, reports
-from mobilevit_npu.errors import UserError
+from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.preprocessing")
 
@@ -37,6 +39,12 @@ URL_TIMEOUT_S = 20.0
 URL_MAX_BYTES = 50 * 1024 * 1024
 
 
+# Bounds on what one image may cost before PIL allocates it (--max_image_pixels, --max_aspect_ratio). A 1x40000 PNG of
+# 239 bytes resized to shortest edge 288 would be 288 x 11,520,000 pixels: refused from its header instead.
+MAX_IMAGE_PIXELS = 2**27  # 134M: a 108 MP phone photo fits; decoded and resized sizes alike
+MAX_ASPECT_RATIO = 32.0  # 32:1 (wider than any phone panorama); resized that is 288 x 9216 pixels
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     shortest_edge: int = 288
@@ -48,6 +56,8 @@ class PreprocessConfig:
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_flip_channel_order: bool = True
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> PreprocessConfig:
@@ -98,7 +108,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)  # exact enough for 8 bits, half float64's memory
         if image.mode.startswith("I;16"):
             array = array / 257.0
         elif image.mode == "F" and array.size and np.nanmax(array) <= 1.0:
@@ -114,13 +124,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """GET an http(s) image with a timeout and a size cap. Failures are OSError, like a bad file."""
+def _own_socket(response):
+    """A socket of our own (a dup of its file descriptor) on a streaming response's connection, or None: shutting it
+    down from another thread makes the blocked read return at once, without touching requests' objects."""
+    import socket
+
+    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+    reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
+    try:
+        fd = sock.fileno() if sock is not None else reader.fileno()
+        return socket.socket(fileno=os.dup(fd))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def fetch_url(url: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
+    """GET an http(s) image within a size cap and a total deadline: `timeout` seconds for the whole download, not per
+    read (a server sending a byte every few seconds is cut off at the deadline). Failures are OSError naming the URL."""
+    import socket
+
     import requests
 
+    timeout = URL_TIMEOUT_S if timeout is None else timeout
+    max_bytes = URL_MAX_BYTES if max_bytes is None else max_bytes
+    deadline = time.monotonic() + timeout
+    expired = threading.Event()
+    late = OSError(f"could not fetch {url}: no complete response within {timeout:g} s")
+    timer = own = None
     try:
         with requests.get(url, timeout=timeout, stream=True) as response:
+            own = _own_socket(response)
+
+            def cut() -> None:
+                expired.set()
+                if own is not None:
+                    with contextlib.suppress(OSError):
+                        own.shutdown(socket.SHUT_RDWR)
+
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+            timer.daemon = True
+            timer.start()
             response.raise_for_status()
+            kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if kind.startswith("text/") or kind in ("application/json", "application/xhtml+xml"):
+                raise OSError(f"{url} sent {kind}, not an image (a web page instead of the image file?)")
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise OSError(f"{url} is {int(declared)} bytes, over the {max_bytes}-byte cap")
@@ -129,28 +176,89 @@ def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX
                 data.extend(chunk)
                 if len(data) > max_bytes:
                     raise OSError(f"{url} is over the {max_bytes}-byte cap")
+                if expired.is_set():
+                    raise late
+            if expired.is_set():
+                raise late
             return bytes(data)
-    except requests.RequestException as exc:
-        raise OSError(f"could not fetch {url}: {exc}") from exc
+    except Exception as exc:
+        if expired.is_set():
+            raise late from exc
+        if not isinstance(exc, requests.RequestException):
+            raise
+        raise OSError(f"could not fetch {url}: {first_line(exc)}") from exc
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if own is not None:
+            own.close()
 
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def load_image(source: str | Path) -> Image.Image:
-    """Open a file or URL, apply its EXIF orientation and convert it to RGB. Every failure is an OSError."""
+def check_size(width: int, height: int, cfg: PreprocessConfig) -> None:
+    """Refuse, from the header alone, an image whose decoded or resized size is over cfg's bounds (OSError, one line)
+    before PIL allocates it."""
+    if width < 1 or height < 1:
+        raise OSError(f"the image has no pixels ({width}x{height})")
+    if width * height > cfg.max_image_pixels:
+        raise OSError(
+            f"refused: {width}x{height} is {width * height:,} pixels, over the {cfg.max_image_pixels:,} allowed "
+            "(--max_image_pixels raises the bound)"
+        )
+    resized = resize_shape(width, height, cfg.shortest_edge) if cfg.do_resize else (width, height)
+    into = f"resized to shortest edge {cfg.shortest_edge} it would be {resized[0]}x{resized[1]}"
+    ratio = max(width, height) / min(width, height)
+    if ratio > cfg.max_aspect_ratio:
+        raise OSError(
+            f"refused: {width}x{height} has an aspect ratio of {ratio:,.0f}:1, over the {cfg.max_aspect_ratio:g}:1 "
+            f"allowed ({into} pixels; --max_aspect_ratio raises the bound)"
+        )
+    if resized[0] * resized[1] > cfg.max_image_pixels:
+        raise OSError(
+            f"refused: {width}x{height} {into} = {resized[0] * resized[1]:,} pixels, over the "
+            f"{cfg.max_image_pixels:,} allowed (--max_image_pixels raises the bound)"
+        )
+
+
+def _missing(source: str) -> OSError | None:
+    """Why a local source that expand_images kept as given cannot be read: an empty folder, a glob matching nothing."""
+    if os.path.isdir(source):
+        return OSError(f"no images found in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+    if glob.has_magic(source) and not os.path.exists(source):
+        return OSError("no files match this pattern")
+    return None
+
+
+def load_image(source: str | Path, cfg: PreprocessConfig | None = None) -> Image.Image:
+    """Open a file or URL, apply its EXIF orientation and convert it to RGB. Every failure is an OSError with a
+    one-line message; an image over cfg's size bounds is refused from its header, before it is decoded."""
+    cfg = cfg or PreprocessConfig()
     source = str(source)
+    if not is_url(source) and (missing := _missing(source)):
+        raise missing
+    if Image.MAX_IMAGE_PIXELS and cfg.max_image_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels  # PIL's guard refuses at twice this; ours is the bound
     try:
         stream = io.BytesIO(fetch_url(source)) if is_url(source) else source
-        with Image.open(stream) as opened:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size is the guard
+            opened = Image.open(stream)
+        with opened:
+            check_size(opened.width, opened.height, cfg)
             opened.load()  # decode now, so a truncated file fails here
             image = ImageOps.exif_transpose(opened)
             return to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise OSError(f"refused: {exc} (PIL's decompression-bomb guard)") from exc
+    except Image.UnidentifiedImageError as exc:  # its message holds the stream's repr for a URL
+        raise OSError("cannot identify image file: not an image format PIL can decode") from exc
     except (ValueError, SyntaxError) as exc:  # some PIL plugins raise these on corrupt data
-        raise OSError(f"cannot decode image: {exc}") from exc
+        raise OSError(f"cannot decode image: {first_line(exc)}") from exc
+    except MemoryError as exc:
+        raise OSError("out of memory decoding the image") from exc
 
 
 def preprocess_image(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
@@ -185,7 +293,11 @@ def center_crop(array: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 
 
 def preprocess(source: str | Path, cfg: PreprocessConfig) -> np.ndarray:
-    return preprocess_image(load_image(source), cfg)
+    """Decode and preprocess one image; any failure (bad file, over the size bounds, out of memory) is an OSError."""
+    try:
+        return preprocess_image(load_image(source, cfg), cfg)
+    except MemoryError as exc:
+        raise OSError("out of memory preprocessing the image") from exc
 
 
 @dataclass
@@ -221,18 +333,19 @@ def is_image_name(name: str) -> bool:
 
 
 def expand_images(specs: Sequence[str]) -> list[str]:
-    """Paths, directories (their images, sorted), globs and URLs, in the order given. A spec that names nothing
-    stays in the list as given, so the caller reports it as an error for that image."""
+    """Paths, directories (their images, sorted), globs and URLs, in the order given. A spec that names nothing (a
+    missing file, an empty folder, a glob matching no file) stays in the list as given, so that reading it reports it
+    as an error for that input instead of dropping it."""
     out: list[str] = []
     for spec in specs:
+        found: list[str] = [spec]
         if is_url(spec):
-            out.append(spec)
+            pass
         elif os.path.isdir(spec):
-            out.extend(sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and is_image_name(p.name)))
-        elif glob.has_magic(spec):
-            out.extend(sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)))
-        else:
-            out.append(spec)
+            found = sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and is_image_name(p.name)) or [spec]
+        elif glob.has_magic(spec) and not os.path.exists(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)) or [spec]
+        out.extend(found)
     return out
 
 
