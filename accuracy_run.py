@@ -61,7 +61,9 @@ def _defaults_text(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = common.script_parser("accuracy_run.py", __doc__)
     common.add_synthetic_args(common.add_model_args(parser, positional=True), "MODEL_PATH")
-    parser.add_argument("report", metavar="REPORT.json", help="where to write the JSON report (atomically)")
+    parser.add_argument(
+        "report", metavar="REPORT.json", type=common.json_path, help="where to write the JSON report (atomically)"
+    )
     target = common.add_device_args(parser)
     common.add_dtype_arg(target, "the target's precision (the reference is always CPU float32)")
     target.add_argument(
@@ -89,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="npu: an operator that fell back to the CPU (torch_npu's warning) makes the verdict FAIL; without it "
         "the fallbacks are listed beside the verdict and in the report",
     )
-    common.add_image_args(parser.add_argument_group("input"), "default: the photos bundled in tests/data")
+    inputs = parser.add_argument_group("input")
+    common.add_image_args(inputs, "default: the photos bundled in tests/data")
+    inputs.add_argument(
+        "--max_skipped",
+        "--max-skipped",
+        type=count_or_fraction,
+        default=0,
+        metavar="N",
+        help="images that may be skipped (unreadable, refused, unlabelled) before the run fails (exit 1): a count, "
+        "or a fraction of all images such as 0.1",
+    )
+    common.add_image_limit_args(inputs)
     labelled = parser.add_argument_group(
         "labelled set (ImageNet accuracy of reference and target; spreads over ranks under torchrun)"
     )
@@ -137,6 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def count_or_fraction(text: str) -> int | float:
+    """--max_skipped: a whole number of images, or a fraction (0..1) of them."""
+    value: int | float
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a count (a whole number) nor a fraction between 0 and 1"
+            ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def skip_budget(comparison: metrics.Comparison, skipped: int, total: int, max_skipped: int | float) -> dict:
+    """Hold the skipped images against --max_skipped: over it, a failed check and FAIL (INVALID stays INVALID).
+    Returns the report's "skipped" entry."""
+    allowed = int(max_skipped * total) if isinstance(max_skipped, float) else max_skipped
+    passed = skipped <= allowed
+    rule = f"<= {allowed} of {total} images (--max_skipped {max_skipped:g})"
+    comparison.checks.append(metrics.Check("skipped_images", float(skipped), rule, passed))
+    if not passed:
+        comparison.reasons.append(f"{skipped} of {total} image(s) skipped, over --max_skipped {max_skipped:g}")
+        if comparison.verdict == "PASS":
+            comparison.verdict = "FAIL"
+    return {"count": skipped, "of": total, "max_skipped": max_skipped, "allowed": allowed}
 
 
 def _fmt(value: float | None, spec: str = ".6f") -> str:
@@ -190,13 +236,17 @@ def format_console(
     return "\n".join(lines)
 
 
-def verdict_line(comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str) -> str:
+def verdict_line(
+    comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str, skipped: dict | None = None
+) -> str:
     a = comparison.aggregate
     summary = (
         f"cosine min {_fmt(a.cosine_min)}, top-1 {a.top1_agree_count}/{a.images}"
         f"{f' (+{a.top1_near_tie_flips} near ties)' if a.top1_near_tie_flips else ''}, "
         f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}"
     )
+    if skipped:
+        summary += f", {skipped['count']} of {skipped['of']} image(s) skipped"
     why = f" ({'; '.join(comparison.reasons)})" if comparison.reasons else ""
     where = ""
     if layers is not None and comparison.verdict == "FAIL":
@@ -210,8 +260,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the arguments (no model loaded yet); usage errors exit 2 through parser.error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if Path(args.report).is_dir():
-        parser.error(f"REPORT.json {args.report} is a directory")
     bad = [f"--{k} {v}" for k in THRESHOLD_FLAGS if (v := getattr(args, k, None)) is not None and not math.isfinite(v)]
     if bad:
         parser.error(f"thresholds must be finite numbers: {', '.join(bad)}")
@@ -223,8 +271,9 @@ def _main(argv=None) -> int:
     overrides = {name: getattr(args, name, None) for name in THRESHOLD_FLAGS}
     common.setup_logging(args.verbose)
     thresholds = metrics.Thresholds.for_dtype(args.dtype, **overrides)
-
     labelled = bool(args.dataset or args.labels)
+    common.check_outputs({"REPORT.json": args.report, "the per-image file": images_file(args) if labelled else None})
+
     if not labelled and (args.resume or args.limit):
         raise UserError("--resume and --limit go with --dataset or --labels")
     if labelled and (args.images or args.layers):
@@ -254,11 +303,11 @@ def _fallback_verdict(args, comparison: metrics.Comparison) -> metrics.Compariso
     return dataclasses.replace(comparison, verdict="FAIL", reasons=[*comparison.reasons, reason])
 
 
-def _print_verdict(args, comparison, layers, compared) -> None:
+def _print_verdict(args, comparison, layers, compared, skipped: dict | None = None) -> None:
     line = args.cpu_fallbacks.line() if getattr(args, "cpu_fallbacks", None) else None
     if line:
         print(line)
-    print(verdict_line(comparison, layers, compared))
+    print(verdict_line(comparison, layers, compared, skipped))
 
 
 def _run(
@@ -272,20 +321,6 @@ def _run(
         loaded.model, device, args.dtype, args.target_mode, example, layers=args.layers
     )
     compared = f"{reference.label}  vs  {target.label}"
-
-    if labelled:
-        return run_labelled(args, argv, loaded, reference, target, thresholds, dist, compared)
-    specs = args.images
-    sources = preprocessing.expand_images(specs) if specs else preprocessing.bundled_images()
-    if not sources:
-        raise UserError(f"no images found in {' '.join(specs or [str(preprocessing.BUNDLED_IMAGES_DIR)])}")
-    items, skipped = preprocessing.read_images(sources, loaded.preprocess)
-    for s in skipped:
-        logger.warning("skipping %s: %s", s["image"], s["error"])
-    if not items:
-        raise UserError(f"none of the {len(sources)} image(s) could be read: " + "; ".join(
-            f"{s['image']}: {s['error']}" for s in skipped[:5]))  # fmt: skip
-
     notes = []
     if target.device.type == "cpu" and args.dtype == "fp32" and args.target_mode == "eager":
         notes.append("the target is the reference configuration: this checks determinism only")
@@ -295,28 +330,39 @@ def _run(
             "synthetic weights: the numbers say how the device treats a healthy X-Small, not ImageNet accuracy"
         )
 
+    if labelled:
+        return run_labelled(args, argv, loaded, reference, target, thresholds, dist, compared, notes)
+    specs = args.images
+    sources = preprocessing.expand_images(specs) if specs else preprocessing.bundled_images()
+    if not sources:
+        raise UserError(f"no images found in {' '.join(specs or [str(preprocessing.BUNDLED_IMAGES_DIR)])}")
+    items, skipped = preprocessing.read_images(sources, loaded.preprocess)
+    for s in skipped:
+        print(f"skipped {s['image']}: {s['error']}", file=sys.stderr)
+    if not items:
+        raise UserError(f"none of the {len(sources)} image(s) could be read (listed above)")
+
     comparison, layer_report = targets.compare_sides(reference, target, items, thresholds, args.layers)
     comparison = _fallback_verdict(args, comparison)
 
+    budget = skip_budget(comparison, len(skipped), len(sources), args.max_skipped)
     print(format_console(comparison, layer_report, compared, loaded.id2label))
-    for s in skipped:
-        print(f"skipped {s['image']}: {s['error']}")
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
         f"{dtype_name(args.dtype)} on {target.device}; batch size 1",
-        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes,
+        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes, skipped=budget,
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     print(f"wrote {args.report}")
-    _print_verdict(args, comparison, layer_report, compared)
+    _print_verdict(args, comparison, layer_report, compared, budget)
     return 0 if comparison.verdict == "PASS" else 1
 
 
 def make_report(
     args, argv, comparison: metrics.Comparison, loaded, reference: targets.Side, target: targets.Side, *,
     input: str, per_image, errors: list[dict], layers, notes: list[str], dataset: dict | None = None,
-    target_device: str | None = None,
+    target_device: str | None = None, skipped: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The JSON report: the shared header (tool, argv, model_source, synthetic, environment of the target), the
     verdict and everything it rests on. `errors` lists the images that could not be used, as inference.py does."""
@@ -338,11 +384,17 @@ def make_report(
         "aggregate": dataclasses.asdict(comparison.aggregate),
         "per_image": [dataclasses.asdict(m) for m in per_image],
         "errors": errors,
+        "skipped": skipped,
         "layers": dataclasses.asdict(layers) if layers else None,
         "notes": notes,
         "dataset": dataset,
         "cpu_fallbacks": fallbacks.summary() if (fallbacks := getattr(args, "cpu_fallbacks", None)) else None,
     }  # fmt: skip
+
+
+def images_file(args) -> Path:
+    """Where a labelled run writes every image's record: REPORT.images.jsonl beside REPORT.json."""
+    return Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
 
 
 def load_samples(args) -> tuple[list[labelsets.Sample], list[dict]]:
@@ -354,7 +406,8 @@ def load_samples(args) -> tuple[list[labelsets.Sample], list[dict]]:
 
 
 def run_labelled(
-    args, argv, loaded, reference: targets.Side, target: targets.Side, thresholds, dist, compared: str
+    args, argv, loaded, reference: targets.Side, target: targets.Side, thresholds, dist, compared: str,
+    notes: list[str],
 ) -> int:
     """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics kept per image."""
     samples, unlabelled = load_samples(args)
@@ -384,9 +437,11 @@ def run_labelled(
     if not dist.is_main:
         journal.close(remove=True)
         return 0
-    summary = labelsets.summarize_labels(records, unlabelled, per_rank)
+    summary = labelsets.summarize_labels(records, unlabelled, per_rank)  # per_rank: resumed images included
+    this_run = sum(per_rank) - journal.resumed
+    summary["resumed_images"] = journal.resumed
     summary["elapsed_s"] = round(elapsed_s, 3)  # this run's images (not resumed ones), decode to gather, both sides
-    summary["images_per_s"] = round(sum(per_rank) / elapsed_s, 3) if elapsed_s > 0 else None
+    summary["images_per_s"] = round(this_run / elapsed_s, 3) if elapsed_s > 0 else None
     done = [r for r in records if "error" not in r]
     if not done:
         journal.close(remove=False)
@@ -396,23 +451,28 @@ def run_labelled(
         per_image, args.dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
     )
     comparison = _fallback_verdict(args, comparison)
-    images_file = Path(f"{Path(args.report).with_suffix('')}.images.jsonl")
-    reports.write_jsonl_atomic(images_file, records)
+    budget = skip_budget(comparison, summary["skipped"], summary["images"] + summary["skipped"], args.max_skipped)
+    jsonl_path = images_file(args)
+    reports.write_jsonl_atomic(jsonl_path, records)
     worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:20]
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"labelled set {args.labels or args.dataset}: the same float32 CPU batch for both sides; the target "
         f"casts it to {dtype_name(args.dtype)}; batch size {args.batch_size}; {dist.world_size} rank(s)",
         per_image=worst, errors=summary["skipped_images"], layers=None,
-        notes=[f"per_image holds the 20 lowest-cosine images; every image is in {images_file}"],
+        notes=[*notes, f"per_image holds the 20 lowest-cosine images; every image is in {jsonl_path}"],
         dataset={k: v for k, v in summary.items() if k != "skipped_images"},
-        target_device=target.device.type if dist.enabled else None,
+        target_device=target.device.type if dist.enabled else None, skipped=budget,
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     journal.close(remove=True)
     print(format_labelled(summary, comparison, compared))
-    print(f"wrote {args.report} and {images_file}")
-    _print_verdict(args, comparison, None, compared)
+    for s in summary["skipped_images"][:10]:
+        print(f"skipped {s['image']}: {s['error']}", file=sys.stderr)
+    if summary["skipped"] > 10:
+        print(f"... and {summary['skipped'] - 10} more skipped (see the report)", file=sys.stderr)
+    print(f"wrote {args.report} and {jsonl_path}")
+    _print_verdict(args, comparison, None, compared, budget)
     return 0 if comparison.verdict == "PASS" else 1
 
 
@@ -431,8 +491,6 @@ def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str
         f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
         f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "
         f"cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}",
-        *(f"skipped {s['image']}: {s['error']}" for s in summary["skipped_images"][:10]),
-        *([f"... and {summary['skipped'] - 10} more skipped (see the report)"] if summary["skipped"] > 10 else []),
     ])  # fmt: skip
 
 

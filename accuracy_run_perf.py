@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.script_parser("accuracy_run_perf.py", __doc__)
     common.add_model_args(parser, positional=True)
     parser.add_argument("iterations", type=common.int_at_least(1), help="timed iterations per mode and batch size")
-    parser.add_argument("report", help="where to write the JSON report (written atomically)")
+    parser.add_argument(
+        "report", metavar="REPORT.json", type=common.json_path, help="where to write the JSON report (atomically)"
+    )
     group = parser.add_argument_group("benchmark")
     group.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed calls per mode before timing")
     group.add_argument(
@@ -95,6 +97,7 @@ def _main(argv) -> int:
     modes = parse_modes(args.modes)
     if args.plot and not bench.matplotlib_available():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    common.check_outputs({"REPORT.json": args.report, "--plot": args.plot})
     device = devices.resolve_device(args.device, jit_compile=args.jit_compile)
     if "all" in modes:
         modes = execution.available_modes(device)
@@ -131,7 +134,8 @@ def _main(argv) -> int:
         print(fallbacks.line())
     print(f"report: {args.report}")
     if args.plot:
-        print(f"plot: {bench.plot_latencies(results, args.plot)}")
+        where = f"{device} ({devices.device_name(device)})"
+        print(f"plot: {bench.plot_latencies(results, args.plot, where)}")
     return 0 if any(r["status"] == "ok" for r in results) else 1
 
 

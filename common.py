@@ -8,10 +8,12 @@ failed); 2 bad usage, model, image set or device (one line on stderr, no traceba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import math
 import sys
 
-from mobilevit_npu import devices, models, synthetic
+from mobilevit_npu import devices, models, preprocessing, reports, synthetic
 from mobilevit_npu.errors import UserError
 from mobilevit_npu.models import DEFAULT_MODEL_DIR, DTYPES, HUB_MODEL_ID
 
@@ -102,6 +104,59 @@ def add_image_args(group: argparse._ArgumentGroup, default_text: str) -> None:
     )
 
 
+def add_image_limit_args(group: argparse._ArgumentGroup) -> None:
+    """--max_image_pixels and --max_aspect_ratio: images over them are refused from their header, one line each."""
+    group.add_argument(
+        "--max_image_pixels",
+        "--max-image-pixels",
+        type=int_at_least(1),
+        default=preprocessing.MAX_IMAGE_PIXELS,
+        metavar="N",
+        help="refuse (as a per-image error, before decoding) an image with more pixels than this, decoded or after "
+        "the resize to the shortest edge",
+    )
+    group.add_argument(
+        "--max_aspect_ratio",
+        "--max-aspect-ratio",
+        type=float_at_least(1.0),
+        default=preprocessing.MAX_ASPECT_RATIO,
+        metavar="R",
+        help="refuse an image whose long side is more than R times its short side (a 1x40000 strip would resize "
+        "to 288 x 11,520,000 pixels)",
+    )
+
+
+def float_at_least(minimum: float):
+    """An argparse type: a finite number >= minimum, with a usage error (exit 2) otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number of at least {minimum:g}")
+        return value
+
+    parse.__name__ = f"number >= {minimum:g}"
+    return parse
+
+
+def check_outputs(paths: dict[str, str | None]) -> None:
+    """Every output path the arguments name ({"--output": path, ...}), checked before any model work: a folder, an
+    unwritable folder or a folder under a file is a UserError (exit 2, one line) now, not a traceback after the run."""
+    for what, path in paths.items():
+        if path is not None:
+            reports.check_output_path(path, what)
+
+
+def json_path(text: str) -> str:
+    """An argparse type for REPORT arguments: a path ending in .json (so `MODEL 50` is a usage error, not a file)."""
+    if not text.lower().endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .json")
+    return text
+
+
 def add_allocator_arg(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--allocator",
@@ -116,8 +171,13 @@ def load(args: argparse.Namespace, device: devices.Device | None, dtype: str = "
     """The model the arguments name: --synthetic (seeded) or the folder / hub id, on `device` in `dtype`."""
     if getattr(args, "synthetic", False):
         logger.info("building the synthetic full-size X-Small (%s is not read)", args.model_path)
-        return synthetic.synthetic_model(device, dtype, seed=args.seed)
-    return models.load_model(args.model_path, device, dtype)
+        loaded = synthetic.synthetic_model(device, dtype, seed=args.seed)
+    else:
+        loaded = models.load_model(args.model_path, device, dtype)
+    limits = {k: getattr(args, k) for k in ("max_image_pixels", "max_aspect_ratio") if hasattr(args, k)}
+    if limits:  # the bounds travel with the preprocessing config, into DataLoader workers too
+        loaded.preprocess = dataclasses.replace(loaded.preprocess, **limits)
+    return loaded
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_size", "--batch-size", type=common.int_at_least(1), default=1, help="images per forward pass"
     )
     inputs.add_argument("--output", metavar="FILE.json", help="also write the results as JSON (atomically)")
+    common.add_image_limit_args(inputs)
     run = common.add_device_args(parser)
     common.add_dtype_arg(run)
     timed = parser.add_argument_group("benchmark (model latency on the device, as in the model card)")
@@ -130,6 +131,7 @@ def _main(argv=None) -> int:
     if not args.images and not args.benchmark:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
+    common.check_outputs({"--output": args.output})
 
     dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
     try:
@@ -165,25 +167,33 @@ def _run(args, argv, dist: distributed.Distributed, device: devices.Device) -> i
     for result in results:
         print(format_result(result))
     for error in failed:
-        print(f"{error['image']}: error: {error['error']}")
+        print(f"{error['image']}: error: {error['error']}", file=sys.stderr)
     where = f"{device} ({devices.device_name(device)})"
     if dist.enabled:
         where = f"{dist.world_size} ranks on {device.type} over {dist.backend}"
     print(f"{len(results)} of {len(sources)} image(s) classified on {where}, {args.dtype}")
+    if not results:  # nothing ran: as bad as a missing model (exit 2); the report still lists why each failed
+        if args.output:
+            write_report(args, argv, loaded, device, dist, parts, results, failed)
+        raise UserError(f"no images found or none could be read ({len(failed)} input(s) failed, listed above)")
     if args.output:
-        report = {
-            **reports.header("inference.py", argv, loaded, devices.environment(device)),
-            "device": str(device) if not dist.enabled else device.type,
-            "dtype": args.dtype,
-            "results": results,
-            "errors": failed,
-            "cpu_fallbacks": args.cpu_fallbacks.summary() if getattr(args, "cpu_fallbacks", None) else None,
-        }
-        if dist.enabled:
-            report["per_rank_images"] = [part[2] for part in parts]
-        reports.write_json_atomic(args.output, report)
-        print(f"wrote {args.output}")
+        write_report(args, argv, loaded, device, dist, parts, results, failed)
     return 1 if failed else 0
+
+
+def write_report(args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict]) -> None:
+    report = {
+        **reports.header("inference.py", argv, loaded, devices.environment(device)),
+        "device": str(device) if not dist.enabled else device.type,
+        "dtype": args.dtype,
+        "results": results,
+        "errors": failed,
+        "cpu_fallbacks": args.cpu_fallbacks.summary() if getattr(args, "cpu_fallbacks", None) else None,
+    }
+    if dist.enabled:
+        report["per_rank_images"] = [part[2] for part in parts]
+    reports.write_json_atomic(args.output, report)
+    print(f"wrote {args.output}")
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,12 @@ logger = logging.getLogger("mobilevit_npu.bench")
 
 def photo_batches(paths: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int) -> list[torch.Tensor]:
     """The photos, preprocessed, cycled into enough batches of `batch_size` to cover every photo at least once."""
-    tensors = [torch.from_numpy(preprocessing.preprocess(p, cfg)) for p in paths]
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(torch.from_numpy(preprocessing.preprocess(path, cfg)))
+        except OSError as exc:
+            raise UserError(f"cannot benchmark on {path}: {exc}") from exc
     if not tensors:
         raise UserError("no photos to benchmark on")
     count = max(1, math.ceil(len(tensors) / batch_size))
@@ -232,26 +237,63 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_latencies(results: Sequence[dict[str, Any]], path: str) -> str:
-    """Box plots of every mode's samples, one panel per batch size. Needs matplotlib (checked by the caller)."""
+def _ms(value: float, _position=None) -> str:
+    """A tick label in plain milliseconds: 0.5, 2, 300, 1500 (never 3x10^2)."""
+    return f"{value:,.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def latency_figure(results: Sequence[dict[str, Any]], device: str | None = None):
+    """The latency plot as a matplotlib figure: box plots of every mode's samples, one panel per batch size; the title
+    says what was timed (model only or end to end), where, in which dtype, at which batch size and over how many
+    samples. Needs matplotlib (checked by the caller)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    batch_sizes = sorted({r["batch_size"] for r in results if r.get("samples_ms")})
+    timed = [r for r in results if r.get("samples_ms")]
+    batch_sizes = sorted({r["batch_size"] for r in timed})
     if not batch_sizes:
         raise UserError("nothing to plot: no mode produced samples")
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5 * len(batch_sizes), 4), squeeze=False)
+    end_to_end = any(r.get("end_to_end") for r in timed)
+    what = (
+        "end to end: decode + preprocess + copy in + forward + copy out"
+        if end_to_end
+        else "model only: forward on an input already on the device"
+    )
+    dtypes = ", ".join(dict.fromkeys(str(r["dtype"]) for r in timed))
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4.5), squeeze=False)
     for ax, batch_size in zip(axes[0], batch_sizes):
-        rows = [r for r in results if r["batch_size"] == batch_size and r.get("samples_ms")]
-        ax.boxplot([r["samples_ms"] for r in rows], showfliers=True)
+        rows = [r for r in timed if r["batch_size"] == batch_size]
+        samples = [r["samples_ms"] for r in rows]
+        counts = sorted({len(x) for x in samples})
+        ax.boxplot(samples, showfliers=True)
         ax.set_xticks(range(1, len(rows) + 1), [r["mode"] for r in rows], rotation=30)
-        ax.set_title(f"batch {batch_size}")
-        ax.set_yscale("log")  # contention bursts on shared machines are 10-100x the typical call
-        ax.set_ylabel("latency per call (ms, log scale)")
+        ax.set_title(f"batch size {batch_size}, {'/'.join(map(str, counts))} samples per mode", fontsize=10)
+        low = min(min(x) for x in samples)
+        high = max(max(x) for x in samples)
+        if low > 0 and high / low > 20:  # contention bursts on shared machines are 10-100x the typical call
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_minor_locator(ticker.NullLocator())
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(_ms))
+            ax.set_ylabel(f"latency per call of {batch_size} image(s) (ms, log scale)")
+        else:
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(_ms))
+            ax.set_ylabel(f"latency per call of {batch_size} image(s) (ms)")
         ax.grid(axis="y", alpha=0.3)
+    where = f"{device}, " if device else ""
+    fig.suptitle(f"MobileViT latency, {what}\n{where}{dtypes}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_latencies(results: Sequence[dict[str, Any]], path: str, device: str | None = None) -> str:
+    """Save latency_figure(results, device) to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = latency_figure(results, device)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

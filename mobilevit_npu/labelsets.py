@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mobilevit_npu import PROJECT_DIR, distributed, preprocessing, reports, timing
-from mobilevit_npu.errors import UserError
+from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.labelsets")
 
@@ -126,6 +126,8 @@ class _Images(torch.utils.data.Dataset):
             return index, torch.from_numpy(preprocessing.preprocess(self.sources[index], self.cfg)), None
         except OSError as exc:
             return index, None, str(exc) or type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - a worker that raises ends the whole run: one image's record instead
+            return index, None, f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _collate(items):
@@ -163,6 +165,8 @@ class Journal:
     def __init__(self, report: str | Path, dist: distributed.Distributed, run_key: dict[str, Any], resume: bool):
         self.folder = Path(f"{report}.parts")
         self.dist = dist
+        self.rank_of: dict[str, int] = {}  # image -> the rank whose file recorded it (per_rank_images after --resume)
+        self.resumed = 0  # images taken from the journal instead of being redone (set by run)
         self.key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()[:16]
         meta = self.folder / "meta.json"
         error = None
@@ -188,6 +192,7 @@ class Journal:
         """Every record of every rank's file so far, by image (a torn last line from a crash is ignored)."""
         records: dict[str, dict] = {}
         for path in sorted(self.folder.glob("rank*.jsonl")):
+            rank = int(path.stem[4:]) if path.stem[4:].isdigit() else 0
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
                     try:
@@ -195,6 +200,7 @@ class Journal:
                     except ValueError:
                         continue
                     records[record["image"]] = record
+                    self.rank_of[record["image"]] = rank
         return records
 
     def append(self, records: Sequence[dict]) -> None:
@@ -224,9 +230,14 @@ def run(
 
     `process(batch_samples, pixels)` returns one record per image (each with "image"). Bad images become records
     `{"image", "label", "error"}`. With a journal, images already in it are skipped and every new record is appended
-    as soon as its batch is done. Returns (all records, images done per rank) on rank 0; ([], []) elsewhere.
+    as soon as its batch is done. Returns (all records, images done per rank over the whole run, resumed ones
+    included) on rank 0; ([], []) elsewhere.
     """
     previous = journal.done() if journal else {}
+    wanted = {s.image for s in samples}
+    previous = {image: record for image, record in previous.items() if image in wanted}
+    if journal:
+        journal.resumed = len(previous)
     todo = [s for s in samples if s.image not in previous]
     if previous and dist.is_main:
         logger.info("resuming: %d of %d images already done, %d to go", len(previous), len(samples), len(todo))
@@ -247,6 +258,10 @@ def run(
     if not dist.is_main:
         return [], []
     per_rank = [len(part) for part in gathered]
+    for image in previous:  # a resumed run counts what each rank did before it too
+        rank = journal.rank_of.get(image, 0)
+        per_rank.extend([0] * (rank + 1 - len(per_rank)))
+        per_rank[rank] += 1
     merged = dict(previous)
     for part in gathered:
         merged.update((r["image"], r) for r in part)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mobilevit_npu.errors import UserError
+from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.reports")
 
@@ -47,25 +48,76 @@ def json_line(obj: Any) -> str:
     return json.dumps(json_safe(obj), allow_nan=False) + "\n"
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` through a temp file in the same folder, fsync'd, then rename: readers see all of it or none."""
+def _is_stream(path: Path) -> bool:
+    """An existing path that is not a regular file or a folder (character device such as /dev/null or /dev/full, FIFO,
+    socket), or one under /dev or /proc (/dev/stdout, /proc/self/fd/N): written through, never replaced."""
+    if os.path.abspath(path).startswith(("/dev/", "/proc/")) and os.path.exists(path):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def check_output_path(path: str | Path, what: str = "output") -> None:
+    """Raise UserError (one line) now, before any model work, when `path` cannot take a report: a folder, a missing
+    folder under a file, a folder that cannot be written; a device or FIFO must be writable."""
+    text = str(path)
     path = Path(path)
+    if not text or text.endswith(("/", os.sep)) or path.is_dir():
+        raise UserError(f"{what} {text or repr(text)} is a folder, not a file")
+    if _is_stream(path):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UserError(f"{what} {path} is not writable")
+        return
+    folder = Path(os.path.realpath(path)).parent  # through a symlink, the target's folder gets the temp file
+    while not folder.exists():  # write_text_atomic creates missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no write permission in {folder}")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` through a temp file in the same folder, fsync'd, then rename: readers see all of it or none.
+
+    Through a symlink, the link's target is replaced and the link kept. An existing non-regular file (character
+    device, FIFO, /dev/stdout) is written straight through, never replaced. A failure is a UserError naming the path."""
+    path = Path(path)
+    try:
+        if _is_stream(path):
+            with open(path, "a", encoding="utf-8") as fh:  # "a": /dev/stdout redirected to a file keeps what is there
+                fh.write(text)
+            return path
+        target = Path(os.path.realpath(path)) if path.is_symlink() else path
+        _replace(target, text)
+    except OSError as exc:
+        raise UserError(f"could not write {path}: {exc.strerror or first_line(exc)}") from exc
+    return path
+
+
+def _replace(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # replacing a file keeps its permissions
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # mkstemp makes it 0600; a report is as readable as any file the user writes
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report is as readable as any file the user writes
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
 
 
 def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> Path:
