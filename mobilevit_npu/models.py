@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,62 @@ def resolve_model_folder(model_path: str) -> Path:
         raise UserError(f"{path} is a file; --model_path takes a model folder or a hub id")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model_path) and not model_path.startswith((".", "/")):
         return fetch_from_hub(model_path)
-    raise UserError(f"model folder {model_path} does not exist")
+    where = ""
+    if os.path.normpath(model_path) == os.path.normpath(DEFAULT_MODEL_DIR):
+        where = f" in {os.getcwd()} (the default is relative to the working folder)"
+    raise UserError(
+        f"model folder {model_path} does not exist{where}. Pass a folder that holds the weights, or the hub id "
+        f"{HUB_MODEL_ID} to download them (--model_path for inference.py, MODEL_PATH for the others), or fetch them "
+        f"first: {download_command(HUB_MODEL_ID, model_path)}"
+    )
+
+
+def _load_failure(exc: Exception, folder: Path, weights: Path) -> str:
+    """Why from_pretrained failed, in one line: the first mismatched tensors with both shapes, or the library's own
+    message cut at a sentence end (never mid-sentence)."""
+    mismatched = shape_mismatches(folder, weights)
+    if mismatched:
+        shown = "; ".join(f"{key}: checkpoint {list(got)} vs model {list(want)}" for key, got, want in mismatched[:3])
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        return (
+            f"{len(mismatched)} tensor(s) do not fit the shapes config.json gives: {shown}{more}; are config.json "
+            "and the weights from the same model?"
+        )
+    why = first_line(exc) or type(exc).__name__
+    if weights.suffix == ".bin" and not zipfile.is_zipfile(weights):
+        first_sentence = why.split(". ")[0].rstrip(".") + "."  # its advice (weights_only=False) is for real pickles
+        return f"not a torch.save archive: corrupt, truncated or not a checkpoint (torch.load: {first_sentence})"
+    return f"corrupt, truncated or mismatched ({why})"
+
+
+def checkpoint_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in a safetensors or torch.save file, read without building the model ({} when unreadable)."""
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as fh:
+                return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+        state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
+        return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - an unreadable file has its own error
+        return {}
+
+
+def shape_mismatches(folder: Path, weights: Path) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(key, checkpoint shape, model shape) for every tensor whose shape differs from the model config.json builds."""
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    found = checkpoint_shapes(weights)
+    if not found:
+        return []
+    try:
+        config = MobileViTConfig.from_pretrained(str(folder))
+        with torch.device("meta"):  # shapes only: no memory, no init
+            expected = {k: tuple(v.shape) for k, v in MobileViTForImageClassification(config).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a bad config.json is reported by from_pretrained itself
+        return []
+    return [(key, shape, expected[key]) for key, shape in found.items() if key in expected and expected[key] != shape]
 
 
 def load_model(model_path: str, device: devices.Device | None = None, dtype: str = "fp32") -> LoadedModel:
@@ -133,8 +189,7 @@ def load_model(model_path: str, device: devices.Device | None = None, dtype: str
     try:
         model, info = MobileViTForImageClassification.from_pretrained(str(folder), output_loading_info=True)
     except Exception as exc:  # safetensors/pickle errors on corrupt or truncated files, shape mismatches
-        first = first_line(exc) or type(exc).__name__
-        raise UserError(f"could not load the weights in {weights}: corrupt, truncated or mismatched ({first})") from exc
+        raise UserError(f"could not load the weights in {weights}: {_load_failure(exc, folder, weights)}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
