@@ -1,0 +1,590 @@
+"""The bad inputs a new user hits (issue 11): nothing lost, nothing silently dropped, one line each, bounded memory."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import resource
+import shutil
+import stat
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA_DIR, PHOTOS, ROOT, read_json
+from PIL import Image, ImageFile
+
+import accuracy_run
+import accuracy_run_perf
+import inference
+from mobilevit_npu import bench, distributed, labelsets, models, preprocessing, reports
+from mobilevit_npu.errors import UserError, first_line
+
+CHELSEA = str(DATA_DIR / "chelsea.png")
+
+
+def thin_png(path: Path, width: int = 1, height: int = 40000) -> str:
+    """A few hundred bytes on disk; 288 x 11,520,000 pixels once resized to shortest edge 288 (1x40000)."""
+    Image.new("L", (width, height), 128).save(path)
+    return str(path)
+
+
+def one_line(text: str) -> bool:
+    return bool(text) and "\n" not in text and "Traceback" not in text
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Loopback HTTP: /thin.png (1x40000), /page (text/html), /garbage (not an image), /slow (a byte every 0.3 s)."""
+    folder = tmp_path_factory.mktemp("served")
+    thin_png(folder / "thin.png")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path == "/page":
+                body = b"<html><body>Sign in</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/slow":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    for _ in range(1000):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except OSError:
+                    pass
+            elif self.path == "/garbage":
+                body = bytes(range(256)) * 4
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                super().do_GET()
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    srv = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Memory: refused from the header, per image, with a flag to raise the bound
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_thin_image_is_refused_and_the_good_one_reported(tiny_model_dir, tmp_path, capsys):
+    thin = thin_png(tmp_path / "thin.png")
+    assert os.path.getsize(thin) < 1000
+    out = tmp_path / "out.json"
+    rc = inference.main(["--model_path", str(tiny_model_dir), "--image", thin, CHELSEA, "--output", str(out)])
+    assert rc == 1
+    report = read_json(out)
+    assert [r["image"] for r in report["results"]] == [CHELSEA]
+    (error,) = report["errors"]
+    assert error["image"] == thin and one_line(error["error"])
+    assert "288x11520000" in error["error"] and "--max_aspect_ratio" in error["error"]
+    err = capsys.readouterr().err
+    assert f"{thin}: error: refused" in err and "Traceback" not in err
+
+
+def test_the_bound_is_checked_before_pil_decodes(tmp_path, monkeypatch):
+    decoded = []
+    original = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(OSError, match="aspect ratio"):
+        preprocessing.preprocess(thin_png(tmp_path / "t.png"), preprocessing.PreprocessConfig())
+    assert decoded == []  # refused from the header alone
+
+
+def test_flags_raise_and_lower_the_bounds(tiny_model_dir, tmp_path):
+    strip = thin_png(tmp_path / "strip.png", 1, 100)  # 100:1, 288 x 28,800 pixels resized
+    out = tmp_path / "out.json"
+    base = ["--model_path", str(tiny_model_dir), "--output", str(out)]
+    assert inference.main([*base, "--image", strip]) == 2  # refused by default: nothing ran
+    assert "aspect ratio of 100:1" in read_json(out)["errors"][0]["error"]
+    assert inference.main([*base, "--image", strip, "--max_aspect_ratio", "100"]) == 0
+    assert inference.main([*base, "--image", CHELSEA, "--max-image-pixels", "50000"]) == 2
+    assert "--max_image_pixels" in read_json(out)["errors"][0]["error"]
+
+
+@pytest.mark.parametrize(
+    "size, limits, message",
+    [
+        ((600, 600), {"max_image_pixels": 100_000}, "360,000 pixels, over the 100,000"),  # decoded size
+        ((100, 100), {"max_image_pixels": 50_000}, "288x288 = 82,944 pixels"),  # resized size
+        ((40, 2000), {}, "aspect ratio of 50:1"),
+        ((10, 300), {"max_aspect_ratio": 30.0}, None),  # exactly at the bound: allowed
+    ],
+)
+def test_check_size_names_the_bound(size, limits, message):
+    cfg = preprocessing.PreprocessConfig(**limits)
+    if message is None:
+        preprocessing.check_size(*size, cfg)
+        return
+    with pytest.raises(OSError) as info:
+        preprocessing.check_size(*size, cfg)
+    assert message in str(info.value) and one_line(str(info.value))
+
+
+def test_thin_image_over_a_url_is_refused(tiny_model_dir, tmp_path, server):
+    out = tmp_path / "out.json"
+    url = f"{server}/thin.png"
+    rc = inference.main(["--model_path", str(tiny_model_dir), "--image", url, CHELSEA, "--output", str(out)])
+    assert rc == 1
+    assert [e["image"] for e in read_json(out)["errors"]] == [url]
+    assert "refused" in read_json(out)["errors"][0]["error"]
+
+
+@pytest.fixture
+def labelled_set(tmp_path):
+    """Four photos in index folders (0..3), and `extra` bad files added by each test."""
+    root = tmp_path / "set"
+    for i, photo in enumerate(PHOTOS[:4]):
+        (root / str(i)).mkdir(parents=True)
+        shutil.copy(photo, root / str(i))
+    return root
+
+
+def labelled(model_dir, root, report, *extra):
+    return [str(model_dir), str(report), "--dataset", str(root), "--device", "cpu", "--batch_size", "2", *extra]
+
+
+def test_thin_image_in_a_dataset_with_a_worker_is_a_record(tiny_model_dir, labelled_set, tmp_path, capsys):
+    thin_png(labelled_set / "1" / "thin.png")
+    report = tmp_path / "r.json"
+    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "1", "--max_skipped", "1"))
+    assert rc == 0
+    data = read_json(report)
+    assert data["dataset"]["images"] == 4 and data["dataset"]["skipped"] == 1
+    assert "refused" in data["errors"][0]["error"]
+    assert "thin.png: refused" in capsys.readouterr().err
+
+
+def test_a_worker_error_of_any_kind_becomes_that_images_record(monkeypatch):
+    def boom(source, cfg):
+        raise MemoryError("cannot allocate") if source == "a" else RuntimeError("odd decoder failure\nsecond line")
+
+    monkeypatch.setattr(preprocessing, "preprocess", boom)
+    images = labelsets._Images(["a", "b"], preprocessing.PreprocessConfig())
+    assert images[0] == (0, None, "MemoryError: cannot allocate")
+    assert images[1] == (1, None, "RuntimeError: odd decoder failure")
+
+
+def test_random_images_give_a_tensor_or_one_line_within_bounded_memory(tmp_path):
+    """Property: images of random mode, size and aspect ratio (extreme ones included) each give a 3x256x256 float32
+    tensor or a one-line OSError, and memory stays bounded: no image costs more than its bounds allow."""
+    rng = np.random.default_rng(11)
+    modes = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
+    cfg = preprocessing.PreprocessConfig()
+    paths = []
+    for i in range(60):
+        mode = modes[i % len(modes)]
+        short = int(rng.integers(1, 400))
+        ratio = float(np.exp(rng.uniform(0, np.log(50_000))))  # 1:1 .. 50000:1, log-uniform
+        long = max(short, min(int(short * ratio), 60_000, 2_000_000 // short))  # the test's own images stay small
+        width, height = (short, long) if rng.random() < 0.5 else (long, short)
+        image = Image.new(mode, (width, height), 7 if mode in ("1", "L", "P", "I;16", "I", "F") else None)
+        tiff = mode in ("CMYK", "I;16", "I", "F")
+        path = tmp_path / f"{i}_{mode.replace(';', '')}_{width}x{height}{'.tiff' if tiff else '.png'}"
+        image.save(path, **({"compression": "tiff_deflate"} if tiff else {}))
+        paths.append((str(path), width, height))
+        del image
+    tracemalloc.start()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    outcomes = {"tensor": 0, "refused": 0}
+    try:
+        for path, width, height in paths:
+            try:
+                array = preprocessing.preprocess(path, cfg)
+            except OSError as exc:
+                assert one_line(str(exc)), (path, str(exc))
+                assert max(width, height) / min(width, height) > cfg.max_aspect_ratio, (path, str(exc))
+                outcomes["refused"] += 1
+                continue
+            assert array.shape == (3, 256, 256) and array.dtype == np.float32 and np.isfinite(array).all(), path
+            outcomes["tensor"] += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert outcomes["tensor"] >= 10 and outcomes["refused"] >= 10, outcomes  # both sides of the bound were tried
+    assert peak < 200 * 2**20, f"numpy peak {peak / 2**20:.0f} MiB"
+    assert rss_growth_mb < 500, f"peak RSS grew {rss_growth_mb:.0f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2-3. Output paths up front; the atomic writer and what lies at the path
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_output_folder_is_refused_before_any_model_work(tmp_path, capsys):
+    missing_model = str(tmp_path / "no_model")  # a model error would come first if the output were checked late
+    assert inference.main(["--model_path", missing_model, "--image", CHELSEA, "--output", str(tmp_path)]) == 2
+    assert inference.main(["--model_path", missing_model, "--benchmark", "--output", str(tmp_path)]) == 2
+    folder_json = tmp_path / "out.json"
+    folder_json.mkdir()
+    assert accuracy_run_perf.main([missing_model, "5", str(folder_json)]) == 2
+    assert accuracy_run.main([missing_model, str(folder_json)]) == 2
+    argv = [missing_model, "5", str(tmp_path / "r.json"), "--plot", str(tmp_path)]
+    if bench.matplotlib_available():
+        assert accuracy_run_perf.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(lines) == (5 if bench.matplotlib_available() else 4)
+    assert all("is a folder, not a file" in line for line in lines), lines
+
+
+def test_output_under_a_file_or_unwritable_folder_is_refused(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        reports.check_output_path(a_file / "sub" / "out.json", "--output")
+    assert accuracy_run.main([str(tmp_path / "m"), str(a_file / "r.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        with pytest.raises(UserError, match="no write permission"):
+            reports.check_output_path(locked / "out.json")
+
+
+def test_labelled_per_image_file_is_checked_too(tiny_model_dir, labelled_set, tmp_path, capsys):
+    (tmp_path / "r.images.jsonl").mkdir()
+    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, tmp_path / "r.json")) == 2
+    assert "r.images.jsonl is a folder" in capsys.readouterr().err
+
+
+def test_writer_replaces_a_regular_file_atomically(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    reports.write_json_atomic(path, {"a": 1})
+    assert read_json(path) == {"a": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # replacing keeps the permissions
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+
+
+def test_writer_keeps_a_symlink_and_replaces_its_target(tmp_path):
+    target = tmp_path / "real" / "r.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    reports.write_json_atomic(link, {"b": 2})
+    assert link.is_symlink() and read_json(target) == {"b": 2}
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "real" / "new.json")
+    reports.write_json_atomic(dangling, {"c": 3})
+    assert dangling.is_symlink() and read_json(tmp_path / "real" / "new.json") == {"c": 3}
+
+
+def test_writer_writes_devices_and_fifos_through(tmp_path, capfd):
+    reports.write_json_atomic("/dev/null", {"a": 1})
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # still the device node
+    with pytest.raises(UserError, match="could not write /dev/full: No space left on device"):
+        reports.write_json_atomic("/dev/full", {"a": 1})
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    reports.write_json_atomic(fifo, {"f": 1})
+    reader.join(10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and '"f": 1' in got[0]
+    reports.write_json_atomic("/dev/stdout", {"to": "stdout"})
+    assert '"to": "stdout"' in capfd.readouterr().out
+
+
+def test_inference_output_to_dev_full_is_one_line(tiny_model_dir, capsys):
+    assert inference.main(["--model_path", str(tiny_model_dir), "--image", CHELSEA, "--output", "/dev/full"]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not write /dev/full: No space left on device" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. Skipped images count against --max_skipped
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_acc(tmp_path, model_dir, *extra):
+    report = tmp_path / "report.json"
+    rc = accuracy_run.main([str(model_dir), str(report), "--device", "cpu", *extra])
+    return rc, (read_json(report) if report.exists() else None)
+
+
+@pytest.mark.parametrize("allowance, rc", [(None, 1), ("1", 0), ("0.5", 0), ("0.4", 1)])
+def test_skipped_images_fail_unless_allowed(tiny_model_dir, tmp_path, capsys, allowance, rc):
+    missing = str(tmp_path / "missing.png")
+    extra = ["--max_skipped", allowance] if allowance else []
+    got, report = run_acc(tmp_path, tiny_model_dir, "--images", CHELSEA, missing, *extra)
+    assert got == rc
+    assert report["skipped"]["count"] == 1 and report["skipped"]["of"] == 2
+    assert report["verdict"] == ("PASS" if rc == 0 else "FAIL")
+    out, err = capsys.readouterr()
+    verdict = [line for line in out.splitlines() if line.startswith("VERDICT")][0]
+    assert "1 of 2 image(s) skipped" in verdict
+    assert f"skipped {missing}" in err and missing not in out
+
+
+def test_a_mostly_unreadable_dataset_fails(tiny_model_dir, labelled_set, tmp_path, capsys):
+    for i in range(6):
+        (labelled_set / str(i % 4) / f"broken{i}.png").write_text("not a png")
+    report = tmp_path / "r.json"
+    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0")) == 1
+    data = read_json(report)
+    assert data["verdict"] == "FAIL" and data["skipped"] == {"count": 6, "of": 10, "max_skipped": 0, "allowed": 0}
+    assert "6 of 10 image(s) skipped" in capsys.readouterr().out
+    allowed = labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--max-skipped", "0.6")
+    assert accuracy_run.main(allowed) == 0
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.5", "abc", "nan"])
+def test_max_skipped_usage_errors(tiny_model_dir, tmp_path, bad):
+    assert accuracy_run.main([str(tiny_model_dir), str(tmp_path / "r.json"), "--max_skipped", bad]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. No silent drops: unmatched globs and empty folders are error entries
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_unmatched_glob_and_empty_folder_are_errors(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pattern = str(tmp_path / "nothing*.jpg")
+    out = tmp_path / "out.json"
+    base = ["--model_path", str(tiny_model_dir), "--output", str(out)]
+    assert inference.main([*base, "--image", CHELSEA, pattern, str(empty)]) == 1
+    errors = {e["image"]: e["error"] for e in read_json(out)["errors"]}
+    assert errors == {pattern: "no files match this pattern", str(empty): errors[str(empty)]}
+    assert errors[str(empty)].startswith("no images found in this folder")
+    assert inference.main([*base, "--image", pattern]) == 2  # nothing ran
+    assert inference.main([*base, "--image", str(empty)]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+    rc, report = run_acc(tmp_path, tiny_model_dir, "--images", CHELSEA, pattern)
+    assert rc == 1 and report["errors"] == [{"image": pattern, "error": "no files match this pattern"}]
+    rc, report = run_acc(tmp_path, tiny_model_dir, "--images", str(empty))
+    assert rc == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. Determinism warning in --dataset mode too
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_with_an_identical_cpu_target_says_determinism_only(tiny_model_dir, labelled_set, tmp_path, caplog):
+    report = tmp_path / "r.json"
+    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0")) == 0
+    assert any("determinism" in note for note in read_json(report)["notes"])
+    assert "determinism only" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. Messages
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_per_image_errors_go_to_stderr(tiny_model_dir, tmp_path, capsys):
+    missing = str(tmp_path / "missing.png")
+    assert inference.main(["--model_path", str(tiny_model_dir), "--image", CHELSEA, missing]) == 1
+    out, err = capsys.readouterr()
+    assert f"{missing}: error:" in err and missing not in out
+
+
+def test_html_url_is_named_by_its_url(tiny_model_dir, tmp_path, server):
+    out = tmp_path / "out.json"
+    url = f"{server}/page"
+    assert inference.main(["--model_path", str(tiny_model_dir), "--image", url, CHELSEA, "--output", str(out)]) == 1
+    (error,) = read_json(out)["errors"]
+    assert url in error["error"] and "text/html" in error["error"] and "BytesIO" not in error["error"]
+
+
+def test_undecodable_url_bytes_do_not_show_a_stream_repr(tiny_model_dir, tmp_path, server, capsys):
+    url = f"{server}/garbage"
+    assert inference.main(["--model_path", str(tiny_model_dir), "--image", url, CHELSEA]) == 1
+    err = capsys.readouterr().err
+    assert f"{url}: error: cannot identify image file" in err and "BytesIO" not in err
+
+
+def test_a_slow_server_is_cut_off_at_the_total_deadline(server):
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"no complete response within 1 s"):
+        preprocessing.fetch_url(f"{server}/slow", timeout=1.0)
+    assert time.monotonic() - start < 2.5  # a byte every 0.3 s would pass any per-read timeout
+
+
+def test_mismatched_weights_list_the_keys_and_both_shapes(model_copy, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = model_copy / "model.safetensors"
+    state = load_file(str(weights))
+    state["classifier.weight"] = torch.zeros(7, state["classifier.weight"].shape[1])
+    save_file(state, str(weights), metadata={"format": "pt"})
+    assert inference.main(["--model_path", str(model_copy), "--image", CHELSEA]) == 2
+    err = capsys.readouterr().err.strip()
+    assert one_line(err)
+    assert re.search(r"classifier\.weight: checkpoint \[7, \d+\] vs model \[10, \d+\]", err), err
+    assert "above report" not in err
+
+
+def test_garbage_pytorch_model_bin_is_said_in_whole_sentences(model_copy, capsys):
+    (model_copy / "model.safetensors").unlink()
+    (model_copy / "pytorch_model.bin").write_bytes(bytes(range(256)) * 12)
+    assert inference.main(["--model_path", str(model_copy), "--image", CHELSEA]) == 2
+    err = capsys.readouterr().err.strip()
+    assert one_line(err) and "not a torch.save archive" in err
+    assert err.endswith(".)"), err  # torch's message ends at a sentence end
+
+
+def test_first_line_cuts_at_a_sentence_end():
+    long = "First sentence is here. " + "Second sentence goes on and on " * 20 + "end."
+    assert first_line(ValueError(long), limit=100) == "First sentence is here."
+    assert first_line(ValueError("word " * 100), limit=50).endswith(" ...")
+    assert first_line(ValueError("short\nmore")) == "short"
+
+
+def test_missing_default_model_folder_says_how_to_get_the_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert inference.main(["--image", CHELSEA]) == 2
+    err = capsys.readouterr().err.strip()
+    assert one_line(err) and "./model does not exist" in err and str(tmp_path) in err
+    assert models.HUB_MODEL_ID in err and "--model_path" in err and "download" in err and "--local-dir" in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. --resume counts the whole run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_counts_cover_the_whole_run(tiny_model_dir, labelled_set, tmp_path, monkeypatch):
+    (labelled_set / "3" / "broken.png").write_text("not a png")
+    report = tmp_path / "r.json"
+    real_stream = labelsets.stream
+
+    def killed_after_one_batch(*args, **kwargs):
+        for i, batch in enumerate(real_stream(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(labelsets, "stream", killed_after_one_batch)
+    first = labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--max_skipped", "1")
+    assert accuracy_run.main(first) == 130
+    assert not report.exists()
+    monkeypatch.setattr(labelsets, "stream", real_stream)
+    argv = labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--max_skipped", "1", "--resume")
+    assert accuracy_run.main(argv) == 0
+    data = read_json(report)["dataset"]
+    assert data["resumed_images"] == 2
+    assert data["images"] == 4 and data["skipped"] == 1 and data["per_rank_images"] == [5]
+
+
+def test_run_adds_resumed_images_to_their_ranks(tmp_path):
+    dist = distributed.Distributed()
+    samples = [labelsets.Sample(p, 0) for p in PHOTOS]
+    journal = labelsets.Journal(tmp_path / "r.json", dist, {"k": 1}, resume=False)
+    journal.close(remove=False)
+    with open(tmp_path / "r.json.parts" / "rank1.jsonl", "w") as fh:  # an earlier run on two ranks
+        fh.write(reports.json_line({"image": PHOTOS[0], "label": 0, "error": "x"}))
+    journal = labelsets.Journal(tmp_path / "r.json", dist, {"k": 1}, resume=True)
+    records, per_rank = labelsets.run(samples, preprocessing.PreprocessConfig(),
+                                      lambda batch, pixels: [{"image": s.image} for s in batch], dist, 2, 0, journal)
+    journal.close(remove=True)
+    assert len(records) == len(PHOTOS) and per_rank == [len(PHOTOS) - 1, 1] and journal.resumed == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. REPORT arguments end in .json
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_report_arguments_must_end_in_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert accuracy_run.main([str(tiny_model_dir), "50"]) == 2
+    assert accuracy_run_perf.main([str(tiny_model_dir), "5", "perf.txt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("usage:") == 2 and "'50' does not end in .json" in err
+    assert list(tmp_path.iterdir()) == []  # no file named 50
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10. readme: the CPU install pins the CI torch through the CPU-only index
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_readme_cpu_install_uses_the_cpu_index_and_the_ci_torch():
+    ci = (ROOT / ".ci" / "run").read_text()
+    version = re.search(r"torch==([\d.]+)", ci).group(1)
+    readme = (ROOT / "readme.md").read_text()
+    command = f"pip install torch=={version} --index-url https://download.pytorch.org/whl/cpu"
+    opening = readme.split("## Install")[0]
+    assert command in opening and command in readme.split("## Install")[1].split("## ")[0]
+    assert "after your torch" in opening
+    assert "`pip install torch`" not in readme.replace("A plain\n  `pip install torch`", "")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 11. The latency plot says what was timed and reads in ms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fake_results(end_to_end: bool, low: float, high: float, n: int = 40) -> list[dict]:
+    rng = np.random.default_rng(0)
+    samples = list(np.exp(rng.uniform(np.log(low), np.log(high), n)))
+    return [{"mode": m, "batch_size": b, "dtype": "fp16", "end_to_end": end_to_end, "samples_ms": samples}
+            for m in ("eager", "fast") for b in (1, 32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("end_to_end, low, high", [(False, 30.0, 40.0), (True, 1.5, 900.0)])
+def test_plot_says_what_was_timed_in_plain_ms(end_to_end, low, high, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    fig = bench.latency_figure(fake_results(end_to_end, low, high), "npu:0 (Ascend910B4)")
+    fig.canvas.draw()
+    title = fig._suptitle.get_text()
+    assert ("end to end" if end_to_end else "model only") in title
+    assert "npu:0 (Ascend910B4)" in title and "fp16" in title
+    panels = [ax.get_title() for ax in fig.axes]
+    assert panels == ["batch size 1, 40 samples per mode", "batch size 32, 40 samples per mode"]
+    for ax in fig.axes:
+        assert "ms" in ax.get_ylabel()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert len(labels) >= 2, labels
+        for label in labels:
+            assert "$" not in label and "10^" not in label and "times" not in label, label
+            float(label.replace(",", ""))  # plain numbers of milliseconds
+    plt.close(fig)
+    path = bench.plot_latencies(fake_results(end_to_end, low, high), str(tmp_path / "p.png"), "cpu")
+    assert Path(path).stat().st_size > 0
