@@ -245,8 +245,8 @@ def verdict_line(
         f"{f' (+{a.top1_near_tie_flips} near ties)' if a.top1_near_tie_flips else ''}, "
         f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}"
     )
-    if skipped:
-        summary += f", {skipped['count']} of {skipped['of']} image(s) skipped"
+    if skipped and skipped["count"] and skipped["count"] <= skipped["allowed"]:  # over the allowance: a reason below
+        summary += f", {skipped['count']} of {skipped['of']} image(s) skipped (--max_skipped {skipped['max_skipped']:g})"
     why = f" ({'; '.join(comparison.reasons)})" if comparison.reasons else ""
     where = ""
     if layers is not None and comparison.verdict == "FAIL":

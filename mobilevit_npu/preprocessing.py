@@ -41,7 +41,8 @@ URL_MAX_BYTES = 50 * 1024 * 1024
 
 # Bounds on what one image may cost before PIL allocates it (--max_image_pixels, --max_aspect_ratio). A 1x40000 PNG of
 # 239 bytes resized to shortest edge 288 would be 288 x 11,520,000 pixels: refused from its header instead.
-MAX_IMAGE_PIXELS = 2**27  # 134M: a 108 MP phone photo fits; decoded and resized sizes alike
+MAX_IMAGE_PIXELS = 2**27  # 134M: a 108 MP phone photo fits; decoded and resized sizes alike (PIL's own guard,
+# which refuses over 2 x Image.MAX_IMAGE_PIXELS = 179M decoded pixels, stays on above it)
 MAX_ASPECT_RATIO = 32.0  # 32:1 (wider than any phone panorama); resized that is 288 x 9216 pixels
 
 
@@ -239,12 +240,10 @@ def load_image(source: str | Path, cfg: PreprocessConfig | None = None) -> Image
     source = str(source)
     if not is_url(source) and (missing := _missing(source)):
         raise missing
-    if Image.MAX_IMAGE_PIXELS and cfg.max_image_pixels >= 2 * Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels  # PIL's guard refuses at twice this; ours is the bound
     try:
         stream = io.BytesIO(fetch_url(source)) if is_url(source) else source
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size is the guard
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size bounds it; PIL's error stays
             opened = Image.open(stream)
         with opened:
             check_size(opened.width, opened.height, cfg)

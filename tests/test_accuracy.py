@@ -283,12 +283,12 @@ def test_bad_images_are_skipped_and_listed(tmp_path, tiny_model_dir, capsys):
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(open(PHOTOS[0], "rb").read()[:200])
     missing = str(tmp_path / "missing.jpg")
-    rc, report = run(tmp_path, tiny_model_dir, "--images", missing, PHOTOS[0], str(truncated))
+    rc, report = run(tmp_path, tiny_model_dir, "--images", missing, PHOTOS[0], str(truncated), "--max_skipped", "2")
     assert rc == 0
     assert [m["image"] for m in report["per_image"]] == [PHOTOS[0]]
     assert [s["image"] for s in report["errors"]] == [missing, str(truncated)]
     assert all(s["error"] for s in report["errors"])
-    assert f"skipped {missing}" in capsys.readouterr().out
+    assert f"skipped {missing}" in capsys.readouterr().err
 
 
 def test_no_readable_image_is_exit_2(tmp_path, tiny_model_dir, capsys):
