@@ -246,7 +246,8 @@ def verdict_line(
         f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}"
     )
     if skipped and skipped["count"] and skipped["count"] <= skipped["allowed"]:  # over the allowance: a reason below
-        summary += f", {skipped['count']} of {skipped['of']} image(s) skipped (--max_skipped {skipped['max_skipped']:g})"
+        count, allowance = f"{skipped['count']} of {skipped['of']}", f"--max_skipped {skipped['max_skipped']:g}"
+        summary += f", {count} image(s) skipped ({allowance})"
     why = f" ({'; '.join(comparison.reasons)})" if comparison.reasons else ""
     where = ""
     if layers is not None and comparison.verdict == "FAIL":
