@@ -486,6 +486,7 @@ def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str
     return "\n".join([
         f"compared: {compared}",
         f"images: {summary['images']} evaluated, {summary['skipped']} skipped"
+        + (f" ({summary['resumed_images']} from the --resume journal)" if summary.get("resumed_images") else "")
         + (f"; per rank {ranks}" if len(ranks) > 1 else "")
         + f"; {summary['images_per_s']} images/s (reference + target)",
         f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",

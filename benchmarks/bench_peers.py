@@ -114,6 +114,7 @@ def peer_builder(name: str, workdir: Path) -> bench.Builder:
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     common.setup_logging()
+    common.check_outputs({"--output": args.output})
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:

@@ -262,6 +262,13 @@ def test_output_folder_is_refused_before_any_model_work(tmp_path, capsys):
     assert all("is a folder, not a file" in line for line in lines), lines
 
 
+def test_bench_peers_output_folder_is_refused_up_front(tmp_path, capsys):
+    from benchmarks import bench_peers
+
+    assert bench_peers.main(["--model_path", str(tmp_path / "no_model"), "--output", str(tmp_path)]) == 2
+    assert "--output" in capsys.readouterr().err
+
+
 def test_output_under_a_file_or_unwritable_folder_is_refused(tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
@@ -487,7 +494,7 @@ def test_missing_default_model_folder_says_how_to_get_the_weights(tmp_path, monk
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_resume_counts_cover_the_whole_run(tiny_model_dir, labelled_set, tmp_path, monkeypatch):
+def test_resume_counts_cover_the_whole_run(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys):
     (labelled_set / "3" / "broken.png").write_text("not a png")
     report = tmp_path / "r.json"
     real_stream = labelsets.stream
@@ -507,6 +514,7 @@ def test_resume_counts_cover_the_whole_run(tiny_model_dir, labelled_set, tmp_pat
     assert accuracy_run.main(argv) == 0
     data = read_json(report)["dataset"]
     assert data["resumed_images"] == 2
+    assert "(2 from the --resume journal)" in capsys.readouterr().out
     assert data["images"] == 4 and data["skipped"] == 1 and data["per_rank_images"] == [5]
 
 
