@@ -56,6 +56,7 @@ def build_parser():
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.setup_logging(args.verbose)
+    common.check_outputs({"--output": args.output})
     try:
         text = card.build_card(args.reports, args.lang, args.model_path)
     except card.CardError as exc:

@@ -269,6 +269,13 @@ def test_bench_peers_output_folder_is_refused_up_front(tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
 
 
+def test_port_report_output_folder_is_refused_up_front(tmp_path, capsys):
+    import port_report
+
+    assert port_report.main([str(ROOT / "accuracy_report.json"), "--output", str(tmp_path)]) == 2
+    assert "--output" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_output_under_a_file_or_unwritable_folder_is_refused(tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
