@@ -18,6 +18,7 @@ Real APIs these calls follow (read from their sources, not run here):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -97,6 +98,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
 def check_runtime_args(args: argparse.Namespace) -> None:
     """Usage errors before any model is loaded."""
     runtime = getattr(args, "runtime", "torch")
+    if runtime != "torch":
+        if getattr(args, "target_mode", "eager") != "eager":
+            raise UserError(f"--target_mode goes with --runtime torch; --runtime {runtime} runs its own graph")
+        if getattr(args, "layers", False):
+            raise UserError(f"--layers needs the torch modules; --runtime {runtime} has none to hook")
     if runtime == "torch":
         for flag in ("onnx", "om"):
             if getattr(args, flag, None):
@@ -160,6 +166,7 @@ class OrtSession:
     verdict_dtype: str
     version: str
     notes: list[str] = field(default_factory=list)
+    input_shape: list[Any] = field(default_factory=list)  # a dynamic dimension as its name (a str)
 
     def info(self) -> dict[str, Any]:
         return {"name": "onnxruntime", "version": self.version, "provider": self.provider,
@@ -240,7 +247,7 @@ def open_onnxruntime(
         return session.run([output_name], {input_name: feed})[0]
 
     return OrtSession(run, provider, options, used, mode, onnx_export.verdict_dtype(mode) if mode else "fp32",
-                      ort.__version__, notes)  # fmt: skip
+                      ort.__version__, notes, list(session.get_inputs()[0].shape))  # fmt: skip
 
 
 def onnxruntime_builder(
@@ -274,6 +281,9 @@ def onnxruntime_builder(
             path = target
         threads = torch.get_num_threads() if device.type == "cpu" else None
         session = open_onnxruntime(path, device, precision_mode, cann_graph, threads)
+        fixed = session.input_shape[0] if session.input_shape else None
+        if isinstance(fixed, int) and fixed > 0 and fixed != batch.shape[0]:
+            raise Unavailable(f"{path} takes batch {fixed} only (export it with --dynamic_batch for others)")
         if sessions is not None:
             sessions.append(session)
         mode = f", precision_mode {session.precision_mode}" if session.precision_mode else ""
@@ -457,16 +467,18 @@ def planned_verdict_dtype(args: argparse.Namespace, default_index: int = 0) -> s
 
 
 def runtime_target(args: argparse.Namespace, loaded: models.LoadedModel, example: torch.Tensor,
-                   workdir: Path, default_index: int = 0) -> RuntimeSide:  # fmt: skip
-    """accuracy_run's target for --runtime onnxruntime|om: the ONNX file (given, or exported now with a dynamic batch)
-    or the .om, on the runtime's device. Its dtype is the verdict dtype its precision mode calls for."""
+                   default_index: int = 0) -> RuntimeSide:  # fmt: skip
+    """accuracy_run's target for --runtime onnxruntime|om: the ONNX file (given, or exported now with a dynamic batch
+    into a temporary folder, gone once the session has read it) or the .om, on the runtime's device. Its dtype is the
+    verdict dtype its precision mode calls for."""
     device = runtime_device(args.runtime, args.device, default_index)
     host = devices.Device("cpu")
     if args.runtime == "onnxruntime":
         sessions: list[OrtSession] = []
-        build = onnxruntime_builder(device, workdir, args.onnx, args.precision_mode, args.cann_graph == "1",
-                                    dynamic_batch=True, sessions=sessions)  # fmt: skip
-        prepared = build(loaded.model, host, "fp32", example)
+        with workdir() as tmp:
+            build = onnxruntime_builder(device, Path(tmp), args.onnx, args.precision_mode, args.cann_graph == "1",
+                                        dynamic_batch=True, sessions=sessions)  # fmt: skip
+            prepared = build(loaded.model, host, "fp32", example)
         info = sessions[0].info() | {"model": str(args.onnx) if args.onnx else "exported now (dynamic batch)"}
         dtype = sessions[0].verdict_dtype
     else:
@@ -476,6 +488,53 @@ def runtime_target(args: argparse.Namespace, loaded: models.LoadedModel, example
         dtype = runner.verdict_dtype
     return RuntimeSide(prepared=prepared, hook_model=loaded.model, device=host, dtype=dtype, mode=args.runtime,
                        where=str(device), runtime=info)  # fmt: skip
+
+
+class BenchRuntime:
+    """accuracy_run_perf's --runtime: the runner to time beside (or instead of) the torch modes, and what goes in the
+    report about it."""
+
+    def __init__(self, args: argparse.Namespace, loaded: models.LoadedModel, tmp: Path | None):
+        self.name = args.runtime
+        self.runners: dict[str, bench.Builder] = {}
+        self.info: dict[str, Any] = {"name": "torch"}
+        self.device: devices.Device | None = None
+        self._om: OmRunner | None = None
+        self._sessions: list[OrtSession] = []
+        if self.name == "torch":
+            return
+        self.device = runtime_device(self.name, args.device, local_rank())
+        if self.name == "onnxruntime":
+            self.runners["onnxruntime"] = onnxruntime_builder(
+                self.device, tmp, args.onnx, args.precision_mode, args.cann_graph == "1", sessions=self._sessions
+            )
+        else:
+            self._om = OmRunner(args.om, self.device, loaded.preprocess, args.precision_mode)
+            self.runners["om"] = self._om
+
+    @property
+    def torch_modes(self) -> bool:
+        """Time the torch modes too: only beside a runtime on the CPU, where both share the device."""
+        return self.device is None or self.device.type == "cpu"
+
+    def finish(self, results: list[dict[str, Any]], iterations: int) -> None:
+        if self.name == "onnxruntime" and self._sessions:
+            self.info = {**self._sessions[0].info(), "device": str(self.device),
+                         "timing": "end to end of InferenceSession.run (onnxruntime does not report compute apart)"}
+        elif self._om is not None and self._om._session is not None:
+            attach_compute_times(results, self._om, "om", iterations)
+            self.info = {**self._om.info(), "device": str(self.device),
+                         "timing": "latency_ms end to end of InferSession.infer; compute_ms the NPU alone"}
+
+
+@contextlib.contextmanager
+def bench_runtime(args: argparse.Namespace, loaded: models.LoadedModel):
+    """A BenchRuntime with a temporary folder for on-the-fly exports, removed afterwards."""
+    if getattr(args, "runtime", "torch") == "torch":
+        yield BenchRuntime(args, loaded, None)
+        return
+    with workdir() as tmp:
+        yield BenchRuntime(args, loaded, Path(tmp))
 
 
 def workdir() -> tempfile.TemporaryDirectory:
