@@ -303,11 +303,14 @@ def onnxruntime_builder(
 
 def import_infer_session():
     """ais_bench's InferSession, or UserError saying how to install it."""
-    if importlib.util.find_spec("ais_bench") is None:
-        raise UserError(AIS_BENCH_INSTALL)
     try:
         return importlib.import_module("ais_bench.infer.interface").InferSession
-    except Exception as exc:  # aclruntime missing, CANN not sourced
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "ais_bench":
+            raise UserError(AIS_BENCH_INSTALL) from exc
+        why = f"{type(exc).__name__}: {first_line(exc)}"  # aclruntime missing
+        raise UserError(f"ais_bench failed to import ({why}); {AIS_BENCH_INSTALL}") from exc
+    except Exception as exc:  # CANN not sourced
         why = f"{type(exc).__name__}: {first_line(exc)}"
         raise UserError(f"ais_bench failed to import ({why}); {AIS_BENCH_INSTALL}") from exc
 
