@@ -383,17 +383,22 @@ class OmRunner:
         return float(sum(end - start for start, end in new))
 
     def _infer(self, feed: np.ndarray, sink: list[float]) -> np.ndarray:
+        """One batch through the .om: a static .om gets chunks of its batch (the last padded), a dynamic-batch one
+        (ATC --dynamic_batch_size, export_onnx.py's gears 1, 2, 4 ... 32) chunks of at most 32, each padded up to the
+        next gear. Padding rows are dropped from the output."""
         session = self.session()
         fixed = self.input_shape[0] if self.input_shape and self.input_shape[0] > 0 else None
         mode = "static" if fixed else "dymbatch"
-        chunks = [feed] if fixed in (None, feed.shape[0]) else [feed[i:i + fixed] for i in range(0, len(feed), fixed)]
+        step = fixed or onnx_export.DYNAMIC_BATCH_GEARS[-1]
         outputs, total = [], 0.0
-        for chunk in chunks:
+        for start in range(0, len(feed), step):
+            chunk = feed[start:start + step]
             rows = chunk.shape[0]
-            if fixed and rows < fixed:  # pad the last chunk up to the .om's batch, drop the padding's rows after
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - rows, axis=0)])
+            size = fixed or next(g for g in onnx_export.DYNAMIC_BATCH_GEARS if g >= rows)
+            if rows < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - rows, axis=0)])
             out = session.infer([np.ascontiguousarray(chunk)], mode=mode)[0]
-            outputs.append(np.asarray(out, dtype=np.float32).reshape(chunk.shape[0], -1)[:rows])
+            outputs.append(np.asarray(out, dtype=np.float32).reshape(size, -1)[:rows])
             spent = self._compute_ms_since()
             total += spent if spent is not None else float("nan")
         sink.append(total)

@@ -36,7 +36,7 @@ from offline_standins import (
 import accuracy_run
 import accuracy_run_perf
 import export_onnx
-from mobilevit_npu import models, onnx_export, preprocessing, runtimes
+from mobilevit_npu import devices, models, onnx_export, preprocessing, runtimes
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
@@ -408,6 +408,24 @@ def test_perf_om_reports_npu_compute_apart(tmp_path, tiny_model_dir, tiny_onnx, 
     assert row["compute_ms"]["samples_ms"] == [1.0, 1.0, 1.0] and len(row["samples_ms"]) == 3
     assert {i[1] for i in interface.infers} == {(1, 3, 256, 256)}
     assert read_json(out)["settings"]["runtime"]["name"] == "om"
+
+
+def test_dynamic_batch_om_pads_to_the_atc_gears(tmp_path, tiny_model_dir, tiny_onnx, real_ort, monkeypatch):
+    om = tmp_path / "dyn.om"
+    om.write_bytes(b"om")
+    interface = fake_ais_bench(real_ort, {str(om): om_spec(tiny_onnx, -1)})
+    install_ais_bench(monkeypatch, interface)
+    loaded = models.load_model(str(tiny_model_dir))
+    runner = runtimes.OmRunner(om, devices.Device("npu", 0), loaded.preprocess)
+    x = torch.stack([torch.from_numpy(preprocessing.preprocess(p, loaded.preprocess)) for p in PHOTOS[:3]])
+    prepared = runner(loaded.model, devices.Device("cpu"), "fp32", x)
+    got = prepared.call(prepared.to_input(x))
+    assert interface.infers == [("dymbatch", (4, 3, 256, 256), "float32")]  # 3 rows padded to the gear 4
+    with torch.no_grad():
+        want = loaded.model(pixel_values=x).logits
+    assert got.shape == (3, 10)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    assert runner.compute_ms == [[0.5]]
 
 
 def test_given_static_onnx_at_another_batch_is_unavailable(tmp_path, tiny_model_dir):
