@@ -43,6 +43,7 @@ pytestmark = pytest.mark.skipif(
     reason="onnx / onnxruntime not installed (requirements-bench.txt)",
 )
 
+CURRENT = "dynamo" if importlib.util.find_spec("onnxscript") else "torchscript"  # the dynamo exporter needs onnxscript
 ATC_PRECISION_MODES = {  # atlasatcparam_16_0068
     "force_fp32", "cube_fp16in_fp32out", "force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype",
     "allow_mix_precision", "allow_mix_precision_fp16", "allow_mix_precision_bf16", "allow_fp32_to_bf16",
@@ -82,7 +83,7 @@ def test_export_batch1_passes_quietly_and_writes_the_json(tiny_model_dir, tmp_pa
     assert rc == 0, captured.err
     assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
     # one summary line about the exporter, none of its own chatter
-    assert captured.out.startswith("exporter: dynamo (torch's current exporter")
+    assert captured.out.startswith(f"exporter: {CURRENT} (")
     for noise in ("TracerWarning", "DeprecationWarning", "[torch.onnx]", "torchvision is not installed. Skipping"):
         assert noise not in captured.out and noise not in captured.err
     assert captured.out.strip().splitlines()[-1].startswith("VERDICT: PASS")
@@ -90,7 +91,7 @@ def test_export_batch1_passes_quietly_and_writes_the_json(tiny_model_dir, tmp_pa
     assert data["verdict"] == "PASS" and data["check"]["top1_agree"] == 5
     assert data["onnx"]["inputs"] == [{"name": "pixel_values", "shape": [1, 3, 256, 256], "dtype": "float32"}]
     assert data["onnx"]["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
-    assert data["onnx"]["opset"] == 18 and data["onnx"]["exporter"] == "dynamo"
+    assert data["onnx"]["opset"] == 18 and data["onnx"]["exporter"] == CURRENT
     assert data["onnx"]["sha256"] == onnx_export.sha256_file(out)
     assert data["weights_sha256"] == models.sha256_file(tiny_model_dir / "model.safetensors")
     assert data["check"]["thresholds"]["min_cosine"] == 0.999  # fp32 thresholds
