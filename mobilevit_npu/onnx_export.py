@@ -90,7 +90,8 @@ class Exported:
     def summary(self) -> str:
         # torch.onnx logs a line per torchvision operator it cannot register when torchvision is absent: benign
         telling = [c for c in self.captured if "torchvision is not installed" not in c] or self.captured
-        shown = f"; {len(self.captured)} exporter warning(s) kept quiet (e.g. {telling[0][:110]})" if (
+        first = telling[0] if len(telling[0]) <= 100 else telling[0][:97] + "..."
+        shown = f"; {len(self.captured)} exporter warning(s) kept quiet (e.g. {first})" if (
             self.captured) else "; no warnings"  # fmt: skip
         return f"exporter: {self.exporter} ({self.why}), opset {self.opset}, {self.seconds:.1f} s{shown}"
 
