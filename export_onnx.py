@@ -31,6 +31,8 @@ import os
 import sys
 from pathlib import Path
 
+import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
+
 import torch
 
 import common
