@@ -35,7 +35,18 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import devices, distributed, labelsets, layerwise, metrics, npu, preprocessing, reports, targets
+from mobilevit_npu import (
+    devices,
+    distributed,
+    labelsets,
+    layerwise,
+    metrics,
+    npu,
+    preprocessing,
+    reports,
+    runtimes,
+    targets,
+)
 from mobilevit_npu.errors import UserError
 from mobilevit_npu.models import dtype_name
 
@@ -89,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="npu: an operator that fell back to the CPU (torch_npu's warning) makes the verdict FAIL; without it "
         "the fallbacks are listed beside the verdict and in the report",
     )
+    runtimes.add_runtime_args(parser)
     common.add_image_args(parser.add_argument_group("input"), "default: the photos bundled in tests/data")
     labelled = parser.add_argument_group(
         "labelled set (ImageNet accuracy of reference and target; spreads over ranks under torchrun)"
@@ -222,6 +234,9 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {name: getattr(args, name, None) for name in THRESHOLD_FLAGS}
     common.setup_logging(args.verbose)
+    runtimes.check_runtime_args(args)
+    if args.runtime != "torch":  # the offline runtimes are judged by their precision mode's dtype
+        args.dtype = runtimes.planned_verdict_dtype(args, runtimes.local_rank())
     thresholds = metrics.Thresholds.for_dtype(args.dtype, **overrides)
 
     labelled = bool(args.dataset or args.labels)
@@ -229,7 +244,8 @@ def _main(argv=None) -> int:
         raise UserError("--resume and --limit go with --dataset or --labels")
     if labelled and (args.images or args.layers):
         raise UserError("--images and --layers do not go with --dataset/--labels")
-    dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
+    torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
+    dist, device = distributed.setup(torch_device, jit_compile=args.jit_compile)
     try:
         if dist.enabled and not labelled:
             raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
@@ -268,9 +284,12 @@ def _run(
     reference = targets.reference_side(loaded.model)
     example = torch.zeros(args.batch_size if labelled else 1, 3, loaded.preprocess.crop_height,
                           loaded.preprocess.crop_width)  # fmt: skip
-    target = targets.prepare_target(
-        loaded.model, device, args.dtype, args.target_mode, example, layers=args.layers
-    )
+    if args.runtime == "torch":
+        target = targets.prepare_target(
+            loaded.model, device, args.dtype, args.target_mode, example, layers=args.layers
+        )
+    else:
+        target = runtimes.runtime_target(args, loaded, example, runtimes.local_rank())
     compared = f"{reference.label}  vs  {target.label}"
 
     if labelled:
@@ -287,7 +306,7 @@ def _run(
             f"{s['image']}: {s['error']}" for s in skipped[:5]))  # fmt: skip
 
     notes = []
-    if target.device.type == "cpu" and args.dtype == "fp32" and args.target_mode == "eager":
+    if target.device.type == "cpu" and args.dtype == "fp32" and args.target_mode == "eager" and args.runtime == "torch":
         notes.append("the target is the reference configuration: this checks determinism only")
         logger.warning(notes[-1])
     if args.synthetic:
@@ -328,8 +347,9 @@ def make_report(
         "verdict_reasons": comparison.reasons,
         "compared": f"{reference.label}  vs  {target.label}",
         "reference": {"device": str(reference.device), "dtype": "float32", "mode": "eager"},
-        "target": {"device": target_device or str(target.device), "dtype": dtype_name(args.dtype),
-                   "mode": args.target_mode, "notes": target.notes},
+        "target": {"device": target_device or getattr(target, "where", "") or str(target.device),
+                   "dtype": dtype_name(args.dtype), "mode": args.target_mode, "notes": target.notes},
+        "runtime": getattr(target, "runtime", None) or {"name": "torch"},
         "input": input,
         "thresholds": dataclasses.asdict(comparison.thresholds),
         "threshold_reasons": metrics.THRESHOLD_REASONS,
