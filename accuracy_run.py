@@ -40,9 +40,11 @@ from mobilevit_npu import (
     distributed,
     labelsets,
     layerwise,
+    malloc,
     metrics,
     npu,
     preprocessing,
+    refcache,
     reports,
     runtimes,
     targets,
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=common.int_at_least(0),
         default=None,
-        help="DataLoader processes that decode and preprocess (default: cores per rank - 1, at most 8)",
+        help="DataLoader processes that decode and preprocess while the model computes (default: cores per rank - 1, "
+        "at least 1, at most 8; 0 decodes in the main process, between batches)",
     )
     labelled.add_argument(
         "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
@@ -147,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="X",
             help=f"{text}; {_defaults_text(name)}",
         )
+    run = parser.add_argument_group("speed")
+    run.add_argument(
+        "--reference_cache",
+        "--reference-cache",
+        metavar="DIR|off",
+        default=None,
+        help=f"where the CPU float32 reference logits are cached per image content, so later runs (another target, "
+        f"another rank) compute only the target; off: neither read nor write it (default: {refcache.default_root()}, "
+        f"i.e. ${refcache.CACHE_ENV} or $XDG_CACHE_HOME/mobilevit-npu or ~/.cache/mobilevit-npu, then /reference)",
+    )
+    common.add_allocator_arg(run)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -237,6 +251,7 @@ def _main(argv=None) -> int:
     runtimes.check_runtime_args(args)
     if args.runtime != "torch":  # the offline runtimes are judged by their precision mode's dtype
         args.dtype = runtimes.planned_verdict_dtype(args, runtimes.local_rank())
+    args.allocator_info = malloc.select(args.allocator)  # before the first large tensor: batches reuse their blocks
     thresholds = metrics.Thresholds.for_dtype(args.dtype, **overrides)
 
     labelled = bool(args.dataset or args.labels)
@@ -314,17 +329,27 @@ def _run(
             "synthetic weights: the numbers say how the device treats a healthy X-Small, not ImageNet accuracy"
         )
 
-    comparison, layer_report = targets.compare_sides(reference, target, items, thresholds, args.layers)
+    cache = refcache.open_cache(args.reference_cache, loaded.model, loaded.source, loaded.preprocess)
+    pair = targets.Pair(reference, target, cache)
+    try:
+        comparison, layer_report = targets.compare_sides(
+            reference, target, items, thresholds, args.layers, pair=pair,
+            digests=[refcache.file_digest(item.source) for item in items],
+        )  # fmt: skip
+    finally:
+        pair.close()
+    speed = pair.summary()
     comparison = _fallback_verdict(args, comparison)
 
     print(format_console(comparison, layer_report, compared, loaded.id2label))
+    print(format_speed(speed))
     for s in skipped:
         print(f"skipped {s['image']}: {s['error']}")
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
         f"{dtype_name(args.dtype)} on {target.device}; batch size 1",
-        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes,
+        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes, speed=speed,
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     print(f"wrote {args.report}")
@@ -335,14 +360,14 @@ def _run(
 def make_report(
     args, argv, comparison: metrics.Comparison, loaded, reference: targets.Side, target: targets.Side, *,
     input: str, per_image, errors: list[dict], layers, notes: list[str], dataset: dict | None = None,
-    target_device: str | None = None,
+    target_device: str | None = None, speed: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The JSON report: the shared header (tool, argv, model_source, synthetic, environment of the target), the
     verdict and everything it rests on. `errors` lists the images that could not be used, as inference.py does."""
     return {
         **reports.header("accuracy_run.py", sys.argv[1:] if argv is None else argv, loaded,
-                         devices.environment(target.device)),
-        "reference_environment": devices.environment(reference.device),
+                         devices.environment(target.device, args.allocator_info)),
+        "reference_environment": devices.environment(reference.device, args.allocator_info),
         "verdict": comparison.verdict,
         "verdict_reasons": comparison.reasons,
         "compared": f"{reference.label}  vs  {target.label}",
@@ -362,6 +387,7 @@ def make_report(
         "notes": notes,
         "dataset": dataset,
         "cpu_fallbacks": fallbacks.summary() if (fallbacks := getattr(args, "cpu_fallbacks", None)) else None,
+        "speed": speed,
     }  # fmt: skip
 
 
@@ -386,27 +412,39 @@ def run_labelled(
     }
     journal = labelsets.Journal(args.report, dist, run_key, resume=args.resume)
 
-    def process(batch: list[labelsets.Sample], pixels: torch.Tensor) -> list[dict]:
-        ref, tgt = reference.logits(pixels), target.logits(pixels)
+    cache = refcache.open_cache(args.reference_cache, loaded.model, loaded.source, loaded.preprocess)
+    pair = targets.Pair(reference, target, cache)
+
+    def process(batch: list[labelsets.Sample], pixels: torch.Tensor, digests: list[str | None]) -> list[dict]:
+        ref, tgt, from_cache = pair.run(pixels, digests)
         per_image = metrics.image_metrics(ref, tgt, args.dtype, thresholds, [s.image for s in batch])
         ref5 = ref.topk(min(5, ref.shape[1])).indices.tolist()
         tgt5 = torch.nan_to_num(tgt, nan=-math.inf).topk(min(5, tgt.shape[1])).indices.tolist()
         return [
             {"image": s.image, "label": s.label, "reference_top5": r5, "target_top5": t5,
-             "reference_finite": bool(torch.isfinite(row).all()), "metrics": dataclasses.asdict(m)}
-            for s, r5, t5, row, m in zip(batch, ref5, tgt5, ref, per_image)
+             "reference_finite": bool(torch.isfinite(row).all()), "reference_cached": cached,
+             "metrics": dataclasses.asdict(m)}
+            for s, r5, t5, row, m, cached in zip(batch, ref5, tgt5, ref, per_image, from_cache)
         ]  # fmt: skip
 
     workers = args.workers if args.workers is not None else labelsets.default_workers(dist.world_size)
     start = time.perf_counter()
-    records, per_rank = labelsets.run(samples, loaded.preprocess, process, dist, args.batch_size, workers, journal)
+    try:
+        records, per_rank = labelsets.run(
+            samples, loaded.preprocess, process, dist, args.batch_size, workers, journal, digests=True
+        )
+    finally:
+        pair.close()
     elapsed_s = time.perf_counter() - start
+    speeds = dist.gather(pair.summary())  # every rank's counts and timings, in rank order (None off rank 0)
     if not dist.is_main:
         journal.close(remove=True)
         return 0
     summary = labelsets.summarize_labels(records, unlabelled, per_rank)
     summary["elapsed_s"] = round(elapsed_s, 3)  # this run's images (not resumed ones), decode to gather, both sides
     summary["images_per_s"] = round(sum(per_rank) / elapsed_s, 3) if elapsed_s > 0 else None
+    speed = merge_speeds(speeds, workers)
+    speed["images_per_s"] = summary["images_per_s"]
     done = [r for r in records if "error" not in r]
     if not done:
         journal.close(remove=False)
@@ -426,14 +464,60 @@ def run_labelled(
         per_image=worst, errors=summary["skipped_images"], layers=None,
         notes=[f"per_image holds the 20 lowest-cosine images; every image is in {images_file}"],
         dataset={k: v for k, v in summary.items() if k != "skipped_images"},
-        target_device=target.device.type if dist.enabled else None,
+        target_device=target.device.type if dist.enabled else None, speed=speed,
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     journal.close(remove=True)
     print(format_labelled(summary, comparison, compared))
+    print(format_speed(speed))
     print(f"wrote {args.report} and {images_file}")
     _print_verdict(args, comparison, None, compared)
     return 0 if comparison.verdict == "PASS" else 1
+
+
+def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
+    """One speed record from every rank's Pair.summary(): counts summed, images/s per side over the ranks' summed
+    busy time, the reference cache's folder and counts."""
+    keys = ("reference_cached", "reference_computed", "target_images", "reference_s", "target_s")
+    totals = {k: sum(s[k] for s in speeds) for k in keys}
+    caches = [s["cache"] for s in speeds if s["cache"]]
+    cache = None
+    if caches:
+        cache = {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
+                 for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
+                 "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
+    return {
+        "concurrent": speeds[0]["concurrent"],
+        "decode_workers": workers,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
+        # per side: its images over its own busy seconds, summed over ranks
+        "reference_images_per_s": round(totals["reference_computed"] / totals["reference_s"], 3)
+        if totals["reference_computed"] and totals["reference_s"] > 0 else None,
+        "target_images_per_s": round(totals["target_images"] / totals["target_s"], 3)
+        if totals["target_images"] and totals["target_s"] > 0 else None,
+        # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
+        "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
+        "target_first_batch_s": speeds[0]["target_first_batch_s"],
+        "cache": cache,
+    }  # fmt: skip
+
+
+def format_speed(speed: dict[str, Any]) -> str:
+    cache = speed.get("cache")
+    where = f"reference cache {cache['folder']}" if cache else "reference cache off"
+    invalid = f", {cache['invalid']} invalid entries recomputed" if cache and cache["invalid"] else ""
+
+    def rate(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    return (
+        f"reference: {speed['reference_cached']} cached, {speed['reference_computed']} computed{invalid} ({where}); "
+        f"images/s: reference {rate(speed['reference_images_per_s'])}, target {rate(speed['target_images_per_s'])}"
+        + (f" ({rate(speed['target_images_per_s_after_first_batch'])} after its first batch)"
+           if speed.get("target_images_per_s_after_first_batch") else "")
+        + (f", overall {rate(speed.get('images_per_s'))}" if speed.get("images_per_s") else "")
+        + ("; reference and target concurrent" if speed["concurrent"] else "")
+    )
 
 
 def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str) -> str:
