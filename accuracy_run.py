@@ -35,7 +35,20 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import devices, distributed, labelsets, layerwise, metrics, npu, preprocessing, reports, targets
+from mobilevit_npu import (
+    devices,
+    distributed,
+    labelsets,
+    layerwise,
+    malloc,
+    metrics,
+    npu,
+    preprocessing,
+    refcache,
+    reports,
+    runtimes,
+    targets,
+)
 from mobilevit_npu.errors import UserError
 from mobilevit_npu.models import dtype_name
 
@@ -91,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="npu: an operator that fell back to the CPU (torch_npu's warning) makes the verdict FAIL; without it "
         "the fallbacks are listed beside the verdict and in the report",
     )
+    runtimes.add_runtime_args(parser)
     inputs = parser.add_argument_group("input")
     common.add_image_args(inputs, "default: the photos bundled in tests/data")
     inputs.add_argument(
@@ -127,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=common.int_at_least(0),
         default=None,
-        help="DataLoader processes that decode and preprocess (default: cores per rank - 1, at most 8)",
+        help="DataLoader processes that decode and preprocess while the model computes (default: cores per rank - 1, "
+        "at least 1, at most 8; 0 decodes in the main process, between batches)",
     )
     labelled.add_argument(
         "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
@@ -148,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="X",
             help=f"{text}; {_defaults_text(name)}",
         )
+    run = parser.add_argument_group("speed")
+    run.add_argument(
+        "--reference_cache",
+        "--reference-cache",
+        metavar="DIR|off",
+        default=None,
+        help=f"where the CPU float32 reference logits are cached per image content, so later runs (another target, "
+        f"another rank) compute only the target; off: neither read nor write it (default: {refcache.default_root()}, "
+        f"i.e. ${refcache.CACHE_ENV} or $XDG_CACHE_HOME/mobilevit-npu or ~/.cache/mobilevit-npu, then /reference)",
+    )
+    common.add_allocator_arg(run)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -271,6 +297,10 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {name: getattr(args, name, None) for name in THRESHOLD_FLAGS}
     common.setup_logging(args.verbose)
+    runtimes.check_runtime_args(args)
+    if args.runtime != "torch":  # the offline runtimes are judged by their precision mode's dtype
+        args.dtype = runtimes.planned_verdict_dtype(args, runtimes.local_rank())
+    args.allocator_info = malloc.select(args.allocator)  # before the first large tensor: batches reuse their blocks
     thresholds = metrics.Thresholds.for_dtype(args.dtype, **overrides)
     labelled = bool(args.dataset or args.labels)
     common.check_outputs({"REPORT.json": args.report, "the per-image file": images_file(args) if labelled else None})
@@ -279,7 +309,8 @@ def _main(argv=None) -> int:
         raise UserError("--resume and --limit go with --dataset or --labels")
     if labelled and (args.images or args.layers):
         raise UserError("--images and --layers do not go with --dataset/--labels")
-    dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
+    torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
+    dist, device = distributed.setup(torch_device, jit_compile=args.jit_compile)
     try:
         if dist.enabled and not labelled:
             raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
@@ -318,12 +349,15 @@ def _run(
     reference = targets.reference_side(loaded.model)
     example = torch.zeros(args.batch_size if labelled else 1, 3, loaded.preprocess.crop_height,
                           loaded.preprocess.crop_width)  # fmt: skip
-    target = targets.prepare_target(
-        loaded.model, device, args.dtype, args.target_mode, example, layers=args.layers
-    )
+    if args.runtime == "torch":
+        target = targets.prepare_target(
+            loaded.model, device, args.dtype, args.target_mode, example, layers=args.layers
+        )
+    else:
+        target = runtimes.runtime_target(args, loaded, example, runtimes.local_rank())
     compared = f"{reference.label}  vs  {target.label}"
     notes = []
-    if target.device.type == "cpu" and args.dtype == "fp32" and args.target_mode == "eager":
+    if target.device.type == "cpu" and args.dtype == "fp32" and args.target_mode == "eager" and args.runtime == "torch":
         notes.append("the target is the reference configuration: this checks determinism only")
         logger.warning(notes[-1])
     if args.synthetic:
@@ -343,16 +377,26 @@ def _run(
     if not items:
         raise UserError(f"none of the {len(sources)} image(s) could be read (listed above)")
 
-    comparison, layer_report = targets.compare_sides(reference, target, items, thresholds, args.layers)
+    cache = refcache.open_cache(args.reference_cache, loaded.model, loaded.source, loaded.preprocess)
+    pair = targets.Pair(reference, target, cache)
+    try:
+        comparison, layer_report = targets.compare_sides(
+            reference, target, items, thresholds, args.layers, pair=pair,
+            digests=[refcache.file_digest(item.source) for item in items],
+        )  # fmt: skip
+    finally:
+        pair.close()
+    speed = pair.summary()
     comparison = _fallback_verdict(args, comparison)
 
     budget = skip_budget(comparison, len(skipped), len(sources), args.max_skipped)
     print(format_console(comparison, layer_report, compared, loaded.id2label))
+    print(format_speed(speed))
     report = make_report(
         args, argv, comparison, loaded, reference, target,
         input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
         f"{dtype_name(args.dtype)} on {target.device}; batch size 1",
-        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes, skipped=budget,
+        per_image=comparison.per_image, errors=skipped, layers=layer_report, notes=notes, skipped=budget, speed=speed,
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     print(f"wrote {args.report}")
@@ -363,20 +407,21 @@ def _run(
 def make_report(
     args, argv, comparison: metrics.Comparison, loaded, reference: targets.Side, target: targets.Side, *,
     input: str, per_image, errors: list[dict], layers, notes: list[str], dataset: dict | None = None,
-    target_device: str | None = None, skipped: dict | None = None,
+    target_device: str | None = None, skipped: dict | None = None, speed: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The JSON report: the shared header (tool, argv, model_source, synthetic, environment of the target), the
     verdict and everything it rests on. `errors` lists the images that could not be used, as inference.py does."""
     return {
         **reports.header("accuracy_run.py", sys.argv[1:] if argv is None else argv, loaded,
-                         devices.environment(target.device)),
-        "reference_environment": devices.environment(reference.device),
+                         devices.environment(target.device, args.allocator_info)),
+        "reference_environment": devices.environment(reference.device, args.allocator_info),
         "verdict": comparison.verdict,
         "verdict_reasons": comparison.reasons,
         "compared": f"{reference.label}  vs  {target.label}",
         "reference": {"device": str(reference.device), "dtype": "float32", "mode": "eager"},
-        "target": {"device": target_device or str(target.device), "dtype": dtype_name(args.dtype),
-                   "mode": args.target_mode, "notes": target.notes},
+        "target": {"device": target_device or getattr(target, "where", "") or str(target.device),
+                   "dtype": dtype_name(args.dtype), "mode": args.target_mode, "notes": target.notes},
+        "runtime": getattr(target, "runtime", None) or {"name": "torch"},
         "input": input,
         "thresholds": dataclasses.asdict(comparison.thresholds),
         "threshold_reasons": metrics.THRESHOLD_REASONS,
@@ -390,6 +435,7 @@ def make_report(
         "notes": notes,
         "dataset": dataset,
         "cpu_fallbacks": fallbacks.summary() if (fallbacks := getattr(args, "cpu_fallbacks", None)) else None,
+        "speed": speed,
     }  # fmt: skip
 
 
@@ -420,21 +466,31 @@ def run_labelled(
     }
     journal = labelsets.Journal(args.report, dist, run_key, resume=args.resume)
 
-    def process(batch: list[labelsets.Sample], pixels: torch.Tensor) -> list[dict]:
-        ref, tgt = reference.logits(pixels), target.logits(pixels)
+    cache = refcache.open_cache(args.reference_cache, loaded.model, loaded.source, loaded.preprocess)
+    pair = targets.Pair(reference, target, cache)
+
+    def process(batch: list[labelsets.Sample], pixels: torch.Tensor, digests: list[str | None]) -> list[dict]:
+        ref, tgt, from_cache = pair.run(pixels, digests)
         per_image = metrics.image_metrics(ref, tgt, args.dtype, thresholds, [s.image for s in batch])
         ref5 = ref.topk(min(5, ref.shape[1])).indices.tolist()
         tgt5 = torch.nan_to_num(tgt, nan=-math.inf).topk(min(5, tgt.shape[1])).indices.tolist()
         return [
             {"image": s.image, "label": s.label, "reference_top5": r5, "target_top5": t5,
-             "reference_finite": bool(torch.isfinite(row).all()), "metrics": dataclasses.asdict(m)}
-            for s, r5, t5, row, m in zip(batch, ref5, tgt5, ref, per_image)
+             "reference_finite": bool(torch.isfinite(row).all()), "reference_cached": cached,
+             "metrics": dataclasses.asdict(m)}
+            for s, r5, t5, row, m, cached in zip(batch, ref5, tgt5, ref, per_image, from_cache)
         ]  # fmt: skip
 
     workers = args.workers if args.workers is not None else labelsets.default_workers(dist.world_size)
     start = time.perf_counter()
-    records, per_rank = labelsets.run(samples, loaded.preprocess, process, dist, args.batch_size, workers, journal)
+    try:
+        records, per_rank = labelsets.run(
+            samples, loaded.preprocess, process, dist, args.batch_size, workers, journal, digests=True
+        )
+    finally:
+        pair.close()
     elapsed_s = time.perf_counter() - start
+    speeds = dist.gather(pair.summary())  # every rank's counts and timings, in rank order (None off rank 0)
     if not dist.is_main:
         journal.close(remove=True)
         return 0
@@ -443,6 +499,8 @@ def run_labelled(
     summary["resumed_images"] = journal.resumed
     summary["elapsed_s"] = round(elapsed_s, 3)  # this run's images (not resumed ones), decode to gather, both sides
     summary["images_per_s"] = round(this_run / elapsed_s, 3) if elapsed_s > 0 else None
+    speed = merge_speeds(speeds, workers)
+    speed["images_per_s"] = summary["images_per_s"]
     done = [r for r in records if "error" not in r]
     if not done:
         journal.close(remove=False)
@@ -463,7 +521,7 @@ def run_labelled(
         per_image=worst, errors=summary["skipped_images"], layers=None,
         notes=[*notes, f"per_image holds the 20 lowest-cosine images; every image is in {jsonl_path}"],
         dataset={k: v for k, v in summary.items() if k != "skipped_images"},
-        target_device=target.device.type if dist.enabled else None, skipped=budget,
+        target_device=target.device.type if dist.enabled else None, skipped=budget, speed=speed,
     )  # fmt: skip
     reports.write_json_atomic(args.report, report)
     journal.close(remove=True)
@@ -472,9 +530,55 @@ def run_labelled(
         print(f"skipped {s['image']}: {s['error']}", file=sys.stderr)
     if summary["skipped"] > 10:
         print(f"... and {summary['skipped'] - 10} more skipped (see the report)", file=sys.stderr)
+    print(format_speed(speed))
     print(f"wrote {args.report} and {jsonl_path}")
     _print_verdict(args, comparison, None, compared, budget)
     return 0 if comparison.verdict == "PASS" else 1
+
+
+def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
+    """One speed record from every rank's Pair.summary(): counts summed, images/s per side over the ranks' summed
+    busy time, the reference cache's folder and counts."""
+    keys = ("reference_cached", "reference_computed", "target_images", "reference_s", "target_s")
+    totals = {k: sum(s[k] for s in speeds) for k in keys}
+    caches = [s["cache"] for s in speeds if s["cache"]]
+    cache = None
+    if caches:
+        cache = {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
+                 for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
+                 "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
+    return {
+        "concurrent": speeds[0]["concurrent"],
+        "decode_workers": workers,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
+        # per side: its images over its own busy seconds, summed over ranks
+        "reference_images_per_s": round(totals["reference_computed"] / totals["reference_s"], 3)
+        if totals["reference_computed"] and totals["reference_s"] > 0 else None,
+        "target_images_per_s": round(totals["target_images"] / totals["target_s"], 3)
+        if totals["target_images"] and totals["target_s"] > 0 else None,
+        # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
+        "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
+        "target_first_batch_s": speeds[0]["target_first_batch_s"],
+        "cache": cache,
+    }  # fmt: skip
+
+
+def format_speed(speed: dict[str, Any]) -> str:
+    cache = speed.get("cache")
+    where = f"reference cache {cache['folder']}" if cache else "reference cache off"
+    invalid = f", {cache['invalid']} invalid entries recomputed" if cache and cache["invalid"] else ""
+
+    def rate(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    return (
+        f"reference: {speed['reference_cached']} cached, {speed['reference_computed']} computed{invalid} ({where}); "
+        f"images/s: reference {rate(speed['reference_images_per_s'])}, target {rate(speed['target_images_per_s'])}"
+        + (f" ({rate(speed['target_images_per_s_after_first_batch'])} after its first batch)"
+           if speed.get("target_images_per_s_after_first_batch") else "")
+        + (f", overall {rate(speed.get('images_per_s'))}" if speed.get("images_per_s") else "")
+        + ("; reference and target concurrent" if speed["concurrent"] else "")
+    )
 
 
 def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str) -> str:

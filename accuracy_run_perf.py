@@ -32,7 +32,7 @@ import sys
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, npu, reports
+from mobilevit_npu import bench, devices, execution, malloc, npu, reports, runtimes
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.perf")
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_allocator_arg(group)
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_device_args(parser)
+    runtimes.add_runtime_args(parser)
     return parser
 
 
@@ -95,10 +96,12 @@ def _main(argv) -> int:
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
     modes = parse_modes(args.modes)
+    runtimes.check_runtime_args(args)
     if args.plot and not bench.matplotlib_available():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
     common.check_outputs({"REPORT.json": args.report, "--plot": args.plot})
-    device = devices.resolve_device(args.device, jit_compile=args.jit_compile)
+    torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
+    device = devices.resolve_device(torch_device, jit_compile=args.jit_compile)
     if "all" in modes:
         modes = execution.available_modes(device)
     allocator = malloc.select(args.allocator)  # after every argument is checked: mallopt cannot be undone
@@ -107,16 +110,21 @@ def _main(argv) -> int:
         # Before the run: its load average is the start's. The device's float32 defaults (HF32 convs on npu, TF32 on
         # cuda) are left as they are, as in production, and recorded here.
         environment = devices.environment(device, allocator)
-        results = bench.run_benchmark(
-            loaded,
-            device,
-            modes=modes,
-            batch_sizes=args.batch_sizes,
-            iterations=args.iterations,
-            warmup=args.warmup,
-            dtype=args.dtype,
-            end_to_end=args.end_to_end,
-        )
+        with runtimes.bench_runtime(args, loaded) as offline:
+            if not offline.torch_modes:
+                modes = []
+            results = bench.run_benchmark(
+                loaded,
+                device,
+                modes=modes,
+                batch_sizes=args.batch_sizes,
+                iterations=args.iterations,
+                warmup=args.warmup,
+                dtype=args.dtype,
+                end_to_end=args.end_to_end,
+                runners=offline.runners,
+            )
+        offline.finish(results, args.iterations)
     settings = {
         "iterations": args.iterations,
         "warmup": args.warmup,
@@ -124,6 +132,7 @@ def _main(argv) -> int:
         "modes": modes,
         "dtype": args.dtype,
         "end_to_end": args.end_to_end,
+        "runtime": offline.info,
     }
     report = bench.build_report("accuracy_run_perf.py", sys.argv[1:] if argv is None else argv, loaded, device,
                                 results, settings, environment)  # fmt: skip

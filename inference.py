@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     timed.add_argument("--benchmark", action="store_true", help="time the model instead of printing predictions")
     timed.add_argument("--iterations", type=common.int_at_least(1), default=50, help="timed forward passes")
     timed.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed forward passes first")
-    common.add_allocator_arg(timed)
+    common.add_allocator_arg(run)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -102,9 +102,9 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device) -> int:
+def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device, allocator: dict) -> int:
     """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
-    environment = devices.environment(device, malloc.select(args.allocator))
+    environment = devices.environment(device, allocator)
     images = preprocessing.expand_images(args.images) if args.images else None
     settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
                 "modes": ["eager"], "dtype": args.dtype, "end_to_end": False}  # fmt: skip
@@ -132,12 +132,13 @@ def _main(argv=None) -> int:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
     common.check_outputs({"--output": args.output})
+    allocator = malloc.select(args.allocator)  # before the first large tensor: batches reuse their blocks
 
     dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
     try:
         with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, in the report and one line
             args.cpu_fallbacks = fallbacks
-            code = _run(args, sys.argv[1:] if argv is None else argv, dist, device)
+            code = _run(args, sys.argv[1:] if argv is None else argv, dist, device, allocator)
         if fallbacks.line() and dist.is_main:
             print(fallbacks.line())
         return code
@@ -145,11 +146,11 @@ def _main(argv=None) -> int:
         dist.close()
 
 
-def _run(args, argv, dist: distributed.Distributed, device: devices.Device) -> int:
+def _run(args, argv, dist: distributed.Distributed, device: devices.Device, allocator: dict) -> int:
     if args.benchmark and dist.enabled:  # every rank would time its own device and write the same --output
         raise UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
     if args.benchmark:  # float32 weights: the benchmark casts a copy for --dtype and checks it against them
-        return run_benchmark(args, argv, common.load(args, device, "fp32"), device)
+        return run_benchmark(args, argv, common.load(args, device, "fp32"), device, allocator)
     loaded = common.load(args, device, args.dtype)
 
     sources = preprocessing.expand_images(args.images)
@@ -174,16 +175,18 @@ def _run(args, argv, dist: distributed.Distributed, device: devices.Device) -> i
     print(f"{len(results)} of {len(sources)} image(s) classified on {where}, {args.dtype}")
     if not results:  # nothing ran: as bad as a missing model (exit 2); the report still lists why each failed
         if args.output:
-            write_report(args, argv, loaded, device, dist, parts, results, failed)
+            write_report(args, argv, loaded, device, dist, parts, results, failed, allocator)
         raise UserError(f"no images found or none could be read ({len(failed)} input(s) failed, listed above)")
     if args.output:
-        write_report(args, argv, loaded, device, dist, parts, results, failed)
+        write_report(args, argv, loaded, device, dist, parts, results, failed, allocator)
     return 1 if failed else 0
 
 
-def write_report(args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict]) -> None:
+def write_report(
+    args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict], allocator: dict
+) -> None:
     report = {
-        **reports.header("inference.py", argv, loaded, devices.environment(device)),
+        **reports.header("inference.py", argv, loaded, devices.environment(device, allocator)),
         "device": str(device) if not dist.enabled else device.type,
         "dtype": args.dtype,
         "results": results,

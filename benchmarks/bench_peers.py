@@ -9,7 +9,8 @@ warm-up, interleaving, synchronized timing, agreement with eager float32, peak m
 accuracy_run_perf.py, whose report format --output writes.
 
 ONNX Runtime and OpenVINO are optional benchmark dependencies (requirements-bench.txt); a peer that is not installed
-is skipped with a warning. The model is exported with torch.onnx at a static batch size. ONNX Runtime runs with
+is skipped with a warning. The model is exported at a static batch size by mobilevit_npu.onnx_export (export_onnx.py's
+export: torch's current exporter where it works, else the TorchScript one). ONNX Runtime runs with
 ORT_ENABLE_ALL, as many intra-op threads as torch uses and session.intra_op.allow_spinning=0: its workers otherwise
 busy-spin ~25 ms after each call and steal the CPU from whatever runs next in the interleaved loop. OpenVINO compiles
 the same ONNX file for CPU with INFERENCE_PRECISION_HINT=f32 (its default on CPUs with bfloat16 is bf16, which is not
@@ -23,7 +24,6 @@ import importlib.util
 import logging
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
@@ -31,7 +31,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, reports
+from mobilevit_npu import bench, devices, execution, malloc, onnx_export, reports, runtimes
 from mobilevit_npu.errors import Unavailable, UserError
 
 logger = logging.getLogger("mobilevit_npu.peers")
@@ -54,34 +54,16 @@ def build_parser():
     return parser
 
 
-def export_onnx(model: torch.nn.Module, batch: torch.Tensor, path: Path) -> Path:
-    """The Hugging Face model as ONNX (input pixel_values, output logits) at the batch's static shape."""
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, pixel_values):
-            return self.inner(pixel_values=pixel_values).logits
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(Logits(model).eval(), (batch,), str(path), input_names=["pixel_values"],
-                          output_names=["logits"], opset_version=17, dynamo=False)  # fmt: skip
-    return path
+def export_onnx(model: torch.nn.Module, batch: torch.Tensor, path: Path) -> onnx_export.Exported:
+    """The model as ONNX (pixel_values -> logits) at the batch's static shape: mobilevit_npu.onnx_export, the same
+    export as export_onnx.py (torch's current exporter where it works), its warnings kept off the console."""
+    return onnx_export.export_onnx(model, path, batch_size=int(batch.shape[0]),
+                                   image_size=(int(batch.shape[2]), int(batch.shape[3])))  # fmt: skip
 
 
 def _onnxruntime(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda feed: session.run(["logits"], {"pixel_values": feed})[0]
+    """ONNX Runtime on the CPU through mobilevit_npu.runtimes (the session accuracy_run.py's --runtime opens)."""
+    return runtimes.open_onnxruntime(path, devices.Device("cpu"), threads=threads).run
 
 
 def _openvino(path: Path, threads: int):
@@ -99,13 +81,13 @@ def peer_builder(name: str, workdir: Path) -> bench.Builder:
     def build(model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> execution.Prepared:
         if device.type != "cpu" or dtype != "fp32":
             raise Unavailable(f"{name} is benchmarked on the CPU in fp32 only")
-        path = export_onnx(model, batch, workdir / f"mobilevit_b{batch.shape[0]}.onnx")
-        run = make(path, torch.get_num_threads())
+        exported = export_onnx(model, batch, workdir / f"mobilevit_b{batch.shape[0]}.onnx")
+        run = make(exported.path, torch.get_num_threads())
         version = importlib.import_module(name).__version__
         return execution.Prepared(
             call=lambda feed: torch.from_numpy(run(feed)),
             to_input=lambda x: x.to(torch.float32).contiguous().numpy(),
-            notes=[f"{name} {version}, ONNX opset 17, fp32"],
+            notes=[f"{name} {version}, ONNX opset {exported.opset} ({exported.exporter} exporter), fp32"],
         )
 
     return build

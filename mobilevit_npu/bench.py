@@ -69,6 +69,7 @@ def _result(mode: str, batch_size: int, dtype: str, end_to_end: bool, **extra) -
         "throughput_images_per_s": None,
         "samples_ms": [],
         "compile_s": None,
+        "compile_cache": None,  # "hit" | "miss" | "off" for artefacts with a disk cache (AOTInductor), else null
         "peak_memory_bytes": None,
         "agreement": None,
         "exact": None,
@@ -141,6 +142,7 @@ def run_benchmark(
                 dtype,
                 end_to_end,
                 compile_s=prepared.compile_s,
+                compile_cache=prepared.compile_cache,
                 agreement=asdict(agreement),
                 exact=metrics.is_exact(agreement),
                 notes=list(prepared.notes),

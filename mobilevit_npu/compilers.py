@@ -7,24 +7,41 @@ and the AOTInductor build used for `fast` on CPU.
 - cpu: inductor with torch._inductor.config.freezing=True (options={"freezing": True} is silently ignored), plus the
   C++ wrapper where asked (`cpp_wrapper`: ~150 kernel calls per forward, so Python between them shows at batch 1);
 - mps: inductor defaults.
+
+Compile once: AOTInductor packages are kept on disk (`compile_cache_dir()`: $MOBILEVIT_NPU_COMPILE_CACHE, else the
+project cache folder's `compiled/`; "off" disables it), keyed by the module's weights and code, the input's shape,
+strides and dtype, the device, the CPU's vector ISA and the torch version. A package whose checksum or load fails is
+rebuilt. torch.compile modes have only inductor's own caches (torch._inductor.codecache.cache_dir(), e.g.
+/tmp/torchinductor_$USER): with freezing its FX graph cache is bypassed (frozen weights are graph constants), so only
+the compiled C++ kernels are reused and the graph is traced and optimised again on every run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
+import json
+import logging
 import os
+import shutil
 import tempfile
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from packaging.version import Version
 
-from mobilevit_npu import devices, timing
+from mobilevit_npu import devices, refcache, timing
 from mobilevit_npu.errors import Unavailable, first_line
 
+logger = logging.getLogger("mobilevit_npu.compilers")
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
+COMPILE_CACHE_ENV = "MOBILEVIT_NPU_COMPILE_CACHE"
+AOTI_CONFIGS = {"freezing": True}
 
 
 def _unique_function(fn: Callable, name: str) -> Callable:
@@ -115,24 +132,126 @@ def aoti_available() -> bool:
     return Version(torch.__version__).release[:2] >= (2, 6) and api
 
 
-def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -> tuple[Forward, float, list[str]]:
-    """`module` exported with torch.export and built by AOTInductor (weights frozen) into a package in a temporary
-    folder, loaded back as a C++ runner: no dynamo guard checks and no Python between kernels on each call, ~5% off
-    `fast`'s batch-1 latency on CPU against torch.compile with the C++ wrapper. (runner, seconds for export, build,
-    load and the first call, notes)."""
+def compile_cache_dir() -> Path | None:
+    """Where compiled artefacts are kept: $MOBILEVIT_NPU_COMPILE_CACHE ("off": nowhere), else
+    refcache.user_cache_dir() / "compiled"."""
+    spec = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if spec.lower() == "off":
+        return None
+    return Path(spec).expanduser() if spec else refcache.user_cache_dir() / "compiled"
 
-    def build() -> Forward:
+
+def _cpu_isa() -> str:
+    with contextlib.suppress(Exception):
+        from torch._inductor import cpu_vec_isa
+
+        return str(cpu_vec_isa.pick_vec_isa())
+    return "unknown"
+
+
+def aoti_key(module: torch.nn.Module, device: devices.Device, example: torch.Tensor) -> dict[str, Any]:
+    """What an AOTInductor package depends on: the module's weights and the source of its class's module (the
+    fast path's code), the input's shape, strides and dtype, the device and its CPU ISA, torch and the build options."""
+    source = b""
+    with contextlib.suppress(TypeError, OSError):
+        source = Path(inspect.getfile(type(module))).read_bytes()
+    return {
+        "kind": "aoti",
+        "module": f"{type(module).__module__}.{type(module).__qualname__}",
+        "code_sha256": hashlib.sha256(source).hexdigest(),
+        "weights_sha256": refcache.weights_digest(module, {}),
+        "shape": list(example.shape),
+        "strides": list(example.stride()),
+        "dtype": str(example.dtype),
+        "device": str(device),
+        "cpu": devices.cpu_name() if device.type == "cpu" else None,
+        "isa": _cpu_isa() if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "inductor_configs": AOTI_CONFIGS,
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_cached(package: Path, meta_path: Path, key: str, example: torch.Tensor) -> Forward | None:
+    """The cached package's runner after a first call, or None when it is absent or damaged (then rebuilt)."""
+    if not (package.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key or meta.get("sha256") != _sha256_file(package):
+            raise ValueError("checksum or key mismatch")
+        runner = torch._inductor.aoti_load_package(str(package))
+        runner(example)
+        return runner
+    except Exception as exc:  # a truncated zip, a missing or foreign .so: any failure means rebuild
+        logger.warning("compile cache: %s is damaged (%s: %s); rebuilding", package, type(exc).__name__,
+                       first_line(exc))  # fmt: skip
+        return None
+
+
+def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -> tuple[Forward, float, list[str], str]:
+    """`module` exported with torch.export and built by AOTInductor (weights frozen) into a package, loaded back as a
+    C++ runner: no dynamo guard checks and no Python between kernels on each call, ~5% off `fast`'s batch-1 latency
+    on CPU against torch.compile with the C++ wrapper. The package is kept in the compile cache (see the module
+    docstring) and a later build with the same key loads it instead. Returns (runner, seconds for export, build, load
+    and the first call, or for loading and the first call on a hit; notes; "hit" | "miss" | "off")."""
+    notes = ["AOTInductor: torch.export + aoti_compile_and_package, freezing"]
+    root = compile_cache_dir() if isinstance(module, torch.nn.Module) else None
+
+    def build_uncached() -> Forward:
         with tempfile.TemporaryDirectory(prefix="mobilevit_aoti_") as folder:
-            program = torch.export.export(module, (example,))
-            package = torch._inductor.aoti_compile_and_package(
-                program, package_path=os.path.join(folder, "fast.pt2"), inductor_configs={"freezing": True}
-            )
-            runner = torch._inductor.aoti_load_package(package)  # the shared library is loaded: the folder can go
+            runner = _aoti_build(module, example, os.path.join(folder, "fast.pt2"))
         runner(example)
         return runner
 
-    runner, compile_ms = timing.timed_call(build, device)
-    return runner, compile_ms / 1000.0, ["AOTInductor: torch.export + aoti_compile_and_package, freezing"]
+    if root is None:
+        runner, ms = timing.timed_call(build_uncached, device)
+        return runner, ms / 1000.0, notes, "off"
+
+    fields = aoti_key(module, device, example)
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    package, meta_path = root / f"aoti-{key[:32]}.pt2", root / f"aoti-{key[:32]}.json"
+    runner, ms = timing.timed_call(lambda: _load_cached(package, meta_path, key, example), device)
+    if runner is not None:
+        return runner, ms / 1000.0, notes + [f"compile cache hit: {package}"], "hit"
+
+    def build() -> Forward:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=".aoti-", dir=str(root))  # same file system: the rename is atomic
+        try:
+            built = Path(folder) / "fast.pt2"
+            runner = _aoti_build(module, example, str(built))
+            meta = {"key": key, "fields": fields, "sha256": _sha256_file(built)}
+            os.replace(built, package)  # a reader of the old meta with this package sees a checksum mismatch
+            (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            os.replace(Path(folder) / "meta.json", meta_path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        runner(example)
+        return runner
+
+    try:
+        runner, ms = timing.timed_call(build, device)
+    except OSError as exc:  # the cache folder cannot be written: build without it
+        logger.warning("compile cache: cannot write under %s (%s); building without it", root, exc)
+        runner, ms = timing.timed_call(build_uncached, device)
+        return runner, ms / 1000.0, notes + [f"compile cache not writable: {exc}"], "off"
+    return runner, ms / 1000.0, notes + [f"compile cache miss: built and stored {package}"], "miss"
+
+
+def _aoti_build(module: Forward, example: torch.Tensor, package_path: str) -> Forward:
+    program = torch.export.export(module, (example,))
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=package_path, inductor_configs=dict(AOTI_CONFIGS)
+    )
+    return torch._inductor.aoti_load_package(package)  # the shared library is loaded: the file can go
 
 
 def _inductor_patch(options: dict[str, Any]):

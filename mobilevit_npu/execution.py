@@ -44,6 +44,7 @@ class Prepared:
     compile_s: float | None = None
     notes: list[str] = field(default_factory=list)
     module: torch.nn.Module | None = None  # the eager module behind `call` (what --layers can hook), if there is one
+    compile_cache: str | None = None  # "hit" | "miss" | "off" where the compiled artefact has a disk cache
 
 
 def available_modes(device: devices.Device) -> list[str]:
@@ -119,8 +120,8 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
     x = to_input(batch)
     if mode == "fast" and device.type == "cpu" and compilers.aoti_available():
         try:
-            runner, compile_s, built = compilers.build_aoti(fn, device, x)
-            return Prepared(runner, to_input, compile_s, notes + built, module=module)
+            runner, compile_s, built, cached = compilers.build_aoti(fn, device, x)
+            return Prepared(runner, to_input, compile_s, notes + built, module=module, compile_cache=cached)
         except Exception as exc:  # an export or AOT build this torch cannot do: torch.compile below still can
             first = first_line(exc)
             logger.warning("AOTInductor failed for %s (%s: %s); using torch.compile", mode, type(exc).__name__, first)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu import PROJECT_DIR, distributed, preprocessing, reports, timing
+from mobilevit_npu import PROJECT_DIR, distributed, preprocessing, refcache, reports, timing
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.labelsets")
@@ -115,26 +115,28 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, sources: Sequence[str], cfg: preprocessing.PreprocessConfig):
-        self.sources, self.cfg = list(sources), cfg
+    def __init__(self, sources: Sequence[str], cfg: preprocessing.PreprocessConfig, digests: bool = False):
+        self.sources, self.cfg, self.digests = list(sources), cfg, digests
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int):
+        source = self.sources[index]
+        digest = refcache.file_digest(source) if self.digests else None  # hashed where it is decoded, off the model
         try:
-            return index, torch.from_numpy(preprocessing.preprocess(self.sources[index], self.cfg)), None
+            return index, torch.from_numpy(preprocessing.preprocess(source, self.cfg)), None, digest
         except OSError as exc:
-            return index, None, str(exc) or type(exc).__name__
+            return index, None, str(exc) or type(exc).__name__, digest
         except Exception as exc:  # noqa: BLE001 - a worker that raises ends the whole run: one image's record instead
-            return index, None, f"{type(exc).__name__}: {first_line(exc)}"
+            return index, None, f"{type(exc).__name__}: {first_line(exc)}", digest
 
 
 def _collate(items):
-    ok = [(i, x) for i, x, err in items if x is not None]
-    errors = [(i, err) for i, x, err in items if x is None]
-    pixels = torch.stack([x for _, x in ok]) if ok else None
-    return [i for i, _ in ok], pixels, errors
+    ok = [(i, x, d) for i, x, err, d in items if x is not None]
+    errors = [(i, err) for i, x, err, _ in items if x is None]
+    pixels = torch.stack([x for _, x, _ in ok]) if ok else None
+    return [i for i, _, _ in ok], pixels, errors, [d for _, _, d in ok]
 
 
 def _worker_init(_):
@@ -142,21 +144,25 @@ def _worker_init(_):
 
 
 def stream(
-    sources: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int, workers: int
-) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """Batches of (indices of the decoded images, their pixels, [(index, error)] for those that failed)."""
+    sources: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int, workers: int, digests: bool = False
+) -> Iterator[tuple]:
+    """Batches of (indices of the decoded images, their pixels, [(index, error)] for those that failed); with
+    `digests`, a fourth item: the sha256 of each decoded image's file (refcache.file_digest), computed in the worker.
+    With workers the next batches are decoded while the caller computes on this one."""
     loader = torch.utils.data.DataLoader(
-        _Images(sources, cfg), batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
+        _Images(sources, cfg, digests), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
         persistent_workers=False,
-    )
-    yield from loader
+    )  # fmt: skip
+    for indices, pixels, errors, hashes in loader:
+        yield (indices, pixels, errors, hashes) if digests else (indices, pixels, errors)
 
 
 def default_workers(world_size: int = 1) -> int:
-    """Leave one core per rank for the model; 0 (decode in the main process) on small machines."""
+    """One core per rank for the model and the rest (at most 8) for decoding; at least one decoding worker, so
+    decoding the next batch overlaps the model's work on this one even on a 2-core machine."""
     cores = os.cpu_count() or 1
-    return max(0, min(8, cores // max(1, world_size) - 1))
+    return max(1, min(8, cores // max(1, world_size) - 1))
 
 
 class Journal:
@@ -225,13 +231,15 @@ def run(
     workers: int,
     journal: Journal | None = None,
     desc: str = "images",
+    digests: bool = False,
 ) -> tuple[list[dict], list[int]]:
     """Stream this rank's share of `samples` through `process` and gather every record on rank 0.
 
     `process(batch_samples, pixels)` returns one record per image (each with "image"). Bad images become records
     `{"image", "label", "error"}`. With a journal, images already in it are skipped and every new record is appended
-    as soon as its batch is done. Returns (all records, images done per rank over the whole run, resumed ones
-    included) on rank 0; ([], []) elsewhere.
+    as soon as its batch is done. With `digests`, `process` also gets each image's file sha256 (or None), as a third
+    argument. Returns (all records, images done per rank over the whole run, resumed ones included) on rank 0;
+    ([], []) elsewhere.
     """
     previous = journal.done() if journal else {}
     wanted = {s.image for s in samples}
@@ -246,9 +254,9 @@ def run(
     label = f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc
     bar = timing.progress_bar(len(mine), dist.is_main, label)
     with bar:
-        for indices, pixels, errors in stream([s.image for s in mine], cfg, batch_size, workers):
+        for indices, pixels, errors, *hashes in stream([s.image for s in mine], cfg, batch_size, workers, digests):
             batch = [mine[i] for i in indices]
-            new = process(batch, pixels) if batch else []
+            new = (process(batch, pixels, *hashes) if batch else [])
             new += [{"image": mine[i].image, "label": mine[i].label, "error": err} for i, err in errors]
             if journal:
                 journal.append(new)

@@ -7,13 +7,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mobilevit_npu import devices, execution, layerwise, metrics, models, preprocessing
+from mobilevit_npu import devices, execution, layerwise, metrics, models, preprocessing, refcache
 from mobilevit_npu.errors import Unavailable, UserError
 
 logger = logging.getLogger("mobilevit_npu.targets")
@@ -97,33 +99,160 @@ def prepare_target(
     return Side(prepared=prepared, hook_model=hook_model, device=device, dtype=dtype, mode=mode)
 
 
+@dataclass
+class SideTiming:
+    """Images a side computed and the seconds it spent on them (its own thread's clock when run concurrently)."""
+
+    images: int = 0
+    seconds: float = 0.0
+    first_images: int = 0  # the first call's: it carries the start-up costs (kernel selection, first page faults)
+    first_seconds: float = 0.0
+
+    def add(self, images: int, seconds: float) -> None:
+        if not self.images:
+            self.first_images, self.first_seconds = images, seconds
+        self.images += images
+        self.seconds += seconds
+
+    @property
+    def images_per_s(self) -> float | None:
+        return round(self.images / self.seconds, 3) if self.images and self.seconds > 0 else None
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """After the first call: what a benchmark that excludes warm-up would measure."""
+        images, seconds = self.images - self.first_images, self.seconds - self.first_seconds
+        return round(images / seconds, 3) if images and seconds > 0 else None
+
+
+class Pair:
+    """Both sides over batches of the same float32 CPU tensor.
+
+    The reference comes from `cache` (refcache.ReferenceCache) for the images it holds, and only the rest is
+    computed (and stored). When the two sides are on different devices (CPU reference, NPU or CUDA target) the
+    reference runs in a worker thread while the device computes, so the device does not wait for the CPU; on one
+    device they run one after the other (they would only fight over the same cores).
+
+    The reference computes the rows the cache lacks as one batch. float32 kernels round a little differently per
+    batch size (~1e-6 relative), so a cached row may differ from one recomputed in another batch by that much: far
+    below every threshold, and the price of computing the reference in batches (several times faster than image by
+    image on a many-core host, or on a busy one)."""
+
+    def __init__(self, reference: Side, target: Side, cache: refcache.ReferenceCache | None = None,
+                 concurrent: bool | None = None):  # fmt: skip
+        self.reference, self.target, self.cache = reference, target, cache
+        self.concurrent = reference.device != target.device if concurrent is None else concurrent
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="reference") if self.concurrent else None
+        self.reference_timing, self.target_timing = SideTiming(), SideTiming()
+        self.cached = self.computed = 0
+
+    def _reference(self, pixels: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.reference.logits(pixels)
+        self.reference_timing.add(pixels.shape[0], time.perf_counter() - start)
+        return out
+
+    def _target(self, pixels: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.target.logits(pixels)
+        self.target_timing.add(pixels.shape[0], time.perf_counter() - start)
+        return out
+
+    def run(self, pixels: torch.Tensor, digests: Sequence[str | None] | None = None):
+        """(reference logits, target logits, [reference came from the cache] per row); float64 on the CPU."""
+        n = pixels.shape[0]
+        cached = self.cache.lookup(digests) if self.cache is not None and digests is not None else [None] * n
+        missing = [i for i, row in enumerate(cached) if row is None]
+        todo = pixels if len(missing) == n else pixels[missing]
+        future = computed = None
+        if missing and self._pool is not None:
+            future = self._pool.submit(self._reference, todo)
+        elif missing:
+            computed = self._reference(todo)
+        try:
+            tgt = self._target(pixels)
+        finally:
+            if future is not None:
+                computed = future.result()
+        self.record(computed, [digests[i] for i in missing] if digests is not None else None)
+        self.cached += n - len(missing)
+        if self.cache is not None:
+            self.cache.stats.cached += n - len(missing)
+        rows = list(cached)
+        for j, i in enumerate(missing):
+            rows[i] = computed[j]
+        return torch.stack(rows).to(torch.float64), tgt, [row is not None for row in cached]
+
+    def record(self, computed: torch.Tensor | None, digests: Sequence[str | None] | None) -> None:
+        """Count reference rows computed outside the cache and store them."""
+        if computed is None:
+            return
+        self.computed += computed.shape[0]
+        if self.cache is not None:
+            self.cache.stats.computed += computed.shape[0]
+            if digests is not None:
+                for digest, row in zip(digests, computed):
+                    self.cache.put(digest, row)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "concurrent": self.concurrent,
+            "reference_cached": self.cached,
+            "reference_computed": self.computed,
+            "reference_images_per_s": self.reference_timing.images_per_s,
+            "target_images_per_s": self.target_timing.images_per_s,
+            "target_images_per_s_after_first_batch": self.target_timing.steady_images_per_s,
+            "target_first_batch_s": round(self.target_timing.first_seconds, 3),
+            "target_images": self.target_timing.images,
+            "reference_s": round(self.reference_timing.seconds, 3),
+            "target_s": round(self.target_timing.seconds, 3),
+            "cache": self.cache.summary() if self.cache is not None else None,
+        }
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def compare_sides(
     reference: Side,
     target: Side,
     items: list[preprocessing.Decoded],
     thresholds: metrics.Thresholds,
     layers: bool,
+    pair: Pair | None = None,
+    digests: Sequence[str | None] | None = None,
 ) -> tuple[metrics.Comparison, layerwise.LayerReport | None]:
-    """Both sides over every image, one at a time; with `layers`, the module-by-module comparison as they go."""
+    """Both sides over every image, one at a time; with `layers`, the module-by-module comparison as they go (the
+    reference is then always computed, since its layers are watched). `pair` (with its reference cache) runs the
+    sides otherwise; `digests` are the images' content hashes, the cache's keys."""
     comparator = None
     if layers:
         comparator = layerwise.LayerComparator(reference.hook_model, target.hook_model, thresholds.layer_min_cosine)
+    own_pair = pair is None
+    pair = pair or Pair(reference, target)
     ref_rows, tgt_rows = [], []
     try:
-        for item in items:
-            if comparator:
-                comparator.begin(item.source, "reference")
-            ref_rows.append(reference.logits(item.batch))
-            if comparator:
-                comparator.begin(item.source, "target")
-            tgt_rows.append(target.logits(item.batch))
-            if comparator and target.mode in ("compiled", "npugraph"):  # no hooks in a graph: the eager twin
+        for i, item in enumerate(items):
+            digest = [digests[i]] if digests is not None else None
+            if not comparator:
+                ref, tgt, _ = pair.run(item.batch, digest)
+                ref_rows.append(ref)
+                tgt_rows.append(tgt)
+                continue
+            comparator.begin(item.source, "reference")
+            ref_rows.append(pair._reference(item.batch))
+            pair.record(ref_rows[-1], digest)
+            comparator.begin(item.source, "target")
+            tgt_rows.append(pair._target(item.batch))
+            if target.mode in ("compiled", "npugraph"):  # no hooks in a graph: the eager twin
                 target.logits(item.batch, on_hook_model=True)
-            if comparator:
-                comparator.end_image()
+            comparator.end_image()
     finally:
         if comparator:
             comparator.close()
+        if own_pair:
+            pair.close()
     distinct = len({hashlib.sha256(item.batch.numpy().tobytes()).hexdigest() for item in items}) > 1
     comparison = metrics.compare_logits(
         torch.cat(ref_rows),

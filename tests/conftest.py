@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobilevit_npu import synthetic
+from mobilevit_npu import compilers, refcache, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 DATA_DIR = ROOT / "tests" / "data"
 PHOTOS = sorted(str(p) for p in DATA_DIR.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+@pytest.fixture(autouse=True)
+def private_caches(tmp_path_factory, monkeypatch):
+    """Each test gets empty reference and compile caches of its own: none touches the user's, none sees another's."""
+    monkeypatch.setenv(refcache.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv(compilers.COMPILE_CACHE_ENV, raising=False)
 
 
 def tiny_config(num_labels: int = 10):

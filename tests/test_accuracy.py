@@ -24,7 +24,7 @@ EXAMPLE = torch.zeros(1, 3, 256, 256)  # the batch shape compiled targets are bu
 
 def run(tmp_path, model_dir, *extra: str) -> tuple[int, dict | None]:
     report = tmp_path / "report.json"
-    rc = accuracy_run.main([str(model_dir), str(report), "--device", "cpu", *extra])
+    rc = accuracy_run.main(["--allocator", "system", str(model_dir), str(report), "--device", "cpu", *extra])
     return rc, (read_json(report) if report.exists() else None)
 
 
@@ -300,16 +300,19 @@ def test_no_readable_image_is_exit_2(tmp_path, tiny_model_dir, capsys):
 @pytest.mark.parametrize("spec", ["tpu", "cpu:3"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_absent_or_unknown_device_is_exit_2(tmp_path, tiny_model_dir, capsys, spec):
     report = tmp_path / "r.json"
-    assert accuracy_run.main([str(tiny_model_dir), str(report), "--device", spec]) == 2
+    assert accuracy_run.main(["--allocator", "system", str(tiny_model_dir), str(report), "--device", spec]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert not report.exists()
 
 
 def test_usage_errors_are_exit_2(tmp_path, tiny_model_dir):
-    assert accuracy_run.main([str(tiny_model_dir)]) == 2  # no REPORT.json
-    assert accuracy_run.main([str(tiny_model_dir), str(tmp_path / "r.json"), "--dtype", "fp8"]) == 2
-    assert accuracy_run.main([str(tiny_model_dir), str(tmp_path), "--device", "cpu"]) == 2  # a directory
-    assert accuracy_run.main([str(tmp_path / "no_model"), str(tmp_path / "r.json"), "--device", "cpu"]) == 2
+    assert accuracy_run.main(["--allocator", "system", str(tiny_model_dir)]) == 2  # no REPORT.json
+    assert accuracy_run.main(["--allocator", "system",
+                              str(tiny_model_dir), str(tmp_path / "r.json"), "--dtype", "fp8"]) == 2
+    assert accuracy_run.main(["--allocator", "system",
+                              str(tiny_model_dir), str(tmp_path), "--device", "cpu"]) == 2  # a directory
+    assert accuracy_run.main(["--allocator", "system",
+                              str(tmp_path / "no_model"), str(tmp_path / "r.json"), "--device", "cpu"]) == 2
 
 
 def test_synthetic_flag_is_stated_in_the_report(tmp_path, tiny_model_dir, monkeypatch):

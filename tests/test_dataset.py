@@ -156,7 +156,7 @@ def test_inference_under_torchrun_matches_one_process(tiny_model_dir, tmp_path, 
     args = ["--model_path", str(tiny_model_dir), "--image", str(folder), "--device", "cpu", "--top_k", "3"]
     import inference
 
-    assert inference.main([*args, "--output", str(single)]) == 1
+    assert inference.main(["--allocator", "system", *args, "--output", str(single)]) == 1
     proc = torchrun(nproc, "inference.py", *args, "--output", str(multi))
     assert proc.returncode == 1, proc.stderr[-3000:]  # rank 0 exits 1 for the broken image, as one process does
     assert "ProcessGroupGloo" not in proc.stderr and "abort" not in proc.stderr.lower()
@@ -186,7 +186,7 @@ def labelled_set(tmp_path):
 
 def labelled_args(model_dir, root, report, *extra):
     return [str(model_dir), str(report), "--dataset", str(root), "--device", "cpu", "--batch_size", "2",
-            "--workers", "0", "--max_skipped", "1", *extra]  # the set holds one broken file
+            "--workers", "0", "--allocator", "system", "--max_skipped", "1", *extra]  # the set holds one broken file
 
 
 def test_accuracy_on_a_labelled_folder(tiny_model_dir, labelled_set, tmp_path, capsys):
@@ -213,7 +213,8 @@ def test_labels_csv_run(tiny_model_dir, tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("image,class_id\n" + "".join(f"{p},{i}\n" for i, p in enumerate(PHOTOS[:3])))
     report = tmp_path / "r.json"
-    assert accuracy_run.main([str(tiny_model_dir), str(report), "--labels", str(csv), "--device", "cpu",
+    assert accuracy_run.main(["--allocator", "system",
+                              str(tiny_model_dir), str(report), "--labels", str(csv), "--device", "cpu",
                               "--workers", "0"]) == 0
     assert read_json(report)["dataset"]["images"] == 3
 
@@ -242,7 +243,7 @@ def test_killed_run_resumes_without_redoing_images(tiny_model_dir, labelled_set,
 
     seen.clear()
     kill[0] = False
-    assert accuracy_run.main([*args, "--resume"]) == 0
+    assert accuracy_run.main(["--allocator", "system", *args, "--resume"]) == 0
     data = read_json(report)["dataset"]
     assert data["images"] + data["skipped"] == 6
     assert sum(seen) == 3  # the resumed run ran only the 3 good images that were left (the 4th left is broken)

@@ -43,7 +43,8 @@ def test_synthetic_x_small_matches_transformers_own_pipeline(synthetic_model_dir
     from transformers.image_utils import load_image
 
     out = tmp_path / "out.json"
-    assert inference.main(["--model_path", str(synthetic_model_dir), "--image", *PHOTOS, "--device", "cpu",
+    assert inference.main(["--allocator", "system",
+                           "--model_path", str(synthetic_model_dir), "--image", *PHOTOS, "--device", "cpu",
                            "--output", str(out)]) == 0
     report = read_json(out)
     processor_cls = getattr(transformers, "MobileViTImageProcessorPil", None) or transformers.MobileViTImageProcessor
@@ -63,7 +64,8 @@ def test_synthetic_x_small_matches_transformers_own_pipeline(synthetic_model_dir
 
 def test_report_shape_and_console_table(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = inference.main(["--model_path", str(tiny_model_dir), "--image", str(DATA_DIR), "--top_k", "3",
+    rc = inference.main(["--allocator", "system",
+                         "--model_path", str(tiny_model_dir), "--image", str(DATA_DIR), "--top_k", "3",
                          "--batch_size", "2", "--output", str(out)])
     assert rc == 0
     report = read_json(out)
@@ -86,7 +88,8 @@ def test_batching_does_not_change_results(tiny_model_dir, tmp_path):
     outs = []
     for batch in ("1", "4"):
         out = tmp_path / f"b{batch}.json"
-        assert inference.main(["--model_path", str(tiny_model_dir), "--image", *PHOTOS, "--batch_size", batch,
+        assert inference.main(["--allocator", "system",
+                               "--model_path", str(tiny_model_dir), "--image", *PHOTOS, "--batch_size", batch,
                                "--output", str(out)]) == 0
         outs.append(read_json(out)["results"])
     for a, b in zip(*outs):
@@ -98,7 +101,8 @@ def test_batching_does_not_change_results(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_reduced_precision_runs(tiny_model_dir, tmp_path, dtype):
     out = tmp_path / "out.json"
-    assert inference.main(["--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--dtype", dtype,
+    assert inference.main(["--allocator", "system",
+                           "--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--dtype", dtype,
                            "--output", str(out)]) == 0
     report = read_json(out)
     assert report["dtype"] == dtype and 0 < report["results"][0]["predictions"][0]["probability"] <= 1
@@ -113,7 +117,8 @@ def test_bad_images_are_reported_and_the_rest_go_on(tiny_model_dir, tmp_path, ht
     chelsea = str(DATA_DIR / "chelsea.png")
     images = [chelsea, str(text), str(truncated), str(tmp_path / "missing.png"), f"{http_photos}/chelsea.png",
               f"{http_photos}/nope.png", "http://127.0.0.1:9/refused.jpg"]
-    rc = inference.main(["--model_path", str(tiny_model_dir), "--image", *images, "--output", str(out)])
+    rc = inference.main(["--allocator", "system",
+                         "--model_path", str(tiny_model_dir), "--image", *images, "--output", str(out)])
     assert rc == 1
     report = read_json(out)
     assert [r["image"] for r in report["results"]] == [chelsea, f"{http_photos}/chelsea.png"]
@@ -137,7 +142,7 @@ def test_url_size_cap(http_photos):
     ],
 )
 def test_model_and_device_errors_exit_2(tiny_model_dir, capsys, args, message):
-    argv = ["--model_path", str(tiny_model_dir), "--image", PHOTOS[0], *args]
+    argv = ["--allocator", "system", "--model_path", str(tiny_model_dir), "--image", PHOTOS[0], *args]
     assert inference.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -145,12 +150,13 @@ def test_model_and_device_errors_exit_2(tiny_model_dir, capsys, args, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_absent_cuda_exit_2(tiny_model_dir, capsys):
-    assert inference.main(["--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--device", "cuda"]) == 2
+    assert inference.main(["--allocator", "system",
+                           "--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_no_images_found_exit_2(tiny_model_dir, tmp_path, capsys):
-    assert inference.main(["--model_path", str(tiny_model_dir), "--image", str(tmp_path)]) == 2
+    assert inference.main(["--allocator", "system", "--model_path", str(tiny_model_dir), "--image", str(tmp_path)]) == 2
     assert "no images found" in capsys.readouterr().err
 
 
@@ -163,7 +169,8 @@ def test_usage_errors_exit_2(argv):
 
 def test_kebab_case_twins(tiny_model_dir, tmp_path):
     out = tmp_path / "out.json"
-    assert inference.main(["--model-path", str(tiny_model_dir), "--image", PHOTOS[0], "--top-k", "2",
+    assert inference.main(["--allocator", "system",
+                           "--model-path", str(tiny_model_dir), "--image", PHOTOS[0], "--top-k", "2",
                            "--batch-size", "1", "--output", str(out)]) == 0
     assert len(read_json(out)["results"][0]["predictions"]) == 2
 
@@ -202,5 +209,5 @@ def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_pa
 def test_benchmark_under_torchrun_is_refused(tiny_model_dir, monkeypatch, capsys):
     two_ranks = distributed.Distributed(rank=0, world_size=2)
     monkeypatch.setattr(distributed, "setup", lambda spec, jit_compile=False: (two_ranks, devices.Device("cpu")))
-    assert inference.main(["--model_path", str(tiny_model_dir), "--benchmark"]) == 2
+    assert inference.main(["--allocator", "system", "--model_path", str(tiny_model_dir), "--benchmark"]) == 2
     assert "--benchmark times one device" in capsys.readouterr().err

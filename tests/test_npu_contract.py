@@ -73,7 +73,7 @@ def _mutated_project(tmp_path, old: str, new: str):
     ("old", "new", "message"),
     [
         ("api.set_compile_mode(jit_compile=", "api.set_compile_mode(jit_compiled=", "no parameter 'jit_compiled'"),
-        (".get_device_name(", ".get_devices_name(", "defines no 'get_devices_name'"),
+        ("(device).get_device_name(", "(device).get_devices_name(", "defines no 'get_devices_name'"),
         ("conv.allow_hf32 =", "conv.allow_hf16 =", "no attribute 'allow_hf16'"),
         ('.mode = "reduce-overhead"', '.mode = "reduce_overhead"', "not one of"),
     ],

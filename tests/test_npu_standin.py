@@ -40,6 +40,7 @@ def _tiny(tiny_model_dir, device=NPU):
         ["accuracy_run.py"],
         ["accuracy_run_perf.py"],
         ["port_report.py"],
+        ["export_onnx.py"],
         ["-m", "benchmarks.bench_peers"],
     ],
 )
