@@ -195,8 +195,8 @@ def test_a_worker_error_of_any_kind_becomes_that_images_record(monkeypatch):
 
     monkeypatch.setattr(preprocessing, "preprocess", boom)
     images = labelsets._Images(["a", "b"], preprocessing.PreprocessConfig())
-    assert images[0] == (0, None, "MemoryError: cannot allocate")
-    assert images[1] == (1, None, "RuntimeError: odd decoder failure")
+    assert images[0] == (0, None, "MemoryError: cannot allocate", None)  # (index, pixels, error, file digest)
+    assert images[1] == (1, None, "RuntimeError: odd decoder failure", None)
 
 
 def test_random_images_give_a_tensor_or_one_line_within_bounded_memory(tmp_path):
