@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
-from mobilevit_npu import devices, refcache, timing
+from mobilevit_npu import devices, models, refcache, timing
 from mobilevit_npu.errors import Unavailable, first_line
 
 logger = logging.getLogger("mobilevit_npu.compilers")
@@ -171,21 +171,13 @@ def aoti_key(module: torch.nn.Module, device: devices.Device, example: torch.Ten
     }
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load_cached(package: Path, meta_path: Path, key: str, example: torch.Tensor) -> Forward | None:
     """The cached package's runner after a first call, or None when it is absent or damaged (then rebuilt)."""
     if not (package.is_file() and meta_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("key") != key or meta.get("sha256") != _sha256_file(package):
+        if meta.get("key") != key or meta.get("sha256") != models.sha256_file(package):
             raise ValueError("checksum or key mismatch")
         runner = torch._inductor.aoti_load_package(str(package))
         runner(example)
@@ -228,7 +220,7 @@ def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -
         try:
             built = Path(folder) / "fast.pt2"
             runner = _aoti_build(module, example, str(built))
-            meta = {"key": key, "fields": fields, "sha256": _sha256_file(built)}
+            meta = {"key": key, "fields": fields, "sha256": models.sha256_file(built)}
             os.replace(built, package)  # a reader of the old meta with this package sees a checksum mismatch
             (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
             os.replace(Path(folder) / "meta.json", meta_path)

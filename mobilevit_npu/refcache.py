@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mobilevit_npu import preprocessing
+from mobilevit_npu import models, preprocessing
 
 logger = logging.getLogger("mobilevit_npu.refcache")
 
@@ -62,14 +62,10 @@ def file_digest(source: str) -> str | None:
     files (the decoder reports those)."""
     if preprocessing.is_url(str(source)):
         return None
-    digest = hashlib.sha256()
     try:
-        with open(source, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        return models.sha256_file(Path(source))
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def weights_digest(model: torch.nn.Module, source: dict[str, Any]) -> str:
