@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument(
         "--max_skipped",
         "--max-skipped",
-        type=count_or_fraction,
+        type=common.count_or_fraction,
         default=0,
         metavar="N",
         help="images that may be skipped (unreadable, refused, unlabelled) before the run fails (exit 1): a count, "
@@ -176,39 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_allocator_arg(run)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
-
-
-def count_or_fraction(text: str) -> int | float:
-    """--max_skipped: a whole number of images, or a fraction (0..1) of them."""
-    value: int | float
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is neither a count (a whole number) nor a fraction between 0 and 1"
-            ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def skip_budget(comparison: metrics.Comparison, skipped: int, total: int, max_skipped: int | float) -> dict:
-    """Hold the skipped images against --max_skipped: over it, a failed check and FAIL (INVALID stays INVALID).
-    Returns the report's "skipped" entry."""
-    allowed = int(max_skipped * total) if isinstance(max_skipped, float) else max_skipped
-    passed = skipped <= allowed
-    rule = f"<= {allowed} of {total} images (--max_skipped {max_skipped:g})"
-    comparison.checks.append(metrics.Check("skipped_images", float(skipped), rule, passed))
-    if not passed:
-        comparison.reasons.append(f"{skipped} of {total} image(s) skipped, over --max_skipped {max_skipped:g}")
-        if comparison.verdict == "PASS":
-            comparison.verdict = "FAIL"
-    return {"count": skipped, "of": total, "max_skipped": max_skipped, "allowed": allowed}
 
 
 def _fmt(value: float | None, spec: str = ".6f") -> str:
@@ -389,7 +356,7 @@ def _run(
     speed = pair.summary()
     comparison = _fallback_verdict(args, comparison)
 
-    budget = skip_budget(comparison, len(skipped), len(sources), args.max_skipped)
+    budget = metrics.skip_budget(comparison, len(skipped), len(sources), args.max_skipped)
     print(format_console(comparison, layer_report, compared, loaded.id2label))
     print(format_speed(speed))
     report = make_report(
@@ -499,7 +466,7 @@ def run_labelled(
     summary["resumed_images"] = journal.resumed
     summary["elapsed_s"] = round(elapsed_s, 3)  # this run's images (not resumed ones), decode to gather, both sides
     summary["images_per_s"] = round(this_run / elapsed_s, 3) if elapsed_s > 0 else None
-    speed = merge_speeds(speeds, workers)
+    speed = targets.merge_speeds(speeds, workers)
     speed["images_per_s"] = summary["images_per_s"]
     done = [r for r in records if "error" not in r]
     if not done:
@@ -510,7 +477,8 @@ def run_labelled(
         per_image, args.dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
     )
     comparison = _fallback_verdict(args, comparison)
-    budget = skip_budget(comparison, summary["skipped"], summary["images"] + summary["skipped"], args.max_skipped)
+    total = summary["images"] + summary["skipped"]
+    budget = metrics.skip_budget(comparison, summary["skipped"], total, args.max_skipped)
     jsonl_path = images_file(args)
     reports.write_jsonl_atomic(jsonl_path, records)
     worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:20]
@@ -534,33 +502,6 @@ def run_labelled(
     print(f"wrote {args.report} and {jsonl_path}")
     _print_verdict(args, comparison, None, compared, budget)
     return 0 if comparison.verdict == "PASS" else 1
-
-
-def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
-    """One speed record from every rank's Pair.summary(): counts summed, images/s per side over the ranks' summed
-    busy time, the reference cache's folder and counts."""
-    keys = ("reference_cached", "reference_computed", "target_images", "reference_s", "target_s")
-    totals = {k: sum(s[k] for s in speeds) for k in keys}
-    caches = [s["cache"] for s in speeds if s["cache"]]
-    cache = None
-    if caches:
-        cache = {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
-                 for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
-                 "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
-    return {
-        "concurrent": speeds[0]["concurrent"],
-        "decode_workers": workers,
-        **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
-        # per side: its images over its own busy seconds, summed over ranks
-        "reference_images_per_s": round(totals["reference_computed"] / totals["reference_s"], 3)
-        if totals["reference_computed"] and totals["reference_s"] > 0 else None,
-        "target_images_per_s": round(totals["target_images"] / totals["target_s"], 3)
-        if totals["target_images"] and totals["target_s"] > 0 else None,
-        # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
-        "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
-        "target_first_batch_s": speeds[0]["target_first_batch_s"],
-        "cache": cache,
-    }  # fmt: skip
 
 
 def format_speed(speed: dict[str, Any]) -> str:

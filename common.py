@@ -46,6 +46,25 @@ def int_at_least(minimum: int):
     return parse
 
 
+def count_or_fraction(text: str) -> int | float:
+    """--max_skipped: a whole number of images, or a fraction (0..1) of them."""
+    value: int | float
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a count (a whole number) nor a fraction between 0 and 1"
+            ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("device")
     group.add_argument(

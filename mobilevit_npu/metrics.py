@@ -384,3 +384,17 @@ def agreement(reference: torch.Tensor, test: torch.Tensor) -> Agreement:
         max_abs_diff=float((ref - out).abs().max()),
         top1_agreement=float((ref.argmax(-1) == out.argmax(-1)).double().mean()),
     )
+
+
+def skip_budget(comparison: Comparison, skipped: int, total: int, max_skipped: int | float) -> dict:
+    """Hold the skipped images against --max_skipped: over it, a failed check and FAIL (INVALID stays INVALID).
+    Returns the report's "skipped" entry."""
+    allowed = int(max_skipped * total) if isinstance(max_skipped, float) else max_skipped
+    passed = skipped <= allowed
+    rule = f"<= {allowed} of {total} images (--max_skipped {max_skipped:g})"
+    comparison.checks.append(Check("skipped_images", float(skipped), rule, passed))
+    if not passed:
+        comparison.reasons.append(f"{skipped} of {total} image(s) skipped, over --max_skipped {max_skipped:g}")
+        if comparison.verdict == "PASS":
+            comparison.verdict = "FAIL"
+    return {"count": skipped, "of": total, "max_skipped": max_skipped, "allowed": allowed}

@@ -266,3 +266,30 @@ def compare_sides(
     if layer_report and target.mode in ("compiled", "npugraph"):
         layer_report.note = "layers compared on an eager twin of the compiled target: hooks would split the graph"
     return comparison, layer_report
+
+
+def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
+    """One speed record from every rank's Pair.summary(): counts summed, images/s per side over the ranks' summed
+    busy time, the reference cache's folder and counts."""
+    keys = ("reference_cached", "reference_computed", "target_images", "reference_s", "target_s")
+    totals = {k: sum(s[k] for s in speeds) for k in keys}
+    caches = [s["cache"] for s in speeds if s["cache"]]
+    cache = None
+    if caches:
+        cache = {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
+                 for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
+                 "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
+    return {
+        "concurrent": speeds[0]["concurrent"],
+        "decode_workers": workers,
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
+        # per side: its images over its own busy seconds, summed over ranks
+        "reference_images_per_s": round(totals["reference_computed"] / totals["reference_s"], 3)
+        if totals["reference_computed"] and totals["reference_s"] > 0 else None,
+        "target_images_per_s": round(totals["target_images"] / totals["target_s"], 3)
+        if totals["target_images"] and totals["target_s"] > 0 else None,
+        # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
+        "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
+        "target_first_batch_s": speeds[0]["target_first_batch_s"],
+        "cache": cache,
+    }  # fmt: skip
