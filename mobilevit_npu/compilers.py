@@ -8,12 +8,12 @@ and the AOTInductor build used for `fast` on CPU.
   C++ wrapper where asked (`cpp_wrapper`: ~150 kernel calls per forward, so Python between them shows at batch 1);
 - mps: inductor defaults.
 
-Compile once: AOTInductor packages are kept on disk (`compile_cache_dir()`: $MOBILEVIT_NPU_COMPILE_CACHE, else the
-project cache folder's `compiled/`; "off" disables it), keyed by the module's weights and code, the input's shape,
-strides and dtype, the device, the CPU's vector ISA and the torch version. A package whose checksum or load fails is
-rebuilt. torch.compile modes have only inductor's own caches (torch._inductor.codecache.cache_dir(), e.g.
-/tmp/torchinductor_$USER): with freezing its FX graph cache is bypassed (frozen weights are graph constants), so only
-the compiled C++ kernels are reused and the graph is traced and optimised again on every run.
+Compile once: on CPU every compiled mode is an AOTInductor package (`build_aoti`), kept on disk
+(`compile_cache_dir()`: $MOBILEVIT_NPU_COMPILE_CACHE, else the project cache folder's `compiled/`; "off" disables it),
+keyed by the module's weights and code, the input's shape, strides and dtype, the device, the CPU's vector ISA and the
+torch and transformers versions. A package whose checksum or load fails is rebuilt. torch.compile itself cannot be
+cached here: with freezing the prepacked weights are mkldnn tensors, which inductor's FX graph cache cannot pickle
+("Bypassing FX Graph Cache because 'mkldnn tensors unpickleable'"), so it traces and optimises again on every run.
 """
 
 from __future__ import annotations
@@ -149,16 +149,29 @@ def _cpu_isa() -> str:
     return "unknown"
 
 
+def _code_digest(module: torch.nn.Module) -> str:
+    """sha256 over the source files of every module class inside `module` (the wrapper, the fast path, transformers'
+    modeling file): a change in any of them changes what export traces."""
+    digest = hashlib.sha256()
+    files = set()
+    for sub in module.modules():
+        with contextlib.suppress(TypeError, OSError):
+            files.add(inspect.getfile(type(sub)))
+    for name in sorted(files):
+        with contextlib.suppress(OSError):
+            digest.update(Path(name).read_bytes())
+    return digest.hexdigest()
+
+
 def aoti_key(module: torch.nn.Module, device: devices.Device, example: torch.Tensor) -> dict[str, Any]:
-    """What an AOTInductor package depends on: the module's weights and the source of its class's module (the
-    fast path's code), the input's shape, strides and dtype, the device and its CPU ISA, torch and the build options."""
-    source = b""
-    with contextlib.suppress(TypeError, OSError):
-        source = Path(inspect.getfile(type(module))).read_bytes()
+    """What an AOTInductor package depends on: the module's weights and the source of every module class in it, the
+    input's shape, strides and dtype, the device and its CPU ISA, torch, transformers and the build options."""
+    import transformers  # noqa: PLC0415 - only for its version
+
     return {
         "kind": "aoti",
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
-        "code_sha256": hashlib.sha256(source).hexdigest(),
+        "code_sha256": _code_digest(module),
         "weights_sha256": refcache.weights_digest(module, {}),
         "shape": list(example.shape),
         "strides": list(example.stride()),
@@ -167,6 +180,7 @@ def aoti_key(module: torch.nn.Module, device: devices.Device, example: torch.Ten
         "cpu": devices.cpu_name() if device.type == "cpu" else None,
         "isa": _cpu_isa() if device.type == "cpu" else None,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "inductor_configs": AOTI_CONFIGS,
     }
 
@@ -239,10 +253,13 @@ def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -
 
 
 def _aoti_build(module: Forward, example: torch.Tensor, package_path: str) -> Forward:
-    program = torch.export.export(module, (example,))
-    package = torch._inductor.aoti_compile_and_package(
-        program, package_path=package_path, inductor_configs=dict(AOTI_CONFIGS)
-    )
+    """Export and build under no_grad: inductor applies `freezing` only when grad is off (compile_fx checks
+    torch.is_grad_enabled()), so a build with grad on silently skips weight prepacking and the oneDNN fusions."""
+    with torch.no_grad():
+        program = torch.export.export(module, (example,))
+        package = torch._inductor.aoti_compile_and_package(
+            program, package_path=package_path, inductor_configs=dict(AOTI_CONFIGS)
+        )
     return torch._inductor.aoti_load_package(package)  # the shared library is loaded: the file can go
 
 

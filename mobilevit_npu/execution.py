@@ -2,11 +2,11 @@
 
     eager          the Hugging Face model as loaded
     channels_last  the same model and input in channels-last memory (not on NPU: no channels-last kernels there)
-    compiled       compilers.compile_for(device) of the Hugging Face model
-    fast           fastpath.FastMobileViT (BatchNorm folded, fused QKV + SDPA, channels-last unfold/fold). CPU:
-                   torch.export + AOTInductor with freezing (else torch.compile with the C++ wrapper); elsewhere as
-                   `compiled`
-    bf16           `fast` under bfloat16 autocast. Not exact: reported with its agreement cost.
+    compiled       the Hugging Face model compiled: compilers.compile_for(device); on CPU built by AOTInductor instead
+                   (the same inductor with freezing, ahead of time, so the package is cached on disk)
+    fast           fastpath.FastMobileViT (BatchNorm folded, fused QKV + SDPA, channels-last unfold/fold), compiled as
+                   `compiled` is (CPU: AOTInductor, else torch.compile with the C++ wrapper)
+    bf16           `fast` under bfloat16 autocast, compiled as `fast`. Not exact: reported with its agreement cost.
     npugraph       npu only: the Hugging Face model compiled by torchair in mode="reduce-overhead" (aclgraph, the NPU's
                    analogue of CUDA graphs); unavailable where the installed torchair lacks the mode
 
@@ -66,6 +66,30 @@ def _hf_call(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+class Logits(torch.nn.Module):
+    """The Hugging Face model as a module returning the logits tensor (what torch.export needs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+class Autocast(torch.nn.Module):
+    """`inner` under bfloat16 autocast on `device_type`, logits returned in float32."""
+
+    def __init__(self, inner: torch.nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
 def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> Prepared:
     """Build one mode for one batch shape; the first (compiling) call and its time are part of this."""
     torch_dtype = models.DTYPES[dtype]
@@ -98,18 +122,13 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
     notes: list[str] = []
     module: torch.nn.Module = model
     if mode in ("compiled", "npugraph"):
-        fn, to_input = _hf_call(model), plain
+        fn, to_input = Logits(model), plain
     elif mode in ("fast", "bf16"):
         use_cl = device.type != "npu"
         fast = module = fastpath.build_fast_model(model, channels_last=use_cl)
         to_input = channels_last if use_cl else plain
         if mode == "bf16":
-            autocast_type = device.type
-
-            def fn(x: torch.Tensor, _fast=fast) -> torch.Tensor:
-                with torch.autocast(device_type=autocast_type, dtype=torch.bfloat16):
-                    return _fast(x).float()
-
+            fn = Autocast(fast, device.type)
             notes.append("bfloat16 autocast: not exact, see agreement")
         else:
             fn = fast
@@ -118,7 +137,7 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
         raise Unavailable(f"unknown mode {mode!r}")
 
     x = to_input(batch)
-    if mode == "fast" and device.type == "cpu" and compilers.aoti_available():
+    if mode in ("compiled", "fast", "bf16") and device.type == "cpu" and compilers.aoti_available():
         try:
             runner, compile_s, built, cached = compilers.build_aoti(fn, device, x)
             return Prepared(runner, to_input, compile_s, notes + built, module=module, compile_cache=cached)
@@ -147,13 +166,7 @@ def _fast_without_sdpa(mode, model, device, fn, fast, to_input, x, notes, exc, n
     the attention spelt out, compiled; else `fast` uncompiled. The notes say which one ran."""
     notes = notes + [f"torchair could not compile fast with scaled_dot_product_attention ({exc})"]
     math_fast = fastpath.build_fast_model(model, channels_last=False, math_attention=True)
-    if mode == "bf16":
-
-        def math_fn(x: torch.Tensor, _fast=math_fast) -> torch.Tensor:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                return _fast(x).float()
-    else:
-        math_fn = math_fast
+    math_fn = Autocast(math_fast, device.type) if mode == "bf16" else math_fast
     try:
         compiled, compile_s, built = compilers.compile_for(math_fn, device, f"{name}_math", x)
     except Unavailable as again:

@@ -151,14 +151,20 @@ def test_target_is_a_copy_never_an_alias(tiny_model_dir):
 
 
 def record_compiles(monkeypatch) -> list[dict]:
-    """compilers.compile_for replaced by a recorder that returns the function uncompiled."""
+    """compilers.compile_for and compilers.build_aoti (the CPU's compiled modes where torch has AOTInductor) replaced
+    by recorders that return the function uncompiled."""
     calls = []
 
     def fake(fn, device, name, example, cpp_wrapper=False):
         calls.append({"device": str(device), "shape": tuple(example.shape), "cpp_wrapper": cpp_wrapper})
         return fn, 0.0, ["recorded"]
 
+    def fake_aoti(module, device, example):
+        calls.append({"aoti": type(module).__name__, "device": str(device), "shape": tuple(example.shape)})
+        return module, 0.0, ["recorded"], "off"
+
     monkeypatch.setattr(compilers, "compile_for", fake)
+    monkeypatch.setattr(compilers, "build_aoti", fake_aoti)
     execution._cache.clear()
     return calls
 
@@ -190,7 +196,9 @@ def test_compiled_target_is_built_as_the_benchmark_builds_its_compiled_mode(tiny
 def test_compiled_target_report_names_the_benchmark_compile_settings(tmp_path, tiny_model_dir):
     rc, report = run(tmp_path, tiny_model_dir, "--images", PHOTOS[0], "--target_mode", "compiled")
     assert rc == 0 and report["verdict"] == "PASS"
-    assert any("freezing=True" in note for note in report["target"]["notes"])  # the benchmark's CPU compile
+    build = "AOTInductor: torch.export + aoti_compile_and_package, freezing" if compilers.aoti_available() else (
+        "inductor, torch._inductor.config.freezing=True (weights constant-folded and prepacked)")
+    assert build in report["target"]["notes"]  # the benchmark's CPU compile
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -255,6 +255,37 @@ def test_fast_mode_falls_back_to_torch_compile_when_aoti_fails(tiny_model_dir, m
     assert "not compiled (test)" in r["notes"]
 
 
+def test_every_cpu_compiled_mode_is_an_aoti_package(tiny_model_dir, monkeypatch):
+    """compiled, fast and bf16 on CPU are built by build_aoti (so the compile cache covers them all), each from an
+    nn.Module that computes that mode's logits; the cache state reaches the Prepared."""
+    built = []
+
+    def record(module, device, example):
+        built.append(module)
+        return module, 0.0, ["recorded"], "hit"
+
+    monkeypatch.setattr(compilers, "aoti_available", lambda: True)
+    monkeypatch.setattr(compilers, "build_aoti", record)
+    monkeypatch.setattr(compilers, "compile_for", lambda *a, **k: pytest.fail("torch.compile used on CPU"))
+    execution._cache.clear()
+    cpu = devices.Device("cpu")
+    loaded = models.load_model(str(tiny_model_dir), cpu)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        eager = loaded.model(pixel_values=x).logits
+        for mode in ("compiled", "fast", "bf16"):
+            prepared = execution.prepare_mode(mode, loaded.model, cpu, "fp32", x)
+            assert prepared.compile_cache == "hit" and "recorded" in prepared.notes
+            out = prepared.call(prepared.to_input(x))
+            if mode == "bf16":
+                assert out.dtype == torch.float32 and metrics.agreement(eager, out).cosine > 0.99
+            else:
+                assert torch.allclose(out, eager, atol=1e-4), mode
+    execution._cache.clear()
+    assert [type(m).__name__ for m in built] == ["Logits", "FastMobileViT", "Autocast"]
+    assert all(isinstance(m, torch.nn.Module) for m in built)  # build_aoti caches modules only
+
+
 def test_aoti_available_needs_torch_2_6(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
     assert compilers.aoti_available() is False

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import PHOTOS, ROOT, read_json
+from torch._dynamo.utils import counters
 
 import accuracy_run
-from mobilevit_npu import compilers, devices, preprocessing, refcache, targets
+from mobilevit_npu import compilers, devices, execution, preprocessing, refcache, targets
 
 # --------------------------------------------------------------------------------------------------------------------
 # refcache: entries, corruption, staleness, concurrency
@@ -349,6 +351,9 @@ def test_aoti_key_changes_with_shape_layout_and_weights():
     assert compilers.aoti_key(module, cpu, torch.rand(2, 3, 8, 8)) != base
     assert compilers.aoti_key(module, cpu, x.contiguous(memory_format=torch.channels_last)) != base
     assert base["torch"] == torch.__version__ and base["code_sha256"]
+    assert base["transformers"] == transformers.__version__
+    wrapped = compilers.aoti_key(execution.Logits(module), cpu, x)  # the wrapper's and the inner module's code
+    assert wrapped["code_sha256"] != base["code_sha256"] and wrapped["weights_sha256"] != base["weights_sha256"]
     with torch.no_grad():
         module.conv.bias.add_(1.0)
     assert compilers.aoti_key(module, cpu, x) != base
@@ -370,8 +375,11 @@ def test_aoti_package_is_built_once_and_a_damaged_one_rebuilt(monkeypatch, tmp_p
     monkeypatch.setenv(compilers.COMPILE_CACHE_ENV, str(tmp_path))
     cpu, module, x = devices.Device("cpu"), Small().eval(), torch.rand(2, 3, 8, 8)
     expected = module(x)
+    counters.clear()
+    assert torch.is_grad_enabled()  # as when a caller forgets no_grad: freezing must still run
     runner, first_s, notes, state = compilers.build_aoti(module, cpu, x)
     assert state == "miss" and torch.allclose(runner(x), expected, atol=1e-6)
+    assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] == 1  # the weights were frozen and packed
     (package,) = tmp_path.glob("aoti-*.pt2")
     runner, second_s, notes, state = compilers.build_aoti(module, cpu, x)
     assert state == "hit" and torch.allclose(runner(x), expected, atol=1e-6)
