@@ -42,6 +42,9 @@ logger = logging.getLogger("mobilevit_npu.compilers")
 Forward = Callable[[torch.Tensor], torch.Tensor]
 COMPILE_CACHE_ENV = "MOBILEVIT_NPU_COMPILE_CACHE"
 AOTI_CONFIGS = {"freezing": True}
+# Autotuned GEMMs: inductor times its own C++ GEMM template against aten's (oneDNN/MKL) for every matmul and keeps the
+# faster, with bias, activation and residual fused in; its report table is not printed (0 rows).
+AOTI_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0}
 
 
 def _unique_function(fn: Callable, name: str) -> Callable:
@@ -163,7 +166,16 @@ def _code_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def aoti_key(module: torch.nn.Module, device: devices.Device, example: torch.Tensor) -> dict[str, Any]:
+def aoti_configs(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """AOTI_CONFIGS plus `extra`, less any option this torch's inductor does not have (older releases lack some)."""
+    import torch._inductor.config as inductor_config
+
+    return {k: v for k, v in {**AOTI_CONFIGS, **(extra or {})}.items() if hasattr(inductor_config, k)}
+
+
+def aoti_key(
+    module: torch.nn.Module, device: devices.Device, example: torch.Tensor, configs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What an AOTInductor package depends on: the module's weights and the source of every module class in it, the
     input's shape, strides and dtype, the device and its CPU ISA, torch, transformers and the build options."""
     import transformers  # noqa: PLC0415 - only for its version
@@ -181,7 +193,7 @@ def aoti_key(module: torch.nn.Module, device: devices.Device, example: torch.Ten
         "isa": _cpu_isa() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "inductor_configs": AOTI_CONFIGS,
+        "inductor_configs": configs if configs is not None else aoti_configs(),
     }
 
 
@@ -202,18 +214,24 @@ def _load_cached(package: Path, meta_path: Path, key: str, example: torch.Tensor
         return None
 
 
-def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -> tuple[Forward, float, list[str], str]:
+def build_aoti(
+    module: Forward, device: devices.Device, example: torch.Tensor, autotune: bool = False
+) -> tuple[Forward, float, list[str], str]:
     """`module` exported with torch.export and built by AOTInductor (weights frozen) into a package, loaded back as a
     C++ runner: no dynamo guard checks and no Python between kernels on each call, ~5% off `fast`'s batch-1 latency
     on CPU against torch.compile with the C++ wrapper. The package is kept in the compile cache (see the module
     docstring) and a later build with the same key loads it instead. Returns (runner, seconds for export, build, load
-    and the first call, or for loading and the first call on a hit; notes; "hit" | "miss" | "off")."""
+    and the first call, or for loading and the first call on a hit; notes; "hit" | "miss" | "off"). With `autotune`,
+    AOTI_AUTOTUNE too (GEMMs timed and picked while building: a slower build, cached like any other)."""
+    configs = aoti_configs(AOTI_AUTOTUNE if autotune else None)
     notes = ["AOTInductor: torch.export + aoti_compile_and_package, freezing"]
+    if autotune:
+        notes.append("inductor max_autotune: each GEMM the faster of its C++ template and aten's, epilogues fused")
     root = compile_cache_dir() if isinstance(module, torch.nn.Module) else None
 
     def build_uncached() -> Forward:
         with tempfile.TemporaryDirectory(prefix="mobilevit_aoti_") as folder:
-            runner = _aoti_build(module, example, os.path.join(folder, "fast.pt2"))
+            runner = _aoti_build(module, example, os.path.join(folder, "fast.pt2"), configs)
         runner(example)
         return runner
 
@@ -221,7 +239,7 @@ def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -
         runner, ms = timing.timed_call(build_uncached, device)
         return runner, ms / 1000.0, notes, "off"
 
-    fields = aoti_key(module, device, example)
+    fields = aoti_key(module, device, example, configs)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     package, meta_path = root / f"aoti-{key[:32]}.pt2", root / f"aoti-{key[:32]}.json"
     runner, ms = timing.timed_call(lambda: _load_cached(package, meta_path, key, example), device)
@@ -233,7 +251,7 @@ def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -
         folder = tempfile.mkdtemp(prefix=".aoti-", dir=str(root))  # same file system: the rename is atomic
         try:
             built = Path(folder) / "fast.pt2"
-            runner = _aoti_build(module, example, str(built))
+            runner = _aoti_build(module, example, str(built), configs)
             meta = {"key": key, "fields": fields, "sha256": models.sha256_file(built)}
             os.replace(built, package)  # a reader of the old meta with this package sees a checksum mismatch
             (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -252,13 +270,13 @@ def build_aoti(module: Forward, device: devices.Device, example: torch.Tensor) -
     return runner, ms / 1000.0, notes + [f"compile cache miss: built and stored {package}"], "miss"
 
 
-def _aoti_build(module: Forward, example: torch.Tensor, package_path: str) -> Forward:
+def _aoti_build(module: Forward, example: torch.Tensor, package_path: str, configs: dict[str, Any]) -> Forward:
     """Export and build under no_grad: inductor applies `freezing` only when grad is off (compile_fx checks
     torch.is_grad_enabled()), so a build with grad on silently skips weight prepacking and the oneDNN fusions."""
     with torch.no_grad():
         program = torch.export.export(module, (example,))
         package = torch._inductor.aoti_compile_and_package(
-            program, package_path=package_path, inductor_configs=dict(AOTI_CONFIGS)
+            program, package_path=package_path, inductor_configs=dict(configs)
         )
     return torch._inductor.aoti_load_package(package)  # the shared library is loaded: the file can go
 

@@ -60,15 +60,26 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None) -> nn.Conv2d:
 
 
 class FusedConv(nn.Module):
-    """MobileViTConvLayer (conv, optional BatchNorm, optional activation) with the BatchNorm folded in."""
+    """MobileViTConvLayer (conv, optional BatchNorm, optional activation) with the BatchNorm folded in.
+
+    With `pointwise_as_linear`, a 1x1 stride-1 convolution on channels-last input runs as a linear over the (pixels,
+    channels) matrix that channels-last memory already is (two permutes that are views, no copy): the same sums, and
+    inductor can then build it as a GEMM with the bias, activation and residual fused in instead of calling oneDNN."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.conv = _fold_conv_bn(layer.convolution, getattr(layer, "normalization", None))
         activation = getattr(layer, "activation", None)
         self.act = copy.deepcopy(activation) if isinstance(activation, nn.Module) else (activation or nn.Identity())
+        conv = self.conv
+        self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and (
+            conv.padding in ((0, 0), "valid"))  # fmt: skip
+        self.pointwise_as_linear = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise_as_linear and self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
+            y = F.linear(x.permute(0, 2, 3, 1), self.conv.weight.flatten(1), self.conv.bias).permute(0, 3, 1, 2)
+            return self.act(y)
         return self.act(self.conv(x))
 
 
@@ -191,15 +202,20 @@ class FastMobileViT(nn.Module):
 
 
 @torch.no_grad()
-def build_fast_model(model: nn.Module, channels_last: bool = True, math_attention: bool = False) -> FastMobileViT:
+def build_fast_model(
+    model: nn.Module, channels_last: bool = True, math_attention: bool = False, pointwise_as_linear: bool = False
+) -> FastMobileViT:
     """The exact re-statement of a MobileViTForImageClassification (the original is left untouched). With
-    `math_attention` the attention is written as matmul-softmax-matmul instead of scaled_dot_product_attention."""
+    `math_attention` the attention is written as matmul-softmax-matmul instead of scaled_dot_product_attention; with
+    `pointwise_as_linear` (channels-last only) the 1x1 convolutions run as linears (see FusedConv)."""
     if not hasattr(model, "mobilevit") or not hasattr(model, "classifier"):
         raise TypeError(f"expected a MobileViTForImageClassification, got {type(model).__name__}")
     fast = FastMobileViT(model).eval()
     for module in fast.modules():
         if isinstance(module, TransformerLayer):
             module.math_attention = math_attention
+        if isinstance(module, FusedConv):
+            module.pointwise_as_linear = pointwise_as_linear and channels_last
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return fast

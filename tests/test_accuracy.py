@@ -159,7 +159,7 @@ def record_compiles(monkeypatch) -> list[dict]:
         calls.append({"device": str(device), "shape": tuple(example.shape), "cpp_wrapper": cpp_wrapper})
         return fn, 0.0, ["recorded"]
 
-    def fake_aoti(module, device, example):
+    def fake_aoti(module, device, example, autotune=False):
         calls.append({"aoti": type(module).__name__, "device": str(device), "shape": tuple(example.shape)})
         return module, 0.0, ["recorded"], "off"
 

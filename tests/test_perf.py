@@ -141,12 +141,39 @@ def test_fast_model_is_exact_on_full_size_x_small(synthetic_model_dir):
     batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, loaded.preprocess)) for p in PHOTOS])
     with torch.no_grad():
         reference = loaded.model(pixel_values=batch).logits
-        for channels_last in (True, False):
-            fast = fastpath.build_fast_model(loaded.model, channels_last=channels_last)
+        for channels_last, linear in ((True, False), (True, True), (False, False)):
+            fast = fastpath.build_fast_model(loaded.model, channels_last=channels_last, pointwise_as_linear=linear)
             x = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
             agreement = metrics.agreement(reference, fast(x))
             assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
             assert agreement.max_abs_diff < 1e-3
+
+
+def test_pointwise_as_linear_rewrites_exactly_the_1x1_convolutions(tiny_model_dir, monkeypatch):
+    loaded = models.load_model(str(tiny_model_dir))
+    x = torch.rand(2, 3, 64, 64)
+    fast = fastpath.build_fast_model(loaded.model, pointwise_as_linear=True)
+    convs = [m for m in fast.modules() if isinstance(m, fastpath.FusedConv)]
+    pointwise = [m for m in convs if m.conv.kernel_size == (1, 1)]
+    assert pointwise and len(pointwise) < len(convs) and all(m.pointwise for m in pointwise)
+    assert not any(m.pointwise for m in convs if m.conv.kernel_size != (1, 1))
+    calls, linear = [], torch.nn.functional.linear
+
+    def record(x, *args):
+        calls.append(x.dim())
+        return linear(x, *args)
+
+    with torch.no_grad():
+        reference = loaded.model(pixel_values=x).logits
+        monkeypatch.setattr(fastpath.F, "linear", record)
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+        image_calls = calls.count(4)  # (batch, height, width, channels): a 1x1 convolution run as a linear
+        plain = fastpath.build_fast_model(loaded.model, channels_last=False, pointwise_as_linear=True)
+        nchw = plain(x)  # NCHW memory: the rewrite is off, the convolutions run as convolutions
+    assert image_calls == len(pointwise) and calls.count(4) == image_calls
+    for got in (out, nchw):
+        agreement = metrics.agreement(reference, got)
+        assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
 
 
 def test_fast_model_handles_sizes_that_need_interpolation(tiny_model_dir):
@@ -260,8 +287,8 @@ def test_every_cpu_compiled_mode_is_an_aoti_package(tiny_model_dir, monkeypatch)
     nn.Module that computes that mode's logits; the cache state reaches the Prepared."""
     built = []
 
-    def record(module, device, example):
-        built.append(module)
+    def record(module, device, example, autotune=False):
+        built.append((type(module).__name__, autotune))
         return module, 0.0, ["recorded"], "hit"
 
     monkeypatch.setattr(compilers, "aoti_available", lambda: True)
@@ -282,8 +309,10 @@ def test_every_cpu_compiled_mode_is_an_aoti_package(tiny_model_dir, monkeypatch)
             else:
                 assert torch.allclose(out, eager, atol=1e-4), mode
     execution._cache.clear()
-    assert [type(m).__name__ for m in built] == ["Logits", "FastMobileViT", "Autocast"]
-    assert all(isinstance(m, torch.nn.Module) for m in built)  # build_aoti caches modules only
+    # only `fast` at batch 1 autotunes its GEMMs (with its 1x1 convolutions as linears)
+    assert built == [("Logits", False), ("FastMobileViT", True), ("Autocast", False)]
+    linear = [m.pointwise_as_linear for m in prepared.module.modules() if isinstance(m, fastpath.FusedConv)]
+    assert linear and not any(linear)  # bf16's fast model keeps its convolutions
 
 
 def test_aoti_available_needs_torch_2_6(monkeypatch):
