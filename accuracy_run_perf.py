@@ -5,9 +5,10 @@ Examples:
     python accuracy_run_perf.py ./model 50 perf_report.json --synthetic --modes all --batch_sizes 1,32
     python accuracy_run_perf.py ./model 100 e2e.json --modes eager,fast --end_to_end --plot latency.png
 
-Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (torch.compile:
-inductor + weight freezing on CPU, CUDA graphs on CUDA, torchair GE graph on NPU), fast (an exact restatement of the
-model, channels-last, compiled), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much),
+Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (inductor +
+weight freezing on CPU, built ahead of time by AOTInductor and kept in the compile cache; CUDA graphs on CUDA; torchair
+GE graph on NPU), fast (an exact restatement of the model, channels-last, compiled; on CPU at batch 1 with autotuned
+GEMMs), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much),
 npugraph (npu only: torchair's reduce-overhead mode, aclgraph). On npu the report lists the operators that fell back
 to the CPU (cpu_fallbacks).
 

@@ -32,10 +32,11 @@ logger = logging.getLogger("mobilevit_npu.execution")
 
 
 MODES = ("eager", "channels_last", "compiled", "fast", "bf16", "npugraph")
-# `fast` on CPU up to this batch size: 1x1 convolutions as linears and inductor's GEMM autotuning. Measured on the
-# 2-core Xeon VM, interleaved, p50: batch 1 16.7 ms against 18.1 without (OpenVINO 17.9); batch 32 53.3 images/s
-# against 62.8 without (OpenVINO 59.2), so larger batches keep oneDNN's convolutions.
-FAST_AUTOTUNE_MAX_BATCH = 1
+# `fast` on CPU: inductor's GEMM autotuning, with the 1x1 convolutions of maps up to this many pixels (batch x height
+# x width) as linears, so that they are GEMMs it can tune and fuse. Measured on the 2-core Xeon VM, interleaved runs:
+# batch 1 p50 18.5 ms against 19.5 with every 1x1 as a linear and 18.1 -> 16.7 against none (OpenVINO 19.6, 17.9);
+# batch 32 58.9 images/s against 56.6 without autotuning (OpenVINO 55.9), 53.3 with every 1x1 as a linear.
+FAST_LINEAR_MAX_PIXELS = 4096
 COMPILE_CACHE_SIZE = 8  # compiled callables kept per process: each costs 15-50 s to build on 2 cores
 
 
@@ -126,12 +127,14 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
     notes: list[str] = []
     module: torch.nn.Module = model
     aoti = mode in ("compiled", "fast", "bf16") and device.type == "cpu" and compilers.aoti_available()
-    autotune = aoti and mode == "fast" and batch.shape[0] <= FAST_AUTOTUNE_MAX_BATCH
+    autotune = aoti and mode == "fast"
     if mode in ("compiled", "npugraph"):
         fn, to_input = Logits(model), plain
     elif mode in ("fast", "bf16"):
         use_cl = device.type != "npu"
-        fast = module = fastpath.build_fast_model(model, channels_last=use_cl, pointwise_as_linear=autotune)
+        fast = module = fastpath.build_fast_model(
+            model, channels_last=use_cl, linear_max_pixels=FAST_LINEAR_MAX_PIXELS if autotune else None
+        )
         to_input = channels_last if use_cl else plain
         if mode == "bf16":
             fn = Autocast(fast, device.type)
@@ -139,7 +142,7 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
         else:
             fn = fast
         notes.append("fastpath.FastMobileViT" + (" in channels-last memory" if use_cl else "")
-                     + (", 1x1 convolutions as linears" if autotune else ""))  # fmt: skip
+                     + (f", 1x1 convolutions of <= {FAST_LINEAR_MAX_PIXELS} pixels as linears" if autotune else ""))
     else:
         raise Unavailable(f"unknown mode {mode!r}")
 

@@ -62,9 +62,11 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None) -> nn.Conv2d:
 class FusedConv(nn.Module):
     """MobileViTConvLayer (conv, optional BatchNorm, optional activation) with the BatchNorm folded in.
 
-    With `pointwise_as_linear`, a 1x1 stride-1 convolution on channels-last input runs as a linear over the (pixels,
-    channels) matrix that channels-last memory already is (two permutes that are views, no copy): the same sums, and
-    inductor can then build it as a GEMM with the bias, activation and residual fused in instead of calling oneDNN."""
+    With `linear_max_pixels` set, a 1x1 stride-1 convolution on channels-last input of at most that many pixels
+    (batch x height x width) runs as a linear over the (pixels, channels) matrix that channels-last memory already is
+    (two permutes that are views, no copy): the same sums, and inductor can then build it as a GEMM with the bias,
+    activation and residual fused in, instead of calling oneDNN. Large maps keep oneDNN's convolution (with its SiLU
+    fused), which wins there."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -74,10 +76,12 @@ class FusedConv(nn.Module):
         conv = self.conv
         self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and (
             conv.padding in ((0, 0), "valid"))  # fmt: skip
-        self.pointwise_as_linear = False
+        self.linear_max_pixels: int | None = None  # None: always a convolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pointwise_as_linear and self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
+        limit = self.linear_max_pixels
+        if (limit is not None and self.pointwise and x.shape[0] * x.shape[2] * x.shape[3] <= limit
+                and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
             y = F.linear(x.permute(0, 2, 3, 1), self.conv.weight.flatten(1), self.conv.bias).permute(0, 3, 1, 2)
             return self.act(y)
         return self.act(self.conv(x))
@@ -203,11 +207,12 @@ class FastMobileViT(nn.Module):
 
 @torch.no_grad()
 def build_fast_model(
-    model: nn.Module, channels_last: bool = True, math_attention: bool = False, pointwise_as_linear: bool = False
+    model: nn.Module, channels_last: bool = True, math_attention: bool = False, linear_max_pixels: int | None = None
 ) -> FastMobileViT:
     """The exact re-statement of a MobileViTForImageClassification (the original is left untouched). With
     `math_attention` the attention is written as matmul-softmax-matmul instead of scaled_dot_product_attention; with
-    `pointwise_as_linear` (channels-last only) the 1x1 convolutions run as linears (see FusedConv)."""
+    `linear_max_pixels` (channels-last only) the 1x1 convolutions on maps of at most that many pixels run as linears
+    (see FusedConv)."""
     if not hasattr(model, "mobilevit") or not hasattr(model, "classifier"):
         raise TypeError(f"expected a MobileViTForImageClassification, got {type(model).__name__}")
     fast = FastMobileViT(model).eval()
@@ -215,7 +220,7 @@ def build_fast_model(
         if isinstance(module, TransformerLayer):
             module.math_attention = math_attention
         if isinstance(module, FusedConv):
-            module.pointwise_as_linear = pointwise_as_linear and channels_last
+            module.linear_max_pixels = linear_max_pixels if channels_last else None
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return fast

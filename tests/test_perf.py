@@ -141,36 +141,47 @@ def test_fast_model_is_exact_on_full_size_x_small(synthetic_model_dir):
     batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, loaded.preprocess)) for p in PHOTOS])
     with torch.no_grad():
         reference = loaded.model(pixel_values=batch).logits
-        for channels_last, linear in ((True, False), (True, True), (False, False)):
-            fast = fastpath.build_fast_model(loaded.model, channels_last=channels_last, pointwise_as_linear=linear)
+        variants = ((True, None), (True, 10**9), (True, execution.FAST_LINEAR_MAX_PIXELS), (False, None))
+        for channels_last, linear in variants:
+            fast = fastpath.build_fast_model(loaded.model, channels_last=channels_last, linear_max_pixels=linear)
             x = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
             agreement = metrics.agreement(reference, fast(x))
             assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
             assert agreement.max_abs_diff < 1e-3
 
 
-def test_pointwise_as_linear_rewrites_exactly_the_1x1_convolutions(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("limit", [10**9, 32 * 32])
+def test_linear_max_pixels_rewrites_exactly_the_small_1x1_convolutions(tiny_model_dir, monkeypatch, limit):
     loaded = models.load_model(str(tiny_model_dir))
     x = torch.rand(2, 3, 64, 64)
-    fast = fastpath.build_fast_model(loaded.model, pointwise_as_linear=True)
+    fast = fastpath.build_fast_model(loaded.model, linear_max_pixels=limit)
     convs = [m for m in fast.modules() if isinstance(m, fastpath.FusedConv)]
-    pointwise = [m for m in convs if m.conv.kernel_size == (1, 1)]
-    assert pointwise and len(pointwise) < len(convs) and all(m.pointwise for m in pointwise)
-    assert not any(m.pointwise for m in convs if m.conv.kernel_size != (1, 1))
-    calls, linear = [], torch.nn.functional.linear
+    assert all(m.pointwise == (m.conv.kernel_size == (1, 1)) for m in convs) and 0 < sum(m.pointwise for m in convs)
+    seen = []  # (pixels, ran as a linear) per 1x1 convolution
+    linear, conv2d = torch.nn.functional.linear, torch.nn.functional.conv2d
 
-    def record(x, *args):
-        calls.append(x.dim())
+    def record_linear(x, *args):
+        if x.dim() == 4:  # (batch, height, width, channels): a 1x1 convolution run as a linear
+            seen.append((x.shape[0] * x.shape[1] * x.shape[2], True))
         return linear(x, *args)
+
+    def record_conv(x, weight, *args):
+        if weight.shape[-2:] == (1, 1):
+            seen.append((x.shape[0] * x.shape[2] * x.shape[3], False))
+        return conv2d(x, weight, *args)
 
     with torch.no_grad():
         reference = loaded.model(pixel_values=x).logits
-        monkeypatch.setattr(fastpath.F, "linear", record)
+        monkeypatch.setattr(fastpath.F, "linear", record_linear)
+        monkeypatch.setattr(fastpath.F, "conv2d", record_conv)
         out = fast(x.contiguous(memory_format=torch.channels_last))
-        image_calls = calls.count(4)  # (batch, height, width, channels): a 1x1 convolution run as a linear
-        plain = fastpath.build_fast_model(loaded.model, channels_last=False, pointwise_as_linear=True)
+        ran = list(seen)
+        plain = fastpath.build_fast_model(loaded.model, channels_last=False, linear_max_pixels=limit)
         nchw = plain(x)  # NCHW memory: the rewrite is off, the convolutions run as convolutions
-    assert image_calls == len(pointwise) and calls.count(4) == image_calls
+    assert len(ran) == sum(m.pointwise for m in convs)
+    assert all(as_linear == (pixels <= limit) for pixels, as_linear in ran)
+    assert any(as_linear for _, as_linear in ran) and (limit > 64 * 64 * 2) == all(a for _, a in ran)
+    assert not any(as_linear for _, as_linear in seen[len(ran):])
     for got in (out, nchw):
         agreement = metrics.agreement(reference, got)
         assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
@@ -309,10 +320,10 @@ def test_every_cpu_compiled_mode_is_an_aoti_package(tiny_model_dir, monkeypatch)
             else:
                 assert torch.allclose(out, eager, atol=1e-4), mode
     execution._cache.clear()
-    # only `fast` at batch 1 autotunes its GEMMs (with its 1x1 convolutions as linears)
+    # only `fast` autotunes its GEMMs (with its small 1x1 convolutions as linears)
     assert built == [("Logits", False), ("FastMobileViT", True), ("Autocast", False)]
-    linear = [m.pointwise_as_linear for m in prepared.module.modules() if isinstance(m, fastpath.FusedConv)]
-    assert linear and not any(linear)  # bf16's fast model keeps its convolutions
+    limits = [m.linear_max_pixels for m in prepared.module.modules() if isinstance(m, fastpath.FusedConv)]
+    assert limits and not any(limits)  # bf16's fast model keeps its convolutions
 
 
 def test_aoti_available_needs_torch_2_6(monkeypatch):
