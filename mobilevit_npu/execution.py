@@ -64,15 +64,9 @@ def available_modes(device: devices.Device) -> list[str]:
     return modes
 
 
-def _hf_call(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(pixel_values: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixel_values).logits
-
-    return forward
-
-
 class Logits(torch.nn.Module):
-    """The Hugging Face model as a module returning the logits tensor (what torch.export needs)."""
+    """The Hugging Face model as a module returning the logits tensor: how eager modes call it, and what torch.export
+    needs for the compiled one."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -106,12 +100,12 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
         return x.to(device.torch, torch_dtype).contiguous(memory_format=torch.channels_last)
 
     if mode == "eager":
-        return Prepared(_hf_call(model), plain, module=model)
+        return Prepared(Logits(model), plain, module=model)
     if mode == "channels_last":
         if device.type == "npu":
             raise Unavailable("NPU has no channels-last kernels (torch_npu converts to its own formats)")
         cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        return Prepared(_hf_call(cl_model), channels_last, module=cl_model)
+        return Prepared(Logits(cl_model), channels_last, module=cl_model)
 
     if mode == "bf16":
         if dtype != "fp32":
