@@ -96,6 +96,33 @@ def test_stream_reports_bad_images_and_keeps_going(tmp_path):
     assert torch.equal(batches[1][1][0], expected)
 
 
+def _worker_priority(_):
+    labelsets._worker_init(0)
+    return os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None, os.nice(0), torch.get_num_threads()
+
+
+def test_decoding_workers_never_compete_with_the_model():
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: the change cannot leak into pytest
+        policy, nice, threads = pool.map(_worker_priority, [0])[0]
+    assert threads == 1
+    if hasattr(os, "SCHED_IDLE"):
+        assert policy == os.SCHED_IDLE
+    else:
+        assert nice == 19
+    assert labelsets.default_workers(1) == min(8, os.cpu_count())  # idle workers: one per core
+
+
+def test_worker_batches_arrive_in_shared_memory_and_equal_in_process_decoding():
+    sources = PHOTOS[:3]
+    cfg = preprocessing.PreprocessConfig()
+    [(_, in_process, _)] = list(labelsets.stream(sources, cfg, batch_size=3, workers=0))
+    [(indices, from_worker, _)] = list(labelsets.stream(sources, cfg, batch_size=3, workers=1))
+    assert indices == [0, 1, 2] and from_worker.is_shared() and not in_process.is_shared()
+    assert torch.equal(from_worker, in_process)
+
+
 def fake_process(calls):
     def process(batch, pixels):
         calls.extend(s.image for s in batch)
