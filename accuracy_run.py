@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=common.int_at_least(0),
         default=None,
-        help="DataLoader processes that decode and preprocess while the model computes, at idle CPU priority (SCHED_IDLE, "
-        "else nice 19) so they never slow the model (default: cores per rank, at most 8; 0 decodes in the main process, between batches)",
+        help="DataLoader processes that decode and preprocess while the model computes, at idle CPU priority "
+        "(SCHED_IDLE, else nice 19) so they never slow the model (default: cores per rank, at most 8; 0 decodes in "
+        "the main process, between batches)",
     )
     labelled.add_argument(
         "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
