@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu import PROJECT_DIR, distributed, preprocessing, refcache, reports, timing
+from mobilevit_npu import PROJECT_DIR, distributed, malloc, preprocessing, refcache, reports, timing
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.labelsets")
@@ -170,14 +170,17 @@ def stream(
 ) -> Iterator[tuple]:
     """Batches of (indices of the decoded images, their pixels, [(index, error)] for those that failed); with
     `digests`, a fourth item: the sha256 of each decoded image's file (refcache.file_digest), computed in the worker.
-    With workers the next batches are decoded while the caller computes on this one."""
+    With workers, they start decoding on this call, and the next batches are decoded while the caller computes on
+    this one."""
     loader = torch.utils.data.DataLoader(
         _Images(sources, cfg, digests), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
         persistent_workers=False,
     )  # fmt: skip
-    for indices, pixels, errors, hashes in loader:
-        yield (indices, pixels, errors, hashes) if digests else (indices, pixels, errors)
+    if workers:
+        malloc.release_free_memory()  # forked workers share the parent's pages copy-on-write: keep them few
+    batches = iter(loader)  # workers start here, not at the first next()
+    return (batch if digests else batch[:3] for batch in batches)
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -260,14 +263,16 @@ def run(
     journal: Journal | None = None,
     desc: str = "images",
     digests: bool = False,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[list[dict], list[int]]:
     """Stream this rank's share of `samples` through `process` and gather every record on rank 0.
 
     `process(batch_samples, pixels)` returns one record per image (each with "image"). Bad images become records
     `{"image", "label", "error"}`. With a journal, images already in it are skipped and every new record is appended
     as soon as its batch is done. With `digests`, `process` also gets each image's file sha256 (or None), as a third
-    argument. Returns (all records, images done per rank over the whole run, resumed ones included) on rank 0;
-    ([], []) elsewhere.
+    argument. `on_start()` is called once the decoding workers have started, before the first batch is awaited (a
+    warm-up call there overlaps the first batches' decoding). Returns (all records, images done per rank over the
+    whole run, resumed ones included) on rank 0; ([], []) elsewhere.
     """
     previous = journal.done() if journal else {}
     wanted = {s.image for s in samples}
@@ -281,8 +286,11 @@ def run(
     records: list[dict] = []
     label = f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc
     bar = timing.progress_bar(len(mine), dist.is_main, label)
+    batches = stream([s.image for s in mine], cfg, batch_size, workers, digests)
+    if on_start is not None and mine:
+        on_start()
     with bar:
-        for indices, pixels, errors, *hashes in stream([s.image for s in mine], cfg, batch_size, workers, digests):
+        for indices, pixels, errors, *hashes in batches:
             batch = [mine[i] for i in indices]
             new = (process(batch, pixels, *hashes) if batch else [])
             new += [{"image": mine[i].image, "label": mine[i].label, "error": err} for i, err in errors]

@@ -68,6 +68,25 @@ def tune_malloc() -> dict[str, Any]:
     return dict(info)
 
 
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim(0)); False where there is no such call.
+
+    Call it before forking workers: every page the parent still maps is shared copy-on-write with them, and with the
+    tuned allocator the free heap is the previous forwards' activations, so the parent's next forward would fault and
+    copy each page it reuses (measured: the first batch-32 forward after the fork took 2.7 s instead of 1.2). Trimmed,
+    those pages are unmapped and come back as fresh pages on the next forward, as on a first call."""
+    if not sys.platform.startswith("linux") or _preloaded_allocator():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl has no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def system_allocator() -> dict[str, Any]:
     """What the allocator is when tune_malloc is not called (--allocator system)."""
     other = _preloaded_allocator()

@@ -19,7 +19,7 @@ from conftest import PHOTOS, ROOT, read_json
 from torch._dynamo.utils import counters
 
 import accuracy_run
-from mobilevit_npu import compilers, devices, execution, preprocessing, refcache, targets
+from mobilevit_npu import compilers, devices, execution, labelsets, malloc, preprocessing, refcache, targets
 
 # --------------------------------------------------------------------------------------------------------------------
 # refcache: entries, corruption, staleness, concurrency
@@ -265,6 +265,56 @@ def test_second_run_with_another_target_computes_only_the_target(tiny_model_dir,
     assert f"{n} cached, 0 computed" in capsys.readouterr().out
     assert second["dataset"]["reference"] == first["dataset"]["reference"]  # the same reference top-1/top-5
     assert all(r["reference_cached"] for r in map(json.loads, open(tmp_path / "b.images.jsonl")))
+
+
+def test_target_warms_up_once_the_workers_started_and_outside_the_timing(
+    tiny_model_dir, labelled, tmp_path, monkeypatch
+):
+    events = []
+    real_stream, real_logits = labelsets.stream, targets.Side.logits
+
+    def stream(*args, **kwargs):
+        batches = real_stream(*args, **kwargs)  # starts the workers, as the real one does, before any next()
+        events.append("workers started")
+
+        def recorded():
+            for batch in batches:
+                events.append(f"batch of {len(batch[0])}")
+                yield batch
+
+        return recorded()
+
+    def logits(self, pixels, on_hook_model=False):
+        if self.mode != "eager" or self.dtype != "fp32":  # the target (the reference is fp32 eager)
+            events.append(f"target call on {pixels.shape[0]}" + (" zeros" if not pixels.any() else ""))
+        return real_logits(self, pixels, on_hook_model)
+
+    monkeypatch.setattr(labelsets, "stream", stream)
+    monkeypatch.setattr(targets.Side, "logits", logits)
+    report = dataset_run(tiny_model_dir, labelled, tmp_path / "w.json", tmp_path / "refs", "--target_mode",
+                         "channels_last", "--workers", "1")  # fmt: skip
+    assert events[:3] == ["workers started", "target call on 2 zeros", "batch of 2"]
+    assert events.count("target call on 2 zeros") == 1
+    speed = report["speed"]
+    assert speed["target_warmup_s"] > 0 and speed["target_images"] == len(PHOTOS)  # the warm-up's rows not counted
+
+
+def test_release_free_memory_unmaps_freed_heap_pages():
+    if not sys.platform.startswith("linux") or malloc._preloaded_allocator():
+        assert malloc.release_free_memory() is False
+        return
+    malloc.tune_malloc()  # no trimming on free: freed pages stay mapped until released
+
+    def rss() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [torch.ones(8 << 20) for _ in range(8)]  # 256 MB, touched
+    keep = torch.ones(1)  # allocated last: the freed blocks below it are not at the heap's top
+    del blocks
+    before = rss()
+    assert malloc.release_free_memory() is True
+    assert before - rss() > 128 << 20
+    del keep
 
 
 def test_a_damaged_entry_is_recomputed_in_a_run(tiny_model_dir, labelled, tmp_path):
