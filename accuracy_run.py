@@ -334,7 +334,7 @@ def _run(
         )
 
     if labelled:
-        return run_labelled(args, argv, loaded, reference, target, thresholds, dist, compared, notes)
+        return run_labelled(args, argv, loaded, reference, target, thresholds, dist, compared, notes, example)
     specs = args.images
     sources = preprocessing.expand_images(specs) if specs else preprocessing.bundled_images()
     if not sources:
@@ -422,7 +422,7 @@ def load_samples(args) -> tuple[list[labelsets.Sample], list[dict]]:
 
 def run_labelled(
     args, argv, loaded, reference: targets.Side, target: targets.Side, thresholds, dist, compared: str,
-    notes: list[str],
+    notes: list[str], example: torch.Tensor,
 ) -> int:
     """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics kept per image."""
     samples, unlabelled = load_samples(args)
@@ -452,12 +452,12 @@ def run_labelled(
     warmup_s = 0.0
 
     def warm_up() -> None:
-        """The target's first call, on zeros of the run's batch shape, outside its timing (as the benchmark's warm-up
-        is): kernel selection and first page faults, ~0.8 s at batch 32 on the CPU, while the workers decode the
-        first batches."""
+        """The target's first call, on `example` (the zeros of the run's batch shape it was built for), outside its
+        timing (as the benchmark's warm-up is): kernel selection and first page faults, ~0.8 s at batch 32 on the
+        CPU, while the workers decode the first batches."""
         nonlocal warmup_s
         start = time.perf_counter()
-        target.logits(torch.zeros(args.batch_size, 3, loaded.preprocess.crop_height, loaded.preprocess.crop_width))
+        target.logits(example)
         warmup_s = time.perf_counter() - start
 
     workers = args.workers if args.workers is not None else labelsets.default_workers(dist.world_size)

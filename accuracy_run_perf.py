@@ -7,8 +7,8 @@ Examples:
 
 Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (inductor +
 weight freezing on CPU, built ahead of time by AOTInductor and kept in the compile cache; CUDA graphs on CUDA; torchair
-GE graph on NPU), fast (an exact restatement of the model, channels-last, compiled; on CPU at batch 1 with autotuned
-GEMMs), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much),
+GE graph on NPU), fast (an exact restatement of the model, channels-last, compiled; on CPU with autotuned GEMMs and
+the small 1x1 convolutions as linears), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much),
 npugraph (npu only: torchair's reduce-overhead mode, aclgraph). On npu the report lists the operators that fell back
 to the CPU (cpu_fallbacks).
 

@@ -144,25 +144,23 @@ def _collate(items):
     return [i for i, _, _ in ok], pixels, errors, [d for _, _, d in ok]
 
 
-def idle_priority() -> str:
+def _idle_priority() -> None:
     """Lower the calling process to the lowest CPU priority: SCHED_IDLE where the OS has it (Linux: it runs only on a
-    core nothing else wants), else nice 19. Returns which ("idle", "nice 19"), or "normal" where neither could be set.
-    """
+    core nothing else wants), else nice 19; left as it is where neither can be set."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "idle"
+        return
     except (AttributeError, OSError):
         pass
     try:
         os.nice(19 - os.nice(0))
-        return "nice 19"
     except (AttributeError, OSError):
-        return "normal"
+        pass
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers only decode and resize: leave the cores to the model
-    idle_priority()  # and never take one from it: decoding fills the time the model leaves a core idle
+    _idle_priority()  # and never take one from it: decoding fills the time the model leaves a core idle
 
 
 def stream(

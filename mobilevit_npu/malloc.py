@@ -28,6 +28,11 @@ _TUNED_MALLOPT = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1, "M_TOP_PAD": 1
 _allocator_state: dict[str, Any] = {}
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library (OSError where it cannot be loaded)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def _preloaded_allocator() -> str | None:
     """tcmalloc or jemalloc when one is loaded into this process (LD_PRELOAD or linked)."""
     try:
@@ -55,8 +60,7 @@ def tune_malloc() -> dict[str, Any]:
         info.update(name="system", tuned=False, note="mallopt tuning is glibc-only")
     else:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
+            mallopt = _libc().mallopt
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             codes = {"M_MMAP_MAX": _M_MMAP_MAX, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD}
             ok = all(mallopt(codes[k], v) == 1 for k, v in _TUNED_MALLOPT.items())
@@ -78,8 +82,7 @@ def release_free_memory() -> bool:
     if not sys.platform.startswith("linux") or _preloaded_allocator():
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = _libc().malloc_trim
     except (OSError, AttributeError):  # musl has no malloc_trim
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
