@@ -115,8 +115,10 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, sources: Sequence[str], cfg: preprocessing.PreprocessConfig, digests: bool = False):
-        self.sources, self.cfg, self.digests = list(sources), cfg, digests
+    def __init__(self, sources: Sequence[str], cfg: preprocessing.PreprocessConfig, digests: bool = False,
+                 pixel_cache: refcache.PixelCache | None = None):  # fmt: skip
+        self.sources, self.cfg, self.digests = list(sources), cfg, digests or pixel_cache is not None
+        self.pixel_cache = pixel_cache.for_worker() if pixel_cache is not None else None  # counts sent back per batch
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -125,23 +127,38 @@ class _Images(torch.utils.data.Dataset):
         source = self.sources[index]
         digest = refcache.file_digest(source) if self.digests else None  # hashed where it is decoded, off the model
         try:
-            return index, torch.from_numpy(preprocessing.preprocess(source, self.cfg)), None, digest
+            if self.pixel_cache is not None:
+                pixels = self.pixel_cache.pixels(source, digest, self.cfg)
+            else:
+                pixels = preprocessing.preprocess(source, self.cfg, pixels=True)
+            return index, torch.from_numpy(pixels), None, digest, self._counts()
         except OSError as exc:
-            return index, None, str(exc) or type(exc).__name__, digest
+            return index, None, str(exc) or type(exc).__name__, digest, self._counts()
         except Exception as exc:  # noqa: BLE001 - a worker that raises ends the whole run: one image's record instead
-            return index, None, f"{type(exc).__name__}: {first_line(exc)}", digest
+            return index, None, f"{type(exc).__name__}: {first_line(exc)}", digest, self._counts()
+
+    def _counts(self) -> refcache.CacheStats | None:
+        """The pixel cache's counts since the last item (then reset): they travel with the batch to the caller."""
+        if self.pixel_cache is None:
+            return None
+        counts, self.pixel_cache.stats = self.pixel_cache.stats, refcache.CacheStats()
+        return counts
 
 
 def _collate(items):
-    ok = [(i, x, d) for i, x, err, d in items if x is not None]
-    errors = [(i, err) for i, x, err, _ in items if x is None]
+    ok = [(i, x, d) for i, x, err, d, _ in items if x is not None]
+    errors = [(i, err) for i, x, err, _, _ in items if x is None]
+    counts = refcache.CacheStats()
+    for *_, c in items:
+        if c is not None:
+            counts.add(c)
     pixels = None
-    if ok:  # in a worker, stacked straight into shared memory (as default_collate does): no copy on the way out
+    if ok:  # uint8 crops; in a worker stacked straight into shared memory (as default_collate does): no copy out
         first = ok[0][1]
         shared = torch.utils.data.get_worker_info() is not None
         out = first.new_empty((len(ok), *first.shape)).share_memory_() if shared else None
         pixels = torch.stack([x for _, x, _ in ok], out=out)
-    return [i for i, _, _ in ok], pixels, errors, [d for _, _, d in ok]
+    return [i for i, _, _ in ok], pixels, errors, [d for _, _, d in ok], counts
 
 
 def _idle_priority() -> None:
@@ -164,21 +181,36 @@ def _worker_init(_):
 
 
 def stream(
-    sources: Sequence[str], cfg: preprocessing.PreprocessConfig, batch_size: int, workers: int, digests: bool = False
+    sources: Sequence[str],
+    cfg: preprocessing.PreprocessConfig,
+    batch_size: int,
+    workers: int,
+    digests: bool = False,
+    pixel_cache: refcache.PixelCache | None = None,
 ) -> Iterator[tuple]:
-    """Batches of (indices of the decoded images, their pixels, [(index, error)] for those that failed); with
+    """Batches of (indices of the decoded images, their model input, [(index, error)] for those that failed); with
     `digests`, a fourth item: the sha256 of each decoded image's file (refcache.file_digest), computed in the worker.
     With workers, they start decoding on this call, and the next batches are decoded while the caller computes on
-    this one."""
+    this one. Workers send uint8 crops (preprocessing.crop_pixels), made into the float32 input here: a quarter of
+    the bytes through shared memory, whose fresh pages cost ~1 ms per image on a VM as float32. With `pixel_cache`,
+    crops it holds are read instead of decoded, new ones stored, and its counts in the caller's copy kept current."""
     loader = torch.utils.data.DataLoader(
-        _Images(sources, cfg, digests), batch_size=batch_size, shuffle=False, num_workers=workers,
+        _Images(sources, cfg, digests, pixel_cache), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
         persistent_workers=False,
     )  # fmt: skip
     if workers:
         malloc.release_free_memory()  # forked workers share the parent's pages copy-on-write: keep them few
     batches = iter(loader)  # workers start here, not at the first next()
-    return (batch if digests else batch[:3] for batch in batches)
+
+    def as_input(batch: tuple) -> tuple:
+        indices, pixels, errors, hashes, counts = batch
+        if pixel_cache is not None:
+            pixel_cache.stats.add(counts)
+        pixels = preprocessing.to_input(pixels, cfg) if pixels is not None else None
+        return (indices, pixels, errors, hashes) if digests else (indices, pixels, errors)
+
+    return (as_input(batch) for batch in batches)
 
 
 def default_workers(world_size: int = 1) -> int:
@@ -262,6 +294,8 @@ def run(
     desc: str = "images",
     digests: bool = False,
     on_start: Callable[[], None] | None = None,
+    pixel_cache: refcache.PixelCache | None = None,
+    waits: list[float] | None = None,
 ) -> tuple[list[dict], list[int]]:
     """Stream this rank's share of `samples` through `process` and gather every record on rank 0.
 
@@ -269,8 +303,9 @@ def run(
     `{"image", "label", "error"}`. With a journal, images already in it are skipped and every new record is appended
     as soon as its batch is done. With `digests`, `process` also gets each image's file sha256 (or None), as a third
     argument. `on_start()` is called once the decoding workers have started, before the first batch is awaited (a
-    warm-up call there overlaps the first batches' decoding). Returns (all records, images done per rank over the
-    whole run, resumed ones included) on rank 0; ([], []) elsewhere.
+    warm-up call there overlaps the first batches' decoding). `pixel_cache`: decoded crops are read from and stored
+    in it (stream). `waits` gets the seconds this rank waited for each batch to be decoded. Returns (all records,
+    images done per rank over the whole run, resumed ones included) on rank 0; ([], []) elsewhere.
     """
     previous = journal.done() if journal else {}
     wanted = {s.image for s in samples}
@@ -284,11 +319,11 @@ def run(
     records: list[dict] = []
     label = f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc
     bar = timing.progress_bar(len(mine), dist.is_main, label)
-    batches = stream([s.image for s in mine], cfg, batch_size, workers, digests)
+    batches = stream([s.image for s in mine], cfg, batch_size, workers, digests, pixel_cache)
     if on_start is not None and mine:
         on_start()
     with bar:
-        for indices, pixels, errors, *hashes in batches:
+        for indices, pixels, errors, *hashes in timing.timed_iter(batches, waits):
             batch = [mine[i] for i in indices]
             new = (process(batch, pixels, *hashes) if batch else [])
             new += [{"image": mine[i].image, "label": mine[i].label, "error": err} for i, err in errors]

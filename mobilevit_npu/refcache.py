@@ -1,29 +1,36 @@
-"""A disk cache of the CPU float32 reference logits, so a labelled set's reference is computed once, not per run.
+"""Disk caches keyed by image content: the CPU float32 reference logits, and (opt-in) the decoded crops.
 
 For the same weights, preprocessing and image bytes the reference (CPU, float32, eager) is always the same, yet it is
 most of a verification run's work. accuracy_run stores each image's reference logits here and later runs and ranks
-read them back; a second run with another target computes only the target.
+read them back; a second run with another target computes only the target. With the reference cached, decoding the
+JPEGs is what is left besides the target (3-5 ms per image on one core); `PixelCache` keeps each image's decoded,
+resized and cropped pixels (HWC uint8, 196 KB at 256x256), so later runs over the same set read them instead.
 
-Layout: `<root>/<key[:32]>/<digest[:2]>/<digest>.ref`, one file per image, where `key` hashes what the reference
-depends on (`reference_key`: the weights' sha256, the model config, the preprocessing config, the torch and
-transformers versions, the cache format) and `digest` is the sha256 of the image file's bytes. `<key[:32]>/key.json`
-says, for people, what the key was made of.
+Layout: `<root>/<key[:32]>/<digest[:2]>/<digest>.<suffix>`, one file per image, where `key` hashes what the entries
+depend on and `digest` is the sha256 of the image file's bytes. The pixels depend on `pixels_key`: the preprocessing
+config, the code that decodes and crops (its source), and the decoder (Pillow and its libjpeg: Pillow 13 changed the
+order of its resize passes for tall images, so the same JPEG gives other pixels under Pillow 12). The reference
+depends on `reference_key`: the weights' sha256, the model config, the pixels' key, the torch and transformers
+versions and the cache format. `<key[:32]>/key.json` says, for people, what the key was made of.
 
-An entry is a magic line, a JSON header line (format, key, digest, torch and transformers versions, class count, the
-payload's sha256) and the logits as little-endian float32 (the reference's own precision, so nothing is lost). A
+An entry is a magic line, a JSON header line (format, key, digest, versions, dtype and shape, the payload's sha256)
+and the array's raw bytes (logits as little-endian float32, the reference's own precision, so nothing is lost). A
 reader trusts an entry only when all of that matches; a torn, truncated, corrupt or stale entry is a miss (counted
 as `invalid`), recomputed and overwritten. Writers write a temp file in the entry's folder and rename it into place,
-so concurrent ranks (or runs) never see half an entry: the worst case is two equal entries, one replacing the other.
+so concurrent ranks (or runs, or decoding workers) never see half an entry: the worst case is two equal entries, one
+replacing the other.
 
-The cache is an optimisation: a folder that cannot be written is reported once and the run goes on without it.
+A cache is an optimisation: a folder that cannot be written is reported once and the run goes on without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -39,8 +46,8 @@ from mobilevit_npu import models, preprocessing
 
 logger = logging.getLogger("mobilevit_npu.refcache")
 
-FORMAT = 1
-MAGIC = b"MVREF1\n"
+FORMAT = 2  # 2: entries give dtype and shape; keys cover the decoder (Pillow, libjpeg) and the pixel code
+MAGIC = b"MVCACHE2\n"
 CACHE_ENV = "MOBILEVIT_NPU_CACHE"  # overrides the user cache folder for every cache of this project
 
 
@@ -55,6 +62,10 @@ def user_cache_dir() -> Path:
 
 def default_root() -> Path:
     return user_cache_dir() / "reference"
+
+
+def default_pixel_root() -> Path:
+    return user_cache_dir() / "pixels"
 
 
 def file_digest(source: str) -> str | None:
@@ -88,6 +99,27 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _pixel_code() -> str:
+    """sha256 of the source of every function that turns image bytes into the model's input."""
+    functions = (preprocessing.load_image, preprocessing.to_rgb, preprocessing.crop_pixels, preprocessing.resize_shape,
+                 preprocessing.center_crop, preprocessing.to_input)  # fmt: skip
+    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()
+
+
+def pixels_key(preprocess: preprocessing.PreprocessConfig) -> dict:
+    """What an image's decoded crop depends on, besides its bytes."""
+    import PIL
+    from PIL import features
+
+    return {
+        "format": FORMAT,
+        "preprocess": asdict(preprocess),
+        "code_sha256": _pixel_code(),
+        "pillow": PIL.__version__,
+        "libjpeg": features.version("jpg") or "none",
+    }
+
+
 def reference_key(model: torch.nn.Module, source: dict[str, Any], preprocess: preprocessing.PreprocessConfig) -> dict:
     """What the reference logits depend on, besides the image bytes."""
     config = model.config.to_dict() if hasattr(model, "config") else {}
@@ -96,7 +128,7 @@ def reference_key(model: torch.nn.Module, source: dict[str, Any], preprocess: pr
         "format": FORMAT,
         "weights_sha256": weights_digest(model, source),
         "model_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-        "preprocess": asdict(preprocess),
+        "pixels": pixels_key(preprocess),
         **_versions(),
         "reference": "cpu float32 eager",
     }
@@ -111,25 +143,35 @@ class CacheStats:
     uncacheable: int = 0  # images without a content hash (URLs)
     write_errors: list[str] = field(default_factory=list)
 
+    def add(self, other: CacheStats) -> None:
+        """Count another copy's work too (a decoding worker's)."""
+        for name in ("cached", "computed", "invalid", "stored", "uncacheable"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.write_errors += other.write_errors
 
-class ReferenceCache:
-    """Reference logits per image content hash under one key (see the module docstring)."""
+
+class EntryCache:
+    """Arrays of one dtype per image content hash, under one key (see the module docstring)."""
+
+    suffix, what = "entry", "entry"
+    dtype = np.dtype("<f4")
+    version_fields = ("torch", "transformers", "pillow", "libjpeg")  # named in each header, for a clear "stale"
 
     def __init__(self, root: str | Path, key_fields: dict[str, Any]):
         self.root = Path(root)
         self.key_fields = key_fields
         self.key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
         self.folder = self.root / self.key[:32]
-        self.versions = {k: key_fields[k] for k in ("torch", "transformers")}
+        self.versions = {k: key_fields[k] for k in self.version_fields if k in key_fields}
         self.stats = CacheStats()
         self._writable = True
 
     def path(self, digest: str) -> Path:
-        return self.folder / digest[:2] / f"{digest}.ref"
+        return self.folder / digest[:2] / f"{digest}.{self.suffix}"
 
-    def get(self, digest: str | None) -> torch.Tensor | None:
-        """The cached logits (float64 [classes]) of the image with this content hash, or None (absent or not
-        trustworthy; counted in stats.invalid when present but bad)."""
+    def get_array(self, digest: str | None) -> np.ndarray | None:
+        """The cached array of the image with this content hash, or None (absent or not trustworthy; counted in
+        stats.invalid when present but bad)."""
         if digest is None:
             return None
         path = self.path(digest)
@@ -138,17 +180,17 @@ class ReferenceCache:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            logger.warning("reference cache: cannot read %s (%s); recomputing", path, exc)
+            logger.warning("%s cache: cannot read %s (%s); recomputing", self.what, path, exc)
             self.stats.invalid += 1
             return None
-        logits, problem = self._decode(data, digest)
+        array, problem = self._decode(data, digest)
         if problem:
-            logger.warning("reference cache: %s %s; recomputing", path, problem)
+            logger.warning("%s cache: %s %s; recomputing", self.what, path, problem)
             self.stats.invalid += 1
             return None
-        return logits
+        return array
 
-    def _decode(self, data: bytes, digest: str) -> tuple[torch.Tensor | None, str | None]:
+    def _decode(self, data: bytes, digest: str) -> tuple[np.ndarray | None, str | None]:
         if not data.startswith(MAGIC):
             return None, "is not a cache entry (bad magic)"
         end = data.find(b"\n", len(MAGIC))
@@ -165,23 +207,26 @@ class ReferenceCache:
         stale = {k: (header.get(k), v) for k, v in self.versions.items() if header.get(k) != v}
         if stale:
             return None, "is stale (" + ", ".join(f"{k} {a} != {b}" for k, (a, b) in stale.items()) + ")"
-        payload = data[end + 1 :]
-        classes = header.get("classes")
-        if not isinstance(classes, int) or len(payload) != 4 * classes:
-            return None, f"is partial ({len(payload)} payload bytes for {classes} classes)"
+        payload = memoryview(data)[end + 1 :]
+        shape = header.get("shape")
+        if header.get("dtype") != self.dtype.str or not (
+            isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+        ):
+            return None, "has a corrupt header (dtype or shape)"
+        if len(payload) != self.dtype.itemsize * math.prod(shape):
+            return None, f"is partial ({len(payload)} payload bytes for shape {shape})"
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             return None, "is corrupt (checksum mismatch)"
-        array = np.frombuffer(payload, dtype="<f4").astype(np.float64)
-        return torch.from_numpy(array), None
+        return np.frombuffer(payload, dtype=self.dtype).reshape(shape).copy(), None  # writable, its own memory
 
-    def put(self, digest: str | None, logits: torch.Tensor) -> None:
-        """Store one image's reference logits (any float dtype; kept as float32, the reference's precision)."""
+    def put_array(self, digest: str | None, array: np.ndarray) -> None:
+        """Store one image's array (converted to the cache's dtype)."""
         if digest is None or not self._writable:
             return
-        payload = logits.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        payload = np.ascontiguousarray(array, dtype=self.dtype).tobytes()
         header = {
-            "format": FORMAT, "key": self.key, "digest": digest, **self.versions, "classes": int(logits.numel()),
-            "sha256": hashlib.sha256(payload).hexdigest(),
+            "format": FORMAT, "key": self.key, "digest": digest, **self.versions, "dtype": self.dtype.str,
+            "shape": list(array.shape), "sha256": hashlib.sha256(payload).hexdigest(),
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }  # fmt: skip
         path = self.path(digest)
@@ -193,7 +238,7 @@ class ReferenceCache:
         except OSError as exc:
             self._writable = False
             self.stats.write_errors.append(f"{path}: {exc}")
-            logger.warning("reference cache: cannot write under %s (%s); going on without storing", self.root, exc)
+            logger.warning("%s cache: cannot write under %s (%s); going on without it", self.what, self.root, exc)
             return
         self.stats.stored += 1
 
@@ -211,21 +256,68 @@ class ReferenceCache:
             raise
         return path
 
-    def lookup(self, digests: Sequence[str | None]) -> list[torch.Tensor | None]:
-        """get() for each digest; counts the images that have no digest as uncacheable."""
-        self.stats.uncacheable += sum(d is None for d in digests)
-        return [self.get(d) for d in digests]
-
     def summary(self) -> dict[str, Any]:
         s = self.stats
         return {"folder": str(self.folder), "cached": s.cached, "computed": s.computed, "invalid": s.invalid,
                 "stored": s.stored, "uncacheable": s.uncacheable, "write_errors": s.write_errors[:5]}  # fmt: skip
 
 
-def open_cache(spec: str | None, model: torch.nn.Module, source: dict[str, Any],
-               preprocess: preprocessing.PreprocessConfig) -> ReferenceCache | None:  # fmt: skip
-    """The cache --reference_cache names: None for "off", the default folder for None, else that folder."""
+class ReferenceCache(EntryCache):
+    """Reference logits (float32 on disk, float64 [classes] tensors out) per image content hash."""
+
+    suffix, what = "ref", "reference"
+
+    def get(self, digest: str | None) -> torch.Tensor | None:
+        array = self.get_array(digest)
+        return None if array is None else torch.from_numpy(array.astype(np.float64, copy=False))
+
+    def put(self, digest: str | None, logits: torch.Tensor) -> None:
+        """Store one image's reference logits (any float dtype; kept as float32, the reference's precision)."""
+        self.put_array(digest, logits.detach().to("cpu", torch.float32).numpy())
+
+    def lookup(self, digests: Sequence[str | None]) -> list[torch.Tensor | None]:
+        """get() for each digest; counts the images that have no digest as uncacheable."""
+        self.stats.uncacheable += sum(d is None for d in digests)
+        return [self.get(d) for d in digests]
+
+
+class PixelCache(EntryCache):
+    """Decoded crops (preprocessing.crop_pixels: HWC uint8) per image content hash; read and filled by the decoding
+    workers, each on its own copy (`for_worker`), whose counts come back with the batches."""
+
+    suffix, what = "pix", "pixel"
+    dtype = np.dtype("|u1")
+
+    def for_worker(self) -> PixelCache:
+        return PixelCache(self.root, self.key_fields)
+
+    def pixels(self, source: str, digest: str | None, cfg: preprocessing.PreprocessConfig) -> np.ndarray:
+        """The image's crop: from the cache when it holds it, else decoded (an OSError if it cannot be) and stored."""
+        if digest is None:
+            self.stats.uncacheable += 1
+        elif (array := self.get_array(digest)) is not None:
+            self.stats.cached += 1
+            return array
+        array = preprocessing.preprocess(source, cfg, pixels=True)
+        self.stats.computed += 1
+        self.put_array(digest, array)
+        return array
+
+
+def _root(spec: str | None, default: Path) -> Path | None:
     if spec is not None and spec.strip().lower() == "off":
         return None
-    root = Path(spec).expanduser() if spec else default_root()
-    return ReferenceCache(root, reference_key(model, source, preprocess))
+    return Path(spec).expanduser() if spec else default
+
+
+def open_cache(spec: str | None, model: torch.nn.Module, source: dict[str, Any],
+               preprocess: preprocessing.PreprocessConfig) -> ReferenceCache | None:  # fmt: skip
+    """The cache --reference_cache names: None for "off", the default folder for None or "", else that folder."""
+    root = _root(spec, default_root())
+    return None if root is None else ReferenceCache(root, reference_key(model, source, preprocess))
+
+
+def open_pixel_cache(spec: str | None, preprocess: preprocessing.PreprocessConfig) -> PixelCache | None:
+    """The cache --pixel_cache names: None for "off" or None, the default folder for "", else that folder."""
+    root = None if spec is None else _root(spec, default_pixel_root())
+    return None if root is None else PixelCache(root, pixels_key(preprocess))

@@ -268,17 +268,21 @@ def compare_sides(
     return comparison, layer_report
 
 
+def _merge_caches(caches: list[dict | None]) -> dict | None:
+    caches = [c for c in caches if c]
+    if not caches:
+        return None
+    return {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
+            for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
+            "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
+
+
 def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
-    """One speed record from every rank's Pair.summary(): counts summed, images/s per side over the ranks' summed
-    busy time, the reference cache's folder and counts."""
+    """One speed record from every rank's Pair.summary() (with its `decode_wait_s` and `pixel_cache` where set):
+    counts summed, images/s per side over the ranks' summed busy time, the caches' folders and counts."""
     keys = ("reference_cached", "reference_computed", "target_images", "reference_s", "target_s")
     totals = {k: sum(s[k] for s in speeds) for k in keys}
-    caches = [s["cache"] for s in speeds if s["cache"]]
-    cache = None
-    if caches:
-        cache = {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
-                 for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
-                 "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
+    waits = [s["decode_wait_s"] for s in speeds if s.get("decode_wait_s") is not None]
     return {
         "concurrent": speeds[0]["concurrent"],
         "decode_workers": workers,
@@ -291,5 +295,8 @@ def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
         # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
         "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
         "target_first_batch_s": speeds[0]["target_first_batch_s"],
-        "cache": cache,
+        # seconds the ranks waited for decoded batches, summed (the first batch's decoding included)
+        "decode_wait_s": round(sum(waits), 3) if waits else None,
+        "cache": _merge_caches([s["cache"] for s in speeds]),
+        "pixel_cache": _merge_caches([s.get("pixel_cache") for s in speeds]),
     }  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,21 @@ def timed_call(fn: Callable[[], Any], device: devices.Device) -> tuple[Any, floa
     result = fn()
     devices.synchronize(device)
     return result, (_clock() - start) * 1000.0
+
+
+def timed_iter(items: Iterable, waits: list[float] | None) -> Iterator:
+    """`items`, appending to `waits` the seconds each next() took (host work only, such as waiting for a decoded
+    batch: nothing on a device to synchronize)."""
+    iterator = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        if waits is not None:
+            waits.append(time.perf_counter() - start)
+        yield item
 
 
 def interleaved_samples(

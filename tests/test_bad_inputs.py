@@ -190,13 +190,14 @@ def test_thin_image_in_a_dataset_with_a_worker_is_a_record(tiny_model_dir, label
 
 
 def test_a_worker_error_of_any_kind_becomes_that_images_record(monkeypatch):
-    def boom(source, cfg):
+    def boom(source, cfg, pixels=False):
         raise MemoryError("cannot allocate") if source == "a" else RuntimeError("odd decoder failure\nsecond line")
 
     monkeypatch.setattr(preprocessing, "preprocess", boom)
     images = labelsets._Images(["a", "b"], preprocessing.PreprocessConfig())
-    assert images[0] == (0, None, "MemoryError: cannot allocate", None)  # (index, pixels, error, file digest)
-    assert images[1] == (1, None, "RuntimeError: odd decoder failure", None)
+    # (index, pixels, error, file digest, pixel cache counts)
+    assert images[0] == (0, None, "MemoryError: cannot allocate", None, None)
+    assert images[1] == (1, None, "RuntimeError: odd decoder failure", None, None)
 
 
 def test_random_images_give_a_tensor_or_one_line_within_bounded_memory(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -246,6 +247,18 @@ def test_preprocessing_equals_transformers(photo, form):
     ours = preprocessing.preprocess(photo, preprocessing.PreprocessConfig.from_dict(form))
     assert ours.dtype == np.float32 and ours.shape == expected.shape == (3, 256, 256)
     assert np.abs(ours - expected).max() <= 1e-6
+
+
+def test_batch_conversion_maps_every_byte_as_one_float32_multiply():
+    cfg = preprocessing.PreprocessConfig()
+    values = torch.arange(256, dtype=torch.uint8)
+    crops = torch.stack([values.roll(i).reshape(4, 64) for i in range(3)], dim=-1)[None]  # [1, 4, 64, 3]: every byte
+    x = preprocessing.to_input(crops, cfg)
+    assert x.dtype == torch.float32 and x.shape == (1, 3, 4, 64) and x.is_contiguous()
+    expected = np.float32(crops.numpy().transpose(0, 3, 1, 2)) * np.float32(1 / 255)
+    assert np.array_equal(x.numpy(), expected)
+    unscaled = preprocessing.to_input(crops, dataclasses.replace(cfg, do_rescale=False))
+    assert torch.equal(unscaled, crops.permute(0, 3, 1, 2).float())
 
 
 def test_exif_orientation_is_applied(tmp_path):

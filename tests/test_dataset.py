@@ -114,13 +114,20 @@ def test_decoding_workers_never_compete_with_the_model():
     assert labelsets.default_workers(1) == min(8, os.cpu_count())  # idle workers: one per core
 
 
-def test_worker_batches_arrive_in_shared_memory_and_equal_in_process_decoding():
+def test_workers_send_uint8_crops_in_shared_memory_and_the_input_equals_in_process_decoding(monkeypatch):
     sources = PHOTOS[:3]
     cfg = preprocessing.PreprocessConfig()
+    sent = []
+    to_input = preprocessing.to_input
+    monkeypatch.setattr(preprocessing, "to_input", lambda pixels, c: sent.append(pixels) or to_input(pixels, c))
     [(_, in_process, _)] = list(labelsets.stream(sources, cfg, batch_size=3, workers=0))
     [(indices, from_worker, _)] = list(labelsets.stream(sources, cfg, batch_size=3, workers=1))
-    assert indices == [0, 1, 2] and from_worker.is_shared() and not in_process.is_shared()
-    assert torch.equal(from_worker, in_process)
+    assert indices == [0, 1, 2]
+    assert [(x.dtype, x.is_shared()) for x in sent] == [(torch.uint8, False), (torch.uint8, True)]
+    assert sent[1].shape == (3, 256, 256, 3)  # HWC crops: a quarter of the float32 input's bytes
+    assert torch.equal(from_worker, in_process) and from_worker.dtype == torch.float32
+    expected = torch.stack([torch.from_numpy(preprocessing.preprocess(p, cfg)) for p in sources])
+    assert torch.equal(from_worker, expected)  # the batch conversion is bit for bit the one-image path
 
 
 def fake_process(calls):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -85,9 +87,11 @@ def test_key_covers_weights_preprocessing_and_versions(tiny_model_dir):
     loaded = models.load_model(str(tiny_model_dir))
     base = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)
     assert base["weights_sha256"] == loaded.source["sha256"]
-    assert {"torch", "transformers", "preprocess", "model_config_sha256"} <= set(base)
+    assert {"torch", "transformers", "pixels", "model_config_sha256"} <= set(base)
+    assert {"preprocess", "code_sha256", "pillow", "libjpeg"} <= set(base["pixels"])  # the decoder too
     other_cfg = preprocessing.PreprocessConfig(shortest_edge=300)
     assert refcache.reference_key(loaded.model, loaded.source, other_cfg) != base
+    assert refcache.pixels_key(other_cfg) != refcache.pixels_key(loaded.preprocess)
     synthetic_source = {"synthetic": True, "seed": 0}
     a = refcache.reference_key(loaded.model, synthetic_source, loaded.preprocess)["weights_sha256"]
     with torch.no_grad():
@@ -341,6 +345,56 @@ def test_a_damaged_entry_is_recomputed_in_a_run(tiny_model_dir, labelled, tmp_pa
     first_rows = {r["image"]: r for r in map(json.loads, open(tmp_path / "a.images.jsonl"))}
     for r in map(json.loads, open(tmp_path / "b.images.jsonl")):  # the recomputed row: the same reference top-5
         assert r["reference_top5"] == first_rows[r["image"]]["reference_top5"]
+
+
+def test_pixel_cache_is_read_instead_of_decoding_and_gives_the_same_input(tmp_path, monkeypatch):
+    cfg = preprocessing.PreprocessConfig()
+    cache = refcache.PixelCache(tmp_path / "pix", refcache.pixels_key(cfg))
+    [(_, decoded, _, digests)] = list(labelsets.stream(PHOTOS, cfg, len(PHOTOS), 1, True, cache))  # a worker fills it
+    assert (cache.stats.computed, cache.stats.stored, cache.stats.cached) == (len(PHOTOS), len(PHOTOS), 0)
+    assert len(list((tmp_path / "pix").rglob("*.pix"))) == len(PHOTOS)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the pixel cache holds the image")
+
+    monkeypatch.setattr(preprocessing, "preprocess", no_decoding)
+    again = refcache.PixelCache(tmp_path / "pix", refcache.pixels_key(cfg))
+    [(_, cached, errors, digests_again)] = list(labelsets.stream(PHOTOS, cfg, len(PHOTOS), 0, True, again))
+    assert not errors and digests_again == digests
+    assert (again.stats.cached, again.stats.computed) == (len(PHOTOS), 0)
+    assert torch.equal(cached, decoded)  # bit for bit the decoded input
+
+
+def test_a_damaged_pixel_entry_is_decoded_again(tmp_path):
+    cfg = preprocessing.PreprocessConfig()
+    cache = refcache.PixelCache(tmp_path, refcache.pixels_key(cfg))
+    digest = refcache.file_digest(PHOTOS[0])
+    first = cache.pixels(PHOTOS[0], digest, cfg)
+    path = cache.path(digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the last pixel
+    path.write_bytes(bytes(data))
+    again = refcache.PixelCache(tmp_path, refcache.pixels_key(cfg))
+    assert np.array_equal(again.pixels(PHOTOS[0], digest, cfg), first)
+    assert (again.stats.invalid, again.stats.computed, again.stats.stored) == (1, 1, 1)
+    other = refcache.PixelCache(tmp_path, refcache.pixels_key(dataclasses.replace(cfg, shortest_edge=300)))
+    assert other.get_array(digest) is None and other.stats.invalid == 0  # another key: another folder, a plain miss
+
+
+def test_dataset_run_with_pixel_cache_reports_and_reuses_it(tiny_model_dir, labelled, tmp_path, capsys):
+    n = len(PHOTOS)
+    first = dataset_run(tiny_model_dir, labelled, tmp_path / "a.json", tmp_path / "refs",
+                        "--pixel_cache", str(tmp_path / "pix"), "--workers", "1")  # fmt: skip
+    assert first["speed"]["pixel_cache"]["computed"] == n and first["speed"]["pixel_cache"]["stored"] == n
+    assert first["speed"]["decode_wait_s"] > 0
+    second = dataset_run(tiny_model_dir, labelled, tmp_path / "b.json", tmp_path / "refs",
+                         "--pixel_cache", str(tmp_path / "pix"), "--workers", "1")  # fmt: skip
+    pixels = second["speed"]["pixel_cache"]
+    assert (pixels["cached"], pixels["computed"], pixels["folder"].startswith(str(tmp_path / "pix"))) == (n, 0, True)
+    assert f"pixels {n} cached, 0 decoded" in capsys.readouterr().out
+    assert second["aggregate"]["cosine_min"] == first["aggregate"]["cosine_min"]
+    third = dataset_run(tiny_model_dir, labelled, tmp_path / "c.json", tmp_path / "refs")
+    assert third["speed"]["pixel_cache"] is None  # off unless given
 
 
 def test_images_mode_uses_the_cache_and_off_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
