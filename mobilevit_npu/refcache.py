@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import logging
+import marshal
 import math
 import os
 import tempfile
@@ -100,10 +101,17 @@ def _versions() -> dict[str, str]:
 
 
 def _pixel_code() -> str:
-    """sha256 of the source of every function that turns image bytes into the model's input."""
+    """sha256 of the source of every function that turns image bytes into the model's input (of their bytecode where
+    the source is not shipped)."""
     functions = (preprocessing.load_image, preprocessing.to_rgb, preprocessing.crop_pixels, preprocessing.resize_shape,
                  preprocessing.center_crop, preprocessing.to_input)  # fmt: skip
-    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for function in functions:
+        try:
+            digest.update(inspect.getsource(function).encode())
+        except (OSError, TypeError):
+            digest.update(marshal.dumps(function.__code__))
+    return digest.hexdigest()
 
 
 def pixels_key(preprocess: preprocessing.PreprocessConfig) -> dict:
@@ -116,8 +124,16 @@ def pixels_key(preprocess: preprocessing.PreprocessConfig) -> dict:
         "preprocess": asdict(preprocess),
         "code_sha256": _pixel_code(),
         "pillow": PIL.__version__,
-        "libjpeg": features.version("jpg") or "none",
+        "libjpeg": _feature_version(features, "jpg"),  # the API version (6.2, 8.0) ...
+        "libjpeg_turbo": _feature_version(features, "libjpeg_turbo"),  # ... and the decoder's own release
     }
+
+
+def _feature_version(features, name: str) -> str:
+    try:
+        return str(features.version(name) or "none")
+    except (AttributeError, ValueError):  # an old Pillow without this query
+        return "unknown"
 
 
 def reference_key(model: torch.nn.Module, source: dict[str, Any], preprocess: preprocessing.PreprocessConfig) -> dict:
@@ -155,7 +171,8 @@ class EntryCache:
 
     suffix, what = "entry", "entry"
     dtype = np.dtype("<f4")
-    version_fields = ("torch", "transformers", "pillow", "libjpeg")  # named in each header, for a clear "stale"
+    # the versions in the key that each header repeats, so a stale entry says which one changed
+    version_fields = ("torch", "transformers", "pillow", "libjpeg", "libjpeg_turbo")
 
     def __init__(self, root: str | Path, key_fields: dict[str, Any]):
         self.root = Path(root)

@@ -365,15 +365,26 @@ def test_pixel_cache_is_read_instead_of_decoding_and_gives_the_same_input(tmp_pa
     assert torch.equal(cached, decoded)  # bit for bit the decoded input
 
 
-def test_a_damaged_pixel_entry_is_decoded_again(tmp_path):
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(flip_last_byte, id="flipped-pixel"),
+        pytest.param(lambda p: rewrite_header(p, pillow="12.0.0"), id="stale-pillow"),
+        pytest.param(lambda p: rewrite_header(p, shape=[256, 256, 4]), id="wrong-shape"),
+    ],
+)
+def test_a_damaged_or_stale_pixel_entry_is_decoded_again(tmp_path, damage):
     cfg = preprocessing.PreprocessConfig()
     cache = refcache.PixelCache(tmp_path, refcache.pixels_key(cfg))
     digest = refcache.file_digest(PHOTOS[0])
     first = cache.pixels(PHOTOS[0], digest, cfg)
-    path = cache.path(digest)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # one flipped byte in the last pixel
-    path.write_bytes(bytes(data))
+    damage(cache.path(digest))
     again = refcache.PixelCache(tmp_path, refcache.pixels_key(cfg))
     assert np.array_equal(again.pixels(PHOTOS[0], digest, cfg), first)
     assert (again.stats.invalid, again.stats.computed, again.stats.stored) == (1, 1, 1)
