@@ -177,13 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pixel_cache",
         "--pixel-cache",
-        metavar="DIR",
-        nargs="?",
-        const="",
+        metavar="on|DIR|off",
         default=None,
         help="with --dataset/--labels: keep each image's decoded, resized and cropped pixels (196 KB per 256x256 "
         "image) per image content, so later runs over the same set read them instead of decoding the JPEGs again "
-        f"(3-5 ms per image on one core); alone: in {refcache.default_pixel_root()}; off unless given",
+        f"(3-5 ms per image on one core); on: in {refcache.default_pixel_root()} (default: off)",
     )
     common.add_allocator_arg(run)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -284,7 +282,7 @@ def _main(argv=None) -> int:
     labelled = bool(args.dataset or args.labels)
     common.check_outputs({"REPORT.json": args.report, "the per-image file": images_file(args) if labelled else None})
 
-    if not labelled and (args.resume or args.limit or args.pixel_cache is not None):
+    if not labelled and (args.resume or args.limit or refcache.pixel_cache_wanted(args.pixel_cache)):
         raise UserError("--resume, --limit and --pixel_cache go with --dataset or --labels")
     if labelled and (args.images or args.layers):
         raise UserError("--images and --layers do not go with --dataset/--labels")

@@ -321,20 +321,22 @@ class PixelCache(EntryCache):
         return array
 
 
-def _root(spec: str | None, default: Path) -> Path | None:
-    if spec is not None and spec.strip().lower() == "off":
-        return None
-    return Path(spec).expanduser() if spec else default
-
-
 def open_cache(spec: str | None, model: torch.nn.Module, source: dict[str, Any],
                preprocess: preprocessing.PreprocessConfig) -> ReferenceCache | None:  # fmt: skip
-    """The cache --reference_cache names: None for "off", the default folder for None or "", else that folder."""
-    root = _root(spec, default_root())
-    return None if root is None else ReferenceCache(root, reference_key(model, source, preprocess))
+    """The cache --reference_cache names: None for "off", the default folder for None, else that folder."""
+    if spec is not None and spec.strip().lower() == "off":
+        return None
+    root = Path(spec).expanduser() if spec else default_root()
+    return ReferenceCache(root, reference_key(model, source, preprocess))
+
+
+def pixel_cache_wanted(spec: str | None) -> bool:
+    return spec is not None and spec.strip().lower() != "off"
 
 
 def open_pixel_cache(spec: str | None, preprocess: preprocessing.PreprocessConfig) -> PixelCache | None:
-    """The cache --pixel_cache names: None for "off" or None, the default folder for "", else that folder."""
-    root = None if spec is None else _root(spec, default_pixel_root())
-    return None if root is None else PixelCache(root, pixels_key(preprocess))
+    """The cache --pixel_cache names: None for None or "off", the default folder for "on", else that folder."""
+    if not pixel_cache_wanted(spec):
+        return None
+    root = default_pixel_root() if spec.strip().lower() == "on" else Path(spec).expanduser()
+    return PixelCache(root, pixels_key(preprocess))

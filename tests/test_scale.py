@@ -408,6 +408,18 @@ def test_dataset_run_with_pixel_cache_reports_and_reuses_it(tiny_model_dir, labe
     assert third["speed"]["pixel_cache"] is None  # off unless given
 
 
+def test_pixel_cache_on_uses_the_default_folder_and_needs_a_set(tiny_model_dir, labelled, tmp_path, monkeypatch,
+                                                                capsys):
+    monkeypatch.setenv(refcache.CACHE_ENV, str(tmp_path / "default"))
+    report = dataset_run(tiny_model_dir, labelled, tmp_path / "a.json", "off", "--pixel_cache", "on")
+    assert report["speed"]["pixel_cache"]["folder"].startswith(str(tmp_path / "default" / "pixels"))
+    assert len(list((tmp_path / "default" / "pixels").rglob("*.pix"))) == len(PHOTOS)
+    argv = [str(tiny_model_dir), str(tmp_path / "b.json"), "--device", "cpu", "--images", PHOTOS[0],
+            "--pixel_cache", "on"]  # fmt: skip
+    assert accuracy_run.main(argv) == 2  # a usage error: the pixel cache is for --dataset / --labels
+    assert "--pixel_cache go with --dataset or --labels" in capsys.readouterr().err
+
+
 def test_images_mode_uses_the_cache_and_off_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(refcache.CACHE_ENV, str(tmp_path / "default"))
     argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", "--allocator", "system",
