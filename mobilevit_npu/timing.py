@@ -1,7 +1,8 @@
 """Timing: the one synchronized timer, latency statistics, interleaved sampling and the progress bar.
 
-Every clock read in the project goes through `timed_call`, which synchronizes the device before each of its two reads
-(devices.synchronize), so a timing never measures only the launch of asynchronous NPU/CUDA work.
+Every timing of device work goes through `timed_call`, which synchronizes the device before each of its two reads
+(devices.synchronize), so a timing never measures only the launch of asynchronous NPU/CUDA work. `timed_iter` times
+host-only waits (a decoded batch), where there is nothing to synchronize.
 """
 
 from __future__ import annotations
