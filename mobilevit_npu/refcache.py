@@ -187,8 +187,8 @@ class EntryCache:
         return self.folder / digest[:2] / f"{digest}.{self.suffix}"
 
     def get_array(self, digest: str | None) -> np.ndarray | None:
-        """The cached array of the image with this content hash, or None (absent or not trustworthy; counted in
-        stats.invalid when present but bad)."""
+        """The cached array of the image with this content hash (read-only, a view of the file's bytes), or None
+        (absent or not trustworthy; counted in stats.invalid when present but bad)."""
         if digest is None:
             return None
         path = self.path(digest)
@@ -234,7 +234,7 @@ class EntryCache:
             return None, f"is partial ({len(payload)} payload bytes for shape {shape})"
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             return None, "is corrupt (checksum mismatch)"
-        return np.frombuffer(payload, dtype=self.dtype).reshape(shape).copy(), None  # writable, its own memory
+        return np.frombuffer(payload, dtype=self.dtype).reshape(shape), None
 
     def put_array(self, digest: str | None, array: np.ndarray) -> None:
         """Store one image's array (converted to the cache's dtype)."""
@@ -286,7 +286,7 @@ class ReferenceCache(EntryCache):
 
     def get(self, digest: str | None) -> torch.Tensor | None:
         array = self.get_array(digest)
-        return None if array is None else torch.from_numpy(array.astype(np.float64, copy=False))
+        return None if array is None else torch.from_numpy(array.astype(np.float64))  # the one copy: writable
 
     def put(self, digest: str | None, logits: torch.Tensor) -> None:
         """Store one image's reference logits (any float dtype; kept as float32, the reference's precision)."""
@@ -314,7 +314,7 @@ class PixelCache(EntryCache):
             self.stats.uncacheable += 1
         elif (array := self.get_array(digest)) is not None:
             self.stats.cached += 1
-            return array
+            return array.copy()  # writable, as a decoded crop is (torch.from_numpy wants that)
         array = preprocessing.preprocess(source, cfg, pixels=True)
         self.stats.computed += 1
         self.put_array(digest, array)
