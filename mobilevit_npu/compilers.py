@@ -184,7 +184,7 @@ def aoti_key(
         "kind": "aoti",
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
         "code_sha256": _code_digest(module),
-        "weights_sha256": refcache.weights_digest(module, {}),
+        "weights_sha256": models.weights_digest(module),
         "shape": list(example.shape),
         "strides": list(example.stride()),
         "dtype": str(example.dtype),

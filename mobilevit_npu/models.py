@@ -98,6 +98,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the weights a module holds: every state dict entry's name, dtype, shape and raw bytes, in name
+    order. The one identity of loaded weights (reference cache key, compile cache key, ONNX sidecars): it covers what
+    was loaded, not the file it came from. bfloat16 has no numpy dtype, so each tensor is hashed as its bytes
+    (a uint8 view of the flattened contiguous CPU copy), which works for every dtype."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def resolve_model_folder(model_path: str) -> Path:
     """The local folder to load: the path itself, or a hub download for a hub id / the empty default folder."""
     path = Path(model_path).expanduser()

@@ -10,8 +10,9 @@ Layout: `<root>/<key[:32]>/<digest[:2]>/<digest>.<suffix>`, one file per image, 
 depend on and `digest` is the sha256 of the image file's bytes. The pixels depend on `pixels_key`: the preprocessing
 config, the code that decodes and crops (its source), and the decoder (Pillow and its libjpeg: Pillow 13 changed the
 order of its resize passes for tall images, so the same JPEG gives other pixels under Pillow 12). The reference
-depends on `reference_key`: the weights' sha256, the model config, the pixels' key, the torch and transformers
-versions and the cache format. `<key[:32]>/key.json` says, for people, what the key was made of.
+depends on `reference_key`: the digest of the weights actually loaded (models.weights_digest: a tensor left out of
+the checkpoint changes it), the model config, the pixels' key, the torch and transformers versions and the cache
+format. `<key[:32]>/key.json` says, for people, what the key was made of.
 
 An entry is a magic line, a JSON header line (format, key, digest, versions, dtype and shape, the payload's sha256)
 and the array's raw bytes (logits as little-endian float32, the reference's own precision, so nothing is lost). A
@@ -80,20 +81,6 @@ def file_digest(source: str) -> str | None:
         return None
 
 
-def weights_digest(model: torch.nn.Module, source: dict[str, Any]) -> str:
-    """The weights file's sha256 when the model came from a folder; otherwise (synthetic weights) the sha256 of the
-    state dict's tensors, so a change in how they are made changes the key too."""
-    if source.get("sha256"):
-        return str(source["sha256"])
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -142,7 +129,7 @@ def reference_key(model: torch.nn.Module, source: dict[str, Any], preprocess: pr
     config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
     return {
         "format": FORMAT,
-        "weights_sha256": weights_digest(model, source),
+        "weights_sha256": models.weights_digest(model),  # the weights loaded, not the file
         "model_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "pixels": pixels_key(preprocess),
         **_versions(),

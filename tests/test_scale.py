@@ -86,18 +86,28 @@ def test_key_covers_weights_preprocessing_and_versions(tiny_model_dir):
 
     loaded = models.load_model(str(tiny_model_dir))
     base = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)
-    assert base["weights_sha256"] == loaded.source["sha256"]
+    assert base["weights_sha256"] == models.weights_digest(loaded.model)  # the weights loaded, not the file
     assert {"torch", "transformers", "pixels", "model_config_sha256"} <= set(base)
     assert {"preprocess", "code_sha256", "pillow", "libjpeg"} <= set(base["pixels"])  # the decoder too
     other_cfg = preprocessing.PreprocessConfig(shortest_edge=300)
     assert refcache.reference_key(loaded.model, loaded.source, other_cfg) != base
     assert refcache.pixels_key(other_cfg) != refcache.pixels_key(loaded.preprocess)
-    synthetic_source = {"synthetic": True, "seed": 0}
-    a = refcache.reference_key(loaded.model, synthetic_source, loaded.preprocess)["weights_sha256"]
     with torch.no_grad():
         next(loaded.model.parameters()).add_(1e-3)
-    b = refcache.reference_key(loaded.model, synthetic_source, loaded.preprocess)["weights_sha256"]
-    assert a != b  # synthetic weights: the tensors themselves are hashed
+    changed = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)["weights_sha256"]
+    assert changed != base["weights_sha256"]  # same file, other tensors in memory: another key
+
+
+def test_weights_digest_hashes_bfloat16_and_tells_dtypes_apart():
+    from mobilevit_npu import models
+
+    module = Small().eval()
+    fp32 = models.weights_digest(module)
+    bf16 = models.weights_digest(module.to(torch.bfloat16))  # no numpy bfloat16: hashed as raw bytes
+    assert bf16 != fp32 and models.weights_digest(module) == bf16
+    with torch.no_grad():
+        module.conv.weight.view(-1)[0] += 1.0  # one bfloat16 element moved
+    assert models.weights_digest(module) != bf16
 
 
 def test_file_digest_is_the_content_not_the_name(tmp_path):
