@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
 import stat
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,12 +142,59 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def header(tool: str, argv: Sequence[str], loaded: Any, environment: dict[str, Any]) -> dict[str, Any]:
-    """The keys every report starts with, spelt the same everywhere: which script and arguments made it, which
-    weights (models.LoadedModel.source: path, file and sha256, or the synthetic seed), and where it ran."""
+    """The fields every report starts with (schema.Header), spelt the same everywhere: which script and arguments made
+    it, which weights (models.LoadedModel.source: path, file and sha256, or the synthetic seed), where it ran, and
+    which commit and packages."""
     return {
         "tool": tool,
         "argv": list(argv),
         "model_source": {"name": loaded.name, **loaded.source},
         "synthetic": bool(loaded.source.get("synthetic")),
         "environment": environment,
+        "provenance": provenance(),
+    }
+
+
+def write_report(path: str | Path, report: Any) -> Path:
+    """A typed report (a schema kind), checked against its definition, written atomically."""
+    from mobilevit_npu import schema
+
+    return write_json_atomic(path, schema.to_json(report))
+
+
+PROVENANCE_PACKAGES = ("torch", "torch_npu", "transformers", "numpy", "pillow", "onnxruntime", "openvino",
+                       "mindstudio-probe", "huggingface_hub", "safetensors")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """The project's git commit ("+dirty" with uncommitted changes, "not a git checkout" for an installed copy) and a
+    sha256 over every installed distribution's name and version, so two reports can be told to come from one setup."""
+    import importlib.metadata
+
+    from mobilevit_npu import PROJECT_DIR
+
+    commit = "not a git checkout"
+    if (PROJECT_DIR / ".git").exists():
+        try:
+            head = subprocess.run(["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+            dirty = subprocess.run(["git", "-C", str(PROJECT_DIR), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+            commit = head + ("+dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            commit = "git unavailable"
+    installed = sorted(
+        {f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in importlib.metadata.distributions()}
+    )
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "commit": commit,
+        "packages_sha256": hashlib.sha256("\n".join(installed).encode()).hexdigest(),
+        "packages": versions,
     }
