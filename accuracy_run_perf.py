@@ -100,7 +100,9 @@ def _main(argv) -> int:
     runtimes.check_runtime_args(args)
     if args.plot and not bench.matplotlib_available():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
-    common.check_outputs({"REPORT.json": args.report, "--plot": args.plot})
+    common.check_outputs({"REPORT.json": args.report, "--plot": args.plot},
+                         {"--onnx": getattr(args, "onnx", None), "--om": getattr(args, "om", None)},
+                         model_dir=None if args.synthetic else args.model_path)
     torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
     device = devices.resolve_device(torch_device, jit_compile=args.jit_compile)
     if "all" in modes:

@@ -11,7 +11,11 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
+import stat
 import sys
+from collections.abc import Sequence
+from typing import Union
 
 from mobilevit_npu import devices, models, preprocessing, reports, synthetic
 from mobilevit_npu.errors import UserError
@@ -161,12 +165,79 @@ def float_at_least(minimum: float):
     return parse
 
 
-def check_outputs(paths: dict[str, str | None]) -> None:
-    """Every output path the arguments name ({"--output": path, ...}), checked before any model work: a folder, an
-    unwritable folder or a folder under a file is a UserError (exit 2, one line) now, not a traceback after the run."""
-    for what, path in paths.items():
-        if path is not None:
-            reports.check_output_path(path, what)
+PathArg = Union[str, "os.PathLike[str]", None]
+
+
+def _identity(path: str) -> tuple[str, tuple[int, int] | None]:
+    """(the real path, (st_dev, st_ino) when it exists): two names for one file (a symlink, a hard link, `a/../a`)
+    share one or the other."""
+    try:
+        st = os.stat(path)
+        inode = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def _is_regular_or_absent(path: str) -> bool:
+    """False for /dev/null, /dev/stdout, FIFOs and other streams: several outputs may share those."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return not os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    return [os.fspath(v) for v in value if v is not None]
+
+
+def check_outputs(
+    outputs: dict[str, PathArg],
+    inputs: dict[str, PathArg | Sequence[str]] | None = None,
+    model_dir: PathArg = None,
+) -> None:
+    """The output guard, called before any model work: every output path the run will write ({"--output": path,
+    "the per-image file": path, ...}; None entries are skipped) is checked and refused with a UserError (exit 2, one
+    line naming both paths) when it
+      - cannot take a file (a folder, an unwritable folder, a folder under a file: reports.check_output_path);
+      - is the same file as another output of this run (sidecar, journal, plot), by path or by inode;
+      - is the same file as an input ({"--images": [files], "--labels": path, ...}; URLs are skipped), by path, by
+        symlink or by hard link, so a run never overwrites what it reads;
+      - lies inside the model folder `model_dir` (config.json, the weights: the next run could not load the model).
+    Streams (/dev/null, /dev/stdout, FIFOs) are never compared: writing there destroys nothing."""
+    named = [(what, os.fspath(path)) for what, path in outputs.items() if path is not None]
+    for what, path in named:
+        if not path.strip():
+            raise UserError(f"{what} is an empty path")
+        reports.check_output_path(path, what)
+    files = [(what, path, _identity(path)) for what, path in named if _is_regular_or_absent(path)]
+
+    def same(a: tuple[str, tuple | None], b: tuple[str, tuple | None]) -> bool:
+        return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
+
+    for i, (what, path, ident) in enumerate(files):
+        for other_what, other, other_ident in files[:i]:
+            if same(ident, other_ident):
+                raise UserError(f"{what} {path} and {other_what} {other} are the same file; give them different paths")
+    for in_what, value in (inputs or {}).items():
+        for source in _as_list(value):
+            if not source or preprocessing.is_url(source):
+                continue
+            source_ident = _identity(source)
+            for what, path, ident in files:
+                if same(ident, source_ident):
+                    raise UserError(f"{what} {path} is the input {in_what} {source}: writing it would destroy it")
+    if model_dir is not None and os.path.isdir(model_dir):
+        folder = os.path.realpath(model_dir)
+        model_files = {_identity(entry.path)[1] for entry in os.scandir(folder) if entry.is_file()}
+        for what, path, ident in files:
+            if os.path.commonpath([folder, ident[0]]) == folder or (ident[1] is not None and ident[1] in model_files):
+                raise UserError(f"{what} {path} is inside the model folder {model_dir} (or a link to one of its "
+                                "files): writing it would change the model; write it elsewhere")
 
 
 def json_path(text: str) -> str:

@@ -131,7 +131,9 @@ def _main(argv=None) -> int:
     if not args.images and not args.benchmark:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
-    common.check_outputs({"--output": args.output})
+    images = preprocessing.expand_images(args.images) if args.images else None
+    common.check_outputs({"--output": args.output}, {"--images": images},
+                         model_dir=None if args.synthetic else args.model_path)
     allocator = malloc.select(args.allocator)  # before the first large tensor: batches reuse their blocks
 
     dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)

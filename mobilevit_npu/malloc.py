@@ -111,3 +111,28 @@ def select(choice: str) -> dict[str, Any]:
 def current() -> dict[str, Any]:
     """What the allocator is now: the tuned state once tune_malloc ran in this process, else the system's."""
     return dict(_allocator_state) if _allocator_state else system_allocator()
+
+
+def available_memory(device: Any = None) -> tuple[int | None, str]:
+    """(bytes a new allocation can take, where): the device's free memory on cuda/npu (torch.<type>.mem_get_info),
+    else the host's MemAvailable (/proc/meminfo: free plus reclaimable, what the kernel says can be allocated without
+    swapping), else free physical pages (sysconf); (None, why) when nothing says."""
+    kind = getattr(device, "type", None)
+    if kind in ("cuda", "npu"):
+        try:
+            module = getattr(__import__("torch"), kind)
+            free, _total = module.mem_get_info(getattr(device, "torch", None))
+            return int(free), f"free memory on {device}"
+        except Exception:  # noqa: BLE001 - an old torch_npu without mem_get_info: the host bound still applies
+            pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "host memory available (MemAvailable)"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free host memory (sysconf)"
+    except (AttributeError, ValueError, OSError):
+        return None, "unknown"

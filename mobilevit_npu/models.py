@@ -91,6 +91,8 @@ def fetch_from_hub(repo_id: str, folder: Path | None = None, shown_as: str = DEF
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a regular file's bytes (OSError for a device, FIFO or folder: hashing /dev/zero never ends)."""
+    preprocessing.require_regular_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -186,12 +188,44 @@ def shape_mismatches(folder: Path, weights: Path) -> list[tuple[str, tuple[int, 
     return [(key, shape, expected[key]) for key, shape in found.items() if key in expected and expected[key] != shape]
 
 
+def check_loaded_keys(info: dict[str, Any], weights: Path) -> None:
+    """UserError (exit 2) naming them when from_pretrained's loading info (output_loading_info=True: a dict with
+    "missing_keys" and "unexpected_keys" in transformers 4.47.1, modeling_utils.py:4356, and 5.x,
+    utils/loading_report.py LoadStateDictInfo.to_dict) lists any: a tensor missing from the checkpoint is left at
+    transformers' random init, different in every process, so the model is not the checkpoint's; a tensor the model
+    does not have means the checkpoint is for another architecture or config. BatchNorm's num_batches_tracked counter
+    is not a weight (older checkpoints lack it)."""
+
+    def keys(name: str) -> list[str]:
+        return sorted(k for k in info.get(name) or () if not str(k).endswith("num_batches_tracked"))
+
+    def shown(found: list[str]) -> str:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        return ", ".join(found[:3]) + more
+
+    missing, unexpected = keys("missing_keys"), keys("unexpected_keys")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the model needs are missing (they would be random): {shown(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) the model does not have: {shown(unexpected)}")
+    if parts:
+        raise UserError(f"{weights} does not fit config.json: {'; '.join(parts)}. Is this the complete checkpoint "
+                        "of this model?")
+
+
 def load_model(model_path: str, device: devices.Device | None = None, dtype: str = "fp32") -> LoadedModel:
     """Load a MobileViTForImageClassification folder (or hub id) onto the device in eval mode."""
     from transformers import MobileViTForImageClassification
     from transformers.utils import logging as hf_logging
 
     folder = resolve_model_folder(model_path)
+    for name in ("config.json", "preprocessor_config.json", *WEIGHT_FILES):
+        if os.path.lexists(folder / name):
+            try:
+                preprocessing.require_regular_file(folder / name)
+            except OSError as exc:
+                raise UserError(f"model folder: {first_line(exc)}") from exc
     config = reports.read_json(folder / "config.json", "config.json")
     if config.get("model_type") != "mobilevit":
         raise UserError(f"{folder} is not a MobileViT model (config.json model_type={config.get('model_type')!r})")
@@ -207,9 +241,7 @@ def load_model(model_path: str, device: devices.Device | None = None, dtype: str
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("num_batches_tracked")]
-    if missing:
-        logger.warning("%d weights missing from %s and left at random init, e.g. %s", len(missing), weights, missing[0])
+    check_loaded_keys(info, weights)
     source = {"path": str(folder), "weights": weights.name, "sha256": sha256_file(weights)}
     return finish(model, preprocess, source, device, dtype)
 

@@ -9,6 +9,7 @@ import glob
 import io
 import logging
 import os
+import stat
 import threading
 import time
 import warnings
@@ -195,6 +196,22 @@ def fetch_url(url: str, timeout: float | None = None, max_bytes: int | None = No
             own.close()
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def require_regular_file(path: str | os.PathLike) -> None:
+    """Raise OSError (one line) unless `path`, through its symlinks, is a regular file: checked before any read or
+    hash of an input, because /dev/zero never ends, a FIFO blocks the open and /dev/stdin waits for a terminal.
+    A path that does not exist raises FileNotFoundError as open() would."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        target = os.path.realpath(path)
+        via = f" (a link to {target})" if target != os.path.abspath(path) else ""
+        raise OSError(f"{path}{via} is {kind}, not a regular file: refused before reading it")
+
+
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
@@ -238,8 +255,10 @@ def load_image(source: str | Path, cfg: PreprocessConfig | None = None) -> Image
     one-line message; an image over cfg's size bounds is refused from its header, before it is decoded."""
     cfg = cfg or PreprocessConfig()
     source = str(source)
-    if not is_url(source) and (missing := _missing(source)):
-        raise missing
+    if not is_url(source):
+        if missing := _missing(source):
+            raise missing
+        require_regular_file(source)  # a symlink to /dev/zero is refused here, not decoded (or hashed) forever
     try:
         stream = io.BytesIO(fetch_url(source)) if is_url(source) else source
         with warnings.catch_warnings():
