@@ -81,11 +81,16 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def local_rank() -> int:
+    """This process's LOCAL_RANK under torchrun (its device index), 0 otherwise: the one reader of it."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def setup(device_spec: str, jit_compile: bool = False) -> tuple[Distributed, devices.Device]:
     """Resolve the device, and under torchrun pin it to LOCAL_RANK and join the process group."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         return Distributed(), devices.resolve_device(device_spec, jit_compile)
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank()
     if ":" in device_spec:
         kind = device_spec.split(":")[0].strip()
         raise UserError(f"under torchrun each rank takes device LOCAL_RANK: --device {kind}, not {device_spec}")
