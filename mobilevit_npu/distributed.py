@@ -40,15 +40,16 @@ class Distributed:
         return self.rank == 0
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
-        """Every world_size-th item from this rank's offset: each item exactly once over all ranks, no padding."""
+        """Every world_size-th item from this rank's offset: each item exactly once over all ranks, no padding. The one
+        sharding policy of both scripts: strided, so a set sorted by class (ImageNet folders) spreads every class over
+        every rank and the ranks finish together; `unshard` puts gathered results back in the input's order."""
         return list(items[self.rank :: self.world_size])
 
-    def block(self, items: Sequence[Any]) -> list[Any]:
-        """This rank's contiguous share of `items` (sizes differ by at most one): concatenating every rank's share in
-        rank order gives `items` back, so gathered results need no positions to come back in order."""
-        size, extra = divmod(len(items), self.world_size)
-        start = self.rank * size + min(self.rank, extra)
-        return list(items[start : start + size + (self.rank < extra)])
+    @staticmethod
+    def unshard(parts: Sequence[Sequence[Any]]) -> list[Any]:
+        """The inverse of `shard`: every rank's items (`parts`, in rank order) back in the original order."""
+        longest = max((len(part) for part in parts), default=0)
+        return [part[i] for i in range(longest) for part in parts if i < len(part)]
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). Over gloo, whatever the device backend."""

@@ -57,6 +57,16 @@ DEFAULT_THRESHOLDS = {
 }
 
 
+THRESHOLD_FLAGS = {  # accuracy_run.py's flag per threshold: what it bounds (its defaults and why: THRESHOLD_REASONS)
+    "min_cosine": "lowest cosine similarity of logits allowed for any image",
+    "min_top1_agreement": "lowest share (0..1) of images whose top-1 class must match the reference's",
+    "max_prob_diff": "largest |probability difference| allowed (strictly below), over all images and classes",
+    "top1_tie_margin": "a top-1 flip is forgiven as a near tie when the reference's probabilities of the two classes "
+    "differ by less than this",
+    "layer_min_cosine": "--layers: a module whose output cosine falls under this is divergent",
+    "min_reference_logit_std": "the reference's logits must spread at least this much (across classes and images), "
+    "else the verdict is INVALID",
+}
 THRESHOLD_REASONS = {
     "min_cosine": "fp32: 0.999, the model card's criterion; a correct fp32 port differs only by summation order "
     "(measured on the synthetic X-Small: channels_last 1 - 1e-9). fp16: 0.999 too; its 11-bit significand "

@@ -21,7 +21,9 @@ from mobilevit_npu.errors import Unavailable, UserError
 logger = logging.getLogger("mobilevit_npu.targets")
 
 
-MODES = ("eager", "channels_last", "compiled", "npugraph")  # the execution modes accuracy_run can target
+MODES = execution.MODES  # every mode the benchmark times can be verified, built by the same builder
+# Modes whose module tree is not the model's (a graph, or fastpath's restatement): --layers hooks an eager twin.
+TWIN_MODES = ("compiled", "npugraph", "fast", "bf16")
 Patch = Callable[[torch.nn.Module], Any]  # installs something on a model (a forward hook, say) before it runs
 
 
@@ -37,6 +39,8 @@ class Side:
 
     @property
     def label(self) -> str:
+        if self.mode == "bf16":
+            return f"{self.device} bfloat16 autocast (bf16 mode: fast model, float32 weights)"
         return f"{self.device} {models.dtype_name(self.dtype)} {self.mode}"
 
     @property
@@ -48,7 +52,13 @@ class Side:
         """Logits (float64, CPU) of the shared float32 CPU batch, cast to this side's dtype and layout. With
         `on_hook_model`, through the eager twin that --layers watches instead."""
         x = self.prepared.to_input(pixels)
-        out = self.hook_model(pixel_values=x).logits if on_hook_model else self.prepared.call(x)
+        if on_hook_model and self.mode == "bf16":  # the eager twin under the same autocast as the bf16 mode
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                out = self.hook_model(pixel_values=x).logits.float()
+        elif on_hook_model:
+            out = self.hook_model(pixel_values=x).logits
+        else:
+            out = self.prepared.call(x)
         devices.synchronize(self.device)
         return out.detach().to("cpu", torch.float64)
 
@@ -87,16 +97,18 @@ def prepare_target(
     for patch in patches:
         patch(model)
     hook_model = model
-    if mode in ("compiled", "npugraph") and layers:
-        # Layer hooks would break the compiled graph into pieces, so --layers watches an eager twin instead.
+    if mode in TWIN_MODES and layers:
+        # Layer hooks would break a compiled graph into pieces, and fastpath's restatement has other modules, so
+        # --layers watches an eager twin instead.
         hook_model = copy.deepcopy(model)
     try:
         prepared = execution.prepare_mode(mode, model, device, dtype, example)
     except Unavailable as exc:
         raise UserError(f"--target_mode {mode} cannot run on {device}: {exc}") from exc
-    if mode not in ("compiled", "npugraph"):
+    if mode not in TWIN_MODES:
         hook_model = prepared.module
-    return Side(prepared=prepared, hook_model=hook_model, device=device, dtype=dtype, mode=mode)
+    verdict_dtype = "bf16" if mode == "bf16" else dtype  # bf16 autocast is judged with bfloat16's thresholds
+    return Side(prepared=prepared, hook_model=hook_model, device=device, dtype=verdict_dtype, mode=mode)
 
 
 @dataclass
@@ -245,7 +257,7 @@ def compare_sides(
             pair.record(ref_rows[-1], digest)
             comparator.begin(item.source, "target")
             tgt_rows.append(pair._target(item.batch))
-            if target.mode in ("compiled", "npugraph"):  # no hooks in a graph: the eager twin
+            if target.mode in TWIN_MODES:  # no hooks in a graph or in fastpath's modules: the eager twin
                 target.logits(item.batch, on_hook_model=True)
             comparator.end_image()
     finally:
@@ -263,8 +275,12 @@ def compare_sides(
         distinct_inputs=distinct,
     )
     layer_report = comparator.report() if comparator else None
-    if layer_report and target.mode in ("compiled", "npugraph"):
-        layer_report.note = "layers compared on an eager twin of the compiled target: hooks would split the graph"
+    if layer_report and target.mode in TWIN_MODES:
+        layer_report.note = (
+            f"layers compared on an eager twin of the {target.mode} target (the same weights"
+            f"{', under the same bfloat16 autocast' if target.mode == 'bf16' else ''}): hooks would split a compiled "
+            "graph, and fastpath's restatement has other modules"
+        )
     return comparison, layer_report
 
 

@@ -1,0 +1,559 @@
+"""Verification: the target (device, dtype, mode or offline runtime) against the CPU float32 eager reference.
+
+The counterpart of bench.run_benchmark for accuracy: `run(settings)` takes settings resolved once from the command
+line (`Settings`), runs the images or the labelled set, judges them with metrics, writes the report (a schema kind)
+and returns an `Outcome` for the console. `compare_images` is the comparison on decoded images alone, for callers
+that bring their own target (export_onnx.py's ONNX Runtime check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mobilevit_npu import (
+    devices,
+    distributed,
+    labelsets,
+    layerwise,
+    malloc,
+    metrics,
+    models,
+    npu,
+    preprocessing,
+    refcache,
+    reports,
+    runtimes,
+    schema,
+    synthetic,
+    targets,
+)
+from mobilevit_npu.errors import UserError
+from mobilevit_npu.models import dtype_name
+
+logger = logging.getLogger("mobilevit_npu.verify")
+
+WORST_KEPT = 20  # a labelled report's per_image: the lowest-cosine images (all of them are in the JSON-lines file)
+
+
+@dataclass
+class Settings:
+    """What one verification run does, resolved once from the command line (accuracy_run.py's `settings_from`).
+    Attribute names are the flags' own, so the model loader and the offline runtimes read the same spelling."""
+
+    report: str
+    argv: list[str]
+    model_path: str
+    synthetic: bool = False
+    seed: int = 0
+    device: str = "auto"
+    jit_compile: bool = False
+    dtype: str = "fp32"  # the target's dtype; for --target_mode bf16, "bf16" (autocast over float32 weights)
+    target_mode: str = "eager"
+    allow_hf32: bool = False
+    fail_on_cpu_fallback: bool = False
+    runtime: str = "torch"
+    onnx: Optional[str] = None
+    om: Optional[str] = None
+    precision_mode: Optional[str] = None
+    cann_graph: str = "1"
+    allow_foreign_weights: bool = False
+    images: Optional[list[str]] = None
+    max_skipped: float = 0
+    max_image_pixels: Optional[int] = None
+    max_aspect_ratio: Optional[float] = None
+    dataset: Optional[str] = None
+    labels: Optional[str] = None
+    resume: bool = False
+    batch_size: int = 32
+    workers: Optional[int] = None
+    limit: Optional[int] = None
+    layers: bool = False
+    threshold_overrides: dict[str, Optional[float]] = field(default_factory=dict)
+    reference_cache: Optional[str] = None
+    pixel_cache: Optional[str] = None
+    allocator: str = "tuned"
+    msprobe: Optional[str] = None  # probe.py: dump both sides with msprobe into this folder and compare them
+    msprobe_level: str = "mix"
+    msprobe_task: str = "statistics"
+    msprobe_images: Optional[int] = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.dataset or self.labels)
+
+    @property
+    def verdict_dtype(self) -> str:
+        """The dtype whose thresholds judge the target: --dtype, bf16 for the bf16 (autocast) mode, and for an
+        offline runtime the precision its mode calls for."""
+        if self.runtime != "torch":
+            return runtimes.planned_verdict_dtype(self, distributed.local_rank())
+        return "bf16" if self.target_mode == "bf16" else self.dtype
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the target's weights are cast to: float32 under bf16 autocast."""
+        return "fp32" if self.target_mode == "bf16" else self.dtype
+
+    def thresholds(self) -> metrics.Thresholds:
+        return metrics.Thresholds.for_dtype(self.verdict_dtype, **self.threshold_overrides)
+
+    def images_file(self) -> Path:
+        """Where a labelled run writes every image's record: REPORT.images.jsonl beside REPORT.json."""
+        return Path(f"{Path(self.report).with_suffix('')}.images.jsonl")
+
+
+def check(settings: Settings) -> None:
+    """Flag combinations that cannot work, refused before any model work (UserError: one line, exit 2)."""
+    runtimes.check_runtime_args(settings)
+    if settings.target_mode not in targets.MODES:
+        raise UserError(f"unknown --target_mode {settings.target_mode}: use {', '.join(targets.MODES)}")
+    if settings.target_mode == "bf16" and settings.dtype not in ("fp32", "bf16"):
+        raise UserError("--target_mode bf16 is bfloat16 autocast over the float32 weights: leave --dtype at fp32")
+    pixel_cache = refcache.pixel_cache_wanted(settings.pixel_cache)
+    if not settings.labelled and (settings.resume or settings.limit or pixel_cache):
+        raise UserError("--resume, --limit and --pixel_cache go with --dataset or --labels")
+    if settings.labelled and (settings.images or settings.layers):
+        raise UserError("--images and --layers do not go with --dataset/--labels")
+
+
+@dataclass
+class Outcome:
+    """What a run found, for the console: the report it wrote (None on ranks other than 0) and the pieces."""
+
+    comparison: Optional[metrics.Comparison]
+    compared: str = ""
+    layers: Optional[layerwise.LayerReport] = None
+    speed: dict[str, Any] = field(default_factory=dict)
+    skipped: Optional[dict[str, Any]] = None  # the skip budget (metrics.skip_budget)
+    errors: list[dict[str, str]] = field(default_factory=list)  # the images that could not be used
+    dataset: Optional[dict[str, Any]] = None  # a labelled set's summary
+    fallback_line: Optional[str] = None
+    id2label: dict[int, str] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)
+    report: Optional[schema.AccuracyReport] = None
+    msprobe: Optional[dict[str, Any]] = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.comparison is None:  # a rank other than 0: rank 0 judges
+            return 0
+        return 0 if self.comparison.verdict == "PASS" else 1
+
+
+def load_model(settings: Settings, device: devices.Device | None, dtype: str = "fp32") -> models.LoadedModel:
+    """The model the settings name: the synthetic weights (seeded) or the folder / hub id, with the image limits."""
+    if settings.synthetic:
+        logger.info("building the synthetic full-size X-Small (%s is not read)", settings.model_path)
+        loaded = synthetic.synthetic_model(device, dtype, seed=settings.seed)
+    else:
+        loaded = models.load_model(settings.model_path, device, dtype)
+    limits = {k: v for k in ("max_image_pixels", "max_aspect_ratio") if (v := getattr(settings, k)) is not None}
+    if limits:  # the bounds travel with the preprocessing config, into DataLoader workers too
+        loaded.preprocess = dataclasses.replace(loaded.preprocess, **limits)
+    return loaded
+
+
+def run(settings: Settings) -> Outcome:
+    """The whole verification: device, target, images or labelled set, verdict, report written."""
+    check(settings)
+    allocator_info = malloc.select(settings.allocator)  # before the first large tensor: batches reuse their blocks
+    torch_device = settings.device if settings.runtime == "torch" else "cpu"  # an offline runtime has its own
+    dist, device = distributed.setup(torch_device, jit_compile=settings.jit_compile)
+    try:
+        if dist.enabled and not settings.labelled:
+            raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
+        if settings.target_mode == "npugraph" and device.type != "npu":
+            raise UserError(f"--target_mode npugraph is torchair's aclgraph mode: npu only, not {device}")
+        if settings.verdict_dtype == "fp32" and device.type in ("npu", "cuda") and not settings.allow_hf32:
+            state = devices.set_fp32_reduced_precision(device, False)  # fp32 means fp32: HF32 / TF32 off
+            logger.info("float32 on %s: %s", device, state)
+        with npu.CpuFallbacks(device) as fallbacks:
+            run_ = _Run(settings, dist, device, allocator_info, fallbacks)
+            outcome = run_.labelled() if settings.labelled else run_.images()
+        outcome.fallback_line = fallbacks.line() if dist.is_main else None
+        return outcome
+    finally:
+        dist.close()
+
+
+def with_fallbacks(comparison: metrics.Comparison, fallbacks: npu.CpuFallbacks, fail: bool) -> metrics.Comparison:
+    """--fail_on_cpu_fallback: operators that ran on the CPU turn the verdict into FAIL, with the reason."""
+    reason = fallbacks.fail_reason() if fail else None
+    if reason is None or comparison.verdict == "INVALID":
+        return comparison
+    return dataclasses.replace(comparison, verdict="FAIL", reasons=[*comparison.reasons, reason])
+
+
+@dataclass
+class ImagesResult:
+    comparison: metrics.Comparison
+    layers: Optional[layerwise.LayerReport]
+    speed: dict[str, Any]
+
+
+def compare_images(
+    loaded: models.LoadedModel,
+    target: targets.Side,
+    items: list[preprocessing.Decoded],
+    thresholds: metrics.Thresholds,
+    layers: bool = False,
+    reference_cache: str | None = "off",
+) -> ImagesResult:
+    """The reference (CPU float32 eager) and `target` over decoded images, judged with `thresholds`; with `layers`
+    module by module too. `reference_cache` as --reference_cache (default off: nothing read or written)."""
+    reference = targets.reference_side(loaded.model)
+    cache = refcache.open_cache(reference_cache, loaded.model, loaded.source, loaded.preprocess)
+    pair = targets.Pair(reference, target, cache)
+    try:
+        comparison, layer_report = targets.compare_sides(
+            reference,
+            target,
+            items,
+            thresholds,
+            layers,
+            pair=pair,
+            digests=[refcache.file_digest(item.source) for item in items],
+        )
+    finally:
+        pair.close()
+    return ImagesResult(comparison, layer_report, pair.summary())
+
+
+class _Run:
+    """One run's shared state: the model, both sides, the notes, and the report they make."""
+
+    def __init__(self, settings: Settings, dist, device: devices.Device, allocator_info: dict, fallbacks):
+        self.s, self.dist, self.device, self.allocator_info, self.fallbacks = (
+            settings,
+            dist,
+            device,
+            allocator_info,
+            fallbacks,
+        )
+        self.thresholds = settings.thresholds()
+        self.loaded = load_model(settings, None, "fp32")
+        self.reference = targets.reference_side(self.loaded.model)
+        cfg = self.loaded.preprocess
+        rows = settings.batch_size if settings.labelled else 1
+        self.example = torch.zeros(rows, 3, cfg.crop_height, cfg.crop_width)  # the shape the target is built for
+        if settings.runtime == "torch":
+            self.target = targets.prepare_target(
+                self.loaded.model,
+                device,
+                settings.weights_dtype,
+                settings.target_mode,
+                self.example,
+                layers=settings.layers,
+            )
+        else:
+            self.target = runtimes.runtime_target(settings, self.loaded, self.example, distributed.local_rank())
+        self.compared = f"{self.reference.label}  vs  {self.target.label}"
+        self.notes: list[str] = []
+        if (
+            self.target.device.type == "cpu"
+            and settings.dtype == "fp32"
+            and settings.target_mode == "eager"
+            and settings.runtime == "torch"
+        ):
+            self.notes.append("the target is the reference configuration: this checks determinism only")
+            logger.warning(self.notes[-1])
+        if settings.synthetic:
+            self.notes.append(
+                "synthetic weights: the numbers say how the device treats a healthy X-Small, not ImageNet accuracy"
+            )
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def images(self) -> Outcome:
+        s = self.s
+        sources = preprocessing.expand_images(s.images) if s.images else preprocessing.bundled_images()
+        if not sources:
+            raise UserError(f"no images found in {' '.join(s.images or [str(preprocessing.BUNDLED_IMAGES_DIR)])}")
+        items, errors = preprocessing.read_images(sources, self.loaded.preprocess)
+        if not items:
+            raise UserError(f"none of the {len(sources)} image(s) could be read: {errors[0]['error']}")
+        result = compare_images(self.loaded, self.target, items, self.thresholds, s.layers, s.reference_cache)
+        comparison = with_fallbacks(result.comparison, self.fallbacks, s.fail_on_cpu_fallback)
+        budget = metrics.skip_budget(comparison, len(errors), len(sources), s.max_skipped)
+        report = self.report(
+            comparison,
+            input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
+            f"{self.target_dtype_text} on {self.target.device}; batch size 1",
+            per_image=comparison.per_image,
+            errors=errors,
+            layers=result.layers,
+            notes=self.notes,
+            skipped=budget,
+            speed=result.speed,
+        )
+        reports.write_report(s.report, report)
+        return Outcome(
+            comparison,
+            self.compared,
+            result.layers,
+            result.speed,
+            budget,
+            errors,
+            id2label=self.loaded.id2label,
+            written=[s.report],
+            report=report,
+        )
+
+    # ------------------------------------------------------------------------------------------ labelled sets
+
+    def labelled(self) -> Outcome:
+        """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics per image."""
+        s, dist, loaded, thresholds = self.s, self.dist, self.loaded, self.thresholds
+        if s.labels:
+            samples, unlabelled = labelsets.read_labels_csv(s.labels, root=s.dataset), []
+        else:
+            samples, unlabelled = labelsets.scan_folder(s.dataset)
+        samples = samples[: s.limit] if s.limit else samples
+        run_key = {
+            "model": loaded.source.get("sha256") or loaded.source.get("name"),
+            "target": self.compared,
+            "images": hashlib.sha256("\n".join(f"{x.image},{x.label}" for x in samples).encode()).hexdigest(),
+            "thresholds": dataclasses.asdict(thresholds),
+        }
+        journal = labelsets.Journal(s.report, dist, run_key, resume=s.resume)
+        cache = refcache.open_cache(s.reference_cache, loaded.model, loaded.source, loaded.preprocess)
+        pixel_cache = refcache.open_pixel_cache(s.pixel_cache, loaded.preprocess)
+        pair = targets.Pair(self.reference, self.target, cache)
+        verdict_dtype = s.verdict_dtype
+
+        def process(batch: list[labelsets.Sample], pixels: torch.Tensor, digests: list[str | None]) -> list[dict]:
+            ref, tgt, from_cache = pair.run(pixels, digests)
+            per_image = metrics.image_metrics(ref, tgt, verdict_dtype, thresholds, [x.image for x in batch])
+            ref5 = ref.topk(min(5, ref.shape[1])).indices.tolist()
+            tgt5 = torch.nan_to_num(tgt, nan=-math.inf).topk(min(5, tgt.shape[1])).indices.tolist()
+            return [
+                {
+                    "image": x.image,
+                    "label": x.label,
+                    "reference_top5": r5,
+                    "target_top5": t5,
+                    "reference_finite": bool(torch.isfinite(row).all()),
+                    "reference_cached": cached,
+                    "metrics": dataclasses.asdict(m),
+                }
+                for x, r5, t5, row, m, cached in zip(batch, ref5, tgt5, ref, per_image, from_cache)
+            ]
+
+        warmup = _WarmUp(self.target, self.example)
+        workers = s.workers if s.workers is not None else labelsets.default_workers(dist.world_size)
+        waits: list[float] = []
+        start = time.perf_counter()
+        try:
+            records, per_rank = labelsets.run(
+                samples,
+                loaded.preprocess,
+                process,
+                dist,
+                s.batch_size,
+                workers,
+                journal,
+                digests=True,
+                on_start=warmup,
+                pixel_cache=pixel_cache,
+                waits=waits,
+            )
+        finally:
+            pair.close()
+        elapsed_s = time.perf_counter() - start - warmup.seconds
+        mine = {
+            **pair.summary(),
+            "decode_wait_s": sum(waits),
+            "pixel_cache": pixel_cache.summary() if pixel_cache is not None else None,
+        }
+        speeds = dist.gather(mine)  # every rank's counts and timings, in rank order (None off rank 0)
+        if not dist.is_main:
+            journal.close(remove=True)
+            return Outcome(None)
+        summary = labelsets.summarize_labels(records, unlabelled, per_rank)  # per_rank: resumed images included
+        this_run = sum(per_rank) - journal.resumed
+        summary["resumed_images"] = journal.resumed
+        # this run's images (not resumed ones), decode to gather, both sides; the target's warm-up call not included
+        summary["elapsed_s"] = round(elapsed_s, 3)
+        summary["images_per_s"] = round(this_run / elapsed_s, 3) if elapsed_s > 0 else None
+        speed = targets.merge_speeds(speeds, workers)
+        speed["images_per_s"] = summary["images_per_s"]
+        speed["target_warmup_s"] = round(warmup.seconds, 3)  # rank 0's; not in elapsed_s or any images/s
+        done = [r for r in records if "error" not in r]
+        if not done:
+            journal.close(remove=False)
+            raise UserError(f"none of the {len(samples)} image(s) in the set could be read")
+        per_image = [metrics.ImageMetrics(**r["metrics"]) for r in done]
+        comparison = metrics.judge(
+            per_image, verdict_dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
+        )
+        comparison = with_fallbacks(comparison, self.fallbacks, s.fail_on_cpu_fallback)
+        total = summary["images"] + summary["skipped"]
+        budget = metrics.skip_budget(comparison, summary["skipped"], total, s.max_skipped)
+        jsonl_path = s.images_file()
+        reports.write_jsonl_atomic(jsonl_path, records)
+        worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:WORST_KEPT]
+        errors = summary.pop("skipped_images")
+        summary.pop("per_class", None)  # in the JSON-lines file's records; a thousand classes would drown the report
+        report = self.report(
+            comparison,
+            input=f"labelled set {s.labels or s.dataset}: the same float32 CPU batch for both sides; the target "
+            f"casts it to {self.target_dtype_text}; batch size {s.batch_size}; {dist.world_size} rank(s)",
+            per_image=worst,
+            errors=errors,
+            layers=None,
+            notes=[*self.notes, f"per_image: the {WORST_KEPT} lowest-cosine images; every image is in {jsonl_path}"],
+            skipped=budget,
+            speed=speed,
+            dataset=summary,
+            images_file=str(jsonl_path),
+            target_device=self.target.device.type if dist.enabled else None,
+        )
+        reports.write_report(s.report, report)
+        journal.close(remove=True)
+        return Outcome(
+            comparison,
+            self.compared,
+            None,
+            speed,
+            budget,
+            errors,
+            dataset=summary,
+            id2label=loaded.id2label,
+            written=[s.report, str(jsonl_path)],
+            report=report,
+        )
+
+    # ------------------------------------------------------------------------------------------ the report
+
+    @property
+    def target_dtype_text(self) -> str:
+        if self.s.target_mode == "bf16":
+            return "float32 (bfloat16 autocast inside the model)"
+        return dtype_name(self.s.weights_dtype)
+
+    def report(
+        self,
+        comparison: metrics.Comparison,
+        *,
+        input: str,
+        per_image,
+        errors: list[dict],
+        layers,
+        notes: list[str],
+        skipped: dict,
+        speed: dict | None,
+        dataset: dict | None = None,
+        images_file: str | None = None,
+        target_device: str | None = None,
+    ) -> schema.AccuracyReport:
+        """The report: the shared header, the verdict and everything it rests on."""
+        s, target = self.s, self.target
+        kind = schema.LabelledReport if s.labelled else schema.AccuracyReport
+        extra = {"dataset": dataset, "images_file": images_file} if s.labelled else {}
+        fallbacks = self.fallbacks.summary()
+        environment = devices.environment(target.device, self.allocator_info)
+        return kind(
+            **reports.header("accuracy_run.py", s.argv, self.loaded, environment),
+            reference_environment=devices.environment(self.reference.device, self.allocator_info),
+            verdict=comparison.verdict,
+            verdict_reasons=comparison.reasons,
+            compared=self.compared,
+            reference=schema.SideInfo("cpu", "float32", "eager", self.reference.label),
+            target=schema.SideInfo(
+                target_device or getattr(target, "where", "") or str(target.device),
+                "bfloat16 autocast" if s.target_mode == "bf16" else dtype_name(target.dtype),
+                target.mode,
+                target.label,
+                target.notes,
+            ),
+            runtime=getattr(target, "runtime", None) or {"name": "torch"},
+            input=input,
+            thresholds=comparison.thresholds,
+            threshold_reasons=metrics.THRESHOLD_REASONS,
+            checks=comparison.checks,
+            reference_checks=comparison.reference_checks,
+            aggregate=comparison.aggregate,
+            per_image=per_image,
+            errors=errors,
+            skipped=skipped,
+            layers=layers,
+            notes=notes,
+            speed=speed,
+            cpu_fallbacks=fallbacks,
+            **extra,
+        )
+
+
+class _WarmUp:
+    """The target's first call on the zeros of the run's batch shape it was built for, outside its timing (as the
+    benchmark's warm-up is): kernel selection and first page faults, ~0.8 s at batch 32 on the CPU, while the
+    workers decode the first batches."""
+
+    def __init__(self, target: targets.Side, example: torch.Tensor):
+        self.target, self.example, self.seconds = target, example, 0.0
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        self.target.logits(self.example)
+        self.seconds = time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ console
+
+
+def _fmt(value: float | None, spec: str = ".6f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return format(value, spec)
+
+
+def format_speed(speed: dict[str, Any]) -> str:
+    cache, pixels = speed.get("cache"), speed.get("pixel_cache")
+    where = f"reference cache {cache['folder']}" if cache else "reference cache off"
+    invalid = f", {cache['invalid']} invalid entries recomputed" if cache and cache["invalid"] else ""
+
+    def rate(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    text = (
+        f"reference: {speed['reference_cached']} cached, {speed['reference_computed']} computed{invalid} ({where}); "
+        f"images/s: reference {rate(speed['reference_images_per_s'])}, target {rate(speed['target_images_per_s'])}"
+        + (f" ({rate(speed['target_images_per_s_after_first_batch'])} after its first batch)"
+           if speed.get("target_images_per_s_after_first_batch") else "")
+        + (f", overall {rate(speed.get('images_per_s'))}" if speed.get("images_per_s") else "")
+        + ("; reference and target concurrent" if speed["concurrent"] else "")
+    )  # fmt: skip
+    if speed.get("decode_wait_s") is not None:
+        text += f"\ndecoding: waited {speed['decode_wait_s']:.1f} s for decoded batches"
+        if pixels:
+            bad = f", {pixels['invalid']} invalid entries redone" if pixels["invalid"] else ""
+            text += f"; pixels {pixels['cached']} cached, {pixels['computed']} decoded{bad} ({pixels['folder']})"
+    return text
+
+
+def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{x:.2%}"
+
+    a = comparison.aggregate
+    ranks = summary["per_rank_images"]
+    return "\n".join([
+        f"compared: {compared}",
+        f"images: {summary['images']} evaluated, {summary['skipped']} skipped"
+        + (f" ({summary['resumed_images']} from the --resume journal)" if summary.get("resumed_images") else "")
+        + (f"; per rank {ranks}" if len(ranks) > 1 else "")
+        + f"; {summary['images_per_s']} images/s (reference + target)",
+        f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",
+        f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
+        f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "
+        f"cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}",
+    ])  # fmt: skip
