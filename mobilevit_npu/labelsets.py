@@ -10,11 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +59,8 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
 
     Returns the samples (sorted by path) and the files that could not be labelled, with the reason.
     """
+    if not str(root).strip():
+        raise UserError("--dataset is an empty path")
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--dataset {root} is not a folder")
@@ -72,6 +77,15 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
             for path in sorted(folder.rglob("*")):
                 if path.is_file() and preprocessing.is_image_name(path.name):
                     samples.append(Sample(str(path), label))
+        stray = sorted(p for p in root.iterdir() if not p.is_dir())  # beside the class folders: in no class
+        for path in stray:
+            if preprocessing.is_image_name(path.name):
+                unlabelled.append({"image": str(path), "error": "at the dataset root beside the class folders: in "
+                                   "no class (move it into one)"})  # fmt: skip
+        others = sum(not preprocessing.is_image_name(p.name) for p in stray)
+        if stray:
+            logger.warning("--dataset %s: %d image(s) at the root beside the class folders (skipped, counted) and %d "
+                           "other file(s) ignored", root, len(stray) - others, others)  # fmt: skip
     else:
         for path in sorted(root.iterdir()):
             if not (path.is_file() and preprocessing.is_image_name(path.name)):
@@ -86,29 +100,84 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
     return samples, unlabelled
 
 
+def _guess_encoding(data: bytes) -> str | None:
+    """The encoding charset_normalizer (requests' own dependency) finds most likely, or None."""
+    try:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(data).best()
+        return best.encoding if best is not None else None
+    except Exception:  # noqa: BLE001 - a guess only names the encoding in the message
+        return None
+
+
+def _decode_csv(path: Path, data: bytes) -> str:
+    """The CSV's text: UTF-8 (a UTF-8 BOM stripped) or UTF-16 with its BOM; anything else is refused with the
+    encoding it looks like, since image names decoded under a guessed encoding could name other files."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        guess = _guess_encoding(data)
+        looks = f"it looks like {guess}" if guess else "its encoding is unknown"
+        fix = f"; convert it: iconv -f {guess} -t UTF-8 {path} > labels.utf8.csv" if guess else ""
+        raise UserError(f"--labels {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}; {looks}){fix}") from None
+
+
+_CLASS_ID = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
+
+
 def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classes: int = 1000) -> list[Sample]:
-    """CSV rows `image,class_id` (a header row is allowed); relative paths are taken from `root` or the CSV's folder."""
+    """CSV rows `image,class_id`; relative paths are taken from `root` or the CSV's folder.
+
+    - Encoding: UTF-8 (a BOM is stripped) or UTF-16 with a BOM; any other is refused, naming the encoding it looks
+      like (charset_normalizer) and the iconv command.
+    - Header: the first row is a header only when its class_id field is not a whole number and its image field is
+      not an image file name (`image,class_id`, `path,label`); a first row naming an image is always data, so a
+      headerless CSV loses nothing.
+    - Rows starting with `#` and empty rows are skipped; class ids are ASCII whole numbers in 0..num_classes-1.
+    - Duplicates: the same image with the same class twice is kept once, with a warning giving the count; the same
+      image with two different classes is an error naming both lines (no label is picked silently).
+    """
+    if not str(path).strip():
+        raise UserError("--labels is an empty path")
     path = Path(path)
     base = Path(root) if root else path.parent
-    samples = []
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            for line_no, row in enumerate(csv.reader(fh), 1):
-                if not row or row[0].startswith("#"):
-                    continue
-                if len(row) < 2:
-                    raise UserError(f"{path}:{line_no}: expected image,class_id")
-                image, label = row[0].strip(), row[1].strip()
-                if not label.lstrip("-").isdigit():
-                    if line_no == 1:
-                        continue  # header
-                    raise UserError(f"{path}:{line_no}: class_id {label!r} is not a whole number")
-                if not 0 <= int(label) < num_classes:
-                    raise UserError(f"{path}:{line_no}: class_id {label} is outside 0..{num_classes - 1}")
-                full = image if preprocessing.is_url(image) or os.path.isabs(image) else str(base / image)
-                samples.append(Sample(full, int(label)))
+        preprocessing.require_regular_file(path)
+        data = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read --labels {path}: {exc}") from exc
+        raise UserError(f"cannot read --labels {path}: {exc.strerror or first_line(exc)}") from exc
+    samples: list[Sample] = []
+    seen: dict[str, tuple[int, int]] = {}  # full path -> (class, line)
+    duplicates = 0
+    for line_no, row in enumerate(csv.reader(io.StringIO(_decode_csv(path, data), newline="")), 1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) < 2:
+            raise UserError(f"{path}:{line_no}: expected image,class_id")
+        image, label = row[0].strip(), row[1].strip()
+        if not _CLASS_ID.fullmatch(label.lstrip("-+")):
+            if not samples and not seen and not preprocessing.is_image_name(image):
+                continue  # the header
+            raise UserError(f"{path}:{line_no}: class_id {label!r} is not a whole number")
+        value = int(label)
+        if not 0 <= value < num_classes:
+            raise UserError(f"{path}:{line_no}: class_id {label} is outside 0..{num_classes - 1}")
+        full = image if preprocessing.is_url(image) or os.path.isabs(image) else str(base / image)
+        if full in seen:
+            first_label, first_line_no = seen[full]
+            if first_label != value:
+                raise UserError(f"{path}:{line_no}: {image} is labelled {value} here and {first_label} on line "
+                                f"{first_line_no}; one image, one class")
+            duplicates += 1
+            continue
+        seen[full] = (value, line_no)
+        samples.append(Sample(full, value))
+    if duplicates:
+        logger.warning("--labels %s: %d duplicate row(s) (same image, same class) counted once", path, duplicates)
     if not samples:
         raise UserError(f"--labels {path} lists no images")
     return samples
@@ -263,61 +332,193 @@ def default_workers(world_size: int = 1) -> int:
     return max(1, min(8, cores // max(1, world_size)))
 
 
+def lock_file(report: str | Path) -> Path:
+    """The lock a labelled run holds beside its report: REPORT.json.lock (an output of the run, like the journal)."""
+    return Path(f"{report}.lock")
+
+
+def journal_folder(report: str | Path) -> Path:
+    """The --resume journal's folder beside the report: REPORT.json.parts/."""
+    return Path(f"{report}.parts")
+
+
+JOURNAL_FORMAT = 2  # each line: {"v": 2, "sha256": the image file's digest or null, "record": {...}}
+
+
+def _settings_differing(before: Any, now: dict[str, Any]) -> str:
+    """Which run_key settings differ between a journal's meta.json and this run, named with both values when short."""
+    if not isinstance(before, dict):
+        return "the journal's meta.json does not say"
+    names = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if all(isinstance(v, (str, int, float, bool, type(None))) and len(str(v)) <= 40 for v in (old, new)):
+            names.append(f"{key} ({old} in the journal, {new} now)")
+        else:
+            names.append(key)
+    return ", ".join(names) or "the run key's format"
+
+
 class Journal:
-    """JSON lines per rank in `REPORT.parts/`; `meta.json` there says what run they belong to."""
+    """JSON lines per rank in `REPORT.parts/`; `meta.json` there says what run they belong to.
+
+    Each line is versioned (JOURNAL_FORMAT) and holds the image file's sha256 beside its record, so a resume redoes
+    an image whose bytes changed under the same name. A line that does not parse, or is from another format, stops
+    the resume (UserError naming the file and line, and how to start afresh); only a torn last line (a crash mid-write:
+    no newline) is dropped, and cut off before new lines are appended. The main rank holds an exclusive lock
+    (fcntl.flock on `REPORT.json.lock`, kept as a file) for the run's life, so a second live run on the same REPORT is
+    refused instead of deleting this one's journal. `--resume` where the report exists and no journal does (a
+    finished run) is refused: nothing to continue, and the finished report stays as it is."""
 
     def __init__(self, report: str | Path, dist: distributed.Distributed, run_key: dict[str, Any], resume: bool):
-        self.folder = Path(f"{report}.parts")
+        self.report = Path(report)
+        self.folder = journal_folder(report)
         self.dist = dist
         self.rank_of: dict[str, int] = {}  # image -> the rank whose file recorded it (per_rank_images after --resume)
+        self.digest_of: dict[str, str | None] = {}  # image -> the sha256 its journal line recorded
         self.resumed = 0  # images taken from the journal instead of being redone (set by run)
+        self.changed = 0  # journaled images whose file changed since: redone (set by run)
         self.key = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()[:16]
-        meta = self.folder / "meta.json"
+        self._lock = None
+        self._fh = None
         error = None
         if dist.is_main:
-            what = "the --resume journal's meta.json"
-            previous = reports.read_json(meta, what) if resume and meta.is_file() else None
-            if previous is not None and previous.get("key") != self.key:
-                error = (
-                    f"--resume: {self.folder} belongs to a different run (model, dtype, device kind or images "
-                    "changed); drop --resume to start over"
-                )
-            else:
-                if not resume and self.folder.exists():
-                    shutil.rmtree(self.folder)
-                self.folder.mkdir(parents=True, exist_ok=True)
-                reports.write_json_atomic(meta, {"key": self.key, "run": run_key})
+            try:
+                self._lock = self._take_lock()
+                self._prepare(run_key, resume)
+            except UserError as exc:
+                error = str(exc)
         error = dist.broadcast(error)  # also the barrier: the folder is ready before any rank writes to it
         if error:
+            self._release()
             raise UserError(error)
-        self._fh = open(self.folder / f"rank{dist.rank}.jsonl", "a", encoding="utf-8")
+        path = self.folder / f"rank{dist.rank}.jsonl"
+        try:
+            _cut_torn_tail(path)
+            self._fh = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            self._release()
+            raise UserError(f"cannot write the --resume journal {path}: {exc.strerror or exc}") from exc
+
+    def _take_lock(self):
+        import fcntl
+
+        lock_path = lock_file(self.report)
+        try:
+            fh = open(lock_path, "a")  # noqa: SIM115 - held open for the run's life
+        except OSError as exc:
+            raise UserError(f"cannot create the lock {lock_path} beside the report: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise UserError(f"{self.report} is being written by another live run (it holds {lock_path}); wait for it "
+                            "to end or give another REPORT path") from None
+        return fh
+
+    def _prepare(self, run_key: dict[str, Any], resume: bool) -> None:
+        meta = self.folder / "meta.json"
+        if os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise UserError(f"{self.folder} (the journal beside the report) exists and is not a folder; remove it or "
+                            "give another REPORT path")
+        afresh = f"run the same command without --resume (it deletes {self.folder} and starts afresh)"
+        if resume and not meta.is_file() and self.report.is_file():
+            raise UserError(f"--resume: {self.report} is a finished run (no journal in {self.folder}); nothing to "
+                            "resume and the report is left as it is. To redo it, run the same command without "
+                            "--resume")
+        if resume and meta.is_file():
+            previous = reports.read_json(meta, "the --resume journal's meta.json")
+            if previous.get("format") != JOURNAL_FORMAT:
+                raise UserError(f"--resume: {self.folder} was written by another version of this tool (journal "
+                                f"format {previous.get('format', 1)}, this one reads {JOURNAL_FORMAT}); {afresh}")
+            if previous.get("key") != self.key:
+                raise UserError(f"--resume: {self.folder} belongs to a different run: "
+                                f"{_settings_differing(previous.get('run'), run_key)} differ; {afresh}")
+            return
+        try:
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the --resume journal {self.folder}: {exc.strerror or exc}") from exc
+        reports.write_json_atomic(meta, {"format": JOURNAL_FORMAT, "key": self.key, "run": run_key})
 
     def done(self) -> dict[str, dict]:
-        """Every record of every rank's file so far, by image (a torn last line from a crash is ignored)."""
+        """Every record of every rank's file so far, by image. A line that does not parse or has another format is a
+        UserError naming the file and line (the journal is not trusted); a torn last line from a crash is ignored."""
         records: dict[str, dict] = {}
         for path in sorted(self.folder.glob("rank*.jsonl")):
             rank = int(path.stem[4:]) if path.stem[4:].isdigit() else 0
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    records[record["image"]] = record
-                    self.rank_of[record["image"]] = rank
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                lines = fh.readlines()
+            for line_no, line in enumerate(lines, 1):
+                if not line.endswith("\n") and line_no == len(lines):
+                    break  # a torn last line: the crash happened mid-write
+                entry = _parse_line(line)
+                if isinstance(entry, str):
+                    raise UserError(f"--resume: {path}:{line_no}: {entry}; the journal cannot be trusted. Run the "
+                                    f"same command without --resume (it deletes {self.folder} and starts afresh)")
+                record = entry["record"]
+                records[record["image"]] = record
+                self.digest_of[record["image"]] = entry["sha256"]
+                self.rank_of[record["image"]] = rank
         return records
 
-    def append(self, records: Sequence[dict]) -> None:
-        for record in records:
-            self._fh.write(reports.json_line(record))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+    def append(self, records: Sequence[dict], digests: Sequence[str | None] | None = None) -> None:
+        """Journal records (with each image's file sha256 where known) and fsync; a full or read-only disk is a
+        UserError naming the file and the errno (exit 2), not a traceback."""
+        digests = list(digests) if digests is not None else [None] * len(records)
+        try:
+            for record, digest in zip(records, digests):
+                self._fh.write(reports.json_line({"v": JOURNAL_FORMAT, "sha256": digest, "record": record}))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise UserError(f"cannot write the --resume journal {self._fh.name}: [Errno {exc.errno}] "
+                            f"{exc.strerror or exc}") from exc
 
     def close(self, remove: bool) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # a full disk already said so; closing must not say it again
+                self._fh.close()
         self.dist.barrier()
         if remove and self.dist.is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor drops the flock
+            self._lock = None
+
+
+def _parse_line(line: str) -> dict | str:
+    """A journal line as {"v", "sha256", "record"}, or why it is not one."""
+    try:
+        entry = json.loads(line)
+    except ValueError as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(entry, dict) or entry.get("v") != JOURNAL_FORMAT:
+        found = entry.get("v", "none") if isinstance(entry, dict) else type(entry).__name__
+        return f"not a format-{JOURNAL_FORMAT} journal line (format {found})"
+    record, digest = entry.get("record"), entry.get("sha256")
+    if set(entry) != {"v", "sha256", "record"} or not isinstance(record, dict) or not isinstance(
+            record.get("image"), str) or not (digest is None or isinstance(digest, str)):  # fmt: skip
+        return "a journal line without its image, digest and record"
+    return entry
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a crash mid-write), so the next line appended starts a line."""
+    try:
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
 
 
 def run(
@@ -346,7 +547,15 @@ def run(
     """
     previous = journal.done() if journal else {}
     wanted = {s.image for s in samples}
-    previous = {image: record for image, record in previous.items() if image in wanted}
+    previous = {image: record for image, record in previous.items() if image in wanted and "error" not in record}
+    if journal and previous:  # an image whose bytes changed since it was journaled is redone, not trusted
+        changed = [image for image in previous if refcache.file_digest(image) != journal.digest_of.get(image)]
+        for image in changed:
+            del previous[image]
+        journal.changed = len(changed)
+        if changed and dist.is_main:
+            logger.warning("--resume: %d image(s) changed since the journal recorded them (e.g. %s): redone",
+                           len(changed), changed[0])  # fmt: skip
     if journal:
         journal.resumed = len(previous)
     todo = [s for s in samples if s.image not in previous]
@@ -356,16 +565,17 @@ def run(
     records: list[dict] = []
     label = f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc
     bar = timing.progress_bar(len(mine), dist.is_main, label)
-    batches = stream([s.image for s in mine], cfg, batch_size, workers, digests, pixel_cache)
+    hashed = digests or journal is not None  # the journal records each image's digest
+    batches = stream([s.image for s in mine], cfg, batch_size, workers, hashed, pixel_cache)
     if on_start is not None and mine:
         on_start()
     with bar:
         for indices, pixels, errors, *hashes in timing.timed_iter(batches, waits):
             batch = [mine[i] for i in indices]
-            new = (process(batch, pixels, *hashes) if batch else [])
+            new = (process(batch, pixels, *(hashes if digests else ())) if batch else [])
             new += [{"image": mine[i].image, "label": mine[i].label, "error": err} for i, err in errors]
             if journal:
-                journal.append(new)
+                journal.append(new, [*(hashes[0] if hashes else [None] * len(batch)), *[None] * len(errors)])
             records.extend(new)
             bar.update(len(new))
     gathered = dist.gather(records)
