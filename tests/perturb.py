@@ -1,11 +1,14 @@
-"""Test-only perturbations of the target model: each is a targets.Patch (installs a forward hook)."""
+"""Test-only perturbations of the target model: each is a targets.Patch (installs a forward hook, or wraps one
+module's forward)."""
 
 from __future__ import annotations
 
 import functools
 import math
+import types
 from typing import Any
 
+import numpy as np
 import torch
 
 from mobilevit_npu import targets
@@ -64,5 +67,37 @@ def inject_nan(module_name: str) -> targets.Patch:
             return _replace_first_tensor(output, first)
 
         return model.get_submodule(module_name).register_forward_hook(hook)
+
+    return install
+
+
+def add_noise_in_forward(module_name: str, scale: float = 1.0, seed: int = 0) -> targets.Patch:
+    """Gaussian noise (scale x the output's std) added inside one module's forward, invisibly to tools that wrap
+    torch's APIs.
+
+    msprobe's module hook is moved to the front of the module's forward hooks (`move_to_end(handle.id, last=False)`,
+    msprobe/pytorch/dump/module_dump/module_processor.py, mindstudio-probe 26.2.0), so it records a module's output
+    before add_noise's hook changes it: the noise must be in the forward itself. And msprobe's L1 wraps the methods of
+    torch.Tensor, torch and torch.nn.functional (pytorch/dump/api_dump/api_register.py:48-55): noise made with them
+    would add API calls to the target alone and shift the call numbers msprobe matches rows by. So the noise comes
+    from numpy and is added with torch._C.TensorBase's methods, which msprobe leaves alone. The forward hooks of
+    --layers see the noisy output as well."""
+    base = torch._C.TensorBase
+
+    def install(model: torch.nn.Module):
+        module = model.get_submodule(module_name)
+        rng = np.random.default_rng(seed)
+
+        def noisy_forward(self, *args, **kwargs):
+            output = type(self).forward(self, *args, **kwargs)
+            first = _first_tensor(output)
+            values = base.numpy(base.float(base.cpu(base.detach(first))))
+            noise = rng.standard_normal(values.shape).astype(np.float32) * (scale * (float(values.std()) or 1.0))
+            noisy = base.add(first, base.to(base.new_tensor(first, noise), first.device, first.dtype))
+            return _replace_first_tensor(output, noisy)  # a new tensor: an output aliasing the input stays intact
+
+        # a bound method, so that a deep copy of the model (probe.run dumps copies) calls its own copy's forward
+        module.forward = types.MethodType(noisy_forward, module)
+        return module
 
     return install

@@ -1,0 +1,448 @@
+"""msprobe (MindStudio Probe, `pip install mindstudio-probe`) as the layer-by-layer engine: both sides dumped with its
+`PrecisionDebugger` and compared by `msprobe compare`, the table Ascend's guides and support engineers read.
+
+    DIR/config.<rank>.json             the msprobe config.json this process dumped with (task, level, dump_path)
+    DIR/reference/step0/<rank>/        the CPU float32 eager reference: dump.json, stack.json, construct.json
+    DIR/target/step0/<rank>/           the target (its device, dtype and mode), the same inputs
+    DIR/compare/[<rank>/]compare_result_*.csv   msprobe's table; compare.log its console output
+
+<rank> is msprobe's own folder name: rank{N} under torchrun (torch.distributed initialised), else proc{pid}.
+
+What msprobe is and does, as read in mindstudio-probe 26.2.0 (site-packages/msprobe) and Ascend/msprobe's docs:
+  - PrecisionDebugger is a process-wide singleton (core/dump/debugger/precision_debugger.py:26-38); its config
+    (task, level, dump_path) is read once. msprobe applies a changed config mid-run through
+    PytorchService.apply_runtime_config (pytorch/dump/pytorch_service.py:41-46; its own hot reload,
+    pytorch/dump/debugger/precision_debugger.py:190-227): the same call switches this process's dumps from
+    DIR/reference to DIR/target, and lets a later run use another DIR, task or level.
+  - L1 and mix wrap torch's APIs (torch.Tensor, torch, torch.nn.functional, torch._VF: pytorch/dump/api_dump/
+    api_register.py:48-55) for the whole process; run() restores them when it is done (api_registry.py:241).
+  - `msprobe compare -tp TARGET -gp GOLDEN -o OUT` is the documented comparison (docs/zh/user_guide/
+    accuracy_compare/pytorch_accuracy_compare_instruct.md, "命令格式"); it writes compare_result_*.csv (--xlsx for
+    .xlsx). Each row's Result is pass | warning | error, with Err_message saying why (core/compare/
+    indicator_analysis/algorithm.py); a dtype that differs from the benchmark's is an error by itself
+    (DTypeErrChecker, algorithm.py:229-257), so a bfloat16 target against the float32 reference fails every tensor
+    row for that reason alone: those rows are counted apart (dtype_only), not hidden.
+  - Dynamo graphs of torch >= 2.7 are not dumped ("The dynamo scenario of PyTorch 2.7 and later versions is not
+    supported": docs/en/dump/pytorch_data_dump_instruct.md, Constraints), so a compiled target is refused.
+  - Paths may hold only letters, digits and _ . : / - (FileCheckConst.FILE_VALID_PATTERN, core/common/const.py:1060;
+    docs/zh/install_guide/msprobe_install_guide.md 6.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import csv
+import importlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mobilevit_npu import models, reports
+from mobilevit_npu.errors import UserError, first_line
+
+logger = logging.getLogger("mobilevit_npu.probe")
+
+LEVELS = ("L0", "L1", "mix")
+TASKS = ("statistics", "tensor")
+INSTALL = 'pip install -e ".[msprobe]" (or pip install mindstudio-probe)'
+# Modes whose target is an eager module msprobe can hook. bf16 (fastpath compiled under autocast) is dumped through
+# its eager twin under the same autocast, as --layers watches it (targets.TWIN_MODES).
+DUMPABLE_MODES = ("eager", "channels_last", "bf16")
+COMPILED_MODES = ("compiled", "fast", "npugraph")
+DTYPE_MESSAGE = "The dtype of NPU and Bench are inconsistent."  # algorithm.py DTypeErrChecker.err_msg
+PATH_PATTERN = re.compile(r"^[a-zA-Z0-9_.:/-]+$")  # msprobe's FileCheckConst.FILE_VALID_PATTERN
+FIRST_FAILING_KEPT = 10
+# "Module.{name}.{class}.forward.{call}[.input.0|.output.0|.parameters.weight...]" (dump docs, "dump_tensor_data")
+MODULE_ROW = re.compile(r"^Module\.(?P<path>.+)\.(?P<cls>[A-Za-z_][A-Za-z0-9_]*)\.(?P<dir>forward|backward)"
+                        r"\.(?P<call>\d+)(?:\..*)?$")  # fmt: skip
+
+
+def add_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> argparse._ArgumentGroup:
+    """--msprobe DIR and its level, task and image bound, in their own group."""
+    if isinstance(parser, argparse.ArgumentParser):
+        group = parser.add_argument_group("msprobe (MindStudio Probe, Ascend's accuracy tool; docs/msprobe.md)")
+    else:
+        group = parser
+    group.add_argument(
+        "--msprobe",
+        metavar="DIR",
+        default=None,
+        help="also dump the reference (CPU float32 eager) and the target with msprobe's PrecisionDebugger on the same "
+        "images into DIR/reference and DIR/target, and write msprobe compare's table under DIR/compare; the report "
+        "gets its counts by result and first failing rows (needs " + INSTALL + "; eager, channels_last or bf16 "
+        "targets only)",
+    )
+    group.add_argument(
+        "--msprobe_level",
+        "--msprobe-level",
+        choices=LEVELS,
+        default="mix",
+        help="what msprobe dumps: L0 modules, L1 torch APIs, mix both",
+    )
+    group.add_argument(
+        "--msprobe_task",
+        "--msprobe-task",
+        choices=TASKS,
+        default="statistics",
+        help="statistics: max, min, mean and L2 norm of every tensor (small); tensor: the tensors themselves too "
+        "(large: see docs/msprobe.md for sizes per image)",
+    )
+    group.add_argument(
+        "--msprobe_images",
+        "--msprobe-images",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="dump the first N images (default: the first batch: --batch_size images with --dataset/--labels, each "
+        "rank its own; else the first image)",
+    )
+    return group
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _import_msprobe():
+    """msprobe's PyTorch package (the import tests make fail to check the refusal)."""
+    return importlib.import_module("msprobe.pytorch")
+
+
+def msprobe_version() -> str:
+    """The installed mindstudio-probe's version; UserError (with the install command) when it is absent."""
+    try:
+        _import_msprobe()
+    except ImportError as exc:
+        raise UserError(f"--msprobe needs msprobe (MindStudio Probe), which is not importable ({first_line(exc)}): "
+                        f"{INSTALL}") from exc  # fmt: skip
+    from msprobe._build_info import VERSION
+
+    return str(VERSION)
+
+
+def check(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:
+    """Refuse, before any work, what msprobe cannot dump; returns msprobe's version. One-line UserErrors."""
+    if runtime != "torch":
+        raise UserError(f"--msprobe dumps torch modules and APIs; --runtime {runtime} runs its own graph (ONNX "
+                        f"Runtime or an ATC .om), with nothing for msprobe's PrecisionDebugger to hook")  # fmt: skip
+    if mode in COMPILED_MODES:
+        why = "msprobe: dynamo graphs of torch >= 2.7 are not dumped"
+        raise UserError(f"--msprobe cannot dump --target_mode {mode}: a compiled graph has no module or API calls "
+                        f"to hook ({why}); use eager, channels_last or bf16")  # fmt: skip
+    if mode not in DUMPABLE_MODES:
+        raise UserError(f"--msprobe dumps eager targets ({', '.join(DUMPABLE_MODES)}), not --target_mode {mode}")
+    if out_dir is not None:
+        check_out_dir(out_dir)
+    return msprobe_version()
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """DIR must be a path msprobe accepts, and must not hold an earlier run's dumps (nothing is overwritten)."""
+    path = Path(out_dir).expanduser().resolve()
+    if not PATH_PATTERN.match(str(path)):
+        raise UserError(f"--msprobe {out_dir}: msprobe accepts only letters, digits and _ . : / - in its paths "
+                        f"({path} has others)")  # fmt: skip
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--msprobe {out_dir} is a file, not a folder")
+    taken = [name for name in ("reference", "target", "compare") if (path / name).exists()]
+    if taken:
+        raise UserError(f"--msprobe {out_dir} already holds an msprobe run ({', '.join(taken)}): give a new folder "
+                        f"or remove it")  # fmt: skip
+
+
+def module_name(msprobe_name: str) -> Optional[str]:
+    """The project's module name (as in named_modules; `name#2` for a second call, layerwise's key) of an msprobe
+    module row such as `Module.mobilevit.encoder.layer.1.MobileViTMobileNetLayer.forward.0.output.0`; None for an
+    API row (`Functional.conv2d.0.forward.output.0`)."""
+    match = MODULE_ROW.match(msprobe_name)
+    if not match:
+        return None
+    call = int(match.group("call"))
+    return match.group("path") if call == 0 else f"{match.group('path')}#{call + 1}"
+
+
+def compare_names(msprobe_name: str, project_name: str) -> bool:
+    """True when an msprobe row (or module name) and a project module name (layerwise) name the same module call."""
+    name = module_name(msprobe_name) if msprobe_name.startswith("Module.") else msprobe_name
+    return name is not None and name == project_name
+
+
+def _config(task: str, level: str, dump_path: Path) -> dict[str, Any]:
+    """msprobe's config.json (docs/en/dump/config_json_introduct.md): every rank, every step, forward data only."""
+    return {
+        "task": task,
+        "dump_path": str(dump_path),
+        "rank": [],
+        "step": [],
+        "level": level,
+        "async_dump": False,
+        "extra_info": True,
+        "statistics": {"scope": [], "list": [], "data_mode": ["all"], "summary_mode": "statistics"},
+        "tensor": {"scope": [], "list": [], "data_mode": ["all"]},
+    }
+
+
+def _debugger(config_path: Path):
+    """This process's PrecisionDebugger, set to `config_path`: made on the first call; later calls apply the new
+    config the way msprobe's hot reload does (PrecisionDebugger._apply_reloaded_config, precision_debugger.py:208-227,
+    through PytorchService.apply_runtime_config), since the singleton ignores a second constructor's arguments."""
+    from msprobe.core.dump.common_config import CommonConfig
+    from msprobe.pytorch import PrecisionDebugger
+    from msprobe.pytorch.dump.debugger.debugger_config import DebuggerConfig
+    from msprobe.pytorch.dump.pt_config import parse_task_config
+
+    fresh = PrecisionDebugger._instance is None
+    debugger = PrecisionDebugger(config_path=str(config_path))
+    if not fresh:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+        common = CommonConfig(raw)
+        task_config = parse_task_config(common.task, raw)
+        config = DebuggerConfig(common, task_config, None, None, None)
+        debugger.common_config, debugger.task_config, debugger.task = common, task_config, common.task
+        debugger.config = config
+        debugger.service.apply_runtime_config(config)
+    PrecisionDebugger.set_init_step(0)  # each dump is step0 of its own folder
+    return debugger
+
+
+@torch.no_grad()
+def _dump_side(debugger, module: torch.nn.Module, pixels: torch.Tensor, autocast: Optional[str]) -> None:
+    """One forward of `module` (a Hugging Face model, called as model(pixel_values=...)) between start and stop."""
+    debugger.start(model=module)
+    try:
+        with torch.autocast(device_type=autocast, dtype=torch.bfloat16) if autocast else nullcontext():
+            module(pixel_values=pixels)
+    finally:
+        debugger.stop()
+        debugger.step()
+
+
+def _restore_apis(debugger) -> None:
+    """Unwrap torch's APIs (L1/mix wrapped them for the whole process), so the rest of the run calls torch itself."""
+    register = getattr(debugger.service, "api_register", None)
+    if register is not None and getattr(register, "all_api_registered", False):
+        register.restore_all_api()
+
+
+def _rank_folder(rank: Optional[int]) -> str:
+    """msprobe's per-process folder (core/dump/service.py:418-419): rank{N} when torch.distributed is initialised."""
+    if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+    return f"rank{rank}" if rank is not None else f"proc{os.getpid()}"
+
+
+def _compare(target_json: Path, reference_json: Path, out: Path) -> Path:
+    """`msprobe compare -tp TARGET -gp GOLDEN -o OUT` (the documented CLI), in a child process; the table's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", "import sys; from msprobe.msprobe import main; sys.exit(main())",
+               "compare", "-tp", str(target_json), "-gp", str(reference_json), "-o", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    (out / "compare.log").write_text(done.stdout + done.stderr, encoding="utf-8")
+    tables = sorted(out.glob("compare_result_*.csv"))
+    if done.returncode != 0 or not tables:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"msprobe compare wrote no table (exit {done.returncode}): {tail[0]} "
+                           f"(see {out}/compare.log)")  # fmt: skip
+    return tables[-1]
+
+
+def _messages(text: str) -> list[str]:
+    """Err_message cells hold a JSON list of strings (`["error: ...", "warning: ..."]`); older builds a plain string."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
+    """msprobe's compare table (csv), rows in its order (the dump's: execution order)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def summarize(rows: list[dict[str, str]], dtypes_differ: bool) -> dict[str, Any]:
+    """Counts by Result, the dtype-only failures (when the sides' dtypes differ by design) and the first failing rows.
+
+    A row is dtype-only when msprobe's Result is error and its only error is DTYPE_MESSAGE: with the sides' dtypes
+    different by design, that row failed for that reason alone. A row with the dtype error and a warning (or another
+    error) stays among the failing ones, with all of msprobe's messages."""
+    counts = Counter((row.get("Result") or "").strip() or "(empty)" for row in rows)
+    dtype_only = 0
+    failing: list[dict[str, str]] = []
+    first_module = None
+    for row in rows:
+        result = (row.get("Result") or "").strip()
+        if result.lower() == "pass":
+            continue
+        messages = _messages(row.get("Err_message", ""))
+        errors = [m for m in messages if m.lower().startswith("error")]
+        others = [m for m in messages if not m.lower().startswith("error")]
+        if (dtypes_differ and result.lower() == "error" and errors and not others
+                and all(m.endswith(DTYPE_MESSAGE) for m in errors)):  # fmt: skip
+            dtype_only += 1
+            continue
+        name = row.get("NPU Name", "")
+        if len(failing) < FIRST_FAILING_KEPT:
+            failing.append({"name": name, "result": result, "message": "; ".join(messages)})
+        if first_module is None:
+            first_module = module_name(name)
+    return {"counts": dict(sorted(counts.items())), "dtype_only": dtype_only, "first_failing": failing,
+            "first_failing_module": first_module}  # fmt: skip
+
+
+def with_project(section: dict[str, Any], project_first_divergent: Optional[str]) -> dict[str, Any]:
+    """The section with the project's own first divergent module (--layers) beside msprobe's first failing module,
+    and whether they agree (None when either is missing). A disagreement is said in the note."""
+    section = dict(section)
+    ours, theirs = project_first_divergent, section.get("first_failing_module")
+    section["project_first_divergent"] = ours
+    section["agree"] = None if ours is None or theirs is None else compare_names(theirs, ours)
+    if section["agree"] is False:
+        said = f"msprobe's first failing module ({theirs}) is not --layers' first divergent one ({ours})"
+        section["note"] = f"{section['note']}; {said}" if section.get("note") else said
+    return section
+
+
+def run(
+    out_dir: str | os.PathLike,
+    reference_module: torch.nn.Module,
+    target_module: torch.nn.Module,
+    inputs: torch.Tensor,
+    target_dtype: str,
+    level: str = "mix",
+    task: str = "statistics",
+    *,
+    to_target: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    autocast: Optional[str] = None,
+    images: Optional[int] = None,
+    rank: Optional[int] = None,
+    project_first_divergent: Optional[str] = None,
+) -> dict[str, Any]:
+    """Dump both sides with msprobe on the same images, compare them with `msprobe compare`; the report section.
+
+    `reference_module` runs the float32 CPU batch `inputs` as is; `target_module` runs `to_target(inputs)` (default:
+    cast to `target_dtype`), under bfloat16 autocast on device type `autocast` when given. Both are Hugging Face
+    models called as model(pixel_values=x). `images` bounds the images dumped (the first ones); `rank` names the
+    dump folder when torch.distributed is not initialised (else msprobe asks torch.distributed)."""
+    if level not in LEVELS or task not in TASKS:
+        raise UserError(f"msprobe level must be one of {', '.join(LEVELS)} and task one of {', '.join(TASKS)}")
+    version = msprobe_version()
+    root = Path(out_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    pixels = inputs[:images] if images else inputs
+    # msprobe changes the modules it hooks for good (forward pre-hooks, an instance-level forward wrapper whose
+    # closure a later deep copy would still call: module_processor.py wrap_forward_with_hook_safety), so it dumps
+    # copies and the caller's models stay as they were.
+    reference_module, target_module = copy.deepcopy(reference_module), copy.deepcopy(target_module)
+    reference_dump, target_dump = root / "reference", root / "target"
+    folder = _rank_folder(rank)
+    config_path = root / f"config.{folder}.json"  # one per process: ranks never write the same file
+    debugger = None
+    try:
+        reports.write_json_atomic(config_path, _config(task, level, reference_dump))
+        debugger = _debugger(config_path)
+        _dump_side(debugger, reference_module, pixels, None)
+        reports.write_json_atomic(config_path, _config(task, level, target_dump))
+        debugger = _debugger(config_path)
+        target_input = to_target(pixels) if to_target else pixels.to(models.DTYPES[target_dtype])
+        _dump_side(debugger, target_module, target_input, autocast)
+    finally:
+        if debugger is not None:
+            _restore_apis(debugger)
+    reference_json = reference_dump / "step0" / folder / "dump.json"
+    target_json = target_dump / "step0" / folder / "dump.json"
+    for path in (reference_json, target_json):
+        if not path.is_file():
+            raise RuntimeError(f"msprobe wrote no {path}")
+    compare_dir = root / "compare" / folder if folder.startswith("rank") else root / "compare"
+    table = _compare(target_json, reference_json, compare_dir)
+    dtypes_differ = models.DTYPES[target_dtype] != torch.float32 or autocast is not None
+    summary = summarize(read_table(table), dtypes_differ)
+    notes = []
+    if level == "L1":
+        notes.append("level L1 dumps torch APIs only: no module rows, so no first failing module")
+    if autocast:
+        notes.append("the bf16 target's eager twin was dumped under the same bfloat16 autocast (its compiled graph "
+                     "has no modules to hook)")  # fmt: skip
+    dtype_note = None
+    if dtypes_differ:
+        dtype_note = (f"msprobe marks every tensor whose dtype differs from the benchmark's as error (\"{DTYPE_MESSAGE}"
+                      f"\"); the target runs in {models.dtype_name(target_dtype)}"
+                      f"{' autocast' if autocast else ''} against the float32 reference by design, so the "
+                      f"{summary['dtype_only']} row(s) failed for that reason alone are counted apart, and the "
+                      f"failing rows listed are the others")  # fmt: skip
+    section = {
+        "version": version,
+        "level": level,
+        "task": task,
+        "images_dumped": int(pixels.shape[0]),
+        "reference_dump": str(reference_dump),
+        "target_dump": str(target_dump),
+        "compare_table": str(table),
+        "counts": summary["counts"],
+        "dtype_only": summary["dtype_only"],
+        "dtype_note": dtype_note,
+        "first_failing": summary["first_failing"],
+        "first_failing_module": summary["first_failing_module"],
+        "project_first_divergent": None,
+        "agree": None,
+        "note": "; ".join(notes) or None,
+    }
+    return with_project(section, project_first_divergent)
+
+
+def run_sides(out_dir, reference, target, pixels: torch.Tensor, level: str = "mix", task: str = "statistics",
+              images: Optional[int] = None, rank: Optional[int] = None,
+              project_first_divergent: Optional[str] = None) -> dict[str, Any]:  # fmt: skip
+    """run() for two targets.Side: the reference's model, and the target's hooked module (its eager twin for bf16,
+    under the same autocast) fed through the target's own input conversion (dtype, device, layout)."""
+    return run(
+        out_dir, reference.hook_model, target.hook_model, pixels, target.dtype, level, task,
+        to_target=target.prepared.to_input, autocast=target.device.type if target.mode == "bf16" else None,
+        images=images, rank=rank, project_first_divergent=project_first_divergent,
+    )  # fmt: skip
+
+
+def console_line(section: dict[str, Any]) -> str:
+    """One line beside the verdict: msprobe's counts, the dtype-only rows, the first failing module and the table."""
+    counts = ", ".join(f"{n} {result}" for result, n in sorted(section["counts"].items()))
+    parts = [f"msprobe {section['version']} ({section['level']}, {section['task']}, {section['images_dumped']} "
+             f"image(s)): {counts}"]  # fmt: skip
+    if section.get("dtype_only"):
+        parts.append(f"{section['dtype_only']} of the errors only for the dtype")
+    first = section.get("first_failing_module")
+    if first is None and section.get("first_failing"):
+        first = section["first_failing"][0]["name"]
+    parts.append(f"first failing: {first or 'none'}")
+    if section.get("agree") is not None:
+        parts.append("agrees with --layers" if section["agree"] else
+                     f"--layers says {section['project_first_divergent']}")  # fmt: skip
+    parts.append(f"table {section['compare_table']}")
+    return "; ".join(parts)
