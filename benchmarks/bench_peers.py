@@ -8,7 +8,7 @@ The peers run through the benchmark's own loop (mobilevit_npu.bench.run_benchmar
 warm-up, interleaving, synchronized timing, agreement with eager float32, peak memory, roofline and result schema as
 accuracy_run_perf.py, whose report format --output writes.
 
-ONNX Runtime and OpenVINO are optional benchmark dependencies (requirements-bench.txt); a peer that is not installed
+ONNX Runtime and OpenVINO are optional benchmark dependencies (the `bench` extra); a peer that is not installed
 is skipped with a warning. The model is exported at a static batch size by mobilevit_npu.onnx_export (export_onnx.py's
 export: torch's current exporter where it works, else the TorchScript one). ONNX Runtime runs with
 ORT_ENABLE_ALL, as many intra-op threads as torch uses and session.intra_op.allow_spinning=0: its workers otherwise
@@ -103,10 +103,10 @@ def _main(argv) -> int:
         raise UserError(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(PEERS)}")
     missing = [p for p in peers if importlib.util.find_spec(p) is None]
     if missing:
-        logger.warning("not installed, skipped: %s (pip install -r requirements-bench.txt)", ", ".join(missing))
+        logger.warning('not installed, skipped: %s (pip install -e ".[bench]")', ", ".join(missing))
         peers = [p for p in peers if p not in missing]
     if not peers:
-        raise UserError("no peer to run: pip install -r requirements-bench.txt")
+        raise UserError('no peer to run: pip install -e ".[bench]"')
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     batch_sizes = [common.int_at_least(1)(b) for b in args.batch_sizes.split(",") if b.strip()]
     device = devices.Device("cpu")

@@ -40,7 +40,7 @@ from mobilevit_npu import devices, models, onnx_export, preprocessing, runtimes
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
-    reason="onnx / onnxruntime not installed (requirements-bench.txt)",
+    reason='onnx / onnxruntime not installed (pip install -e ".[bench]")',
 )
 
 CURRENT = "dynamo" if importlib.util.find_spec("onnxscript") else "torchscript"  # the dynamo exporter needs onnxscript

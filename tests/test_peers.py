@@ -1,4 +1,4 @@
-"""benchmarks/bench_peers.py: ONNX Runtime and OpenVINO beside the torch modes (requirements-bench.txt)."""
+"""benchmarks/bench_peers.py: ONNX Runtime and OpenVINO beside the torch modes (pip install -e ".[bench]")."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
     """As a user runs it, in its own process: OpenVINO's thread pool in the pytest process (next to the gloo groups and
     DataLoader workers of other tests) crashes the interpreter at exit."""
     if importlib.util.find_spec(peer) is None or importlib.util.find_spec("onnx") is None:
-        pytest.skip(f"{peer} or onnx not installed (requirements-bench.txt)")
+        pytest.skip(f'{peer} or onnx not installed (pip install -e ".[bench]")')
     out = tmp_path / "peers.json"
     argv = ["--model_path", str(tiny_model_dir), "--peers", peer, "--modes", "eager", "--iterations", "2",
             "--warmup", "1", "--batch_sizes", "1,2", "--allocator", "system", "--output", str(out)]  # fmt: skip
