@@ -186,6 +186,61 @@ def test_ci_fails_on_a_missing_readme_block(tmp_path):
     assert "'<!-- ci: test -->'" in proc.stderr
 
 
+FAKE_README = """# fake
+
+<!-- ci: setup -->
+```bash
+echo "setup $(basename "$VIRTUAL_ENV")" >> ci.log
+```
+
+<!-- ci: lint -->
+```bash
+echo lint >> ci.log
+```
+
+<!-- ci: only -->
+```bash
+export FAKE_ONLY=1
+```
+
+<!-- ci: test -->
+```bash
+echo "test $FAKE_ONLY" >> ci.log
+{test_exit}
+```
+
+<!-- ci: compat -->
+```bash
+echo compat >> ci.log
+```
+"""
+
+
+def run_ci_on(tmp_path: Path, test_exit: str) -> subprocess.CompletedProcess:
+    """.ci/run itself on a readme whose blocks only log that they ran (a real venv is made; nothing is installed)."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "readme.md").write_text(FAKE_README.format(test_exit=test_exit))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CI_COMPAT")}
+    return subprocess.run(["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_ci_runs_each_block_once_in_order_in_a_fresh_venv(tmp_path):
+    proc = run_ci_on(tmp_path, "true")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ci.log").read_text().splitlines() == ["setup .venv", "lint", "test 1", "compat", "test 1"]
+    assert len(re.findall(r"^suite on transformers .*: \d+ s$", proc.stdout, flags=re.M)) == 2, proc.stdout
+
+
+@pytest.mark.slow
+def test_ci_fails_when_the_test_command_fails(tmp_path):
+    """pytest's exit 5 (no test collected) stops CI like any failure: nothing after it runs."""
+    proc = run_ci_on(tmp_path, "(exit 5)")
+    assert proc.returncode == 5
+    assert (tmp_path / "ci.log").read_text().splitlines() == ["setup .venv", "lint", "test 1"]
+
+
 def shell_lines(text: str) -> list[str]:
     return [line.split("#", 1)[0] for line in text.splitlines() if not line.lstrip().startswith("#")]
 
