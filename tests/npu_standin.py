@@ -7,13 +7,19 @@ torch-npu 2.5.1 / 2.13.0 sources, see /work/shared/NPU_NOTES.md):
 - importing torch_npu.contrib.transfer_to_npu repoints torch.cuda at torch.npu (torch.cuda.is_available() becomes
   True) and disables torch.jit.script;
 - torch.npu.conv.allow_hf32 reads True until set, torch.npu.matmul.allow_hf32 False;
-- an operator named in `fallback_ops` warns, on every forward of a model moved to npu, with torch_npu's CPU-fallback
-  text;
+- an operator named in `fallback_ops` falls back to the CPU on every forward of a model moved to npu, and the stand-in
+  says so as torch_npu does: once per operator per process, as one line written to file descriptor 2 from native code
+  (libc's write through ctypes), in c10's log format, never through Python's `warnings` (see `emit_c10_warning`);
+  silenced by TORCH_NPU_DISABLED_WARNING=1 and on ranks other than 0/-1; from 2.13.0 on,
+  TORCH_NPU_FALLBACK_CPU_DISABLE=1 turns the fallback into torch_npu's RuntimeError naming the operator;
+- torch_npu/lib/libtorch_npu.so holds, as NUL-terminated strings, the names of the environment switches the imitated
+  version reads (the project looks for them there, as in the real library);
 - torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated (`torchair_modes`); its
   backend (the graph runs as traced) refuses a graph holding scaled_dot_product_attention with
   `reject_flash_attention`, as torchair 7.0.0's converter for the flash SDPA raises NotImplementedError;
 - with `autoload_fails`, a torch_npu-X.dist-info declaring the `torch.backends` entry point whose _autoload raises, as
-  on a host where CANN's set_env.sh was not sourced (only subprocesses see it: `import torch` reads entry points).
+  on a host where CANN's set_env.sh was not sourced (only subprocesses see it: `import torch` reads entry points);
+  with `autoload`, the same entry point succeeding (it records TORCH_NPU_FALLBACK_CPU_DISABLE as it found it).
 
 Device storage is the CPU. The real torch_npu renames torch's PrivateUse1 backend to "npu"; the stand-in cannot: the
 rename cannot be undone, and afterwards torch.accelerator (and so every torch.compile) fails for the rest of the test
@@ -27,6 +33,7 @@ this process and undoes every patch afterwards.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -38,6 +45,67 @@ FALLBACK_TEXT = (
     "CAUTION: The operator '{op}' is not currently supported on the NPU backend and will fall back to run on the CPU. "
     "This may have performance implications."
 )
+# torch_npu 2.5.1 @9e105eaa torch_npu/csrc/aten/VariableFallbackKernel.cpp:250-254 (TORCH_NPU_WARN in npu_cpu_fallback);
+# the same text in 2.13.0 and 2.14.0 (strings in libtorch_npu.so).
+# The wordings of 2.13.0 and 2.14.0 beyond it (strings in their libtorch_npu.so; op-plugin @517f2e7d
+# op_plugin/ops/opapi/TransfromBiasRescaleQKVKernelNpuOpApi.cpp:23-26, LogitKernelNpuOpApi.cpp:17-20,
+# MaskedSoftMaxKernelNpuOpApi.cpp:57-61; Ascend/pytorch master SparseCsrReductionFallbackKernelNpu.cpp:22-26).
+WORDINGS = {
+    "dispatcher": FALLBACK_TEXT.format(op="aten::_fused_adam_"),
+    "op-plugin": "CAUTION: The operator aten::_transform_bias_rescale_qkv is currently not supported on the NPU "
+    "backend. Now this operator will fallback to run on the CPU and may have performance implications. Please try to "
+    "update your CANN version.",
+    "op-plugin, several operators": "CAUTION: The operator aten::logit, aten::logit_ and aten::logit.out is currently "
+    "not supported on the NPU backend. Now this operator will fallback to run on the CPU and may have performance "
+    "implications.",
+    "op-plugin, conditions": "CAUTION: The operator aten::_masked_softmax need to be met the following conditions to "
+    "run on the NPU backend: 1. dim = None/dim = -1/dim = input.dim()-1; 2. mask_type = 2; 3. input.dim() = 4. Now "
+    "this operator will fallback to run on the CPU and may have performance implications. Please check your params.",
+    "fallback switch": "CPU fallback is allowed because TORCH_NPU_FALLBACK_CPU_DISABLE=0. Since the NPU interface does "
+    "not support operator 'aten::_sparse_csr_sum.dim_dtype', the operator will fall back to CPU.",
+}
+WORDING_OPERATORS = {
+    "dispatcher": ["aten::_fused_adam_"],
+    "op-plugin": ["aten::_transform_bias_rescale_qkv"],
+    "op-plugin, several operators": ["aten::logit", "aten::logit_", "aten::logit.out"],
+    "op-plugin, conditions": ["aten::_masked_softmax"],
+    "fallback switch": ["aten::_sparse_csr_sum.dim_dtype"],
+}
+
+
+def c10_warning_line(
+    text: str, function: str = "npu_cpu_fallback", where: str = "VariableFallbackKernel.cpp:254"
+) -> bytes:
+    """One warning as c10's default WarningHandler logs it: "Warning: <msg> (function <fn>)" (torch
+    c10/util/Exception.cpp, WarningHandler::process) behind MessageLogger's prefix
+    "[W<mmdd> hh:mm:ss.<ns> <file>:<line>] " (c10/util/Logging.cpp), "[rank<N>]:" in front when torch.distributed set a
+    global rank; one line."""
+    import time
+
+    now = time.time()
+    stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e9):09d}"
+    rank = os.environ.get("RANK")
+    prefix = f"[rank{rank}]:" if rank is not None else ""
+    return f"{prefix}[W{stamp} {where}] Warning: {text} (function {function})\n".encode()
+
+
+def native_write(data: bytes, fd: int = 2) -> None:
+    """write(2) from libc, as C++'s std::cerr ends up doing: below Python's sys.stderr and its warnings."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    view = bytes(data)
+    while view:
+        written = libc.write(fd, view, len(view))
+        if written < 0:
+            raise OSError(ctypes.get_errno(), "write(2) failed")
+        view = view[written:]
+
+
+def emit_c10_warning(text: str, **where) -> None:
+    native_write(c10_warning_line(text, **where))
+
 
 _INIT = """
 import json, os, sys, types, warnings
@@ -59,7 +127,12 @@ def _patch(owner, name, value):
     setattr(owner, name, value)
 
 
+AUTOLOAD_SWITCH = None  # TORCH_NPU_FALLBACK_CPU_DISABLE as torch's autoload found it
+
+
 def _autoload():
+    global AUTOLOAD_SWITCH
+    AUTOLOAD_SWITCH = os.environ.get("TORCH_NPU_FALLBACK_CPU_DISABLE", "unset")
     if OPTIONS["autoload_fails"]:
         raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. "
                           "Please run 'source set_env.sh' in the CANN installation path.")
@@ -191,9 +264,54 @@ def _cpu(args, kwargs):
     return args, kwargs
 
 
+_WARNED = set()  # VariableFallbackKernel.cpp:237-245 has_op_name_warned: a static set, once per operator per process
+_STATIC = {}  # function-local statics: read at first use, then kept for the process
+
+
+def _strtol(value, default):
+    # strtol(value, NULL, 10) as OptionsManager reads a switch: the leading integer, 0 when there is none
+    if value is None:
+        return default
+    text = value.lstrip()
+    sign = -1 if text[:1] == "-" else 1
+    text = text[1:] if text[:1] in ("+", "-") else text
+    digits = ""
+    for ch in text:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return sign * int(digits) if digits else 0
+
+
+def _should_print_warning():
+    # OptionsManager.cpp:559-570 (2.5.1): TORCH_NPU_DISABLED_WARNING=1 silences; else only RANK unset (-1) or 0 prints.
+    if "print" not in _STATIC:
+        silenced = any(_strtol(os.environ.get(name), 0) == 1 for name in OPTIONS["silencers"])
+        _STATIC["print"] = not silenced and _strtol(os.environ.get("RANK"), -1) in (0, -1)
+    return _STATIC["print"]
+
+
+def _fallback_allowed():
+    # OptionsManager::IsCpuFallbackEnable (master OptionsManager.cpp:60-66): read at the first fallback, then kept.
+    if "allowed" not in _STATIC:
+        value = os.environ.get("TORCH_NPU_FALLBACK_CPU_DISABLE") if OPTIONS["fallback_switch"] else None
+        _STATIC["allowed"] = _strtol(value, 0) == 0
+    return _STATIC["allowed"]
+
+
 def _fallback_hook(module, inputs):
+    from npu_standin import emit_c10_warning  # tests/ is on sys.path wherever the fallback hook runs
+
     for op in OPTIONS["fallback_ops"]:
-        warnings.warn(FALLBACK_TEXT.format(op=op), UserWarning, stacklevel=2)
+        if not _fallback_allowed():  # CpuFallbackUtils.h:16-33 CheckCpuFallbackAllowed, before the warning
+            raise RuntimeError(f"The operator '{op}' would execute its main computation on CPU through dispatcher "
+                               "backend fallback because no kernel is registered for the NPU PrivateUse1 backend, but "
+                               "CPU fallback is disabled by TORCH_NPU_FALLBACK_CPU_DISABLE=1.\\n[ERROR] (PID:0, "
+                               "Device:0, RankID:-1) ERR01007 OPS feature not supported")
+        if op not in _WARNED:
+            _WARNED.add(op)
+            if _should_print_warning():
+                emit_c10_warning(FALLBACK_TEXT.format(op=op))
 
 
 def _wrap(owner, name, on_npu=None):
@@ -352,10 +470,12 @@ DEFAULTS = {
     "device_count": 2,
     "cann": "8.0.RC3",
     "fallback_ops": [],
+    "fallback_switch": None,  # None: as the version (2.13.0 and later read TORCH_NPU_FALLBACK_CPU_DISABLE)
     "torchair_broken": False,
     "torchair_modes": ["max-autotune", "reduce-overhead"],
     "reject_flash_attention": False,
     "autoload_fails": False,
+    "autoload": False,  # declare the torch.backends entry point (so `import torch` imports the stand-in) and succeed
 }
 
 
@@ -365,6 +485,16 @@ def build(folder: Path, **options) -> Path:
     if unknown:
         raise TypeError(f"unknown stand-in options {sorted(unknown)}")
     settings = {**DEFAULTS, "version": torch.__version__.split("+")[0], **options, "fallback_text": FALLBACK_TEXT}
+    from packaging.version import Version
+
+    newer = Version(settings["version"]).release[:2] >= (2, 13)
+    if settings["fallback_switch"] is None:
+        settings["fallback_switch"] = newer
+    # the switches each version's libtorch_npu.so reads (strings there): 2.5.1 only TORCH_NPU_DISABLED_WARNING
+    settings["silencers"] = ["TORCH_NPU_DISABLED_WARNING"] + (["TORCH_NPU_WARNING_DISABLE"] if newer else [])
+    library_strings = (
+        settings["silencers"] + ["RANK"] + (["TORCH_NPU_FALLBACK_CPU_DISABLE"] if settings["fallback_switch"] else [])
+    )
     files = {
         "torch_npu/__init__.py": _INIT,
         "torch_npu/standin.json": json.dumps(settings),
@@ -373,7 +503,7 @@ def build(folder: Path, **options) -> Path:
         "torch_npu/dynamo/__init__.py": _DYNAMO,
         "torch_npu/dynamo/torchair/__init__.py": _TORCHAIR,
     }
-    if settings["autoload_fails"]:
+    if settings["autoload_fails"] or settings["autoload"]:
         info = f"torch_npu-{settings['version']}.dist-info"
         files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: torch_npu\nVersion: {settings['version']}\n"
         files[f"{info}/entry_points.txt"] = "[torch.backends]\ntorch_npu = torch_npu:_autoload\n"
@@ -382,6 +512,9 @@ def build(folder: Path, **options) -> Path:
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text).lstrip())
+    library = folder / "torch_npu" / "lib" / "libtorch_npu.so"
+    library.parent.mkdir(parents=True, exist_ok=True)
+    library.write_bytes(b"\0stand-in\0" + b"".join(name.encode() + b"\0" for name in library_strings))
     return folder
 
 
