@@ -30,7 +30,7 @@ from pathlib import Path
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import layerwise, metrics, refcache, runtimes, targets, verify
+from mobilevit_npu import layerwise, metrics, probe, refcache, runtimes, targets, verify
 
 
 def _defaults_text(name: str) -> str:
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(3-5 ms per image on one core); on: in {refcache.default_pixel_root()} (default: off)",
     )
     common.add_allocator_arg(run)
+    probe.add_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -275,6 +276,8 @@ def _main(argv=None) -> int:
     print(f"wrote {' and '.join(outcome.written)}")
     if outcome.fallback_line:
         print(outcome.fallback_line)
+    if outcome.msprobe:
+        print(probe.console_line(outcome.msprobe))
     print(verdict_line(outcome.comparison, outcome.layers, outcome.compared, outcome.skipped))
     return outcome.exit_code
 

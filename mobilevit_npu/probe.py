@@ -35,6 +35,7 @@ import ast
 import copy
 import csv
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -133,9 +134,10 @@ def msprobe_version() -> str:
     except ImportError as exc:
         raise UserError(f"--msprobe needs msprobe (MindStudio Probe), which is not importable ({first_line(exc)}): "
                         f"{INSTALL}") from exc  # fmt: skip
-    from msprobe._build_info import VERSION
-
-    return str(VERSION)
+    try:
+        return importlib.metadata.version("mindstudio-probe")
+    except importlib.metadata.PackageNotFoundError:  # msprobe importable without its distribution's metadata
+        return "unknown"
 
 
 def check(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:

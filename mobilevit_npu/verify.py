@@ -29,6 +29,7 @@ from mobilevit_npu import (
     models,
     npu,
     preprocessing,
+    probe,
     refcache,
     reports,
     runtimes,
@@ -123,6 +124,8 @@ def check(settings: Settings) -> None:
         raise UserError("--resume, --limit and --pixel_cache go with --dataset or --labels")
     if settings.labelled and (settings.images or settings.layers):
         raise UserError("--images and --layers do not go with --dataset/--labels")
+    if settings.msprobe:  # a mode or runtime msprobe cannot dump, msprobe absent, a used or unusable folder
+        probe.check(settings.target_mode, settings.runtime, settings.msprobe)
 
 
 @dataclass
@@ -284,6 +287,8 @@ class _Run:
         result = compare_images(self.loaded, self.target, items, self.thresholds, s.layers, s.reference_cache)
         comparison = with_fallbacks(result.comparison, self.fallbacks, s.fail_on_cpu_fallback)
         budget = metrics.skip_budget(comparison, len(errors), len(sources), s.max_skipped)
+        dumped = items[: s.msprobe_images or 1]  # --msprobe: the first batch (batch size 1: the first image)
+        msprobe = self.msprobe(torch.cat([item.batch for item in dumped]), result.layers) if s.msprobe else None
         report = self.report(
             comparison,
             input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
@@ -294,6 +299,7 @@ class _Run:
             notes=self.notes,
             skipped=budget,
             speed=result.speed,
+            msprobe=msprobe,
         )
         reports.write_report(s.report, report)
         return Outcome(
@@ -306,6 +312,7 @@ class _Run:
             id2label=self.loaded.id2label,
             written=[s.report],
             report=report,
+            msprobe=msprobe,
         )
 
     # ------------------------------------------------------------------------------------------ labelled sets
@@ -374,6 +381,7 @@ class _Run:
             "decode_wait_s": sum(waits),
             "pixel_cache": pixel_cache.summary() if pixel_cache is not None else None,
         }
+        msprobe = self.msprobe_labelled(samples) if s.msprobe else None  # every rank dumps its own first batch
         speeds = dist.gather(mine)  # every rank's counts and timings, in rank order (None off rank 0)
         if not dist.is_main:
             journal.close(remove=True)
@@ -416,6 +424,7 @@ class _Run:
             dataset=summary,
             images_file=str(jsonl_path),
             target_device=self.target.device.type if dist.enabled else None,
+            msprobe=msprobe,
         )
         reports.write_report(s.report, report)
         journal.close(remove=True)
@@ -430,7 +439,33 @@ class _Run:
             id2label=loaded.id2label,
             written=[s.report, str(jsonl_path)],
             report=report,
+            msprobe=msprobe,
         )
+
+    # ------------------------------------------------------------------------------------------ msprobe
+
+    def msprobe(self, pixels: torch.Tensor, layers: Optional[layerwise.LayerReport]) -> dict[str, Any]:
+        """--msprobe: both sides dumped by msprobe on `pixels` and compared (probe.py), after the verdict's own
+        comparison (which it cannot change); --layers' first divergent module beside msprobe's first failing one."""
+        s = self.s
+        first = layers.first_divergent["name"] if layers is not None and layers.first_divergent else None
+        rank = self.dist.rank if self.dist.enabled else None
+        return probe.run_sides(s.msprobe, self.reference, self.target, pixels, s.msprobe_level, s.msprobe_task,
+                               rank=rank, project_first_divergent=first)  # fmt: skip
+
+    def msprobe_labelled(self, samples: list[labelsets.Sample]) -> Optional[dict[str, Any]]:
+        """--msprobe on a labelled set: this rank's first batch (its first --msprobe_images, default --batch_size,
+        of its share), decoded again; None when none of them can be read."""
+        mine = self.dist.shard(samples)[: self.s.msprobe_images or self.s.batch_size]
+        items, _ = preprocessing.read_images([x.image for x in mine], self.loaded.preprocess)
+        if not items:
+            logger.warning("--msprobe: none of this rank's first %d image(s) could be read: nothing dumped", len(mine))
+            return None
+        section = self.msprobe(torch.cat([item.batch for item in items]), None)
+        if self.dist.enabled:
+            ranks = f"each of the {self.dist.world_size} ranks dumped its own first batch (rank folders); rank 0's here"
+            section["note"] = f"{section['note']}; {ranks}" if section.get("note") else ranks
+        return section
 
     # ------------------------------------------------------------------------------------------ the report
 
@@ -454,6 +489,7 @@ class _Run:
         dataset: dict | None = None,
         images_file: str | None = None,
         target_device: str | None = None,
+        msprobe: dict | None = None,
     ) -> schema.AccuracyReport:
         """The report: the shared header, the verdict and everything it rests on."""
         s, target = self.s, self.target
@@ -489,6 +525,7 @@ class _Run:
             notes=notes,
             speed=speed,
             cpu_fallbacks=fallbacks,
+            msprobe=schema.Msprobe(**msprobe) if msprobe else None,
             **extra,
         )
 
