@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,10 @@ COMPILE_CACHE_ENV = "MOBILEVIT_NPU_COMPILE_CACHE"
 AOTI_CONFIGS = {"freezing": True}
 # Autotuned GEMMs: inductor times its own C++ GEMM template against aten's (oneDNN/MKL) for every matmul and keeps the
 # faster, with bias, activation and residual fused in; its report table is not printed (0 rows).
-AOTI_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0}
+# Its other report, a JSON line per GEMM after "Autotune Choices Stats:" written straight to sys.stderr, is
+# max_autotune_report_choices_stats (torch 2.13: _inductor/config.py:551, select_algorithm.py:4212 and 6013): off.
+AOTI_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0,
+                 "max_autotune_report_choices_stats": False}
 
 
 def _unique_function(fn: Callable, name: str) -> Callable:
@@ -246,34 +250,71 @@ def build_aoti(
     if runner is not None:
         return runner, ms / 1000.0, notes + [f"compile cache hit: {package}"], "hit"
 
-    def build() -> Forward:
-        root.mkdir(parents=True, exist_ok=True)
-        folder = tempfile.mkdtemp(prefix=".aoti-", dir=str(root))  # same file system: the rename is atomic
-        try:
-            built = Path(folder) / "fast.pt2"
+    def build() -> tuple[Forward, str | None]:
+        """Build in a private temp folder (the package writer reports a full disk as a RuntimeError, or aborts in
+        C++, so it never writes into the cache), then copy the package into the cache: a failure there is a plain
+        OSError with its errno, and the runner already built is used without the cache."""
+        with tempfile.TemporaryDirectory(prefix="mobilevit_aoti_") as scratch:
+            built = Path(scratch) / "fast.pt2"
             runner = _aoti_build(module, example, str(built), configs)
-            meta = {"key": key, "fields": fields, "sha256": models.sha256_file(built)}
-            os.replace(built, package)  # a reader of the old meta with this package sees a checksum mismatch
-            (Path(folder) / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            os.replace(Path(folder) / "meta.json", meta_path)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        runner(example)
-        return runner
+            runner(example)
+            try:
+                _store_package(built, root, package, meta_path, {"key": key, "fields": fields,
+                                                                 "sha256": models.sha256_file(built)})
+            except OSError as exc:
+                return runner, _cache_write_error(root, exc)
+        return runner, None
 
-    try:
-        runner, ms = timing.timed_call(build, device)
-    except OSError as exc:  # the cache folder cannot be written: build without it
-        logger.warning("compile cache: cannot write under %s (%s); building without it", root, exc)
-        runner, ms = timing.timed_call(build_uncached, device)
-        return runner, ms / 1000.0, notes + [f"compile cache not writable: {exc}"], "off"
+    runner_and_error, ms = timing.timed_call(build, device)
+    runner, error = runner_and_error
+    if error is not None:
+        logger.warning("compile cache: %s; the build is used without the cache", error)
+        return runner, ms / 1000.0, notes + [f"compile cache not writable: {error}"], "off"
     return runner, ms / 1000.0, notes + [f"compile cache miss: built and stored {package}"], "miss"
+
+
+def _cache_write_error(root: Path, exc: OSError) -> str:
+    """One line: the path and the errno of a failed cache write (ENOSPC, EROFS, EACCES...)."""
+    import errno as errno_names
+
+    name = errno_names.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
+    return f"cannot write under {exc.filename or root} ({name}: {exc.strerror or first_line(exc)})"
+
+
+def _store_package(built: Path, root: Path, package: Path, meta_path: Path, meta: dict[str, Any]) -> None:
+    """Copy a built package and its meta into the cache folder atomically (a temp name in the same folder, then a
+    rename), the package first: a reader of the old meta with the new package sees a checksum mismatch. Cache files
+    get the user's umask (mkstemp would make them 0600). OSError on any failure, nothing half-written left."""
+    root.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    for source_bytes, target in ((None, package), (json.dumps(meta, indent=2).encode(), meta_path)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(root))
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if source_bytes is None:
+                    with open(built, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                else:
+                    out.write(source_bytes)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _aoti_build(module: Forward, example: torch.Tensor, package_path: str, configs: dict[str, Any]) -> Forward:
     """Export and build under no_grad: inductor applies `freezing` only when grad is off (compile_fx checks
     torch.is_grad_enabled()), so a build with grad on silently skips weight prepacking and the oneDNN fusions."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # autotuning's benchmark set-up calls the deprecated Tensor.storage() (torch 2.13
+        # _inductor/select_algorithm.py:4799): its TypedStorage warning says nothing about this build
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                                module=r"torch\._inductor\.")  # fmt: skip
         program = torch.export.export(module, (example,))
         package = torch._inductor.aoti_compile_and_package(
             program, package_path=package_path, inductor_configs=dict(configs)

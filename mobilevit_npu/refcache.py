@@ -27,6 +27,7 @@ A cache is an optimisation: a folder that cannot be written is reported once and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from mobilevit_npu import models, preprocessing
+from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.refcache")
 
@@ -169,6 +171,18 @@ class EntryCache:
         self.versions = {k: key_fields[k] for k in self.version_fields if k in key_fields}
         self.stats = CacheStats()
         self._writable = True
+        self._readable = True
+        if self.root.exists() and not self.root.is_dir():
+            self._unusable(NotADirectoryError(errno.ENOTDIR, "not a folder", str(self.root)))
+
+    def _unusable(self, exc: OSError) -> None:
+        """The cache's location itself is bad (a file where its folder should be, no permission): said once, and
+        the run goes on without the cache (no per-image warnings, nothing counted as invalid)."""
+        if self._readable or self._writable:
+            self.stats.write_errors.append(f"{exc.filename or self.root}: {exc.strerror or exc}")
+            logger.warning("%s cache: cannot use %s (%s: %s); going on without it", self.what, self.root,
+                           errno.errorcode.get(exc.errno or 0, type(exc).__name__), exc.strerror or exc)  # fmt: skip
+        self._readable = self._writable = False
 
     def path(self, digest: str) -> Path:
         return self.folder / digest[:2] / f"{digest}.{self.suffix}"
@@ -176,12 +190,16 @@ class EntryCache:
     def get_array(self, digest: str | None) -> np.ndarray | None:
         """The cached array of the image with this content hash (read-only, a view of the file's bytes), or None
         (absent or not trustworthy; counted in stats.invalid when present but bad)."""
-        if digest is None:
+        if digest is None or not self._readable:
             return None
         path = self.path(digest)
         try:
+            preprocessing.require_regular_file(path)  # a FIFO or device planted in the cache is not read
             data = path.read_bytes()
         except FileNotFoundError:
+            return None
+        except (NotADirectoryError, PermissionError) as exc:  # the location, not this entry
+            self._unusable(exc)
             return None
         except OSError as exc:
             logger.warning("%s cache: cannot read %s (%s); recomputing", self.what, path, exc)
@@ -242,7 +260,9 @@ class EntryCache:
         except OSError as exc:
             self._writable = False
             self.stats.write_errors.append(f"{path}: {exc}")
-            logger.warning("%s cache: cannot write under %s (%s); going on without it", self.what, self.root, exc)
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            logger.warning("%s cache: cannot write under %s (%s: %s); going on without it", self.what, self.root, name,
+                           exc.strerror or exc)  # fmt: skip
             return
         self.stats.stored += 1
 
@@ -253,6 +273,7 @@ class EntryCache:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a team cache must be readable as the user says
             os.replace(tmp, path)  # atomic: readers see the old entry or the whole new one
         except BaseException:
             with contextlib.suppress(OSError):
@@ -308,9 +329,24 @@ class PixelCache(EntryCache):
         return array
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _spec(spec: str | None, flag: str) -> str | None:
+    """A cache flag's value, with an empty one refused (it would mean the working folder)."""
+    if spec is not None and not spec.strip():
+        raise UserError(f"{flag} is an empty path; give a folder, or off")
+    return spec
+
+
 def open_cache(spec: str | None, model: torch.nn.Module, source: dict[str, Any],
                preprocess: preprocessing.PreprocessConfig) -> ReferenceCache | None:  # fmt: skip
-    """The cache --reference_cache names: None for "off", the default folder for None, else that folder."""
+    """The cache --reference_cache names: None for "off", the default folder for None, else that folder (an empty
+    value is a UserError)."""
+    spec = _spec(spec, "--reference_cache")
     if spec is not None and spec.strip().lower() == "off":
         return None
     root = Path(spec).expanduser() if spec else default_root()
@@ -322,7 +358,9 @@ def pixel_cache_wanted(spec: str | None) -> bool:
 
 
 def open_pixel_cache(spec: str | None, preprocess: preprocessing.PreprocessConfig) -> PixelCache | None:
-    """The cache --pixel_cache names: None for None or "off", the default folder for "on", else that folder."""
+    """The cache --pixel_cache names: None for None or "off", the default folder for "on", else that folder (an
+    empty value is a UserError)."""
+    spec = _spec(spec, "--pixel_cache")
     if not pixel_cache_wanted(spec):
         return None
     root = default_pixel_root() if spec.strip().lower() == "on" else Path(spec).expanduser()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import re
 import resource
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -532,7 +535,8 @@ def test_run_adds_resumed_images_to_their_ranks(tmp_path):
     journal = labelsets.Journal(tmp_path / "r.json", dist, {"k": 1}, resume=False)
     journal.close(remove=False)
     with open(tmp_path / "r.json.parts" / "rank1.jsonl", "w") as fh:  # an earlier run on two ranks
-        fh.write(reports.json_line({"image": PHOTOS[0], "label": 0, "error": "x"}))
+        fh.write(reports.json_line({"v": labelsets.JOURNAL_FORMAT, "sha256": models.sha256_file(Path(PHOTOS[0])),
+                                    "record": {"image": PHOTOS[0], "label": 0}}))
     journal = labelsets.Journal(tmp_path / "r.json", dist, {"k": 1}, resume=True)
     records, per_rank = labelsets.run(samples, preprocessing.PreprocessConfig(),
                                       lambda batch, pixels: [{"image": s.image} for s in batch], dist, 2, 0, journal)
@@ -604,3 +608,327 @@ def test_plot_says_what_was_timed_in_plain_ms(end_to_end, low, high, tmp_path):
     plt.close(fig)
     path = bench.plot_latencies(fake_results(end_to_end, low, high), str(tmp_path / "p.png"), "cpu")
     assert Path(path).stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 22: nothing overwritten, nothing stale, no run without bounds
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def error_line(captured: str) -> str:
+    """The one error line a refused run prints (stderr), checked to be alone and free of tracebacks."""
+    lines = [line for line in captured.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in captured, captured
+    return lines[0]
+
+
+def test_output_that_is_an_input_image_is_refused_by_path_or_link(tiny_model_dir, tmp_path, capsys):
+    image = tmp_path / "cat.png"
+    shutil.copy(CHELSEA, image)
+    before = image.read_bytes()
+    os.link(image, tmp_path / "cat.json")  # a hard link: another name, the same inode
+    for output in (image, tmp_path / "cat.json"):
+        rc = inference.main(["--model_path", str(tiny_model_dir), "--image", str(image), "--output", str(output)])
+        line = error_line(capsys.readouterr().err)
+        assert rc == 2 and str(output) in line and str(image) in line
+    assert image.read_bytes() == before
+
+
+def test_output_inside_the_model_folder_is_refused(model_copy, capsys):
+    config = model_copy / "config.json"
+    before = config.read_bytes()
+    rc = inference.main(["--model_path", str(model_copy), "--image", CHELSEA, "--output", str(config)])
+    assert rc == 2 and "model folder" in error_line(capsys.readouterr().err)
+    rc = accuracy_run_perf.main([str(model_copy), "1", str(config), "--device", "cpu"])
+    assert rc == 2 and "model folder" in error_line(capsys.readouterr().err)
+    assert config.read_bytes() == before
+
+
+def test_accuracy_report_over_the_model_config_is_refused(model_copy, capsys):  # needs verify's check_outputs call
+    config = model_copy / "config.json"
+    before = config.read_bytes()
+    rc = accuracy_run.main([str(model_copy), str(config), "--device", "cpu", "--images", CHELSEA])
+    assert rc == 2 and str(config) in error_line(capsys.readouterr().err)
+    assert config.read_bytes() == before
+
+
+def test_accuracy_report_over_an_input_image_list_is_refused(tiny_model_dir, tmp_path, capsys):
+    labels = tmp_path / "labels.json"  # a CSV that happens to end in .json
+    labels.write_text(f"{CHELSEA},1\n")
+    before = labels.read_bytes()
+    rc = accuracy_run.main([str(tiny_model_dir), str(labels), "--device", "cpu", "--labels", str(labels)])
+    assert rc == 2 and str(labels) in error_line(capsys.readouterr().err)
+    assert labels.read_bytes() == before
+
+
+def drop_tensor(folder: Path, name: str, extra: str | None = None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights.pop(name)
+    if extra:
+        weights[extra] = torch.zeros(1)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_checkpoint_missing_a_tensor_is_refused_not_run_on_random_weights(model_copy, tmp_path, capsys):
+    drop_tensor(model_copy, "mobilevit.conv_stem.convolution.weight", extra="stray.weight")
+    rc = inference.main(["--model_path", str(model_copy), "--image", CHELSEA])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "mobilevit.conv_stem.convolution.weight" in line and "stray.weight" in line
+    report = tmp_path / "r.json"
+    for _ in range(2):  # the sweep's run 1 PASSed and run 2 FAILed against run 1's random weights
+        rc = accuracy_run.main([str(model_copy), str(report), "--device", "cpu", "--images", CHELSEA])
+        assert rc == 2 and "missing" in error_line(capsys.readouterr().err)
+    assert not report.exists()
+
+
+def test_reference_cache_key_follows_the_weights_loaded_not_the_file(model_copy, tmp_path, monkeypatch):
+    from mobilevit_npu import refcache
+
+    loaded = models.load_model(str(model_copy))
+    key = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)
+    with torch.no_grad():
+        loaded.model.mobilevit.conv_stem.convolution.weight.mul_(0.5)  # same file, other tensors
+    assert refcache.reference_key(loaded.model, loaded.source, loaded.preprocess) != key
+
+
+def test_labels_row_naming_dev_zero_is_skipped_not_hashed_forever(tiny_model_dir, tmp_path):
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    shutil.copy(CHELSEA, tmp_path / "cat.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("cat.png,1\nzero.png,2\n")
+    report = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "accuracy_run.py"), str(tiny_model_dir), str(report), "--device", "cpu",
+           "--labels", str(labels), "--workers", "1", "--max_skipped", "1"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = read_json(report)["errors"]
+    assert len(errors) == 1 and "zero.png" in errors[0]["image"] and "not a regular file" in errors[0]["error"]
+
+
+def test_model_folder_file_that_is_a_device_is_refused(model_copy, capsys):
+    (model_copy / "config.json").unlink()
+    (model_copy / "config.json").symlink_to("/dev/zero")
+    rc = inference.main(["--model_path", str(model_copy), "--image", CHELSEA])
+    assert rc == 2 and "not a regular file" in error_line(capsys.readouterr().err)
+
+
+def test_benchmark_batch_over_memory_is_one_line_not_an_oom_kill(tiny_model_dir, capsys):
+    rc = inference.main(["--model_path", str(tiny_model_dir), "--benchmark", "--batch_size", "1000000000",
+                         "--iterations", "1", "--warmup", "0", "--device", "cpu"])  # fmt: skip
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "--batch_size 1000000000" in line and "needs about" in line
+
+
+def test_labelled_batch_is_bounded_by_the_images(tiny_model_dir, labelled_set, tmp_path, capsys):
+    # needs verify to build its example and warm-up with labelsets.bounded_batch
+    report = tmp_path / "r.json"
+    argv = [str(tiny_model_dir), str(report), "--dataset", str(labelled_set), "--device", "cpu", "--batch_size",
+            "1000000000", "--workers", "0"]  # fmt: skip
+    assert accuracy_run.main(argv) == 0, capsys.readouterr().err
+    assert read_json(report)["dataset"]["images"] == 4
+
+
+def test_bounded_batch_takes_the_images_and_refuses_what_cannot_fit(monkeypatch):
+    from mobilevit_npu import malloc
+
+    cfg = preprocessing.PreprocessConfig()
+    assert labelsets.bounded_batch(1_000_000_000, 5, cfg) == 5
+    assert labelsets.bounded_batch(3, 5, cfg) == 3
+    monkeypatch.setattr(malloc, "available_memory", lambda device=None: (labelsets.batch_bytes(8, cfg), "test"))
+    assert labelsets.bounded_batch(8, 100, cfg) == 8
+    with pytest.raises(UserError, match="--batch_size 9: a batch of 9 image"):
+        labelsets.bounded_batch(9, 100, cfg)
+
+
+def enospc_on_fsync(monkeypatch):
+    """Injected ENOSPC: fsync of the journal fails as it does on a full disk (the write is buffered until then)."""
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if re.search(r"rank\d+\.jsonl$", os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_journal_on_a_full_disk_is_one_line_exit_2(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys):
+    enospc_on_fsync(monkeypatch)
+    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, tmp_path / "r.json", "--workers", "0"))
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "rank0.jsonl" in line and "Errno 28" in line
+
+
+def killed_run(tiny_model_dir, labelled_set, report, monkeypatch, *extra) -> None:
+    """A labelled run killed after its first batch (2 images journaled)."""
+    real_stream = labelsets.stream
+
+    def killed_after_one_batch(*args, **kwargs):
+        for i, batch in enumerate(real_stream(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(labelsets, "stream", killed_after_one_batch)
+    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", *extra)) == 130
+    monkeypatch.setattr(labelsets, "stream", real_stream)
+
+
+@pytest.mark.parametrize("bad", ['{"foo": 1}', '{"image": "x.png", "label": 1, "metrics": {}}', "not json"])
+def test_resume_refuses_a_journal_line_it_cannot_read(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys,
+                                                      bad):  # fmt: skip
+    report = tmp_path / "r.json"
+    killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
+    journal = tmp_path / "r.json.parts" / "rank0.jsonl"
+    with open(journal, "a") as fh:
+        fh.write(bad + "\n")
+    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume"))
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and f"{journal}:3" in line and "without --resume" in line
+    assert not report.exists() and journal.exists()  # nothing done, the journal kept for a look
+
+
+def test_resume_redoes_an_image_whose_bytes_changed(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys,
+                                                    caplog):  # fmt: skip
+    report = tmp_path / "r.json"
+    killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
+    journaled = [json.loads(line)["record"]["image"]
+                 for line in (tmp_path / "r.json.parts" / "rank0.jsonl").read_text().splitlines()]  # fmt: skip
+    shutil.copy(PHOTOS[-1], journaled[0])  # other bytes under the same name
+    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume")) == 0
+    assert read_json(report)["dataset"]["resumed_images"] == 1
+    assert any("changed since the journal" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, labelled_set, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0")) == 0
+    before = report.read_bytes()
+    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume",
+                                    "--dtype", "bf16"))  # fmt: skip
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "finished run" in line and report.read_bytes() == before
+
+
+def test_resume_names_the_setting_that_differs(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys):
+    report = tmp_path / "r.json"
+    killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
+    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume",
+                                    "--min_cosine", "0.5"))  # fmt: skip
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "thresholds" in line
+
+
+def test_a_second_live_run_on_the_same_report_is_refused(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    report = tmp_path / "r.json"
+    killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
+    journal = sorted((tmp_path / "r.json.parts").iterdir())
+    with open(labelsets.lock_file(report), "a") as held:  # another live run holds the report
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0"))
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "another live run" in line
+    assert sorted((tmp_path / "r.json.parts").iterdir()) == journal  # its journal is untouched
+
+
+def test_journal_folder_that_is_a_file_is_one_line(tiny_model_dir, labelled_set, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    Path(f"{report}.parts").write_text("not a folder")
+    for extra in ((), ("--resume",)):
+        rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", *extra))
+        assert rc == 2 and "not a folder" in error_line(capsys.readouterr().err)
+
+
+def labels_run(model_dir, tmp_path, text: str | bytes, *extra) -> tuple[int, Path]:
+    for i, photo in enumerate(PHOTOS[:3]):
+        shutil.copy(photo, tmp_path / f"img{i}.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(text if isinstance(text, bytes) else text.encode())
+    report = tmp_path / "r.json"
+    argv = [str(model_dir), str(report), "--labels", str(labels), "--device", "cpu", "--workers", "0", *extra]
+    return accuracy_run.main(argv), report
+
+
+def test_gbk_labels_csv_is_refused_naming_the_encoding(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "猫.png").write_bytes(Path(PHOTOS[0]).read_bytes())
+    rc, _ = labels_run(tiny_model_dir, tmp_path, "图像,类别\n猫.png,1\n".encode("gbk"))
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "not UTF-8" in line and re.search(r"gb|GB|big5|cp9", line), line
+
+
+def test_class_id_superscript_is_one_line(tiny_model_dir, tmp_path, capsys):
+    rc, _ = labels_run(tiny_model_dir, tmp_path, "img0.png,1\nimg1.png,\u00b2\n")
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "labels.csv:2" in line and "not a whole number" in line
+
+
+def test_headerless_csv_keeps_its_first_row_and_a_bom_is_stripped(tiny_model_dir, tmp_path, capsys):
+    rc, report = labels_run(tiny_model_dir, tmp_path, "\ufeffimg0.png,1\nimg1.png,2\nimg2.png,3\n")
+    assert rc == 0, capsys.readouterr().err
+    data = read_json(report)["dataset"]
+    assert data["images"] == 3 and data["skipped"] == 0
+
+
+def test_duplicate_rows_are_counted_once_and_conflicts_refused(tiny_model_dir, tmp_path, capsys, caplog):
+    rc, report = labels_run(tiny_model_dir, tmp_path, "image,class_id\nimg0.png,1\nimg1.png,2\nimg0.png,1\n")
+    assert rc == 0
+    data = read_json(report)["dataset"]
+    assert data["images"] == 2 and data["per_rank_images"] == [2]
+    assert any("1 duplicate row" in r.getMessage() for r in caplog.records)
+    rc, _ = labels_run(tiny_model_dir, tmp_path, "img0.png,3\nimg1.png,2\nimg0.png,5\n")
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "labelled 5 here and 3 on line 1" in line
+
+
+def test_stray_image_beside_class_folders_is_counted(tiny_model_dir, labelled_set, tmp_path, capsys):
+    shutil.copy(PHOTOS[0], labelled_set / "stray.png")
+    report = tmp_path / "r.json"
+    argv = labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--max_skipped", "1")
+    assert accuracy_run.main(argv) == 0
+    data = read_json(report)
+    assert data["dataset"]["images"] == 4 and data["dataset"]["skipped"] == 1
+    assert data["errors"][0]["image"].endswith("stray.png")
+
+
+def test_reference_cache_that_is_a_file_is_said_once(tiny_model_dir, tmp_path, capsys, caplog):
+    cache = tmp_path / "cache"
+    cache.write_text("a file")
+    argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", "--reference_cache", str(cache),
+            "--images", *PHOTOS[:3]]
+    assert accuracy_run.main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "reference cache" in r.getMessage()]
+    assert len(warnings) == 1 and "ENOTDIR" in warnings[0]
+    assert "invalid" not in capsys.readouterr().out
+    assert cache.read_text() == "a file"
+
+
+@pytest.mark.parametrize("flag", ["--pixel_cache", "--reference_cache", "--dataset", "--labels"])
+def test_empty_path_arguments_are_usage_errors(tiny_model_dir, labelled_set, tmp_path, capsys, flag):
+    argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", flag, ""]
+    if flag in ("--pixel_cache", "--reference_cache"):
+        argv += ["--dataset", str(labelled_set)]
+    assert accuracy_run.main(argv) == 2  # --dataset and --labels: needs verify's parser types (nonempty_path)
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(SystemExit) as exit_:
+        inference.main(["--model_path", str(tiny_model_dir), "--images", ""])
+    assert exit_.value.code == 2 and "an empty path" in capsys.readouterr().err
+
+
+def test_cache_entries_get_the_users_umask(tiny_model_dir, tmp_path):
+    cache = tmp_path / "refs"
+    old = os.umask(0o022)
+    try:
+        argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", "--reference_cache", str(cache),
+                "--images", CHELSEA]
+        assert accuracy_run.main(argv) == 0
+    finally:
+        os.umask(old)
+    entries = [p for p in cache.rglob("*") if p.is_file()]
+    assert entries and {stat.S_IMODE(p.stat().st_mode) for p in entries} == {0o644}

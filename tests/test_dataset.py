@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import PHOTOS, ROOT, read_json
 
-from mobilevit_npu import distributed, errors, labelsets, preprocessing, targets
+from mobilevit_npu import distributed, errors, labelsets, preprocessing, refcache, targets
 
 WNIDS = labelsets.imagenet_wnids()
 
@@ -111,7 +111,15 @@ def test_decoding_workers_never_compete_with_the_model():
         assert policy == os.SCHED_IDLE
     else:
         assert nice == 19
-    assert labelsets.default_workers(1) == min(8, os.cpu_count())  # idle workers: one per core
+
+
+
+@pytest.mark.parametrize(("cores", "world", "expected"), [(2, 1, 2), (4, 2, 2), (2, 4, 1), (None, 1, 1), (64, 1, 8)])
+def test_default_workers_share_the_cores_among_ranks(monkeypatch, cores, world, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    workers = labelsets.default_workers(world)
+    assert workers == expected  # one per core of this rank's share, at least one, at most 8
+    assert workers * world <= max(cores or 1, world)  # the ranks' workers together never outnumber the cores
 
 
 def test_workers_send_uint8_crops_in_shared_memory_and_the_input_equals_in_process_decoding(monkeypatch):
@@ -151,7 +159,10 @@ def test_run_journals_and_resumes(tmp_path):
     journal.close(remove=False)
     assert len(records) == 3 and per_rank == [3]
     lines = (tmp_path / "report.json.parts" / "rank0.jsonl").read_text().splitlines()
-    assert [json.loads(line)["image"] for line in lines] == [s.image for s in samples[:3]]
+    entries = [json.loads(line) for line in lines]
+    assert [e["record"]["image"] for e in entries] == [s.image for s in samples[:3]]
+    assert all(e["v"] == labelsets.JOURNAL_FORMAT and e["sha256"] == refcache.file_digest(e["record"]["image"])
+               for e in entries)  # fmt: skip
     with open(tmp_path / "report.json.parts" / "rank0.jsonl", "a") as fh:
         fh.write('{"image": "torn')  # a crash mid-line
 
