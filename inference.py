@@ -21,7 +21,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import bench, devices, distributed, malloc, models, npu, preprocessing, reports, timing
+from mobilevit_npu import bench, devices, distributed, labelsets, malloc, models, npu, preprocessing, reports, timing
 from mobilevit_npu.errors import UserError
 
 
@@ -57,8 +57,10 @@ def classify(
     model = loaded.model
     dtype = next(model.parameters()).dtype
     k = min(top_k, len(loaded.id2label))
-    # One untimed pass first: first-call costs (kernel selection, NPU operator loading) are not the model's latency.
-    model(pixel_values=torch.zeros((1, 3) + tuple(items[0].pixels.shape[1:]), dtype=dtype, device=device.torch))
+    # One untimed pass first, at the first batch's size: first-call costs (kernel selection, NPU operator loading)
+    # are not the model's latency.
+    warm = min(batch_size, len(items))
+    model(pixel_values=torch.zeros((warm, 3) + tuple(items[0].pixels.shape[1:]), dtype=dtype, device=device.torch))
     results = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -104,6 +106,7 @@ def format_result(result: dict) -> str:
 
 def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device, allocator: dict) -> int:
     """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
+    labelsets.bounded_batch(args.batch_size, 0, loaded.preprocess, device)  # photos are cycled: memory is the bound
     environment = devices.environment(device, allocator)
     images = preprocessing.expand_images(args.images) if args.images else None
     settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
@@ -160,8 +163,9 @@ def _run(args, argv, dist: distributed.Distributed, device: devices.Device, allo
         raise UserError(f"no images found in {' '.join(args.images)}")
     # Under torchrun each rank takes a contiguous block of the images; rank 0 gathers, prints, writes one report.
     mine = dist.block(sources)
+    batch_size = labelsets.bounded_batch(args.batch_size, len(mine), loaded.preprocess, device)
     items, failed = preprocessing.read_images(mine, loaded.preprocess)
-    results = classify(loaded, device, items, args.top_k, args.batch_size) if items else []
+    results = classify(loaded, device, items, args.top_k, batch_size) if items else []
     parts = dist.gather((results, failed, len(mine)))
     if not dist.is_main:
         return 1 if failed else 0
