@@ -50,6 +50,21 @@ def int_at_least(minimum: int):
     return parse
 
 
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type for --batch_sizes: a comma list of whole numbers >= 1 ("1,32"), a usage error otherwise."""
+    sizes = [int_at_least(1)(part.strip()) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"no batch sizes in {text!r}")
+    return sizes
+
+
+def nonempty_path(text: str) -> str:
+    """An argparse type for path arguments: an empty value ("" would mean the working folder) is a usage error."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def count_or_fraction(text: str) -> int | float:
     """--max_skipped: a whole number of images, or a fraction (0..1) of them."""
     value: int | float
@@ -99,9 +114,10 @@ def add_model_args(parser: argparse.ArgumentParser, positional: bool = False) ->
         "hub (HF_ENDPOINT is honoured, so a mirror works)."
     )
     if positional:
-        group.add_argument("model_path", help=help_text)
+        group.add_argument("model_path", type=nonempty_path, help=help_text)
     else:
-        group.add_argument("--model_path", "--model-path", default=DEFAULT_MODEL_DIR, help=help_text)
+        group.add_argument("--model_path", "--model-path", type=nonempty_path, default=DEFAULT_MODEL_DIR,
+                           help=help_text)
     return group
 
 
@@ -122,6 +138,7 @@ def add_image_args(group: argparse._ArgumentGroup, default_text: str) -> None:
         "--images",
         dest="images",
         nargs="+",
+        type=nonempty_path,
         metavar="PATH",
         help=f"image files, directories (their images, sorted), globs (quote them) or http(s) URLs; {default_text}",
     )
@@ -242,6 +259,8 @@ def check_outputs(
 
 def json_path(text: str) -> str:
     """An argparse type for REPORT arguments: a path ending in .json (so `MODEL 50` is a usage error, not a file)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
     if not text.lower().endswith(".json"):
         raise argparse.ArgumentTypeError(f"{text!r} does not end in .json")
     return text
