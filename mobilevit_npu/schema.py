@@ -426,6 +426,10 @@ def _convert(value: Any, tp: Any, source: str, where: str, allow_unknown: bool) 
     def fail(expected: str) -> ReportError:
         return ReportError(f"{source}: field `{where}` must be {expected}, not {_json_type(value)}")
 
+    if tp is dict:  # a bare `dict` / `list` annotation: any JSON object / list
+        tp = dict[str, Any]
+    elif tp is list:
+        tp = list[Any]
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -609,6 +613,10 @@ def _type_text(tp: Any) -> str:
         return f"object of {_type_text(typing.get_args(tp)[1])}"
     if tp is Any:
         return "any"
+    if tp is dict:
+        return "object"
+    if tp is list:
+        return "list"
     if dataclasses.is_dataclass(tp):
         return f"`{tp.__name__}`"
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))

@@ -79,5 +79,12 @@ def model_copy(tmp_path, tiny_model_dir) -> Path:
 
 
 def read_json(path) -> dict:
+    """A JSON file; a report (it names the `tool` that wrote it) is first checked against its kind's definition in
+    mobilevit_npu.schema, so every test that reads a report also checks the writer kept to the format."""
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        data = json.load(fh)
+    if isinstance(data, dict) and "tool" in data:
+        from mobilevit_npu import schema
+
+        schema.validate(data, str(path))
+    return data

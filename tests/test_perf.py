@@ -26,6 +26,7 @@ from mobilevit_npu import (
     metrics,
     models,
     preprocessing,
+    schema,
     timing,
 )
 from mobilevit_npu.errors import Unavailable
@@ -109,7 +110,9 @@ def test_timed_call_synchronizes_before_each_clock_read(kind, recorder, monkeypa
     _, ms = timing.timed_call(lambda: recorder.append("call"), device)
     backend = [] if kind == "cpu" else [f"{kind}.synchronize"]
     assert recorder == ["sync", *backend, "clock", "call", "sync", *backend, "clock"]
-    assert ms > 0
+    # the fake clock reads (its event number) ms: the result is the second read minus the first, in milliseconds
+    first, second = (i + 1 for i, event in enumerate(recorder) if event == "clock")
+    assert ms == pytest.approx(second - first)
 
 
 def test_run_benchmark_synchronizes_before_every_clock_read(tiny_model_dir, recorder):
@@ -195,7 +198,6 @@ def test_fast_model_handles_sizes_that_need_interpolation(tiny_model_dir):
     assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
 
 
-EXACT_MODES = ("eager", "channels_last", "compiled", "fast")  # must match float32 eager exactly
 SYSTEM = ["--allocator", "system"]  # in-process script runs leave malloc alone (mallopt is process-wide)
 
 
@@ -218,43 +220,49 @@ def test_lower_precision_agreement_counts_the_rounding_of_the_weights(tiny_model
 
 
 def _no_compile(fn, device, name, example, cpp_wrapper=False):
-    """Stand-in for compilers.compile_for (even dynamo tracing alone costs ~15 s per mode here): this test judges the
-    model rewrites and the plumbing; test_fast_mode_with_inductor_freezing_is_exact runs the real compiler once."""
+    """Stand-in for compilers.compile_for where a test judges what happens around the compiler (the AOTInductor
+    fallback); the real compiler runs in the slow tests (test_compiled_and_bf16_modes_built_for_real_agree_with_eager,
+    test_fast_mode_with_inductor_freezing_is_exact)."""
     return fn, timing.timed_call(lambda: fn(example), device)[1] / 1000.0, ["not compiled (test)"]
 
 
-def test_every_mode_agrees_with_eager(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(compilers, "compile_for", _no_compile)
-    monkeypatch.setattr(compilers, "aoti_available", lambda: False)
+def test_uncompiled_modes_agree_with_eager(tiny_model_dir):
+    """eager and channels_last, built for real, against float32 eager: `exact` is metrics.is_exact of the agreement
+    the benchmark measured, and both are exact."""
     execution._cache.clear()
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
-    modes = execution.available_modes(devices.Device("cpu"))
     results = bench.run_benchmark(
-        loaded,
-        devices.Device("cpu"),
-        modes=modes,
-        batch_sizes=[2],
-        iterations=2,
-        warmup=1,
-        images=PHOTOS,
+        loaded, devices.Device("cpu"), modes=["eager", "channels_last"], batch_sizes=[2], iterations=2, warmup=1,
+        images=PHOTOS, progress=False,
+    )  # fmt: skip
+    execution._cache.clear()
+    for r in results:
+        assert r["status"] == "ok", (r["mode"], r["reason"])
+        assert r["exact"] is metrics.is_exact(metrics.Agreement(**r["agreement"])) is True, r["agreement"]
+        assert r["compile_s"] is None and r["compile_cache"] is None  # nothing was built
+
+
+@pytest.mark.slow
+def test_compiled_and_bf16_modes_built_for_real_agree_with_eager(tiny_model_dir):
+    """The real CPU builds (AOTInductor where torch has it, else inductor): compiled is exact against eager float32;
+    bf16 autocast is close but judged by metrics.is_exact on its own agreement, never assumed."""
+    execution._cache.clear()
+    loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
+    modes = [m for m in ("compiled", "bf16") if m in execution.available_modes(devices.Device("cpu"))]
+    results = bench.run_benchmark(
+        loaded, devices.Device("cpu"), modes=modes, batch_sizes=[2], iterations=1, warmup=0, images=PHOTOS,
         progress=False,
-    )
+    )  # fmt: skip
     execution._cache.clear()
     by_mode = {r["mode"]: r for r in results}
-    assert set(by_mode) == set(modes)
-    for mode, r in by_mode.items():
-        assert r["status"] == "ok", (mode, r["reason"])
-        if mode in EXACT_MODES:
-            assert r["exact"], (mode, r["agreement"])
-            assert r["agreement"]["cosine"] >= metrics.EXACT_COSINE
-            assert r["agreement"]["top1_agreement"] == 1.0
-        else:  # bf16: a looser bound, and "exact" only if its agreement truly meets the exact bound
-            assert r["agreement"]["cosine"] >= 0.99
-            agreement = metrics.Agreement(**r["agreement"])
-            assert r["exact"] is (agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0)
-    for mode in ("compiled", "fast"):
-        assert by_mode[mode]["compile_s"] > 0
-    assert by_mode["eager"]["compile_s"] is None
+    assert by_mode["compiled"]["status"] == "ok", by_mode["compiled"]["reason"]
+    assert by_mode["compiled"]["exact"] is True, by_mode["compiled"]["agreement"]
+    assert by_mode["compiled"]["compile_s"] > 0 and by_mode["compiled"]["compile_cache"] in ("miss", "off")
+    if "bf16" in by_mode:
+        r = by_mode["bf16"]
+        assert r["status"] == "ok" and r["dtype"] == "bf16 autocast", r["reason"]
+        assert r["agreement"]["cosine"] >= 0.99
+        assert r["exact"] is metrics.is_exact(metrics.Agreement(**r["agreement"]))
 
 
 @pytest.mark.slow
@@ -314,7 +322,6 @@ def test_every_cpu_compiled_mode_is_an_aoti_package(tiny_model_dir, monkeypatch)
         eager = loaded.model(pixel_values=x).logits
         for mode in ("compiled", "fast", "bf16"):
             prepared = execution.prepare_mode(mode, loaded.model, cpu, "fp32", x)
-            assert prepared.compile_cache == "hit" and "recorded" in prepared.notes
             out = prepared.call(prepared.to_input(x))
             if mode == "bf16":
                 assert out.dtype == torch.float32 and metrics.agreement(eager, out).cosine > 0.99
@@ -384,34 +391,29 @@ def test_allocator_choice_is_applied_and_reported(choice):
 # CLI and report
 # --------------------------------------------------------------------------------------------------------------------
 
-RESULT_KEYS = {
-    "mode", "batch_size", "dtype", "latency_ms", "throughput_images_per_s", "samples_ms", "compile_s",
-    "peak_memory_bytes", "agreement", "status", "reason", "roofline",
-}  # fmt: skip
 
 
 def test_report_schema(tiny_model_dir, tmp_path, capsys):
     report = tmp_path / "perf.json"
     argv = [str(tiny_model_dir), "3", str(report), "--warmup", "1", "--batch-sizes", "1,2", "--device", "cpu", *SYSTEM]
     assert accuracy_run_perf.main(argv + ["--modes", "eager,channels_last"]) == 0
-    data = read_json(report)
-    assert {"tool", "argv", "model_source", "synthetic", "device", "settings", "environment", "results"} <= set(data)
+    data = read_json(report)  # checked against schema.BenchmarkReport: every field present and of its type
+    assert data["kind"] == "benchmark" and data["schema_version"] == schema.SCHEMA_VERSION
     assert data["tool"] == "accuracy_run_perf.py" and data["argv"] == argv + ["--modes", "eager,channels_last"]
     assert data["device"] == "cpu" and data["synthetic"] is False
     assert data["model_source"]["sha256"] and data["environment"]["allocator"]["tuned"] is False
-    env = data["environment"]
-    assert {"torch", "transformers", "torch_threads", "allocator", "cpu_count", "device_name"} <= set(env)
+    assert data["environment"]["torch"] == torch.__version__
     assert [(r["mode"], r["batch_size"]) for r in data["results"]] == [
         ("eager", 1), ("channels_last", 1), ("eager", 2), ("channels_last", 2),
     ]  # fmt: skip
     for r in data["results"]:
-        assert RESULT_KEYS <= set(r)
         assert r["status"] == "ok" and r["reason"] is None
         assert set(r["latency_ms"]) == {"mean", "p50", "p90", "p99", "min", "max", "stdev"}
         assert len(r["samples_ms"]) == 3 and all(s > 0 for s in r["samples_ms"])
         assert r["latency_ms"]["min"] <= r["latency_ms"]["p50"] <= r["latency_ms"]["max"]
-        assert r["throughput_images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["latency_ms"]["mean"])
-        assert set(r["agreement"]) == {"cosine", "max_abs_diff", "top1_agreement"}
+        # throughput from the same statistic as the latency shown beside it (p50), not the mean
+        assert r["throughput_images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["latency_ms"]["p50"])
+        assert r["exact"] is metrics.is_exact(metrics.Agreement(**r["agreement"]))
         assert r["peak_memory_bytes"] > 0
         roof = r["roofline"]
         assert roof["flop_per_image"] > 0 and roof["ceiling_gflop_per_s"] > 0
