@@ -21,7 +21,19 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import bench, devices, distributed, labelsets, malloc, models, npu, preprocessing, reports, timing
+from mobilevit_npu import (
+    bench,
+    devices,
+    distributed,
+    labelsets,
+    malloc,
+    models,
+    npu,
+    preprocessing,
+    reports,
+    schema,
+    timing,
+)
 from mobilevit_npu.errors import UserError
 
 
@@ -104,7 +116,9 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device, allocator: dict) -> int:
+def run_benchmark(
+    args, argv, loaded: models.LoadedModel, device: devices.Device, allocator: dict, fallbacks: npu.CpuFallbacks
+) -> int:
     """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
     labelsets.bounded_batch(args.batch_size, 0, loaded.preprocess, device)  # photos are cycled: memory is the bound
     environment = devices.environment(device, allocator)
@@ -121,9 +135,9 @@ def run_benchmark(args, argv, loaded: models.LoadedModel, device: devices.Device
         "device synchronized before every clock read)"
     )
     if args.output:
-        report = bench.build_report("inference.py", argv, loaded, device, results, settings, environment)
-        report["cpu_fallbacks"] = args.cpu_fallbacks.summary() if getattr(args, "cpu_fallbacks", None) else None
-        reports.write_json_atomic(args.output, report)
+        summary = fallbacks.summary()
+        report = bench.build_report("inference.py", argv, loaded, device, results, settings, environment, summary)
+        reports.write_report(args.output, report)
         print(f"wrote {args.output}")
     return 0
 
@@ -142,8 +156,7 @@ def _main(argv=None) -> int:
     dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)
     try:
         with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, in the report and one line
-            args.cpu_fallbacks = fallbacks
-            code = _run(args, sys.argv[1:] if argv is None else argv, dist, device, allocator)
+            code = _run(args, sys.argv[1:] if argv is None else argv, dist, device, allocator, fallbacks)
         if fallbacks.line() and dist.is_main:
             print(fallbacks.line())
         return code
@@ -151,26 +164,30 @@ def _main(argv=None) -> int:
         dist.close()
 
 
-def _run(args, argv, dist: distributed.Distributed, device: devices.Device, allocator: dict) -> int:
+def _run(
+    args, argv, dist: distributed.Distributed, device: devices.Device, allocator: dict, fallbacks: npu.CpuFallbacks
+) -> int:
     if args.benchmark and dist.enabled:  # every rank would time its own device and write the same --output
         raise UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
     if args.benchmark:  # float32 weights: the benchmark casts a copy for --dtype and checks it against them
-        return run_benchmark(args, argv, common.load(args, device, "fp32"), device, allocator)
+        return run_benchmark(args, argv, common.load(args, device, "fp32"), device, allocator, fallbacks)
     loaded = common.load(args, device, args.dtype)
 
     sources = preprocessing.expand_images(args.images)
     if not sources:
         raise UserError(f"no images found in {' '.join(args.images)}")
-    # Under torchrun each rank takes a contiguous block of the images; rank 0 gathers, prints, writes one report.
-    mine = dist.block(sources)
+    # Under torchrun each rank takes every world_size-th image (distributed.shard, the policy of labelled sets too);
+    # rank 0 gathers, puts them back in order, prints, writes one report.
+    mine = dist.shard(sources)
     batch_size = labelsets.bounded_batch(args.batch_size, len(mine), loaded.preprocess, device)
     items, failed = preprocessing.read_images(mine, loaded.preprocess)
     results = classify(loaded, device, items, args.top_k, batch_size) if items else []
-    parts = dist.gather((results, failed, len(mine)))
+    parts = dist.gather((in_input_order(mine, results, failed), len(mine)))
     if not dist.is_main:
         return 1 if failed else 0
-    results = [r for part in parts for r in part[0]]
-    failed = [e for part in parts for e in part[1]]
+    ordered = dist.unshard([part[0] for part in parts])
+    results = [entry for ok, entry in ordered if ok]
+    failed = [entry for ok, entry in ordered if not ok]
     for result in results:
         print(format_result(result))
     for error in failed:
@@ -181,27 +198,39 @@ def _run(args, argv, dist: distributed.Distributed, device: devices.Device, allo
     print(f"{len(results)} of {len(sources)} image(s) classified on {where}, {args.dtype}")
     if not results:  # nothing ran: as bad as a missing model (exit 2); the report still lists why each failed
         if args.output:
-            write_report(args, argv, loaded, device, dist, parts, results, failed, allocator)
+            write_report(args, argv, loaded, device, dist, parts, results, failed, allocator, fallbacks)
         raise UserError(f"no images found or none could be read ({len(failed)} input(s) failed, listed above)")
     if args.output:
-        write_report(args, argv, loaded, device, dist, parts, results, failed, allocator)
+        write_report(args, argv, loaded, device, dist, parts, results, failed, allocator, fallbacks)
     return 1 if failed else 0
 
 
+def in_input_order(sources: list[str], results: list[dict], failed: list[dict]) -> list[tuple[bool, dict]]:
+    """This rank's results and failures merged back into the order of its `sources` (both lists keep that order):
+    (True, result) or (False, error) per source."""
+    results_left, failed_left = list(results), list(failed)
+    merged = []
+    for source in sources:
+        if results_left and results_left[0]["image"] == source:
+            merged.append((True, results_left.pop(0)))
+        elif failed_left and failed_left[0]["image"] == source:
+            merged.append((False, failed_left.pop(0)))
+    return merged
+
+
 def write_report(
-    args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict], allocator: dict
+    args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict], allocator: dict, fallbacks
 ) -> None:
-    report = {
+    report = schema.InferenceReport(
         **reports.header("inference.py", argv, loaded, devices.environment(device, allocator)),
-        "device": str(device) if not dist.enabled else device.type,
-        "dtype": args.dtype,
-        "results": results,
-        "errors": failed,
-        "cpu_fallbacks": args.cpu_fallbacks.summary() if getattr(args, "cpu_fallbacks", None) else None,
-    }
-    if dist.enabled:
-        report["per_rank_images"] = [part[2] for part in parts]
-    reports.write_json_atomic(args.output, report)
+        device=str(device) if not dist.enabled else device.type,
+        dtype=args.dtype,
+        results=results,
+        errors=failed,
+        cpu_fallbacks=fallbacks.summary(),
+        per_rank_images=[part[1] for part in parts] if dist.enabled else None,
+    )
+    reports.write_report(args.output, report)
     print(f"wrote {args.output}")
 
 
