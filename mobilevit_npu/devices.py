@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,68 @@ def _setup_npu(index: int, jit_compile: bool) -> None:
         raise UserError(f"npu:{index} asked for, but only {api.device_count()} NPU device(s) are visible")
     # Importing this module is what applies it: it patches torch.cuda/.to('cuda') etc. onto the NPU. It must happen
     # before the model is built, and only on the NPU path.
-    importlib.import_module("torch_npu.contrib.transfer_to_npu")
+    apply_transfer_to_npu()
     api.set_compile_mode(jit_compile=jit_compile)
     api.set_device(index)
     pairing = torch_npu_pairing()
     if pairing["mismatch"]:
         logger.warning("!!! %s", pairing["mismatch"])
+
+
+# What transfer_to_npu may replace (torch_npu contrib/transfer_to_npu.py _init: 2.5.1 l.307-367, 2.13.0 l.468-606):
+# each is compared before and after its import, so the report lists what it did replace here.
+TRANSFER_WATCH = (
+    "torch.cuda.is_available",
+    "torch.cuda.synchronize",
+    "torch.Tensor.cuda",
+    "torch.Tensor.to",
+    "torch.nn.Module.cuda",
+    "torch.nn.Module.to",
+    "torch.zeros",
+    "torch.randn",
+    "torch.autocast",
+    "torch.amp.autocast_mode.autocast.__init__",
+    "torch.jit.script",
+    "torch.jit.script_method",
+    "torch.distributed.init_process_group",
+    "torch.distributed.is_nccl_available",
+    "torch.Generator",
+    "torch.utils._triton.has_triton",
+)
+_transfer_to_npu: dict[str, Any] | None = None
+
+
+def _resolve(dotted: str) -> Any:
+    obj: Any = sys.modules.get("torch")
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part, None) if obj is not None else None
+    return obj
+
+
+def apply_transfer_to_npu() -> dict[str, Any]:
+    """Import torch_npu.contrib.transfer_to_npu (the import applies it) with Python's warning filters saved and put
+    back: it calls warnings.filterwarnings("once") for the whole process (l.21 in 2.5.1, l.27 in 2.13.0/2.14.0). What
+    it replaced, and the filters it added, are kept for the report (`transfer_to_npu_effects`)."""
+    global _transfer_to_npu
+    if _transfer_to_npu is not None and "torch_npu.contrib.transfer_to_npu" in sys.modules:
+        return _transfer_to_npu
+    before = {name: _resolve(name) for name in TRANSFER_WATCH}
+    filters_before = list(warnings.filters)
+    with warnings.catch_warnings():
+        importlib.import_module("torch_npu.contrib.transfer_to_npu")
+        added = [f for f in warnings.filters if f not in filters_before]
+    _transfer_to_npu = {
+        "patched": [name for name in TRANSFER_WATCH if _resolve(name) is not before[name]],
+        "warnings_filters_restored": [
+            f"{f[0]}" + (f" ({f[2].__name__})" if f[2] is not Warning else "") for f in added
+        ],
+    }
+    return _transfer_to_npu
+
+
+def transfer_to_npu_effects() -> dict[str, Any] | None:
+    """What transfer_to_npu replaced in this process (None when it was not applied here)."""
+    return _transfer_to_npu if "torch_npu.contrib.transfer_to_npu" in sys.modules else None
 
 
 def detect_device_type() -> str:
@@ -207,16 +264,33 @@ def cpu_name() -> str:
 
 
 def cann_version() -> str | None:
-    """CANN version through torch_npu when it is loaded (never imports it): torch_npu.npu.utils.get_cann_version,
-    in torch_npu 2.5.1 and later; it answers "" for CANN older than 8.1.RC1."""
+    """The CANN version (never imports torch_npu); cann_version_source() says where it came from."""
+    return cann_version_source()[0]
+
+
+def cann_version_source() -> tuple[str | None, str | None]:
+    """(CANN version, where it was read): torch_npu.npu.utils.get_cann_version(module="CANN") when torch_npu is loaded
+    (it answers "" where CANN lacks aclsysGetCANNVersion, before 8.1.RC1); else torch.version.cann, which torch_npu
+    sets from the toolkit's ascend_*_install.info (utils/collect_env.py; "not known" when it found none); else that
+    file read here (preflight) where torch_npu is installed."""
     torch_npu = sys.modules.get("torch_npu")
-    if torch_npu is None:
-        return None
-    try:
-        version = torch_npu.npu.utils.get_cann_version(module="CANN")
-    except Exception:  # an older torch_npu without it, or CANN refusing the query
-        return None
-    return str(version) if version else None
+    if torch_npu is not None:
+        try:
+            version = torch_npu.npu.utils.get_cann_version(module="CANN")
+        except Exception:  # an older torch_npu without it, or CANN refusing the query
+            version = None
+        if version:
+            return str(version), "torch_npu.npu.utils.get_cann_version"
+        version = getattr(torch.version, "cann", None)
+        if version and str(version) != "not known":
+            return str(version), "torch.version.cann"
+    elif not (package_version("torch_npu") or package_version("torch-npu")):
+        return None, None
+    from mobilevit_npu import preflight
+
+    home, _ = preflight.toolkit_home(dict(os.environ), preflight.DEFAULT_ROOT)
+    found = preflight.cann_facts(home)
+    return (found["version"], found["read_from"]) if found else (None, None)
 
 
 def torch_npu_pairing() -> dict[str, Any]:
@@ -226,16 +300,13 @@ def torch_npu_pairing() -> dict[str, Any]:
     npu_version = getattr(torch_npu, "__version__", None) if torch_npu else package_version("torch_npu")
     mismatch = None
     if npu_version:
-        from packaging.version import InvalidVersion, Version
+        from mobilevit_npu import preflight
 
-        try:
-            ours, theirs = Version(torch.__version__).release[:3], Version(str(npu_version)).release[:3]
-        except InvalidVersion:
-            ours = theirs = None
-        if ours != theirs:
-            mismatch = (f"torch_npu {npu_version} is built for torch {'.'.join(map(str, theirs or ()))}, but torch "
-                        f"{torch.__version__} is installed: install the matching pair (pip install torch=="
-                        f"{'.'.join(map(str, theirs or ()))} or the torch_npu release for this torch)")  # fmt: skip
+        if not preflight.pairs_with_torch(str(npu_version), torch.__version__):
+            theirs = preflight._release(str(npu_version))
+            mismatch = (f"torch_npu {npu_version} is built for torch {theirs}, but torch {torch.__version__} is "
+                        f"installed: install the matching pair (pip install torch=={theirs} or the torch_npu release "
+                        "for this torch)")  # fmt: skip
     return {"torch": torch.__version__, "torch_npu": npu_version, "mismatch": mismatch}
 
 
@@ -283,7 +354,7 @@ def environment(device: Device, allocator: dict[str, Any] | None = None) -> dict
     from mobilevit_npu import malloc
 
     torch_npu = sys.modules.get("torch_npu")
-    return {
+    env = {
         "device": str(device),
         "device_name": device_name(device),
         "cpu": cpu_name(),
@@ -306,6 +377,21 @@ def environment(device: Device, allocator: dict[str, Any] | None = None) -> dict
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "pillow": package_version("pillow"),  # decoding and resizing are part of what a port run checks
     }
+    if device.type == "npu" or torch_npu is not None or package_version("torch_npu") or package_version("torch-npu"):
+        env["ascend"] = ascend_environment()
+    return env
+
+
+def ascend_environment() -> dict[str, Any]:
+    """environment.ascend: the stack as preflight reads it (files and metadata, no subprocess), the CANN version in
+    force and where it came from, and what transfer_to_npu replaced in this process."""
+    from mobilevit_npu import preflight
+
+    facts = preflight.stack_facts()
+    version, source = cann_version_source()
+    facts["cann_in_use"] = {"version": version, "read_from": source}
+    facts["transfer_to_npu"] = transfer_to_npu_effects()
+    return facts
 
 
 def cpu_bf16_supported() -> bool:

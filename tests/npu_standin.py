@@ -241,6 +241,9 @@ def get_cann_version(module="CANN"):
 
 
 npu.utils.get_cann_version = get_cann_version
+# torch_npu sets torch.version.cann at import from the toolkit's ascend_*_install.info (utils/collect_env.py l.222-223,
+# "not known" when it finds none)
+_patch(torch.version, "cann", OPTIONS["torch_version_cann"])
 sys.modules["torch_npu.npu"] = npu
 sys.modules["torch_npu.npu.utils"] = npu.utils
 _patch(torch, "npu", npu)  # torch._register_device_module("npu", ...), which cannot be undone, does these two
@@ -454,7 +457,10 @@ _TRANSFER = """
 import torch
 import torch_npu
 
+import warnings
+
 torch_npu.CALLS.append("transfer_to_npu applied")
+warnings.filterwarnings(action="once")  # as the real module does at import (l.21 in 2.5.1, l.27 in 2.13.0)
 for name in torch_npu.npu.__all__:  # as the real one: torch_npu.npu's public functions copied onto torch.cuda
     torch_npu._patch(torch.cuda, name, getattr(torch_npu.npu, name))
 
@@ -468,7 +474,8 @@ torch_npu._patch(torch.jit, "script", _jit_script)
 
 DEFAULTS = {
     "device_count": 2,
-    "cann": "8.0.RC3",
+    "cann": "8.0.RC3",  # what get_cann_version(module="CANN") answers ("" as on CANN without aclsysGetCANNVersion)
+    "torch_version_cann": None,  # torch.version.cann as torch_npu sets it; None: the same as "cann"
     "fallback_ops": [],
     "fallback_switch": None,  # None: as the version (2.13.0 and later read TORCH_NPU_FALLBACK_CPU_DISABLE)
     "torchair_broken": False,
@@ -485,6 +492,8 @@ def build(folder: Path, **options) -> Path:
     if unknown:
         raise TypeError(f"unknown stand-in options {sorted(unknown)}")
     settings = {**DEFAULTS, "version": torch.__version__.split("+")[0], **options, "fallback_text": FALLBACK_TEXT}
+    if settings["torch_version_cann"] is None:
+        settings["torch_version_cann"] = settings["cann"] or "not known"
     from packaging.version import Version
 
     newer = Version(settings["version"]).release[:2] >= (2, 13)
