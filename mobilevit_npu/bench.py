@@ -212,7 +212,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     eager_tp = {r["batch_size"]: r["throughput_images_per_s"] for r in results if r["mode"] == "eager"}
     header = (
         f"{'mode':<14}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}{'img/s':>9}{'p50 vs eager':>14}"
-        f"{'img/s vs eager':>16}{'% ceiling':>11}{'compile s':>11}{'cosine':>12}{'top1':>7}  status"
+        f"{'img/s vs eager':>16}{'% ceiling':>11}{'build s':>11}{'cosine':>12}{'top1':>7}  status"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -227,6 +227,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         cosine = f"{agreement['cosine']:.7f}" if agreement else "-"
         top1 = f"{agreement['top1_agreement'] * 100:.0f}%" if agreement else "-"
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        if r.get("compile_cache") == "hit":  # the artefact was loaded from the compile cache, not compiled
+            compile_s += " load"
         fraction = (r.get("roofline") or {}).get("fraction_of_ceiling")
         ceiling = f"{fraction * 100:.0f}%" if fraction is not None else "-"
         status = r["status"] + ("" if r.get("exact") in (None, True) else " (not exact)")
@@ -235,6 +237,11 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"{r['throughput_images_per_s']:>9.1f}{ratio:>14}{tp_ratio:>16}{ceiling:>11}{compile_s:>11}{cosine:>12}{top1:>7}"
             f"  {status}"
         )
+    lines.append(
+        f"img/s: batch / p50 latency. cosine, top1: against eager float32 on the same photos; \"not exact\": cosine "
+        f"under {metrics.EXACT_COSINE} or another top-1 (exact is not bit-exact). build s: compiling, or \"load\" "
+        "from the compile cache"
+    )
     ceilings = {}
     for r in results:
         roof = r.get("roofline") or {}

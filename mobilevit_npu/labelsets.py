@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu import PROJECT_DIR, distributed, malloc, preprocessing, refcache, reports, timing
+from mobilevit_npu import DATA_DIR, distributed, malloc, preprocessing, refcache, reports, timing
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.labelsets")
 
 
-WNIDS_FILE = PROJECT_DIR / "assets" / "imagenet1k_wnids.txt"
+WNIDS_FILE = DATA_DIR / "imagenet1k_wnids.txt"
 
 
 @dataclass(frozen=True)

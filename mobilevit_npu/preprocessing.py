@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from mobilevit_npu import PROJECT_DIR, reports
+from mobilevit_npu import DATA_DIR, reports
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.preprocessing")
 
 
-BUNDLED_IMAGES_DIR = PROJECT_DIR / "tests" / "data"
+BUNDLED_IMAGES_DIR = DATA_DIR / "images"  # the sample photos (package data; their sources: SOURCES.md there)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -383,7 +383,7 @@ def expand_images(specs: Sequence[str]) -> list[str]:
 
 
 def bundled_images() -> list[str]:
-    """The photos in tests/data, as paths relative to the working directory when they lie below it."""
+    """The sample photos shipped with the package, as paths relative to the working directory when they lie below it."""
     folder = BUNDLED_IMAGES_DIR
     with contextlib.suppress(ValueError):
         folder = BUNDLED_IMAGES_DIR.relative_to(Path.cwd())

@@ -16,16 +16,20 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
-from mobilevit_npu import PROJECT_DIR, devices, models, preprocessing
+from mobilevit_npu import DATA_DIR, devices, models, preprocessing
 
 logger = logging.getLogger("mobilevit_npu.synthetic")
 
+# apple/mobilevit-x-small's config.json and preprocessor_config.json, shipped with the package (the same files as the
+# repository's model/ folder: tests/test_package.py keeps them equal), so --synthetic works from an installed copy.
+X_SMALL_DIR = DATA_DIR / "x_small"
+
 
 def x_small_config():
-    """The apple/mobilevit-x-small configuration, read from the committed model/config.json."""
+    """The apple/mobilevit-x-small configuration (the package's copy of model/config.json)."""
     from transformers import MobileViTConfig
 
-    return MobileViTConfig.from_pretrained(str(PROJECT_DIR / "model"))
+    return MobileViTConfig.from_pretrained(str(X_SMALL_DIR))
 
 
 def _calibration_batch(images: Iterable[str], cfg: preprocessing.PreprocessConfig) -> torch.Tensor:
@@ -98,7 +102,7 @@ def synthetic_model(device: devices.Device | None = None, dtype: str = "fp32", s
     """The full-size synthetic X-Small, ready to run; reports name it "synthetic"."""
     model = build_synthetic_model(seed=seed)
     source = {"synthetic": True, "name": f"synthetic mobilevit-x-small (seed {seed})", "seed": seed}
-    preprocess = preprocessing.PreprocessConfig.from_folder(PROJECT_DIR / "model")
+    preprocess = preprocessing.PreprocessConfig.from_folder(X_SMALL_DIR)
     return models.finish(model, preprocess, source, device, dtype)
 
 
@@ -106,6 +110,6 @@ def save_synthetic_model(folder: str | Path, seed: int = 0) -> Path:
     """Write the synthetic X-Small as a Hugging Face folder (config, safetensors, preprocessor config)."""
     folder = Path(folder)
     build_synthetic_model(seed=seed).save_pretrained(str(folder))
-    src = PROJECT_DIR / "model" / "preprocessor_config.json"
+    src = X_SMALL_DIR / "preprocessor_config.json"
     (folder / "preprocessor_config.json").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     return folder

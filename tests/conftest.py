@@ -14,7 +14,7 @@ from mobilevit_npu import compilers, refcache, synthetic
 ROOT = Path(__file__).resolve().parents[1]
 
 
-DATA_DIR = ROOT / "tests" / "data"
+DATA_DIR = ROOT / "mobilevit_npu" / "data" / "images"  # the sample photos the package ships
 PHOTOS = sorted(str(p) for p in DATA_DIR.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 

@@ -17,7 +17,7 @@ import accuracy_run
 from mobilevit_npu import bench, compilers, devices, execution, layerwise, metrics, models, targets
 
 PERTURBED = "mobilevit.encoder.layer.1.layer.0.conv_3x3.convolution"
-COFFEE = str(ROOT / "tests" / "data" / "coffee.png")  # a clear top-1 on the synthetic X-Small (no near tie)
+COFFEE = str(ROOT / "mobilevit_npu" / "data" / "images" / "coffee.png")  # a clear top-1 on the synthetic X-Small (no near tie)
 
 EXAMPLE = torch.zeros(1, 3, 256, 256)  # the batch shape compiled targets are built for
 
