@@ -58,8 +58,14 @@ def _unique_function(fn: Callable, name: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
+# npugraph asks for aclgraph: torchair's "npugraph_ex" mode where the installed torchair offers it (torch-npu 2.13.0 and
+# 2.14.0: configs/compiler_config.py l.39, which deprecates "reduce-overhead" in its favour, l.116-121), else
+# "reduce-overhead" (2.5.1: l.31). The notes say which ran.
+NPUGRAPH_EX = "npugraph_ex"
 NPU_GRAPH_MODES = {"max-autotune": "torchair GE graph (CompilerConfig defaults)",
-                   "reduce-overhead": 'torchair mode="reduce-overhead" (aclgraph, the NPU\'s CUDA graphs)'}  # fmt: skip
+                   "reduce-overhead": 'torchair mode="reduce-overhead" (aclgraph, the NPU\'s CUDA graphs)',
+                   NPUGRAPH_EX: 'torchair mode="npugraph_ex" (aclgraph, the NPU\'s CUDA graphs; this torchair\'s '
+                                'successor of "reduce-overhead")'}  # fmt: skip
 
 
 def _why(exc: BaseException) -> str:
@@ -73,7 +79,8 @@ def _why(exc: BaseException) -> str:
 
 
 def _torchair_backend(npu_mode: str):
-    """torchair's backend for torch.compile in `npu_mode` (max-autotune: GE graph; reduce-overhead: aclgraph).
+    """(torchair's backend for torch.compile in `npu_mode`, the torchair mode used): max-autotune is the GE graph;
+    reduce-overhead asks for aclgraph, as npugraph_ex where this torchair has it.
     Unavailable when torchair cannot be used: torch_npu installs a lazy placeholder as `torchair`, so `import
     torchair` succeeds even when it is broken and the failure comes at the first attribute use, as
     _TorchairImportError (not an ImportError); a torchair without the mode raises ValueError when it is set."""
@@ -81,9 +88,15 @@ def _torchair_backend(npu_mode: str):
         import torchair  # noqa: PLC0415 - ships inside torch_npu, imported only on the NPU path
 
         config = torchair.CompilerConfig()
+        used = "max-autotune"
         if npu_mode != "max-autotune":
-            config.mode = "reduce-overhead"
-        return torchair.get_npu_backend(compiler_config=config)
+            try:
+                config.mode = NPUGRAPH_EX
+                used = NPUGRAPH_EX
+            except ValueError:  # OptionValue refuses a mode it does not list: an older torchair
+                config.mode = "reduce-overhead"
+                used = "reduce-overhead"
+        return torchair.get_npu_backend(compiler_config=config), used
     except Exception as exc:  # anything torchair raises makes this mode unavailable, never the run
         raise Unavailable(f"torchair cannot provide {npu_mode!r} ({_why(exc)})") from exc
 
@@ -93,7 +106,8 @@ def _backend(
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(torch.compile keywords, inductor config patch for the compiling calls, notes) for the device."""
     if device.type == "npu":
-        return {"backend": _torchair_backend(npu_mode)}, {}, [NPU_GRAPH_MODES[npu_mode]]
+        backend, used = _torchair_backend(npu_mode)
+        return {"backend": backend}, {}, [NPU_GRAPH_MODES[used]]
     if device.type == "cuda":
         return {"mode": "reduce-overhead"}, {}, ['inductor mode="reduce-overhead" (CUDA graphs)']
     if device.type == "cpu":

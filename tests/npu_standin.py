@@ -479,7 +479,7 @@ DEFAULTS = {
     "fallback_ops": [],
     "fallback_switch": None,  # None: as the version (2.13.0 and later read TORCH_NPU_FALLBACK_CPU_DISABLE)
     "torchair_broken": False,
-    "torchair_modes": ["max-autotune", "reduce-overhead"],
+    "torchair_modes": None,  # None: as the version (compiler_config.py 2.5.1 l.31; 2.13.0/2.14.0 l.39 add npugraph_ex)
     "reject_flash_attention": False,
     "autoload_fails": False,
     "autoload": False,  # declare the torch.backends entry point (so `import torch` imports the stand-in) and succeed
@@ -499,6 +499,8 @@ def build(folder: Path, **options) -> Path:
     newer = Version(settings["version"]).release[:2] >= (2, 13)
     if settings["fallback_switch"] is None:
         settings["fallback_switch"] = newer
+    if settings["torchair_modes"] is None:
+        settings["torchair_modes"] = ["max-autotune", "reduce-overhead"] + (["npugraph_ex"] if newer else [])
     # the switches each version's libtorch_npu.so reads (strings there): 2.5.1 only TORCH_NPU_DISABLED_WARNING
     settings["silencers"] = ["TORCH_NPU_DISABLED_WARNING"] + (["TORCH_NPU_WARNING_DISABLE"] if newer else [])
     library_strings = (

@@ -447,11 +447,12 @@ def test_a_cuda_torch_beside_torch_npu_gets_its_own_advice():
 # --- graph mode ------------------------------------------------------------------------------------------------------
 
 
-def test_npugraph_uses_torchair_reduce_overhead(npu_standin):
-    s = npu_standin()
+@pytest.mark.parametrize(("version", "mode"), [("2.13.0", "npugraph_ex"), ("2.5.1", "reduce-overhead")])
+def test_npugraph_uses_npugraph_ex_where_torchair_offers_it(npu_standin, version, mode):
+    s = npu_standin(version=version)
     kwargs, _, notes = compilers._backend(devices.resolve_device("npu"), False, "reduce-overhead")
-    assert callable(kwargs["backend"]) and "aclgraph" in notes[0]
-    assert "torchair backend mode=reduce-overhead" in s.calls
+    assert callable(kwargs["backend"]) and f'mode="{mode}"' in notes[0] and "aclgraph" in notes[0]
+    assert f"torchair backend mode={mode}" in s.calls
     assert "npugraph" in execution.available_modes(NPU)
     assert "npugraph" not in execution.available_modes(devices.Device("cpu"))
 
@@ -463,8 +464,8 @@ def test_npugraph_is_a_benchmark_mode_with_its_own_agreement(npu_standin, tiny_m
                                   progress=False, measure_roofline=False)  # fmt: skip
     row = {r["mode"]: r for r in results}["npugraph"]
     assert row["status"] == "ok" and row["agreement"]["top1_agreement"] == 1.0, row
-    assert any("aclgraph" in n for n in row["notes"])
-    assert "torchair compiled a graph (mode=reduce-overhead)" in s.calls
+    assert any('mode="npugraph_ex"' in n for n in row["notes"]), row["notes"]  # the report says which mode ran
+    assert "torchair compiled a graph (mode=npugraph_ex)" in s.calls
 
 
 def test_npugraph_is_unavailable_where_torchair_lacks_the_mode(npu_standin):
@@ -493,6 +494,41 @@ def test_mismatched_torch_npu_is_a_loud_warning_and_a_report_field(npu_standin, 
 def test_paired_torch_npu_has_no_mismatch(npu_standin):
     npu_standin()
     assert devices.environment(devices.resolve_device("npu"))["torch_npu_mismatch"] is None
+
+
+@pytest.mark.parametrize(
+    ("options", "expected", "source"),
+    [
+        ({"cann": "8.2.RC1"}, "8.2.RC1", "torch_npu.npu.utils.get_cann_version"),
+        ({"cann": "", "torch_version_cann": "8.0.RC2"}, "8.0.RC2", "torch.version.cann"),  # no aclsysGetCANNVersion
+    ],
+)
+def test_cann_version_falls_back_to_torch_version_cann(npu_standin, options, expected, source):
+    npu_standin(**options)
+    env = devices.environment(devices.resolve_device("npu"))
+    assert env["cann"] == expected and env["ascend"]["cann_in_use"] == {"version": expected, "read_from": source}
+
+
+def test_cann_version_falls_back_to_the_install_info(npu_standin, tmp_path, monkeypatch):
+    from test_preflight import fake_ascend
+
+    monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(fake_ascend(tmp_path / "Ascend", cann="8.1.RC1")))
+    npu_standin(cann="", torch_version_cann="not known")
+    env = devices.environment(devices.resolve_device("npu"))
+    assert env["cann"] == "8.1.RC1" and env["ascend"]["cann_in_use"]["read_from"].endswith(
+        "ascend_toolkit_install.info"
+    )
+
+
+def test_transfer_to_npu_leaves_the_warning_filters_and_says_what_it_patched(npu_standin):
+    npu_standin()
+    before = list(warnings.filters)
+    device = devices.resolve_device("npu")
+    assert warnings.filters == before  # its filterwarnings("once") is undone
+    effects = devices.environment(device)["ascend"]["transfer_to_npu"]
+    assert effects["warnings_filters_restored"] == ["once"]
+    assert {"torch.cuda.is_available", "torch.jit.script"} <= set(effects["patched"]), effects
+    assert "torch.Tensor.cuda" not in effects["patched"]  # the stand-in leaves it: the list is observed, not assumed
 
 
 # --- the order of the start-up steps, per script ---------------------------------------------------------------------
