@@ -222,8 +222,9 @@ def check_outputs(
     line naming both paths) when it
       - cannot take a file (a folder, an unwritable folder, a folder under a file: reports.check_output_path);
       - is the same file as another output of this run (sidecar, journal, plot), by path or by inode;
-      - is the same file as an input ({"--images": [files], "--labels": path, ...}; URLs are skipped), by path, by
-        symlink or by hard link, so a run never overwrites what it reads;
+      - is the same file as an input ({"--images": [specs], "--labels": path, ...}; folders and globs stand for the
+        images they hold, as preprocessing.expand_images lists them; URLs are skipped), by path, by symlink or by hard
+        link, so a run never overwrites what it reads;
       - lies inside the model folder `model_dir` (config.json, the weights: the next run could not load the model).
     Streams (/dev/null, /dev/stdout, FIFOs) are never compared: writing there destroys nothing."""
     named = [(what, os.fspath(path)) for what, path in outputs.items() if path is not None]
@@ -241,7 +242,7 @@ def check_outputs(
             if same(ident, other_ident):
                 raise UserError(f"{what} {path} and {other_what} {other} are the same file; give them different paths")
     for in_what, value in (inputs or {}).items():
-        for source in _as_list(value):
+        for source in preprocessing.expand_images(_as_list(value)):  # folders and globs: the files they name
             if not source or preprocessing.is_url(source):
                 continue
             source_ident = _identity(source)

@@ -381,3 +381,53 @@ def test_environment_names_versions():
     assert env["torch"] == torch.__version__ and env["transformers"] and env["cpu_count"] >= 1
     assert env["torch_npu"] is None and env["cann"] is None
     assert json.loads(json.dumps(env, allow_nan=False)) == env  # strict JSON, nothing lost
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The output guard (common.check_outputs)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_output_guard_refuses_inputs_model_files_and_twin_outputs(tmp_path, model_copy):
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"x")
+    (tmp_path / "alias.json").symlink_to(image)
+    common.check_outputs({"--output": str(tmp_path / "new.json")}, {"--images": [str(image)]}, model_copy)
+    common.check_outputs({"--output": str(tmp_path / "new.json")})  # the one-argument form still works
+    cases = [
+        ({"--output": str(image)}, {"--images": [str(image)]}, None, "is the input --images"),
+        ({"--output": str(tmp_path / "alias.json")}, {"--images": [str(image)]}, None, "is the input --images"),
+        ({"--output": str(model_copy / "new.json")}, {}, model_copy, "inside the model folder"),
+        ({"REPORT.json": str(tmp_path / "r.json"), "--plot": str(tmp_path / "." / "r.json")}, {}, None,
+         "are the same file"),
+        ({"--output": ""}, {}, None, "empty path"),
+    ]  # fmt: skip
+    for outputs, inputs, model_dir, message in cases:
+        with pytest.raises(errors.UserError, match=message) as refused:
+            common.check_outputs(outputs, inputs, model_dir)
+        assert "\n" not in str(refused.value)
+    os.link(model_copy / "config.json", tmp_path / "config.json")  # a hard link to a model file, elsewhere
+    with pytest.raises(errors.UserError, match="model folder"):
+        common.check_outputs({"--output": str(tmp_path / "config.json")}, {}, model_copy)
+    common.check_outputs({"--output": "/dev/null", "--plot": "/dev/null"})  # streams destroy nothing
+
+
+def test_checkpoint_keys_are_all_there_or_named(model_copy):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(model_copy / "model.safetensors"))
+    weights["classifier.extra"] = torch.zeros(2)
+    save_file(weights, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(errors.UserError, match="1 tensor\\(s\\) the model does not have: classifier.extra"):
+        models.load_model(str(model_copy))
+
+
+def test_require_regular_file_refuses_devices_and_fifos(tmp_path):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    for path in (fifo, tmp_path / "zero.png", tmp_path):
+        with pytest.raises(OSError, match="not a regular file"):
+            preprocessing.require_regular_file(path)
+        with pytest.raises(OSError, match="not a regular file"):
+            preprocessing.load_image(str(path)) if path != tmp_path else models.sha256_file(path)
