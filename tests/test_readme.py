@@ -4,7 +4,7 @@ the module map names every module, the Chinese readme covers the same sections, 
 
 Markers in the Markdown (an HTML comment on the line right before a fenced block):
   <!-- ci: NAME -->   readme.md only: the block .ci/run runs (setup, lint, only, test, compat)
-  <!-- runnable -->   run as written by test_runnable_block, in a sandbox (a temp copy of the repository's top level)
+  <!-- runnable -->   run as written by test_runnable_block, in a sandbox (a temp copy of the working tree)
   <!-- module map --> before the module table (readme.md and readme.zh.md)
 Generated sections sit between `<!-- generated: NAME -->` and `<!-- end generated -->`; after a change to their
 source, `python tests/test_readme.py --write` rewrites them.
@@ -33,7 +33,6 @@ README_ZH = ROOT / "readme.zh.md"
 DOCS = ROOT / "docs"
 CI_STEPS = ("setup", "lint", "only", "test")
 CI_COMPAT_STEPS = ("compat", "test")
-COMMITTED_OUTPUTS = ("accuracy_report.json", "perf_report.json", "MODEL_CARD.md")
 
 FENCE = re.compile(r"^```\s*([\w+-]*)\s*$")
 MARKER = re.compile(r"^<!--\s*(.*?)\s*-->$")
@@ -435,20 +434,16 @@ def test_there_are_runnable_blocks():
         assert block.path != README_ZH, "readme.zh.md repeats readme.md's commands; mark them runnable only there"
 
 
+SANDBOX_SKIP = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"
+)
+
+
 def sandbox(tmp_path: Path) -> Path:
-    """The repository's top level as the commands see it: files and model/ copied (so the commands write into the copy,
-    never over the committed reports or card), the other folders linked."""
+    """A copy of the working tree (sources, package data, model/, the committed reports): the commands write into the
+    copy, never over the committed reports, card or its assets."""
     box = tmp_path / "repo"
-    box.mkdir()
-    for entry in ROOT.iterdir():
-        if entry.name in (".git", ".venv") or entry.name.endswith(".egg-info"):
-            continue
-        if entry.is_file():
-            shutil.copy2(entry, box / entry.name)
-        elif entry.name == "model":
-            shutil.copytree(entry, box / entry.name)
-        else:
-            (box / entry.name).symlink_to(entry, target_is_directory=True)
+    shutil.copytree(ROOT, box, ignore=SANDBOX_SKIP, symlinks=True)
     return box
 
 
@@ -461,7 +456,7 @@ def test_runnable_block(block, tmp_path):
     """The block runs as written (bash -e, one command after another, `python` the interpreter running the tests) in a
     sandbox; it exits 0 and changes nothing in the repository."""
     box = sandbox(tmp_path)
-    watched = [ROOT / name for name in COMMITTED_OUTPUTS] + sorted((ROOT / "model").iterdir())
+    watched = [p for p in ROOT.iterdir() if p.is_file()] + sorted((ROOT / "model").iterdir())
     before = digest(watched)
     env = {
         **os.environ,
