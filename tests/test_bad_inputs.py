@@ -559,22 +559,6 @@ def test_report_arguments_must_end_in_json(tiny_model_dir, tmp_path, monkeypatch
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# 10. readme: the CPU install pins the CI torch through the CPU-only index
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def test_readme_cpu_install_uses_the_cpu_index_and_the_ci_torch():
-    ci = (ROOT / ".ci" / "run").read_text()
-    version = re.search(r"torch==([\d.]+)", ci).group(1)
-    readme = (ROOT / "readme.md").read_text()
-    command = f"pip install torch=={version} --index-url https://download.pytorch.org/whl/cpu"
-    opening = readme.split("## Install")[0]
-    assert command in opening and command in readme.split("## Install")[1].split("## ")[0]
-    assert "after your torch" in opening
-    assert "`pip install torch`" not in readme.replace("A plain\n  `pip install torch`", "")
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # 11. The latency plot says what was timed and reads in ms
 # --------------------------------------------------------------------------------------------------------------------
 

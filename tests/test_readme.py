@@ -160,6 +160,9 @@ def test_readme_setup_is_two_commands_and_test_is_one():
     assert len(ci["setup"]) == 2 and ci["setup"][1] == 'pip install -e ".[dev]"', ci["setup"]
     assert ci["setup"][0].startswith("pip install torch=="), ci["setup"]
     assert ci["test"] == ["python -m pytest -q"]
+    # elsewhere than CI's machine, a plain `pip install torch==X` on Linux pulls the CUDA build: the readme says so
+    install = README.read_text(encoding="utf-8").split("## Install")[1].split("\n## ")[0]
+    assert re.search(r"--index-url\s+https://download\.pytorch\.org/whl/cpu", install)
     assert "ruff check ." in ci["lint"] and "ruff format --check ." in ci["lint"]
 
 
