@@ -115,9 +115,8 @@ def _leading_int(value: str | None, default: int) -> int:
 
 def _library() -> Path | None:
     """The installed torch_npu's lib/libtorch_npu.so, found without importing torch_npu; None when absent."""
-    loaded = sys.modules.get("torch_npu")
     try:
-        spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec("torch_npu")
+        spec = importlib.util.find_spec("torch_npu")  # a loaded torch_npu's own __spec__, else found on sys.path
     except (ImportError, ValueError):
         return None
     for folder in list(getattr(spec, "submodule_search_locations", None) or []):

@@ -189,17 +189,19 @@ def _torch_npu_facts() -> dict[str, Any] | None:
         if match and not re.match(r"\s*torch[-_]", text):
             requires = (match.group("p") or match.group("b") or "").strip() or None
             break
-    spec = (
-        importlib.util.find_spec("torch_npu") if "torch_npu" not in sys.modules else sys.modules["torch_npu"].__spec__
-    )
-    folder = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+    try:
+        spec = importlib.util.find_spec("torch_npu")  # a loaded torch_npu's own __spec__, else found on sys.path
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(getattr(spec, "submodule_search_locations", None) or [])
+    folder = Path(locations[0]) if locations else None
     return {"version": dist.version, "requires_torch": requires, "folder": str(folder) if folder else None}
 
 
-def _torchair_facts(torch_npu: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not torch_npu or not torch_npu.get("folder"):
+def _torchair_facts(npu_facts: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not npu_facts or not npu_facts.get("folder"):
         return None
-    config = Path(torch_npu["folder"]) / "dynamo" / "torchair" / "configs" / "compiler_config.py"
+    config = Path(npu_facts["folder"]) / "dynamo" / "torchair" / "configs" / "compiler_config.py"
     if not config.is_file():
         return {"bundled": False, "modes": [], "read_from": None}
     match = re.search(r"mode\s*=\s*OptionValue\(\s*\"[^\"]*\"\s*,\s*\[([^\]]*)\]", config.read_text(errors="replace"))
@@ -266,14 +268,14 @@ def stack_facts(environ: dict[str, str] | None = None, root: str | None = None) 
     env = dict(os.environ if environ is None else environ)
     root = root or DEFAULT_ROOT
     home, found_by = toolkit_home(env, root)
-    torch_npu = _torch_npu_facts()
+    npu_facts = _torch_npu_facts()
     lib64 = home / "lib64" if home else None
     hccl = lib64 / "libhccl.so" if lib64 else None
     return {
         "python": platform.python_version(),
         "torch": _torch_facts(),
-        "torch_npu": torch_npu,
-        "torchair": _torchair_facts(torch_npu),
+        "torch_npu": npu_facts,
+        "torchair": _torchair_facts(npu_facts),
         "cann": cann_facts(home),
         "toolkit": {"path": str(home) if home else None, "found_by": found_by},
         "driver": _version_info(Path(root) / "driver" / "version.info"),

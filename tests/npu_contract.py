@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VERSIONS = ("2.5.1", "2.13.0")  # the model card's stack, and the one that pairs with CI's torch 2.13.0
+VERSIONS = ("2.5.1", "2.13.0", "2.14.0")  # the model card's stack, the one that pairs with CI's torch, the newest
 # One fixed wheel per version whatever the interpreter running the tests: pure-Python source is all that is read.
 WHEEL_PLATFORM = ("--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
                   "--python-version", "3.11", "--only-binary", ":all:")  # fmt: skip
@@ -71,6 +71,39 @@ def unpack_sources(wheel: Path) -> Path:
                     zf.extract(name, dest)
         marker.write_text("ok\n")
     return dest
+
+
+def library_bytes(wheel: Path) -> bytes:
+    """torch_npu/lib/libtorch_npu.so of the wheel (read from the archive, not unpacked): the C++ side's string
+    constants (warning texts, the environment switches it reads) are in it."""
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read("torch_npu/lib/libtorch_npu.so")
+
+
+def registered_backends(source: Source) -> dict[str, list[str]]:
+    """Process-group backends the wheel registers: torch.distributed.Backend.register_backend("<name>", ...,
+    devices=[...]) calls anywhere in its Python source -> {name: devices}."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(set(source.files.values())):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            func = getattr(node, "func", None)
+            if not (isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "register_backend"):
+                continue
+            if not (isinstance(func.value, ast.Attribute) and func.value.attr == "Backend"):
+                continue  # rpc's backend_registry.register_backend is another registry
+            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                devices = [k.value for k in node.keywords if k.arg == "devices"]
+                names = [
+                    e.value for d in devices if isinstance(d, ast.List) for e in d.elts if isinstance(e, ast.Constant)
+                ]
+                found.setdefault(node.args[0].value, []).extend(
+                    n for n in names if n not in found.get(node.args[0].value, [])
+                )
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------------

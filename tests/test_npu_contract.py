@@ -1,5 +1,8 @@
 """The real torch_npu is the contract: every NPU name the project uses, with the arguments it passes, must be defined in
-the Python source of the real wheels (torch-npu 2.5.1, the model card's stack, and 2.13.0, which pairs with CI's torch).
+the Python source of the real wheels (torch-npu 2.5.1, the model card's stack; 2.13.0, which pairs with CI's torch; and
+2.14.0, the newest). Beyond names: the HCCL backend the project asks for is the one each wheel registers, torchair's
+modes are those compilers.py picks from, and the C++ behaviour the stand-in imitates (fallback wordings, the switches
+torch_npu reads) is read from each wheel's libtorch_npu.so.
 
 The wheels are fetched with `pip download --no-deps` into MOBILEVIT_NPU_WHEELS (default ~/.cache/mobilevit-npu/wheels)
 and only their .py files are unpacked. Locally an unreachable index skips these tests; in CI (CI=1 or
@@ -12,7 +15,10 @@ import shutil
 import textwrap
 
 import npu_contract as contract
+import npu_standin as standin
 import pytest
+
+from mobilevit_npu import compilers, distributed, npu
 
 pytestmark = pytest.mark.npu_contract
 
@@ -27,7 +33,13 @@ def real_source(request) -> contract.Source:
         pytest.skip(f"torch-npu {request.param} wheel not reachable here ({exc}); CI runs this")
     source = contract.Source(contract.unpack_sources(wheel))
     source.version = request.param
+    source.wheel = wheel
     return source
+
+
+@pytest.fixture(scope="module")
+def real_library(real_source) -> bytes:
+    return contract.library_bytes(real_source.wheel)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +131,50 @@ def test_signature_binding_rules():
     assert "needs c" in check(fn, True, 1, (), False)
     assert "at most 2 positional" in check(fn, True, 3, ("c",), False)
     assert "no parameter 'e'" in check(fn, True, 1, ("c", "e"), False)
+
+
+def test_the_hccl_backend_the_project_asks_for_is_registered_for_npu(real_source):
+    """distributed.py's backend name for npu, against torch_npu's Backend.register_backend calls (2.5.1
+    torch_npu/__init__.py l.245; 2.13.0/2.14.0 torch_npu/_init/registry/distributed.py l.37-44)."""
+    backends = contract.registered_backends(real_source)
+    assert "npu" in backends.get(distributed.BACKENDS["npu"], []), backends
+    assert "nccl" not in backends and "gloo" not in backends  # what it read are torch_npu's own registrations
+
+
+def test_npugraph_picks_from_the_modes_each_torchair_has(real_source):
+    """compilers.py sets CompilerConfig.mode to npugraph_ex and falls back to reduce-overhead on ValueError."""
+    config = real_source.resolve(("torchair", "CompilerConfig", "()", "mode"))
+    choices = contract.option_choices(real_source, config)
+    assert "reduce-overhead" in choices and "max-autotune" in choices
+    assert (compilers.NPUGRAPH_EX in choices) == (real_source.version != "2.5.1"), choices
+
+
+def test_the_standin_wordings_are_the_real_ones(real_source, real_library):
+    """Each text the stand-in and npu.py rely on is a string constant of this version's libtorch_npu.so."""
+    pieces = [
+        "' is not currently supported ",
+        "on the NPU backend and will fall back to run on the CPU.",
+        " This may have performance implications.",
+    ]  # fmt: skip  VariableFallbackKernel.cpp:250-254
+    for piece in pieces:
+        assert piece.encode() in real_library, piece
+    assert b"TORCH_NPU_DISABLED_WARNING\0" in real_library
+    newer = real_source.version != "2.5.1"
+    for name, text in standin.WORDINGS.items():
+        if name != "dispatcher":
+            assert (text.encode() in real_library) == newer, name
+    assert (b"TORCH_NPU_FALLBACK_CPU_DISABLE\0" in real_library) == newer
+    assert (b", but CPU fallback is disabled by TORCH_NPU_FALLBACK_CPU_DISABLE=1." in real_library) == newer
+    assert (b"TORCH_NPU_WARNING_DISABLE\0" in real_library) == newer
+
+
+def test_npu_reads_the_switches_from_the_real_library(real_source, real_library, tmp_path, monkeypatch):
+    """npu.installed_reads finds the switch in this wheel's library exactly where the library holds it."""
+    library = tmp_path / "torch_npu" / "lib" / "libtorch_npu.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(real_library)
+    (tmp_path / "torch_npu" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "torch_npu", raising=False)
+    assert npu.installed_reads(npu.SWITCH) == (real_source.version != "2.5.1")
+    assert npu.installed_reads("TORCH_NPU_DISABLED_WARNING")
