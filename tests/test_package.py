@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,14 @@ def test_run_time_files_live_in_the_package():
 def test_a_non_editable_install_runs_the_scripts_from_another_folder(tmp_path):
     """pip install . (no editable link, no repository on the path), then the scripts from an empty folder: the
     default photos, --synthetic and the card all come from the installed package."""
+    source = tmp_path / "source"  # a copy: pip builds in the source folder, and the checkout stays clean
+    shutil.copytree(ROOT / "mobilevit_npu", source / "mobilevit_npu", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [*ROOT.glob("*.py"), ROOT / "pyproject.toml", ROOT / "readme.md"]:
+        shutil.copy(path, source / path.name)
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site),
-         str(ROOT)],
+         str(source)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     work = tmp_path / "elsewhere"
@@ -47,6 +52,7 @@ def test_a_non_editable_install_runs_the_scripts_from_another_folder(tmp_path):
 
     where = run("-c", "import mobilevit_npu, accuracy_run; print(mobilevit_npu.__file__, accuracy_run.__file__)")
     assert where.returncode == 0 and str(ROOT) not in where.stdout and str(site) in where.stdout, where
+    assert not (ROOT / "build").exists()
     acc = run("-m", "accuracy_run", "model", "acc.json", "--synthetic", "--device", "cpu", "--dtype", "bf16",
               "--reference_cache", "off")  # fmt: skip
     assert acc.returncode == 0, acc.stderr[-2000:]
