@@ -82,8 +82,8 @@ def add_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> argpa
         default=None,
         help="also dump the reference (CPU float32 eager) and the target with msprobe's PrecisionDebugger on the same "
         "images into DIR/reference and DIR/target, and write msprobe compare's table under DIR/compare; the report "
-        "gets its counts by result and first failing rows (needs " + INSTALL + "; eager, channels_last or bf16 "
-        "targets only)",
+        "gets its counts by result and first failing rows. Eager, channels_last and bf16 targets; needs "
+        "mindstudio-probe: " + INSTALL,
     )
     group.add_argument(
         "--msprobe_level",
@@ -226,9 +226,10 @@ def _debugger(config_path: Path):
 
 
 @torch.no_grad()
-def _dump_side(debugger, module: torch.nn.Module, pixels: torch.Tensor, autocast: Optional[str]) -> None:
+def _dump_side(debugger, module: torch.nn.Module, pixels: torch.Tensor, autocast: Optional[str],
+               rank: Optional[int]) -> None:  # fmt: skip
     """One forward of `module` (a Hugging Face model, called as model(pixel_values=...)) between start and stop."""
-    debugger.start(model=module)
+    debugger.start(model=module, rank_id=rank)  # rank_id: msprobe's own, else it asks torch.distributed
     try:
         with torch.autocast(device_type=autocast, dtype=torch.bfloat16) if autocast else nullcontext():
             module(pixel_values=pixels)
@@ -370,11 +371,11 @@ def run(
     try:
         reports.write_json_atomic(config_path, _config(task, level, reference_dump))
         debugger = _debugger(config_path)
-        _dump_side(debugger, reference_module, pixels, None)
+        _dump_side(debugger, reference_module, pixels, None, rank)
         reports.write_json_atomic(config_path, _config(task, level, target_dump))
         debugger = _debugger(config_path)
         target_input = to_target(pixels) if to_target else pixels.to(models.DTYPES[target_dtype])
-        _dump_side(debugger, target_module, target_input, autocast)
+        _dump_side(debugger, target_module, target_input, autocast, rank)
     finally:
         if debugger is not None:
             _restore_apis(debugger)
