@@ -20,13 +20,18 @@ from __future__ import annotations
 import os
 import sys
 
-# This process must not load torch_npu (the subprocess row does, as every script would): torch's autoload stays off
-# for whatever common imports; the probe gets the caller's own setting back.
+# This process must not load torch_npu (the subprocess row does, as every script would): torch's autoload is off while
+# common imports torch, and the caller's setting is back right after (torch reads it only during its import).
 _CALLER_AUTOLOAD = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD")
 os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
-
-import common  # noqa: E402
-from mobilevit_npu import preflight, reports  # noqa: E402
+try:
+    import common
+    from mobilevit_npu import preflight, reports
+finally:
+    if _CALLER_AUTOLOAD is None:
+        del os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"]
+    else:
+        os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = _CALLER_AUTOLOAD
 
 
 def build_parser():
@@ -44,19 +49,10 @@ def build_parser():
     return parser
 
 
-def caller_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    if _CALLER_AUTOLOAD is None:
-        env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)
-    else:
-        env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = _CALLER_AUTOLOAD
-    return env
-
-
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.check_outputs({"--json": args.json})
-    env = caller_environment()
+    env = dict(os.environ)
     facts = preflight.stack_facts(env, args.ascend_root)
     rows = preflight.check(facts, args.ascend_root)
     if not args.skip_import_check:

@@ -247,3 +247,19 @@ def test_preflight_here_prints_its_table_and_exits_2(tmp_path):
 def test_usage_errors_exit_2(tmp_path):
     assert script.main(["--no_such_flag"]) == 2
     assert script.main(["--json", str(tmp_path), "--skip_import_check"]) == 2  # a folder cannot take the JSON
+
+
+def test_a_failing_autoload_is_a_row_not_a_crash(tmp_path):
+    """A torch_npu whose autoload fails (CANN not sourced): the preflight itself still runs (torch_npu is never loaded
+    in its process), and the `import torch` row carries startup's one line."""
+    import npu_standin
+
+    folder = npu_standin.build(tmp_path / "site", autoload_fails=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_") and k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
+    env["PYTHONPATH"] = f"{folder}{os.pathsep}{ROOT}"
+    out = subprocess.run([sys.executable, "preflight.py", "--ascend_root", str(tmp_path / "none")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("import torch"))
+    assert "mismatch" in row and "failed: error: torch could not load its torch_npu extension" in row
+    assert "libhccl.so" in row and "set_env.sh" in row
