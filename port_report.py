@@ -1,27 +1,37 @@
-"""Write the model card (Markdown, front matter a model hub reads) from measured reports, in Chinese and English.
+"""Write the model card (Markdown, front matter a model hub reads) and its plots from measured reports, in Chinese and
+English.
 
 Examples:
-    python port_report.py accuracy_report.json perf_report.json --lang both --output MODEL_CARD.md
+    python port_report.py accuracy_report.json perf_report.json
     python port_report.py accuracy_report.json perf_report.json imagenet_report.json --lang zh --output README.md
 
 Inputs: reports of accuracy_run.py (CPU-vs-target consistency, or a labelled set with --dataset/--labels) and of
 accuracy_run_perf.py, at least one of each, all of the same weights (the same sha256, or the same synthetic seed).
-Every figure in the card comes from them; every command shown is the argv that wrote the report. The model section
-reads config.json and preprocessor_config.json from the reports' model folder (model_source.path; the project's
-model/ for synthetic weights; --model_path to override) and computes the parameter count from the config.
+Each is read through the one report format (mobilevit_npu/schema.py). Every figure in the card comes from them; every
+command shown is the argv that wrote the report. The model section reads config.json and preprocessor_config.json
+from the reports' model folder (model_source.path; the project's model/ for synthetic weights; --model_path to
+override) and counts the parameters of the model config.json builds. Beside the card, in --assets, the PNGs it embeds
+(relative links): the latency of every mode (the benchmark's plot) and, for a --layers run, the cosine of every module.
 
-Honesty: synthetic weights put a warning at the top, in both languages, that the card is not a port result; a CPU
-target is called CPU, never NPU or GPU (NPU/Ascend tags only for a target that ran on an npu).
+Honesty: synthetic weights put a warning at the top, in both languages, that the card is not a port result; the title
+says "port result" only for real weights measured on an accelerator; a CPU target is called CPU, never NPU or GPU.
 
-The words come from templates/model_card.zh.md and templates/model_card.en.md (not translated at run time).
+The words come from mobilevit_npu/templates/model_card.zh.md and model_card.en.md (not translated at run time).
 
-Exit codes: 0 written; 1 the reports cannot make a card without a hole (a field missing, naming the report and the
-field; reports of different weights, naming both); 2 bad arguments or an unreadable report.
+Refusals (one line naming the file and the field; nothing is written):
+  exit 2: bad arguments; the same report file given twice; --output or a plot that is one of the reports (by path,
+          symlink or hard link); a report that is not valid JSON or does not match its kind's definition (a missing or
+          mistyped field, an unknown kind, a newer schema_version, an unknown field without --allow_unknown_fields).
+  exit 1: reports that cannot make one true card: two with the same content, two of one kind from the same run,
+          reports of different weights, a kind the card does not take, no accuracy or no benchmark report.
+Exit 0: written.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
@@ -44,11 +54,17 @@ def build_parser():
         help="the card's language; both = one file: the front matter once, then the Chinese card, then the English "
         "one after a horizontal rule",
     )
-    parser.add_argument("--output", "-o", required=True, metavar="CARD.md",
+    parser.add_argument("--output", "-o", default="MODEL_CARD.md", metavar="CARD.md",
                         help="where to write the card (atomically: temp file, then rename)")  # fmt: skip
+    parser.add_argument("--assets", default=card.ASSETS_DIR, metavar="DIR",
+                        help="folder for the card's PNGs, relative to the card's folder (linked relatively)",
+                        )  # fmt: skip
     parser.add_argument("--model_path", "--model-path", default=None, metavar="FOLDER",
                         help="model folder for the model section (config.json, preprocessor_config.json); default: "
                         "the reports' model_source.path, or the project's model/ for synthetic weights")  # fmt: skip
+    parser.add_argument("--allow_unknown_fields", "--allow-unknown-fields", action="store_true",
+                        help="read reports that carry fields the report format does not define (ignored); without "
+                        "it such a report is refused")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -56,14 +72,23 @@ def build_parser():
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.setup_logging(args.verbose)
-    common.check_outputs({"--output": args.output})
+    if os.path.isabs(args.assets) or ".." in Path(args.assets).parts:
+        print("error: --assets must be a folder inside the card's folder (a relative path without ..)", file=sys.stderr)
+        return 2
+    common.check_outputs({"--output": args.output}, {"REPORT.json": args.reports})
     try:
-        text = card.build_card(args.reports, args.lang, args.model_path)
+        built = card.build_card(args.reports, args.lang, args.model_path, args.allow_unknown_fields, args.assets)
     except card.CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    reports.write_text_atomic(args.output, text)
-    print(f"wrote {args.output} ({args.lang}, from {len(args.reports)} report(s))")
+    folder = Path(args.output).parent
+    plots = {f"plot {link}": str(folder / link) for link in built.files}
+    common.check_outputs({"--output": args.output, **plots}, {"REPORT.json": args.reports})
+    for link, data in built.files.items():
+        card.write_png(folder / link, data)
+    reports.write_text_atomic(args.output, built.text)
+    shown = f" and {len(built.files)} plot(s) in {folder / args.assets}" if built.files else ""
+    print(f"wrote {args.output} ({args.lang}, from {len(args.reports)} report(s)){shown}")
     return 0
 
 

@@ -1,46 +1,60 @@
-"""Model cards from measured reports: every figure from a report, every command its argv, no holes.
+"""Model cards from measured reports: the writing half (mobilevit_npu/cardfacts.py reads and checks the reports).
 
-`build_card(paths, lang)` reads accuracy_run.py reports (consistency or labelled) and accuracy_run_perf.py reports,
-checks that they measured one model (the same sha256, or the same synthetic seed), reads the model's config.json and
-preprocessor_config.json, and fills templates/model_card.<lang>.md. The template files hold every word of the card;
-this module only fills them. A field the card needs that a report lacks raises CardError (exit 1) naming the report and
-the field: the card never shows an empty cell or an unfilled placeholder.
-
-Fields read, besides the required ones (a missing one stops the tool):
-- environment: device, device_name, cpu, cpu_count, platform, python, torch, transformers, torch_npu, cann, cuda,
-  torch_threads, allocator.name / allocator.tuned; when present: pillow, load_average, torch_npu_mismatch,
-  fp32_precision (conv_hf32 / matmul_hf32 on npu, conv_tf32 / matmul_tf32 on cuda, float32_matmul_precision
-  elsewhere), hf32, tf32. torch_npu and cann are required in the report of an npu target.
-- report (accuracy) or result (perf): cpu_fallbacks when present ({"operators": {op: count}, ...}, or a list of
-  operator names); for an npu target without it the card says the report does not record fallbacks.
-- accuracy: skipped (a count) when present, else the length of errors (dataset.skipped for a labelled set).
+`build_card(paths, lang)` gathers the facts (cardfacts.gather: every report through schema.load, duplicates and mixed
+weights refused, config.json read), fills templates/model_card.<lang>.md and renders the plots the card embeds. The
+template files hold every word of the card, the Chinese one also the translation of the English prose reports carry
+(its `phrases` block); this module only fills them. Nothing is written here: port_report.py writes the card and its
+PNGs once everything has been built, so a refusal leaves no file behind.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import shlex
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from mobilevit_npu import PROJECT_DIR, models, reports
+from mobilevit_npu import metrics, models
+from mobilevit_npu.cardfacts import (
+    CardError,
+    Facts,
+    LayerFacts,
+    Source,
+    ceilings,
+    command,
+    gather,
+    layer_facts,
+    platform_kind,
+    shown_path,
+    throughput_statistic,
+    weights_identity,
+)
 
-TEMPLATES_DIR = PROJECT_DIR / "templates"
+__all__ = ["CardError", "build_card", "load_template", "Card"]
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 LANGS = ("zh", "en")
 BASE_MODEL = models.HUB_MODEL_ID
 LICENSE = {"license": "other", "license_name": "apple-sample-code-license",
            "license_link": "https://github.com/apple/ml-cvnets/blob/main/LICENSE"}  # fmt: skip
-ACCURACY_TOOL, PERF_TOOL = "accuracy_run.py", "accuracy_run_perf.py"
-_MISSING = object()
-
-
-class CardError(Exception):
-    """The reports cannot make a card (a missing field, mixed weights): exit 1, never a card with a hole."""
+# Published, not measured here: MobileViT-XS in the paper (arXiv:2110.02178, ICLR 2022), as Papers with Code lists its
+# "Results from the Paper": ImageNet top-1 74.8%, 2.3M parameters.
+PUBLISHED_TOP1 = "74.8%"
+PUBLISHED_PARAMS = "2.3M"
+BIBTEX = """@inproceedings{mehta2022mobilevit,
+  title     = {MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision Transformer},
+  author    = {Sachin Mehta and Mohammad Rastegari},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2022},
+  url       = {https://arxiv.org/abs/2110.02178}
+}"""
+DEVICE_TAGS = {"npu": ["NPU", "Ascend", "torch_npu"], "cuda": ["CUDA"], "mps": ["MPS"], "cpu": ["CPU"]}
+ASSETS_DIR = "card_assets"  # beside the card: the PNGs it embeds, linked relatively
 
 
 # ----------------------------------------------------------------------------------------------------- templates
@@ -48,11 +62,13 @@ class CardError(Exception):
 
 @dataclass
 class Template:
-    """One language's template file: named blocks (`<!-- block: NAME -->`) and its `words` (key: text)."""
+    """One language's template file: named blocks (`<!-- block: NAME -->`), its `words` (key: text) and its
+    `phrases` (regex => replacement: the translation of the English prose that reports carry)."""
 
     lang: str
     blocks: dict[str, str]
     words: dict[str, str]
+    phrases: list[tuple[re.Pattern, str]] = field(default_factory=list)
 
     def fill(self, block: str, **values: Any) -> str:
         text = string.Template(self.blocks[block]).substitute({k: str(v) for k, v in values.items()})
@@ -76,145 +92,21 @@ def load_template(lang: str, folder: Path = TEMPLATES_DIR) -> Template:
             key, _, value = line.partition(":")
             value = value.strip()
             words[key.strip()] = json.loads(value) if value.startswith('"') else value  # "..." keeps spaces
-    return Template(lang, blocks, words)
-
-
-# ------------------------------------------------------------------------------------------------------- reports
-
-
-@dataclass
-class Report:
-    path: str
-    data: dict[str, Any]
-    kind: str = ""  # accuracy | labelled | perf
-
-    def need(self, *keys: str, null: bool = False) -> Any:
-        """The value at keys (a path into the report); CardError when absent, or null where null is not allowed."""
-        value: Any = self.data
-        for i, key in enumerate(keys):
-            if not isinstance(value, dict) or key not in value:
-                raise CardError(f"{self.path}: the report has no field {'.'.join(keys[: i + 1])}, which the card needs "
-                                "(regenerate the report with the current scripts)")  # fmt: skip
-            value = value[key]
-        if value is None and not null:
-            raise CardError(f"{self.path}: field {'.'.join(keys)} is null, and the card needs a value")
-        return value
-
-    def get(self, *keys: str, default: Any = None) -> Any:
-        """An optional field (read defensively: absent or null gives `default`)."""
-        value: Any = self.data
-        for key in keys:
-            if not isinstance(value, dict) or value.get(key) is None:
-                return default
-            value = value[key]
-        return value
-
-    @property
-    def command(self) -> str:
-        return "python " + shlex.join([self.need("tool"), *map(str, self.need("argv"))])
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
-
-
-def read_reports(paths: list[str]) -> list[Report]:
-    out = []
-    for path in paths:
-        report = Report(path, reports.read_json(Path(path), f"report {path}"))
-        tool = report.need("tool")
-        if tool == ACCURACY_TOOL:
-            report.kind = "labelled" if report.get("dataset") is not None else "accuracy"
-        elif tool == PERF_TOOL:
-            report.kind = "perf"
-        else:
-            raise CardError(f"{path}: tool {tool!r} is neither {ACCURACY_TOOL} nor {PERF_TOOL}")
-        out.append(report)
-    if not any(r.kind in ("accuracy", "labelled") for r in out):
-        raise CardError(f"no {ACCURACY_TOOL} report among {', '.join(paths)}: the card needs one")
-    if not any(r.kind == "perf" for r in out):
-        raise CardError(f"no {PERF_TOOL} report among {', '.join(paths)}: the card needs one")
-    return out
-
-
-def weights_identity(report: Report) -> tuple[str, str]:
-    """('synthetic', seed) or ('sha256', digest): what makes two reports measurements of the same weights."""
-    if report.need("synthetic"):
-        return "synthetic", str(report.need("model_source", "seed"))
-    return "sha256", str(report.need("model_source", "sha256"))
-
-
-def check_one_model(items: list[Report]) -> tuple[str, str]:
-    first = items[0]
-    ident = weights_identity(first)
-    for other in items[1:]:
-        if weights_identity(other) != ident:
-
-            def show(r):
-                kind, value = weights_identity(r)
-                return f"synthetic weights, seed {value}" if kind == "synthetic" else f"weights sha256 {value}"
-
-            raise CardError(f"{first.path} ({show(first)}) and {other.path} ({show(other)}) measured different "
-                            "weights: one card describes one model; give reports of the same weights")  # fmt: skip
-    return ident
-
-
-# --------------------------------------------------------------------------------------------------------- model
-
-
-@dataclass
-class ModelFacts:
-    folder: Path
-    config: dict[str, Any]
-    preprocessor: dict[str, Any]
-    parameters: int
-    preprocess: Any = field(repr=False)
-
-
-def model_folder(items: list[Report], override: str | None) -> Path:
-    first = items[0]
-    if override:
-        folder = Path(override)
-    elif first.need("synthetic"):
-        folder = PROJECT_DIR / "model"  # synthetic.x_small_config() reads the committed model/config.json
-    else:
-        folder = Path(first.need("model_source", "path"))
-    if not (folder / "config.json").is_file():
-        raise CardError(f"{folder / 'config.json'} not found (the model folder of {first.path}); the model section "
-                        "needs it: pass --model_path FOLDER")  # fmt: skip
-    return folder
-
-
-def read_model(folder: Path, ident: tuple[str, str], first: Report) -> ModelFacts:
-    import torch
-    from transformers import MobileViTConfig, MobileViTForImageClassification
-
-    from mobilevit_npu.preprocessing import PreprocessConfig
-
-    config = reports.read_json(folder / "config.json", "config.json")
-    if not (folder / "preprocessor_config.json").is_file():
-        raise CardError(f"{folder / 'preprocessor_config.json'} not found; the model section needs the input size")
-    preprocessor = reports.read_json(folder / "preprocessor_config.json", "preprocessor_config.json")
-    if config.get("model_type") != "mobilevit":
-        raise CardError(f"{folder}/config.json is not a MobileViT config (model_type={config.get('model_type')!r})")
-    if ident[0] == "sha256":
-        weights = models._weights_file(folder)
-        if weights is not None and (digest := models.sha256_file(weights)) != ident[1]:
-            raise CardError(f"{weights} (sha256 {digest}) and {first.path} (weights sha256 {ident[1]}) are different "
-                            "weights: pass the folder the reports measured with --model_path")  # fmt: skip
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = MobileViTForImageClassification(MobileViTConfig.from_dict(config))
-    parameters = sum(p.numel() for p in model.parameters())
-    return ModelFacts(folder, config, preprocessor, parameters, PreprocessConfig.from_dict(preprocessor))
+    phrases = []
+    for line in blocks.pop("phrases", "").splitlines():
+        if line.strip() and not line.startswith("#"):
+            pattern, _, replacement = line.partition(" => ")
+            phrases.append((re.compile(pattern.strip()), replacement.strip()))
+    return Template(lang, blocks, words, phrases)
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
 
 
 def num(x: Any, spec: str) -> str:
-    """A report number in the card's format; CardError-free: callers check null first."""
+    """A report number in the card's format (callers check NaN first)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise TypeError(f"not a finite number: {x!r}")
+        raise CardError(f"internal error: not a finite number: {x!r}")
     if spec == "%":
         return f"{100 * x:.2f}%"
     if spec == "%3":  # agreement and accuracy: one image in 50,000 is 0.002%
@@ -239,132 +131,180 @@ def code(text: Any) -> str:
     return f"`{text}`" if "`" not in text else f"`` {text} ``"
 
 
-def shown_path(path: Path) -> str:
-    """A path as the card shows it: relative to the working folder when inside it (no home folders in a card)."""
-    relative = os.path.relpath(path.resolve(), Path.cwd().resolve())
-    return str(path) if relative.startswith("..") else Path(relative).as_posix()
+_ABS_PATH_RE = re.compile(r"(?<![\w.:/])/(?:[\w.+@-]+/)*[\w.+@-]+")
 
 
-def platform_kind(device: str) -> str:
-    return device.split(":", 1)[0]
+def scrub_paths(text: str) -> str:
+    """Absolute paths in report prose (a compile-cache file, a JSON-lines file) as the card shows paths."""
+    return _ABS_PATH_RE.sub(lambda m: shown_path(m.group(0)), text)
 
 
-def target_devices(items: list[Report]) -> list[str]:
-    """Every device a target ran on (accuracy target.device, perf device), in first-seen order."""
-    seen: list[str] = []
-    for r in items:
-        kind = platform_kind(str(r.need("target", "device") if r.kind != "perf" else r.need("device")))
-        if kind not in seen:
-            seen.append(kind)
-    return seen
+def shown_list(values: list[Any]) -> str:
+    """A list from config.json as text: 96, 120, 144 (never a Python list rendering)."""
+    return ", ".join(str(v) for v in values)
 
 
 # -------------------------------------------------------------------------------------------------- the sections
 
 
 class CardWriter:
-    def __init__(self, items: list[Report], facts: ModelFacts, tpl: Template):
-        self.items, self.facts, self.t = items, facts, tpl
-        self.synthetic = bool(items[0].need("synthetic"))
+    def __init__(self, facts: Facts, tpl: Template, plots: dict[str, dict[str, str]]):
+        self.f, self.t, self.plots = facts, tpl, plots
 
+    # -------------------------------------------------------------------------------------------------- words
     def w(self, key: str, **values: Any) -> str:
         return self.t.word(key, **values)
 
-    def value(self, x: Any, spec: str) -> str:
-        """A number, or the template's word for a null (NaN/inf written as null by the scripts)."""
-        return self.w("not_finite") if x is None else num(x, spec)
+    def value(self, x: float, spec: str) -> str:
+        return self.w("not_finite") if isinstance(x, float) and not math.isfinite(x) else num(x, spec)
 
-    def yes_no(self, x: bool) -> str:
-        return self.w("yes") if x else self.w("no")
+    def yes_no(self, x: Optional[bool]) -> str:
+        return self.w("na") if x is None else (self.w("yes") if x else self.w("no"))
+
+    def phrase(self, text: str) -> str:
+        """Report prose in the card's language: English as written, or its Chinese from the template's phrases.
+        Prose the phrase table does not know is quoted as it is, in code, never passed off as a translation."""
+        text = scrub_paths(text)
+        if self.t.lang == "en":
+            return text
+        for pattern, replacement in self.t.phrases:
+            if pattern.fullmatch(text):
+                return pattern.sub(replacement, text)
+        parts = text.split("; ")  # notes joined into one ("a; b"): each part translated, or none
+        if len(parts) > 1:
+            shown = [self.phrase(part) for part in parts]
+            if not any(self.w("untranslated", text="") in part for part in shown):
+                return "；".join(shown)
+        return self.w("untranslated", text=code(text)) if "untranslated" in self.t.words else code(text)
 
     def platforms(self) -> str:
-        return self.w("joiner").join(self.w(f"platform_{k}") for k in target_devices(self.items))
+        return self.w("joiner").join(self.w(f"platform_{k}") for k in self.f.platforms)
+
+    def side(self, side: Any) -> str:
+        return self.w("side", device=code(side.device), dtype=code(side.dtype), mode=code(side.mode))
+
+    def report_ref(self, s: Source) -> str:
+        return code(shown_path(s.path))
 
     # ----------------------------------------------------------------------------------------------- environment
     ENV_ROWS = (
         ("device", "env_device"), ("device_name", "env_device_name"), ("cpu", "env_cpu"),
         ("cpu_count", "env_cpu_count"), ("platform", "env_platform"), ("python", "env_python"),
-        ("torch", "env_torch"), ("torch_npu", "env_torch_npu"), ("cann", "env_cann"), ("cuda", "env_cuda"),
-        ("transformers", "env_transformers"), ("pillow", "env_pillow"), ("torch_threads", "env_threads"),
+        ("torch", "env_torch"), ("torch_npu", "env_torch_npu"), ("torch_npu_mismatch", "env_mismatch"),
+        ("cann", "env_cann"), ("cuda", "env_cuda"), ("transformers", "env_transformers"), ("pillow", "env_pillow"),
+        ("torch_threads", "env_threads"),
     )  # fmt: skip
-    OPTIONAL_ENV = {"torch_npu", "cann", "cuda", "pillow"}  # shown when any report has a value
+    OPTIONAL_ENV = {"torch_npu", "torch_npu_mismatch", "cann", "cuda", "pillow"}  # a row only where some report has one
 
     def environment(self) -> str:
-        items = self.items
-        lines = [row(self.w("env_field"), *(code(r.name) for r in items)), row(*["---"] * (len(items) + 1))]
+        sources = self.f.sources
+        lines = [row(self.w("env_field"), *(code(s.name) for s in sources)), row(*["---"] * (len(sources) + 1))]
         for key, label in self.ENV_ROWS:
-            if key in self.OPTIONAL_ENV:
-                for r in items:  # an NPU target's report must say which torch_npu and CANN it ran with
-                    if key in ("torch_npu", "cann") and platform_kind(str(r.need("environment", "device"))) == "npu":
-                        r.need("environment", key, null=key == "cann")
-                if all(r.get("environment", key) is None for r in items):
-                    continue  # not applicable anywhere (no torch_npu on a CPU run): no row, rather than a blank one
-                cells = [self.optional_env(r, key) for r in items]
-            else:
-                cells = [code(r.need("environment", key)) for r in items]
+            values = [getattr(s.report.environment, key) for s in sources]
+            if key in self.OPTIONAL_ENV and all(v is None for v in values):
+                continue
+            cells = [code(v) if v is not None else self.w(f"env_null_{key}") for v in values]
             lines.append(row(self.w(label), *cells))
-        lines.append(row(self.w("env_allocator"), *(self.allocator(r) for r in items)))
-        if any(r.get("environment", "load_average") for r in items):
-            lines.append(row(self.w("env_load"), *(self.load(r) for r in items)))
-        if any(self.precision(r) for r in items):
-            lines.append(row(self.w("env_fp32"), *(self.precision(r) or self.w("not_recorded") for r in items)))
-        if any(r.get("environment", "torch_npu_mismatch") for r in items):
-            lines.append(row(self.w("env_mismatch"), *(r.get("environment", "torch_npu_mismatch")
-                                                       or self.w("no") for r in items)))  # fmt: skip
+        lines.append(row(self.w("env_allocator"), *(self.allocator(s) for s in sources)))
+        if any(s.report.environment.load_average for s in sources):
+            lines.append(row(self.w("env_load"), *(self.load(s) for s in sources)))
+        lines.append(row(self.w("env_fp32"), *(self.precision(s) for s in sources)))
+        lines.append(row(self.w("env_commit"), *(self.commit_cell(s) for s in sources)))
+        lines.append(row(self.w("env_packages"), *(code(s.report.provenance.packages_sha256[:16]) for s in sources)))
         return "\n".join(lines)
 
-    def optional_env(self, r: Report, key: str) -> str:
-        environment = r.need("environment")
-        if key not in environment:
-            return self.w("not_recorded")
-        value = environment[key]
-        return code(value) if value is not None else self.w(f"env_null_{key}")
+    def commit_cell(self, s: Source) -> str:
+        commit = s.report.provenance.commit
+        return self.w("not_git") if commit == "not a git checkout" else code(commit[:12] + ("+dirty" * commit.endswith(
+            "+dirty")))  # fmt: skip
 
-    def load(self, r: Report) -> str:
-        load = r.get("environment", "load_average")
+    def load(self, s: Source) -> str:
+        load = s.report.environment.load_average
         return " / ".join(num(x, ".2f") for x in load) if load else self.w("not_recorded")
 
-    def allocator(self, r: Report) -> str:
-        name = r.need("environment", "allocator", "name")
-        tuned = r.need("environment", "allocator", "tuned")
-        return f"{name} ({self.w('tuned') if tuned else self.w('untuned')})"
+    def allocator(self, s: Source) -> str:
+        allocator = s.report.environment.allocator
+        name, tuned = allocator.get("name"), allocator.get("tuned")
+        if name is None:
+            return self.w("not_recorded")
+        return f"{code(name)}（{self.w('tuned') if tuned else self.w('untuned')}）" if self.t.lang == "zh" else (
+            f"{code(name)} ({self.w('tuned') if tuned else self.w('untuned')})")  # fmt: skip
 
     @staticmethod
-    def precision(r: Report) -> str:
-        """HF32/TF32 state as the report records it: environment.fp32_precision, or hf32 / tf32 keys."""
-        parts = []
-        state = r.get("environment", "fp32_precision")
-        if isinstance(state, dict):
-            parts += [f"{k}={v}" for k, v in state.items() if v is not None]
-        for key in ("hf32", "tf32"):
-            value = r.get("environment", key)
-            if isinstance(value, dict):
-                parts += [f"{key}.{k}={v}" for k, v in value.items() if v is not None]
-            elif value is not None:
-                parts.append(f"{key}={value}")
-        return code(", ".join(parts)) if parts else ""
+    def precision_state(s: Source) -> list[str]:
+        state = s.report.environment.fp32_precision
+        return [f"{k}={v}" for k, v in state.items() if v is not None and not isinstance(v, (dict, list))]
 
-    def fallback(self, r: Report, where: dict[str, Any] | None = None) -> str | None:
-        """The CPU-fallback line for an npu target: the operators, none, or that the report does not record them."""
-        source = where if where is not None else r.data
-        device = r.need("target", "device") if r.kind != "perf" else r.need("device")
-        value = source.get("cpu_fallbacks")
-        if platform_kind(str(device)) != "npu" and not value:
+    def precision(self, s: Source) -> str:
+        parts = self.precision_state(s)
+        return code(", ".join(parts)) if parts else self.w("not_recorded")
+
+    # ---------------------------------------------------------------------------------------------- fallbacks
+    def fallback(self, s: Source) -> Optional[str]:
+        """The CPU-fallback line of an npu target, or of any report that records operators; None otherwise."""
+        fb = s.report.cpu_fallbacks
+        device = s.report.device if s.kind == "benchmark" else s.report.target.device
+        if fb is None:
+            return self.w("fallback_not_recorded") if platform_kind(device) == "npu" else None
+        if fb.status == "not an npu" and not fb.operators:
             return None
-        if "cpu_fallbacks" not in source:
-            return self.w("fallback_not_recorded")
-        if isinstance(value, dict):
-            ops = value.get("operators") or {}
-        elif isinstance(value, list):
-            ops = {str(op): None for op in value}
+        head = self.w("fallback_head", device=code(fb.device))
+        if fb.status == "observed":
+            body = (self.w("fallback_observed", count=len(fb.operators), operators=", ".join(map(code, fb.operators)))
+                    if fb.operators else self.w("fallback_observed_none"))  # fmt: skip
+        elif fb.status == "silenced":
+            body = self.w("fallback_silenced")
+        elif fb.status == "not observable on this rank":
+            body = self.w("fallback_other_rank")
         else:
-            ops = {}
-        if not ops:
-            return self.w("fallback_none")
-        listed = ", ".join(code(op) + (f" x{n}" if n is not None else "") for op, n in ops.items())
-        return self.w("fallback_some", count=len(ops), operators=listed)
+            body = self.w("fallback_observed", count=len(fb.operators), operators=", ".join(map(code, fb.operators)))
+        if fb.error_switch:
+            body += " " + self.w("fallback_error_switch", switch=code(fb.error_switch))
+        return f"{head} {body}"
 
-    # --------------------------------------------------------------------------------------------------- accuracy
+    # --------------------------------------------------------------------------------------------- known issues
+    def known(self) -> str:
+        lines = []
+        for s in self.f.sources:
+            r, ref = s.report, self.report_ref(s)
+            device = r.device if s.kind == "benchmark" else r.target.device
+            if s.kind != "benchmark" and r.verdict != "PASS":
+                lines.append(self.w("known_verdict", report=ref, verdict=f"**{r.verdict}**"))
+            if platform_kind(device) == "npu":
+                line = self.fallback(s)
+                if r.cpu_fallbacks is None:
+                    lines.append(self.w("known_fallbacks_missing", report=ref))
+                elif line and (r.cpu_fallbacks.operators or r.cpu_fallbacks.status != "observed"):
+                    lines.append(self.w("known_fallbacks", report=ref, line=line))
+            state = self.precision_state(s)
+            reduced = [p for p in state if re.search(r"(hf32|tf32)\w*=True", p, re.IGNORECASE)]
+            if platform_kind(device) in ("npu", "cuda") and reduced:
+                lines.append(self.w("known_hf32", report=ref, device=code(device), state=code(", ".join(reduced))))
+            if s.kind == "benchmark":
+                for res in r.results:
+                    if res.status != "ok":
+                        lines.append(self.w("known_unavailable", report=ref, mode=code(res.mode), batch=res.batch_size,
+                                            reason=self.phrase(res.reason or res.status)))  # fmt: skip
+                continue
+            if r.skipped.count:
+                images = ", ".join(code(shown_path(e.image)) for e in r.errors) or self.w("not_recorded")
+                lines.append(self.w("known_skipped", report=ref, count=r.skipped.count, of=r.skipped.of,
+                                    images=images))  # fmt: skip
+            layers = layer_facts(s)
+            if layers is not None and layers.below:
+                lines.append(self.w("known_layers", report=ref, below=layers.below, modules=layers.compared,
+                                    threshold=num(layers.threshold, "g"), first=code(layers.first["name"]),
+                                    worst=code(layers.worst.name), worst_cosine=self.value(layers.worst.cosine_min,
+                                                                                           ".6f")))  # fmt: skip
+            probe = r.msprobe
+            if probe is not None and probe.first_failing_module:
+                failing = sum(n for k, n in probe.counts.items() if k.lower() not in ("pass", "n/a"))
+                failing -= probe.dtype_only
+                lines.append(self.w("known_msprobe", report=ref, failing=failing,
+                                    module=code(probe.first_failing_module)))  # fmt: skip
+        return bullets(lines) if lines else self.w("known_none")
+
+    # ---------------------------------------------------------------------------------------------- accuracy
     METRICS = (
         ("cosine_min", ".6f"), ("cosine_mean", ".6f"), ("top1_agreement", "%3"), ("top1_near_tie_flips", "d"),
         ("top5_overlap_mean", ".4f"), ("max_abs_prob_diff", ".6f"), ("max_abs_logit_diff", ".6f"), ("rmse", ".6f"),
@@ -372,134 +312,230 @@ class CardWriter:
         ("share_rel_err_below_0_001", "%"), ("reference_logit_std_min", ".4f"),
     )  # fmt: skip
 
-    def accuracy(self, r: Report) -> str:
-        agg = r.need("aggregate")
-        images = r.need("aggregate", "images")
+    def rule(self, s: Source, check: Any) -> str:
+        """A check's rule in the card's language, from the thresholds it was judged by (its definition in metrics)."""
+        key = f"rule_{check.name}"
+        if key not in self.t.words:
+            raise CardError(f"{s.path}: field `checks` has a check {check.name!r} the card cannot describe "
+                            "(a newer report: update mobilevit-npu)")  # fmt: skip
+        th, sk = s.report.thresholds, s.report.skipped
+        # the thresholds as metrics writes them into each rule (str of the float), so both definitions read alike
+        return self.w(key, min_cosine=th.min_cosine, min_top1_agreement=th.min_top1_agreement,
+                      top1_tie_margin=th.top1_tie_margin, max_prob_diff=th.max_prob_diff,
+                      min_reference_logit_std=th.min_reference_logit_std, allowed=sk.allowed, of=sk.of,
+                      max_skipped=f"{sk.max_skipped:g}")  # fmt: skip
+
+    def reasons(self, s: Source) -> str:
+        r = s.report
+        failed = [c for c in [*r.reference_checks, *r.checks] if not c.passed]
+        lines = [self.w("reason_check", name=code(c.name), value=self.check_value(c), rule=self.rule(s, c))
+                 for c in failed]  # fmt: skip
+        fb = r.cpu_fallbacks
+        if r.verdict == "FAIL" and not failed and fb is not None and fb.operators:
+            lines.append(self.w("reason_fallback"))
+        if r.verdict != "PASS" and not lines:
+            raise CardError(f"{s.path}: field `verdict` is {r.verdict} with no failed check: the card cannot say why")
+        return self.w("verdict_reasons") + "\n\n" + bullets(lines) if lines else self.w("verdict_no_reasons")
+
+    def check_value(self, check: Any) -> str:
+        return self.w("na") if check.value is None else self.value(check.value, ".6g")
+
+    def per_image(self, s: Source) -> str:
+        model = self.f.model
+        rows = [
+            row(
+                self.w("image_col"),
+                self.w("ref_top1_col"),
+                self.w("tgt_top1_col"),
+                self.w("agree_col"),
+                self.w("margin_col"),
+                self.w("cosine_col"),
+            ),
+            row("---", "---", "---", "---", "---:", "---:"),
+        ]
+        for m in s.report.per_image:
+            agree = self.yes_no(m.top1_agree)
+            if m.top1_near_tie:
+                agree += f"（{self.w('near_tie')}）" if self.t.lang == "zh" else f" ({self.w('near_tie')})"
+            target = code(f"{m.top1_target} {model.label(m.top1_target)}") if m.top1_target >= 0 else self.w("na")
+            rows.append(
+                row(
+                    code(shown_path(m.image)),
+                    code(f"{m.top1_reference} {model.label(m.top1_reference)}"),
+                    target,
+                    agree,
+                    self.value(m.top1_reference_margin, ".4f"),
+                    self.value(m.cosine, ".6f"),
+                )
+            )
+        return "\n".join(rows)
+
+    def layers(self, s: Source) -> str:
+        layers = layer_facts(s)
+        if layers is None:
+            return self.w("layers_not_run")
+        text = self.w("layers_ran", modules=layers.compared, threshold=num(layers.threshold, "g"))
+        if layers.first is None and not layers.below:
+            text += self.w("layers_none_divergent")
+        else:
+            first = layers.first
+            text += self.w("layers_below", below=layers.below, modules=layers.compared, first=code(first["name"]),
+                           first_cosine=self.value(float(first["cosine_min"]), ".6f"),
+                           first_error=self.value(float(first["max_abs_error"]), ".6g"),
+                           first_image=code(shown_path(str(first["worst_image"]))), worst=code(layers.worst.name),
+                           worst_cosine=self.value(layers.worst.cosine_min, ".6f"))  # fmt: skip
+        if layers.first_nonfinite is not None:
+            text += self.w("layers_first_nonfinite", name=code(layers.first_nonfinite["name"]))
+        plot = self.plots.get(s.path, {}).get("layers")
+        if plot:
+            text += "\n\n" + self.t.fill("layers_plot", alt=self.w("layers_plot_alt"), plot=plot)
+        return text
+
+    def msprobe(self, s: Source) -> Optional[str]:
+        probe = s.report.msprobe
+        if probe is None:
+            return None
+        counts = self.w("list_sep").join(f"{code(k)} {n}" for k, n in probe.counts.items())
+        counts = counts or self.w("msprobe_counts_none")
+        dtype_only = (self.w("msprobe_dtype_only", count=probe.dtype_only,
+                             note=self.phrase(probe.dtype_note) if probe.dtype_note else self.w("na"))
+                      if probe.dtype_only else "")  # fmt: skip
+        agree = ""
+        if probe.first_failing_module and probe.project_first_divergent and probe.agree is not None:
+            agree = self.w(
+                "msprobe_agree" if probe.agree else "msprobe_disagree",
+                msprobe=code(probe.first_failing_module),
+                project=code(probe.project_first_divergent),
+            )
+        first = ""
+        if probe.first_failing:
+            rows = [f"{code(row_.get('name', ''))}: {code(row_.get('result', ''))} {code(row_.get('message', ''))}"
+                    for row_ in probe.first_failing]  # fmt: skip
+            first = self.w("msprobe_first") + "\n\n" + bullets(rows)
+        if probe.note:
+            first += ("\n\n" if first else "") + self.w("msprobe_note", note=self.phrase(probe.note))
+        sep = " " if self.t.lang == "en" else ""
+        text = self.t.fill("msprobe", version=code(probe.version), level=code(probe.level), task=code(probe.task),
+                           images=probe.images_dumped, counts=counts, dtype_only=dtype_only + (sep if agree else ""),
+                           agree=agree, first_failing=first)  # fmt: skip
+        return text.strip()
+
+    def accuracy(self, s: Source) -> str:
+        r = s.report
         metric_rows = [row(self.w("metric"), self.w("field"), self.w("value")), row("---", "---", "---:")]
         for key, spec in self.METRICS:
-            r.need("aggregate", key, null=True)
-            metric_rows.append(row(self.w(f"metric_{key}"), code(key), self.value(agg[key], spec)))
-        thresholds = r.need("thresholds")
+            metric_rows.append(row(self.w(f"metric_{key}"), code(key), self.value(getattr(r.aggregate, key), spec)))
         threshold_rows = [row(self.w("threshold"), self.w("field"), self.w("value")), row("---", "---", "---:")]
-        for key, value in thresholds.items():
-            label = self.w(f"threshold_{key}") if f"threshold_{key}" in self.t.words else code(key)
-            threshold_rows.append(row(label, code(key), self.value(value, "g")))
+        for key in ("min_cosine", "min_top1_agreement", "max_prob_diff", "top1_tie_margin", "layer_min_cosine",
+                    "min_reference_logit_std"):  # fmt: skip
+            threshold_rows.append(row(self.w(f"threshold_{key}"), code(key), self.value(getattr(r.thresholds, key),
+                                                                                         "g")))  # fmt: skip
         check_rows = [row(self.w("check"), self.w("rule"), self.w("value"), self.w("passed")), row(*["---"] * 4)]
-        for check in [*r.need("checks"), *(r.get("reference_checks") or [])]:
-            value = check.get("value")
-            shown = self.w("na") if value is None else num(value, "g")
-            check_rows.append(row(code(check["name"]), check["rule"], shown, self.yes_no(check["passed"])))
-        verdict = r.need("verdict")
-        reasons = r.need("verdict_reasons")
-        if verdict != "PASS" and not reasons:
-            raise CardError(f"{r.path}: verdict {verdict} with no verdict_reasons; the card would not say why")
-        reason_text = self.w("verdict_reasons") + "\n\n" + bullets(reasons) if reasons else self.w("verdict_no_reasons")
-        skipped = r.get("skipped")
-        if skipped is None:
-            skipped = r.need("dataset", "skipped") if r.kind == "labelled" else len(r.need("errors"))
+        for check in [*r.checks, *r.reference_checks]:
+            check_rows.append(row(code(check.name), self.rule(s, check), self.check_value(check),
+                                  self.yes_no(check.passed)))  # fmt: skip
+        reference, target = self.side(r.reference), self.side(r.target)
         parts = [self.t.fill(
-            "accuracy", compared=r.need("compared"), command=r.command, report=code(r.path), name=r.name, images=images,
-            skipped=skipped, input=r.need("input"), reference=self.side(r, "reference"), target=self.side(r, "target"),
+            "accuracy", heading=self.w("heading", reference=reference, target=target), name=s.name,
+            command=command(s), report=self.report_ref(s), reference=reference, target=target,
+            images=r.aggregate.images, skipped=r.skipped.count, of=r.skipped.of, allowed=r.skipped.allowed,
+            input=self.phrase(r.input), verdict=r.verdict, reasons=self.reasons(s),
             metrics="\n".join(metric_rows), thresholds="\n".join(threshold_rows), checks="\n".join(check_rows),
-            verdict=verdict, reasons=reason_text, layers=self.layers(r),
+            per_image=self.per_image(s), layers=self.layers(s),
         )]  # fmt: skip
-        if r.kind == "labelled":
-            parts.append(self.labelled(r))
-        extra = [line for line in (self.fallback(r),) if line]
-        notes = [*r.need("target", "notes"), *r.need("notes")]
+        if s.kind == "labelled" and r.dataset is not None:
+            parts.append(self.labelled(s))
+        probe = self.msprobe(s)
+        if probe:
+            parts.append(probe)
+        extra = [line for line in (self.fallback(s),) if line]
+        notes = [self.phrase(n) for n in [*r.target.notes, *r.notes]]
+        if r.layers is not None and r.layers.note:
+            notes.append(self.phrase(r.layers.note))
         if extra or notes:
             parts.append(self.t.fill("report_notes", notes=bullets(extra + notes)))
         return "\n\n".join(parts)
 
-    def side(self, r: Report, which: str) -> str:
-        return self.w("side", device=code(r.need(which, "device")), dtype=code(r.need(which, "dtype")),
-                      mode=code(r.need(which, "mode")))  # fmt: skip
-
-    def layers(self, r: Report) -> str:
-        layers = r.need("layers", null=True)
-        if layers is None:
-            return self.w("layers_not_run")
-        first = r.need("layers", "first_divergent", null=True)
-        nonfinite = r.need("layers", "first_nonfinite", null=True)
-        head = self.w("layers_ran", modules=r.need("layers", "modules_compared"),
-                      threshold=num(r.need("layers", "threshold"), "g"))  # fmt: skip
-        if first is None:
-            lines = [head + self.w("layers_none_divergent")]
-        else:
-            lines = [head + self.w("layers_first_divergent", name=code(first["name"]),
-                                         cosine=self.value(first["cosine_min"], ".6f"),
-                                         error=self.value(first["max_abs_error"], ".6g"),
-                                         image=code(first["worst_image"]))]  # fmt: skip
-        if nonfinite is not None:
-            lines.append(self.w("layers_first_nonfinite", name=code(nonfinite["name"])))
-        return " ".join(lines)
-
-    def labelled(self, r: Report) -> str:
+    def labelled(self, s: Source) -> str:
+        ds = s.report.dataset
         rows = [row(self.w("side_col"), "top-1", "top-5"), row("---", "---:", "---:")]
-        for which in ("reference", "target"):
-            rows.append(row(self.w(which) + " " + self.side(r, which), num(r.need("dataset", which, "top1"), "%3"),
-                            num(r.need("dataset", which, "top5"), "%3")))  # fmt: skip
-        return self.t.fill("labelled", table="\n".join(rows), images=r.need("dataset", "images"),
-                           skipped=r.need("dataset", "skipped"),
-                           agreement=num(r.need("dataset", "agreement_top1"), "%3"),
-                           differ=len(r.need("dataset", "disagreements")))  # fmt: skip
+        for which, side in (("reference", s.report.reference), ("target", s.report.target)):
+            figures = getattr(ds, which)
+            rows.append(row(self.w(which) + " " + self.side(side), self.optional(figures.get("top1"), "%3"),
+                            self.optional(figures.get("top5"), "%3")))  # fmt: skip
+        return self.t.fill("labelled", table="\n".join(rows), images=ds.images, skipped=ds.skipped,
+                           agreement=self.optional(ds.agreement_top1, "%3"), differ=len(ds.disagreements))  # fmt: skip
+
+    def optional(self, x: Optional[float], spec: str) -> str:
+        return self.w("na") if x is None else self.value(x, spec)
 
     # ------------------------------------------------------------------------------------------------ performance
-    def performance(self, r: Report) -> str:
-        settings = r.need("settings")
-        synchronized = r.need("settings", "synchronized")
-        scope = self.w("scope_e2e") if r.need("settings", "end_to_end") else self.w("scope_model")
-        interleaved = self.w("interleaved") if r.get("settings", "interleaved") else self.w("not_interleaved")
-        results = r.need("results")
-        if not results:
-            raise CardError(f"{r.path}: results is empty; the card needs at least one measured mode")
-        table = [self.t.blocks["perf_header"].strip("\n")]
-        unavailable, notes, ceilings = [], [], {}
-        for i, res in enumerate(results):
-            where = f"results[{i}]"
+    def build(self, res: Any) -> str:
+        if res.compile_s is None or (isinstance(res.compile_s, float) and math.isnan(res.compile_s)):
+            return self.w("build_none")
+        seconds = num(res.compile_s, ".2f")
+        key = {"hit": "build_hit", "miss": "build_miss", "off": "build_off"}.get(res.compile_cache or "", "build_plain")
+        return self.w(key, seconds=seconds)
 
-            def need(*keys, null=False, res=res, where=where):
-                return Report(r.path, {where: res}).need(where, *keys, null=null)
-
-            mode, batch, status = need("mode"), need("batch_size"), need("status")
-            if status != "ok":
-                unavailable.append(self.w("perf_unavailable", mode=code(mode), batch=batch, status=status,
-                                          reason=need("reason")))  # fmt: skip
+    def performance(self, s: Source) -> str:
+        r = s.report
+        settings = r.settings
+        ok = [(i, res) for i, res in enumerate(r.results) if res.status == "ok"]
+        if not ok:
+            raise CardError(f"{s.path}: field `results` has no mode with status ok; the card has no latency to show")
+        stats = {throughput_statistic(res) for _, res in ok}
+        if len(stats) != 1 or None in stats:
+            bad = next(i for i, res in ok if throughput_statistic(res) is None) if None in stats else ok[0][0]
+            raise CardError(
+                f"{s.path}: field `results[{bad}].throughput_images_per_s` is not the batch size over one "
+                "latency statistic (p50 or mean) like the other rows; the card cannot say what it is"
+            )
+        stat = stats.pop()
+        exact = f"{metrics.EXACT_COSINE:g}"
+        others = [k for k in ("p50", "p90", "p99", "mean", "min", "max") if k != stat]
+        stat_word = self.w(f"stat_{stat}")
+        header = [self.w("col_mode"), self.w("col_dtype"), self.w("col_batch"), self.w("col_stat", stat=stat_word),
+                  self.w("col_images_per_s", stat=stat_word), *(self.w(f"stat_{k}") for k in others),
+                  self.w("col_build"), self.w("col_cosine"), self.w("col_top1"),
+                  self.w("col_agrees", exact_cosine=exact), self.w("col_ceiling")]  # fmt: skip
+        table = [row(*header), row("---", "---", "---:", "---:", "---:", *["---:"] * len(others), "---", "---:",
+                                   "---:", "---", "---:")]  # fmt: skip
+        unavailable, notes = [], []
+        for res in r.results:
+            if res.status != "ok":
+                unavailable.append(self.w("perf_unavailable", mode=code(res.mode), batch=res.batch_size,
+                                          status=code(res.status), reason=self.phrase(res.reason or "")))  # fmt: skip
                 continue
-            lat = [num(need("latency_ms", k), ".2f") for k in ("p50", "p90", "p99", "mean", "min", "max")]
-            compile_s = need("compile_s", null=True)
-            agreement = need("agreement", null=True)
-            roofline = need("roofline", null=True)
-            if roofline is not None:
-                ceilings[float(roofline["ceiling_gflop_per_s"])] = roofline["flop_per_image"]
+            lat = res.latency_ms
+            agreement = res.agreement
+            roof = res.roofline
             table.append(row(
-                code(mode), batch, *lat, num(need("throughput_images_per_s"), ".2f"),
-                self.w("not_compiled") if compile_s is None else num(compile_s, ".2f"),
-                self.w("na") if agreement is None else self.value(agreement["cosine"], ".7f"),
-                self.w("na") if agreement is None else self.value(agreement["top1_agreement"], "%3"),
-                self.yes_no(need("exact")),
-                self.w("na") if roofline is None else num(roofline["fraction_of_ceiling"], "%1"),
+                code(res.mode), code(res.dtype), res.batch_size, num(getattr(lat, stat), ".2f"),
+                num(res.throughput_images_per_s, ".2f"), *(num(getattr(lat, k), ".2f") for k in others),
+                self.build(res),
+                self.w("na") if agreement is None else self.value(agreement.cosine, ".7f"),
+                self.w("na") if agreement is None else self.value(agreement.top1_agreement, "%3"),
+                self.yes_no(res.exact),
+                self.w("na") if roof is None else num(float(roof["fraction_of_ceiling"]), "%1"),
             ))  # fmt: skip
-            for note in need("notes"):
-                notes.append(f"{code(mode)} / {batch}: {note}")
-            if "cpu_fallbacks" in res and "cpu_fallbacks" not in r.data:
-                line = self.fallback(r, res)
-                if line:
-                    notes.append(f"{code(mode)} / {batch}: {line}")
-        if len(table) == 1:
-            raise CardError(f"{r.path}: no mode has status ok; the card has no latency to show")
-        ceiling_text = self.w("na") if not ceilings else self.w(
-            "ceiling", ceilings=", ".join(num(c, ".1f") for c in ceilings),
-            gflop=", ".join(sorted({num(f / 1e9, ".2f") for f in ceilings.values()})))  # fmt: skip
+            for note in res.notes:
+                notes.append(f"{code(res.mode)} / {res.batch_size}: {self.phrase(note)}")
+        ceiling_lines = [self.w("ceiling_line", dtype=code(dtype), gflop=num(flop / 1e9, ".2f"), ceiling=num(gf, ".1f"))
+                         for dtype, (gf, flop) in ceilings(s).items()]  # fmt: skip
+        plot = self.plots.get(s.path, {}).get("latency")
         body = self.t.fill(
-            "performance", name=r.name, device=code(r.need("device")), device_name=r.need("environment", "device_name"),
-            dtype=code(r.need("settings", "dtype")), command=r.command, report=code(r.path),
-            iterations=r.need("settings", "iterations"), warmup=r.need("settings", "warmup"), synchronized=synchronized,
-            percentiles=settings.get("percentiles") or self.w("na"), scope=scope, interleaved=interleaved,
-            table="\n".join(table), ceiling=ceiling_text,
+            "performance", name=s.name, device=code(r.device), device_name=code(r.environment.device_name),
+            command=command(s), report=self.report_ref(s), synchronized=self.phrase(settings["synchronized"]),
+            iterations=settings["iterations"], warmup=settings["warmup"],
+            percentiles=self.phrase(settings["percentiles"]),
+            scope=self.w("scope_e2e") if settings["end_to_end"] else self.w("scope_model"),
+            interleaved=self.w("interleaved") if settings["interleaved"] else self.w("not_interleaved"),
+            stat=stat_word, exact_cosine=exact, table="\n".join(table), ceilings="\n\n".join(ceiling_lines),
+            plot=plot or "", plot_alt=self.w("latency_plot_alt"),
         )  # fmt: skip
-        per_result = "cpu_fallbacks" not in r.data and any("cpu_fallbacks" in res for res in results)
-        extra = [] if per_result else [line for line in (self.fallback(r),) if line]
+        if not plot:
+            body = "\n".join(line for line in body.splitlines() if not line.startswith("![")).rstrip()
+        extra = [line for line in (self.fallback(s),) if line]
         if unavailable:
             body += "\n\n" + self.t.fill("perf_unavailable_list", items=bullets(unavailable))
         if notes or extra:
@@ -508,61 +544,92 @@ class CardWriter:
 
     # ------------------------------------------------------------------------------------------------------ model
     def model(self) -> str:
-        f, cfg, pre = self.facts, self.facts.config, self.facts.preprocess
+        m, cfg, pre = self.f.model, self.f.model.config, self.f.model.preprocess
 
-        def cfg_need(key):
+        def need(key):
             if key not in cfg:
-                raise CardError(f"{f.folder / 'config.json'}: no field {key}, which the model section needs")
+                raise CardError(f"{m.folder / 'config.json'}: field `{key}` is missing, and the model section needs it")
             return cfg[key]
 
         architecture = (cfg.get("architectures") or ["MobileViTForImageClassification"])[0]
-        labels = cfg.get("id2label")
-        if not labels:
-            raise CardError(f"{f.folder / 'config.json'}: no id2label; the model section needs the number of labels")
         rows = [row(self.w("field"), self.w("value")), row("---", "---")]
         rows += [
             row(self.w("model_architecture"), code(architecture)),
-            row(self.w("model_parameters"), num(f.parameters, ",")),
+            row(self.w("model_parameters"), num(m.parameters, ",")),
             row(self.w("model_input"), self.w("input_size", height=pre.crop_height, width=pre.crop_width,
                                               edge=pre.shortest_edge)),
             row(self.w("model_preprocess"), self.w("preprocess_bgr") if pre.do_flip_channel_order
                 else self.w("preprocess_rgb")),
-            row(self.w("model_hidden_sizes"), code(cfg_need("hidden_sizes"))),
-            row(self.w("model_neck_hidden_sizes"), code(cfg_need("neck_hidden_sizes"))),
-            row(self.w("model_heads"), cfg_need("num_attention_heads")),
-            row(self.w("model_patch_size"), cfg_need("patch_size")),
-            row(self.w("model_activation"), code(cfg_need("hidden_act"))),
-            row(self.w("model_labels"), len(labels)),
+            row(self.w("model_hidden_sizes"), code(shown_list(need("hidden_sizes")))),
+            row(self.w("model_neck_hidden_sizes"), code(shown_list(need("neck_hidden_sizes")))),
+            row(self.w("model_heads"), need("num_attention_heads")),
+            row(self.w("model_patch_size"), need("patch_size")),
+            row(self.w("model_activation"), code(need("hidden_act"))),
+            row(self.w("model_labels"), len(cfg["id2label"])),
         ]  # fmt: skip
-        return self.t.fill("model", table="\n".join(rows), folder=shown_path(f.folder))
+        return self.t.fill("model", table="\n".join(rows), folder=shown_path(str(m.folder)))
 
-    # ------------------------------------------------------------------------------------------------------- card
-    def banners(self, templates: dict[str, Template]) -> str:
-        """Warnings at the top. Synthetic weights are said in both languages in every card."""
+    def intro(self) -> str:
+        m = self.f.model
+        what = self.w("what_port" if self.f.port_result else "what_stack", platforms=self.platforms())
+        return self.t.fill("intro", base_model=BASE_MODEL, parameters=num(m.parameters, ","),
+                           parameters_m=f"{m.parameters / 1e6:.2f}", height=m.preprocess.crop_height,
+                           width=m.preprocess.crop_width, labels=len(m.config["id2label"]),
+                           published_top1=PUBLISHED_TOP1, published_params=PUBLISHED_PARAMS, what=what)  # fmt: skip
+
+    def reproduce(self) -> str:
+        first = self.f.sources[0].report.provenance
+        commit = first.commit
+        differ = {(s.report.provenance.commit, s.report.provenance.packages_sha256) for s in self.f.sources}
+        git = commit not in ("not a git checkout", "git unavailable")
+        packages = self.w("list_sep").join(code(f"{n} {v}") for n, v in first.packages.items() if v)
+        steps = [self.w("step_install")]
+        if git:
+            steps.insert(0, self.w("step_checkout", commit=commit.removesuffix("+dirty")))
+        kind, value = self.f.ident
+        if kind == "synthetic":
+            steps.append(self.w("step_weights_synthetic", seed=value))
+        else:
+            folder = shown_path(str(self.f.model.folder))
+            weights = self.f.sources[0].report.model_source.weights or "model.safetensors"
+            steps.append(models.download_command(BASE_MODEL, folder))
+            steps.append(self.w("step_weights_check", file=f"{folder}/{weights}", sha256=value))
+        steps += [command(s) for s in self.f.sources]
+        steps.append(self.w("step_regenerate", reports=" ".join(shown_path(s.path) for s in self.f.sources)))
+        shown_commit = self.w("commit_git", commit=code(commit)) if git else self.w("commit_none")
+        text = self.t.fill("reproduce", commit=shown_commit, packages_sha256=first.packages_sha256, packages=packages,
+                           steps="\n".join(steps))  # fmt: skip
+        if len(differ) > 1:
+            listed = self.w("list_sep").join(
+                f"{code(s.name)} {code(s.report.provenance.commit[:12])} "
+                f"{code(s.report.provenance.packages_sha256[:12])}"
+                for s in self.f.sources
+            )
+            text += "\n\n" + self.w("commits_differ", list=listed)
+        return text
+
+    def banners(self) -> str:
+        """Warnings at the top, in the card's language: synthetic weights, a CPU-only measurement."""
         out = []
-        order = [self.t.lang] + [lang for lang in LANGS if lang != self.t.lang]
-        if self.synthetic:
-            seed = weights_identity(self.items[0])[1]
-            out += [templates[lang].fill("synthetic_banner", seed=seed) for lang in order]
-        if set(target_devices(self.items)) == {"cpu"}:
+        if self.f.synthetic:
+            out.append(self.t.fill("synthetic_banner", seed=self.f.ident[1]))
+        if set(self.f.platforms) == {"cpu"}:
             out.append(self.t.fill("cpu_banner", platforms=self.platforms()))
         return "\n\n".join(out)
 
-    def card(self, templates: dict[str, Template]) -> str:
-        acc = [r for r in self.items if r.kind != "perf"]
-        perf = [r for r in self.items if r.kind == "perf"]
-        ident = weights_identity(self.items[0])
-        weights = (
-            self.w("weights_synthetic", seed=ident[1])
-            if ident[0] == "synthetic"
-            else self.w("weights_real", name=code(self.items[0].need("model_source", "name")), sha256=code(ident[1]))
-        )
-        sources = bullets([self.w("source_line", report=code(r.path), command=code(r.command)) for r in self.items])
+    def title(self) -> str:
+        key = "title_port" if self.f.port_result else ("title_synthetic" if self.f.synthetic else "title_stack")
+        return self.w(key, platforms=self.platforms())
+
+    def card(self) -> str:
+        sources = bullets([self.w("source_line", report=self.report_ref(s), sha256=code(s.digest[:16]),
+                                  command=code(command(s))) for s in self.f.sources])  # fmt: skip
         text = self.t.fill(
-            "card", title=self.w("title", platforms=self.platforms()), banners=self.banners(templates),
-            platforms=self.platforms(), base_model=BASE_MODEL, weights=weights, environment=self.environment(),
-            accuracy="\n\n".join(self.accuracy(r) for r in acc), model=self.model(), sources=sources,
-            performance="\n\n".join(self.performance(r) for r in perf),
+            "card", title=self.title(), banners=self.banners(), intro=self.intro(),
+            quickstart=self.t.fill("quickstart"), known=self.known(), environment=self.environment(),
+            accuracy="\n\n".join(self.accuracy(s) for s in self.f.accuracy),
+            performance="\n\n".join(self.performance(s) for s in self.f.benchmarks), model=self.model(),
+            reproduce=self.reproduce(), sources=sources, bibtex=BIBTEX,
         )  # fmt: skip
         text = "\n".join(line.rstrip() for line in text.splitlines())
         return re.sub(r"\n{3,}", "\n\n", text) + "\n"
@@ -571,102 +638,156 @@ class CardWriter:
 # ------------------------------------------------------------------------------------------------- front matter
 
 
-DEVICE_TAGS = {"npu": ["NPU", "Ascend", "torch_npu"], "cuda": ["CUDA"], "mps": ["MPS"], "cpu": ["CPU"]}
-
-
-def _result(r: Report, dataset: str, metrics: list[tuple[str, str, float]]) -> dict[str, Any]:
-    """One model-index result (the hub's layout: task, dataset, metrics), one per report."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(r.path).stem)
-    return {
-        "task": {"type": "image-classification", "name": "Image Classification"},
-        "dataset": {"name": dataset, "type": f"report/{stem}"},
-        "metrics": [{"type": kind, "value": value, "name": name} for kind, name, value in metrics],
-    }
-
-
-def front_matter(items: list[Report]) -> str:
-    """YAML front matter a hub reads: license, base_model, pipeline_tag, tags, and a model-index of the measured
-    results. Written with yaml in a fixed key order (not huggingface_hub's card writer, whose order varies by
-    version); tests read it back with huggingface_hub's own model-index parser."""
+def front_matter(facts: Facts) -> str:
+    """YAML front matter a hub reads: license, base_model, pipeline_tag, library_name, tags. No model-index and no
+    `datasets`: the hub wants a dataset id for every model-index result, and no report here ran on a hub dataset (the
+    photos and labelled folders are local), so there is no id to give; synthetic weights get none in any case.
+    Written with yaml in a fixed key order; the tests read it back with huggingface_hub."""
     import yaml
 
-    synthetic = bool(items[0].need("synthetic"))
     tags = ["vision", "image-classification", "mobilevit"]
-    for kind in target_devices(items):
+    for kind in facts.platforms:
         tags += DEVICE_TAGS[kind]
-    if synthetic:
+    if facts.synthetic:
         tags.append("synthetic-weights")
-    results = []
-    for r in items:
-        if r.kind == "perf":
-            metrics = []
-            for res in r.need("results"):
-                if res.get("status") != "ok":
-                    continue
-                label = f"{res['mode']}, batch {res['batch_size']}"
-                metrics.append(("latency_p50_ms", f"p50 latency (ms), {label}", round(res["latency_ms"]["p50"], 2)))
-                metrics.append(("throughput_images_per_s", f"images/s, {label}",
-                                round(res["throughput_images_per_s"], 2)))  # fmt: skip
-            device = f"{r.need('device')} ({r.need('environment', 'device_name')})"
-            results.append(_result(r, f"latency on {device}, {r.need('settings', 'dtype')}", metrics))
+    meta = {**LICENSE, "base_model": BASE_MODEL, "pipeline_tag": "image-classification",
+            "library_name": "transformers", "tags": tags}  # fmt: skip
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+
+def layer_figure(layers: LayerFacts, title: str):
+    """The per-layer cosine along the network (execution order), the threshold as a line, the first divergent and the
+    worst module marked. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [o for o, _ in layers.curve]
+    cosine = [c for _, c in layers.curve]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(order, cosine, lw=1, marker=".", ms=3, label="worst-image cosine per module")
+    ax.axhline(layers.threshold, color="tab:red", ls="--", lw=1, label=f"threshold {layers.threshold:g}")
+    if layers.first is not None:
+        ax.axvline(layers.first["order"], color="tab:orange", lw=1, label=f"first below: {layers.first['name']}")
+    if layers.worst is not None:
+        ax.plot([layers.worst.order], [layers.worst.cosine_min], "v", color="black",
+                label=f"worst: {layers.worst.name} ({layers.worst.cosine_min:.4f})")  # fmt: skip
+    ax.set_xlabel("module, in execution order")
+    ax.set_ylabel("cosine similarity vs CPU float32")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})  # no version stamp: the same PNG each time
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _stem(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem)
+
+
+def render_plots(facts: Facts, assets: str) -> tuple[dict[str, dict[str, str]], dict[str, bytes]]:
+    """({report path: {"latency"|"layers": link relative to the card}}, {link: PNG bytes}): the latency plot of every
+    benchmark (bench.latency_figure, the benchmark's own plot) and the per-layer cosine of every --layers run."""
+    from mobilevit_npu import bench
+
+    if not bench.matplotlib_available():
+        return {}, {}
+    links: dict[str, dict[str, str]] = {}
+    files: dict[str, bytes] = {}
+    for s in facts.benchmarks:
+        results = [{"mode": res.mode, "batch_size": res.batch_size, "dtype": res.dtype, "end_to_end": res.end_to_end,
+                    "samples_ms": list(res.samples_ms)} for res in s.report.results if res.status == "ok"]  # fmt: skip
+        if not any(r["samples_ms"] for r in results):
             continue
-        agg, metrics = r.need("aggregate"), []
-        if r.kind == "labelled":
-            dataset = f"labelled set ({r.need('dataset', 'images')} images): {r.need('compared')}"
-            for k in ("top1", "top5"):
-                metrics.append(("accuracy", f"{k} accuracy (target)", round(r.need("dataset", "target", k), 6)))
-        else:
-            dataset = f"{r.need('compared')} ({r.need('aggregate', 'images')} images)"
-        for key, name in (
-            ("cosine_min", "cosine similarity, worst image"),
-            ("top1_agreement", "top-1 agreement"),
-            ("max_abs_prob_diff", "max |probability diff|"),
-        ):
-            if agg.get(key) is not None:
-                metrics.append((key, name, round(agg[key], 6)))
-        results.append(_result(r, dataset, metrics))
-    model_name = "mobilevit-x-small" + (" (synthetic weights, not a port result)" if synthetic else "")
-    meta = {
-        **LICENSE,
-        "base_model": BASE_MODEL,
-        "pipeline_tag": "image-classification",
-        "library_name": "transformers",
-        "datasets": ["imagenet-1k"],
-        "tags": tags,
-        "model-index": [{"name": model_name, "results": results}],
-    }
-    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
-    return "---\n" + text + "---\n"
+        link = f"{assets}/latency-{_stem(s.path)}.png"
+        where = f"{s.report.device} ({s.report.environment.device_name})"
+        files[link] = _png(bench.latency_figure(results, where))
+        links.setdefault(s.path, {})["latency"] = link
+    for s in facts.accuracy:
+        layers = layer_facts(s)
+        if layers is None or not layers.curve:
+            continue
+        link = f"{assets}/layers-{_stem(s.path)}.png"
+        r = s.report
+        title = (
+            f"{r.reference.device} {r.reference.dtype} {r.reference.mode} vs {r.target.device} {r.target.dtype} "
+            f"{r.target.mode}: {layers.below} of {layers.compared} modules below {layers.threshold:g}"
+        )
+        files[link] = _png(layer_figure(layers, title))
+        links.setdefault(s.path, {})["layers"] = link
+    return links, files
 
 
 # ------------------------------------------------------------------------------------------------------ the tool
 
-_HOLE_RE = re.compile(
-    r"\$\{|\$[A-Za-z_]|\|\s*(?:None|nan|null|)\s*\|(?!-)|(?<![\w.])(?:None|nan)(?![\w.])|[:：]\s*[。.]\s*$|(?<!\w)\(\s*\)|（\s*）"
+_HOLE_RE = re.compile(r"\$\{|\$[A-Za-z_]|\|\s*(?:None|nan|null|)\s*\|(?!-)|[:：]\s*[。.]\s*$|(?<!\w)\(\s*\)|（\s*）")
+# What a Python value looks like when it is printed instead of formatted: a dict, a list, None, NaN, a dataclass.
+_REPR_RE = re.compile(
+    r"\{'[^']*':|\{\"[^\"]*\":|\['[^']*'[,\]]|\[\d+(?:\.\d+)?,|(?<![\w.`/-])(?:None|nan|NaN|inf)(?![\w.`/])|\w+\(\w+="
 )
 
 
 def check_no_holes(text: str) -> None:
-    """A last guard: no placeholder left, no empty cell, no None/NaN. A failure here is a bug in this module."""
+    """A last guard: no placeholder left, no empty cell, no Python rendering (dict, list, None, NaN) outside code
+    blocks. A failure here is a bug in this module."""
     fenced = False
     for number, line in enumerate(text.splitlines(), 1):
         if line.startswith("```"):
             fenced = not fenced
-        if fenced or line.startswith("```"):
             continue
-        match = _HOLE_RE.search(line)
-        if match:
-            raise CardError(f"internal error: the card would have a hole on line {number} ({match.group(0)!r}): {line}")
+        if fenced:
+            continue
+        for pattern in (_HOLE_RE, _REPR_RE):
+            match = pattern.search(line)
+            if match:
+                raise CardError(f"internal error: the card would show {match.group(0)!r} on line {number}: {line}")
 
 
-def build_card(paths: list[str], lang: str = "both", model_path: str | None = None) -> str:
-    """The card's Markdown: front matter once, then the card in `lang` (zh, en, or both: zh then en)."""
-    items = read_reports(paths)
-    ident = check_one_model(items)
-    facts = read_model(model_folder(items, model_path), ident, items[0])
-    templates = {code_: load_template(code_) for code_ in LANGS}
+@dataclass
+class Card:
+    text: str
+    files: dict[str, bytes]  # PNGs, by path relative to the card's folder
+
+
+def build_card(paths: list[str], lang: str = "both", model_path: Optional[str] = None, allow_unknown: bool = False,
+               assets: str = ASSETS_DIR) -> Card:  # fmt: skip
+    """The card's Markdown (front matter once, then the card in `lang`: zh, en, or both: zh then en) and its PNGs."""
+    facts = gather(paths, model_path, allow_unknown)
+    for s in facts.sources:  # the same weights everywhere (checked); reading them here keeps mixed kinds honest
+        weights_identity(s)
+    links, files = render_plots(facts, assets)
     langs = LANGS if lang == "both" else (lang,)
-    bodies = [CardWriter(items, facts, templates[code_]).card(templates) for code_ in langs]
-    text = front_matter(items) + "\n" + "\n---\n\n".join(bodies)
+    bodies = [CardWriter(facts, load_template(code_), links).card() for code_ in langs]
+    text = front_matter(facts) + "\n" + "\n---\n\n".join(bodies)
     check_no_holes(text)
-    return text
+    return Card(text, files)
+
+
+def write_png(path: Path, data: bytes) -> None:
+    """A PNG through a temp file in the same folder and a rename (never half an image)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

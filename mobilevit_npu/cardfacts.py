@@ -1,0 +1,321 @@
+"""The model card's facts: the reports read through schema.load, checked against each other, and what the card derives.
+
+This module reads and refuses; mobilevit_npu/card.py only writes. Every report is read by `schema.load` (the one
+definition of the format): a missing or mistyped field, an unknown kind or schema version, or an unknown field (unless
+`allow_unknown`) is schema's one-line error naming the file and the field. Then, before any card is written:
+
+- the same file given twice (by resolved path or by inode) is a usage error;
+- two files with the same content, or two reports of the same kind from the same run (the same tool, argv, weights,
+  environment (its start load average included) and provenance), are refused as duplicates;
+- the reports must have measured one model (the same weights sha256, or the same synthetic seed);
+- only `accuracy`, `labelled` and `benchmark` reports make a card, at least one accuracy or labelled report and one
+  benchmark.
+
+Besides the reports, the model section reads config.json and preprocessor_config.json from the measured model folder
+(the project's model/ for synthetic weights) and counts the parameters of the model config.json builds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mobilevit_npu import PROJECT_DIR, models, reports, schema, synthetic
+from mobilevit_npu.errors import UserError
+
+CARD_KINDS = ("accuracy", "labelled", "benchmark")
+ACCURACY_KINDS = ("accuracy", "labelled")
+SYNTHETIC_MODEL_DIR = synthetic.X_SMALL_DIR  # the config the synthetic weights are built from (package data)
+
+
+class CardError(Exception):
+    """The reports cannot make a true card (duplicates, mixed weights, a kind the card does not take): exit 1."""
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+@dataclass
+class Source:
+    """One report file: where it is, what it holds (typed by schema), and the command that wrote it."""
+
+    path: str  # as given on the command line
+    report: Any  # schema.AccuracyReport | schema.LabelledReport | schema.BenchmarkReport
+    kind: str
+    digest: str  # sha256 of the file's bytes
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.report.tool, *self.report.argv]
+
+
+def _identity(path: str) -> tuple[str, Optional[tuple[int, int]]]:
+    try:
+        st = os.stat(path)
+        inode: Optional[tuple[int, int]] = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def check_distinct_files(paths: list[str]) -> None:
+    """The same report file named twice (the same resolved path, or a hard link to it): a usage error (exit 2)."""
+    seen: list[tuple[str, tuple[str, Optional[tuple[int, int]]]]] = []
+    for path in paths:
+        ident = _identity(path)
+        for other, other_ident in seen:
+            if ident[0] == other_ident[0] or (ident[1] is not None and ident[1] == other_ident[1]):
+                raise UserError(f"{path}: the same report file as {other}, given twice; give each report once")
+        seen.append((path, ident))
+
+
+def _run_identity(source: Source) -> tuple:
+    """What makes two reports one run: the script and its arguments, the weights, where and when it ran (the
+    environment, whose load average is sampled at the start) and the setup (provenance)."""
+    r = source.report
+    return (source.kind, r.tool, tuple(r.argv), repr(r.model_source), repr(r.environment), repr(r.provenance))
+
+
+def read_sources(paths: list[str], allow_unknown: bool = False) -> list[Source]:
+    """Every report read through schema.load and checked to make one card: see the module docstring."""
+    if not paths:
+        raise UserError("no report given")
+    check_distinct_files(paths)
+    out: list[Source] = []
+    for path in paths:
+        report = schema.load(path, allow_unknown=allow_unknown)
+        kind = report.KIND
+        if kind not in CARD_KINDS:
+            raise CardError(f"{path}: field `kind` is {kind!r}; the card is made of {', '.join(CARD_KINDS)} reports")
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        out.append(Source(path, report, kind, digest))
+    for i, source in enumerate(out):
+        for other in out[:i]:
+            if source.digest == other.digest:
+                raise CardError(f"{source.path}: the same report as {other.path} (identical content, sha256 "
+                                f"{source.digest[:12]}); give each report once")  # fmt: skip
+            if _run_identity(source) == _run_identity(other):
+                raise CardError(f"{source.path}: a {source.kind} report of the same run as {other.path} (the same "
+                                "`argv`, `environment` and `provenance`); give each run once")  # fmt: skip
+    if not any(s.kind in ACCURACY_KINDS for s in out):
+        raise CardError(f"no accuracy_run.py report among {', '.join(paths)}: the card needs one")
+    if not any(s.kind == "benchmark" for s in out):
+        raise CardError(f"no benchmark report (accuracy_run_perf.py) among {', '.join(paths)}: the card needs one")
+    return out
+
+
+def weights_identity(source: Source) -> tuple[str, str]:
+    """('synthetic', seed) or ('sha256', digest): what makes two reports measurements of the same weights."""
+    ms = source.report.model_source
+    if source.report.synthetic:
+        return "synthetic", str(ms.seed)
+    if ms.sha256 is None:
+        raise CardError(f"{source.path}: field `model_source.sha256` is null; the card names the weights it measured")
+    return "sha256", ms.sha256
+
+
+def check_one_model(sources: list[Source]) -> tuple[str, str]:
+    first = sources[0]
+    ident = weights_identity(first)
+
+    def shown(s: Source) -> str:
+        kind, value = weights_identity(s)
+        return f"synthetic weights, seed {value}" if kind == "synthetic" else f"weights sha256 {value}"
+
+    for other in sources[1:]:
+        if weights_identity(other) != ident:
+            raise CardError(f"{first.path} ({shown(first)}) and {other.path} ({shown(other)}) measured different "
+                            "weights: one card describes one model; give reports of the same weights")  # fmt: skip
+    return ident
+
+
+# --------------------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelFacts:
+    folder: Path
+    config: dict[str, Any]  # config.json as read
+    preprocessor: dict[str, Any]  # preprocessor_config.json as read
+    parameters: int  # of the model config.json builds (on the meta device)
+    preprocess: Any = field(repr=False)  # preprocessing.PreprocessConfig
+
+    def label(self, class_id: int) -> str:
+        labels = self.config.get("id2label") or {}
+        return str(labels.get(str(class_id), labels.get(class_id, "")))
+
+
+def model_folder(sources: list[Source], override: Optional[str]) -> Path:
+    first = sources[0]
+    if override:
+        folder = Path(override)
+    elif first.report.synthetic:
+        folder = SYNTHETIC_MODEL_DIR
+    else:
+        path = first.report.model_source.path
+        if path is None:
+            raise CardError(f"{first.path}: field `model_source.path` is null; pass the model folder with --model_path")
+        folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CardError(f"{folder / 'config.json'} not found (the model folder of {first.path}); the model section "
+                        "needs it: pass --model_path FOLDER")  # fmt: skip
+    return folder
+
+
+def read_model(folder: Path, ident: tuple[str, str], first: Source) -> ModelFacts:
+    import torch
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    from mobilevit_npu.preprocessing import PreprocessConfig
+
+    config = reports.read_json(folder / "config.json", "config.json")
+    if not (folder / "preprocessor_config.json").is_file():
+        raise CardError(f"{folder / 'preprocessor_config.json'} not found; the model section needs the input size")
+    preprocessor = reports.read_json(folder / "preprocessor_config.json", "preprocessor_config.json")
+    if config.get("model_type") != "mobilevit":
+        raise CardError(f"{folder / 'config.json'}: field `model_type` is {config.get('model_type')!r}, not mobilevit")
+    if not isinstance(config.get("id2label"), dict) or not config["id2label"]:
+        raise CardError(f"{folder / 'config.json'}: field `id2label` is missing; the card names the classes")
+    if ident[0] == "sha256":
+        weights = models._weights_file(folder)
+        if weights is not None and (digest := models.sha256_file(weights)) != ident[1]:
+            raise CardError(f"{weights} (sha256 {digest}) and {first.path} (weights sha256 {ident[1]}) are different "
+                            "weights: pass the folder the reports measured with --model_path")  # fmt: skip
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = MobileViTForImageClassification(MobileViTConfig.from_dict(config))
+    parameters = sum(p.numel() for p in model.parameters())
+    return ModelFacts(folder, config, preprocessor, parameters, PreprocessConfig.from_dict(preprocessor))
+
+
+# ------------------------------------------------------------------------------------------------- derived facts
+
+
+def platform_kind(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+def target_device(source: Source) -> str:
+    r = source.report
+    return r.device if source.kind == "benchmark" else r.target.device
+
+
+def target_platforms(sources: list[Source]) -> list[str]:
+    """Every platform a target ran on (npu, cuda, mps, cpu), in first-seen order."""
+    seen: list[str] = []
+    for s in sources:
+        kind = platform_kind(target_device(s))
+        if kind not in seen:
+            seen.append(kind)
+    return seen
+
+
+def is_port_result(sources: list[Source]) -> bool:
+    """A port result only with real weights and every target on an accelerator; otherwise a measurement of the stack."""
+    return not sources[0].report.synthetic and all(p in ("npu", "cuda", "mps") for p in target_platforms(sources))
+
+
+@dataclass
+class LayerFacts:
+    threshold: float
+    compared: int
+    below: int  # modules whose worst-image cosine is under the threshold
+    first: Optional[dict[str, Any]]  # first divergent module (execution order): name, cosine_min, ...
+    worst: Optional[Any]  # the module with the lowest cosine (layerwise.LayerStat)
+    first_nonfinite: Optional[dict[str, Any]]
+    curve: list[tuple[int, float]]  # (execution order, cosine_min) of every module compared
+
+
+def layer_facts(source: Source) -> Optional[LayerFacts]:
+    layers = source.report.layers
+    if layers is None:
+        return None
+    modules = list(layers.modules)
+    finite = [m for m in modules if not math.isnan(m.cosine_min)]
+    below = sum(1 for m in modules if math.isnan(m.cosine_min) or m.cosine_min < layers.threshold)
+    worst = min(finite, key=lambda m: m.cosine_min) if finite else None
+    first = layers.first_divergent
+    if first is not None:
+        for key in ("name", "cosine_min", "max_abs_error", "worst_image"):
+            if key not in first:
+                raise CardError(f"{source.path}: field `layers.first_divergent.{key}` is missing")
+    return LayerFacts(
+        threshold=layers.threshold, compared=layers.modules_compared, below=below, first=first, worst=worst,
+        first_nonfinite=layers.first_nonfinite, curve=[(m.order, m.cosine_min) for m in modules],
+    )  # fmt: skip
+
+
+def throughput_statistic(result: Any) -> Optional[str]:
+    """Which latency statistic images/s was computed from (batch_size * 1000 / statistic): 'p50' or 'mean', checked by
+    recomputing it; None when neither gives the reported figure."""
+    images_per_s = result.throughput_images_per_s
+    for stat in ("p50", "mean"):
+        ms = getattr(result.latency_ms, stat)
+        if ms and math.isclose(result.batch_size * 1000.0 / ms, images_per_s, rel_tol=1e-9):
+            return stat
+    return None
+
+
+def ceilings(source: Source) -> dict[str, tuple[float, float]]:
+    """{row dtype: (matmul ceiling GFLOP/s, FLOP per image)} of a benchmark: each ceiling and the rows it applies to."""
+    out: dict[str, tuple[float, float]] = {}
+    for res in source.report.results:
+        roof = res.roofline
+        if res.status == "ok" and roof is not None:
+            out.setdefault(res.dtype, (float(roof["ceiling_gflop_per_s"]), float(roof["flop_per_image"])))
+    return out
+
+
+@dataclass
+class Facts:
+    """Everything the card shows, read and checked."""
+
+    sources: list[Source]
+    model: ModelFacts
+    ident: tuple[str, str]
+    synthetic: bool
+    platforms: list[str]
+    port_result: bool
+
+    @property
+    def accuracy(self) -> list[Source]:
+        return [s for s in self.sources if s.kind in ACCURACY_KINDS]
+
+    @property
+    def benchmarks(self) -> list[Source]:
+        return [s for s in self.sources if s.kind == "benchmark"]
+
+
+def gather(paths: list[str], model_path: Optional[str] = None, allow_unknown: bool = False) -> Facts:
+    sources = read_sources(paths, allow_unknown)
+    ident = check_one_model(sources)
+    model = read_model(model_folder(sources, model_path), ident, sources[0])
+    return Facts(sources, model, ident, bool(sources[0].report.synthetic), target_platforms(sources),
+                 is_port_result(sources))  # fmt: skip
+
+
+def command(source: Source) -> str:
+    """The command that wrote the report, its argv as recorded (paths shown as the card shows paths)."""
+    return "python " + shlex.join([shown_path(a) if os.path.isabs(a) else a for a in source.argv])
+
+
+def shown_path(path: str) -> str:
+    """A path as the card shows it: relative to the working folder or the project when inside them, else its name
+    alone: no folder of the machine that made the report (home folders, caches) reaches a card."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    for base in (Path.cwd(), PROJECT_DIR):
+        try:
+            return p.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return p.name
