@@ -39,16 +39,6 @@ from mobilevit_npu.errors import UserError
 logger = logging.getLogger("mobilevit_npu.perf")
 
 
-def _int_list(text: str) -> list[int]:
-    return [common.int_at_least(1)(part.strip()) for part in text.split(",") if part.strip()] or _fail(
-        f"no sizes in {text!r}"
-    )
-
-
-def _fail(message: str):
-    raise argparse.ArgumentTypeError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = common.script_parser("accuracy_run_perf.py", __doc__)
     common.add_model_args(parser, positional=True)
@@ -59,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("benchmark")
     group.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed calls per mode before timing")
     group.add_argument(
-        "--batch_sizes", "--batch-sizes", type=_int_list, default="1", help="comma list of batch sizes, e.g. 1,32"
+        "--batch_sizes", "--batch-sizes", type=common.batch_sizes, default="1", help="comma list, e.g. 1,32"
     )
     group.add_argument(
         "--modes",
@@ -97,7 +87,8 @@ def _main(argv) -> int:
     args = parser.parse_args(argv)
     common.setup_logging(args.verbose)
     modes = parse_modes(args.modes)
-    runtimes.check_runtime_args(args)
+    offline_settings = runtimes.RuntimeSettings.pick(vars(args))
+    runtimes.check_runtime_args(offline_settings)
     if args.plot and not bench.matplotlib_available():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
     common.check_outputs({"REPORT.json": args.report, "--plot": args.plot},
@@ -113,7 +104,7 @@ def _main(argv) -> int:
         # Before the run: its load average is the start's. The device's float32 defaults (HF32 convs on npu, TF32 on
         # cuda) are left as they are, as in production, and recorded here.
         environment = devices.environment(device, allocator)
-        with runtimes.bench_runtime(args, loaded) as offline:
+        with runtimes.bench_runtime(offline_settings, loaded) as offline:
             if not offline.torch_modes:
                 modes = []
             results = bench.run_benchmark(

@@ -10,9 +10,10 @@ accuracy_run_perf.py, whose report format --output writes.
 
 ONNX Runtime and OpenVINO are optional benchmark dependencies (the `bench` extra); a peer that is not installed
 is skipped with a warning. The model is exported at a static batch size by mobilevit_npu.onnx_export (export_onnx.py's
-export: torch's current exporter where it works, else the TorchScript one). ONNX Runtime runs with
-ORT_ENABLE_ALL, as many intra-op threads as torch uses and session.intra_op.allow_spinning=0: its workers otherwise
-busy-spin ~25 ms after each call and steal the CPU from whatever runs next in the interleaved loop. OpenVINO compiles
+export, at its default opset). ONNX Runtime runs through mobilevit_npu.runtime_ort (the session accuracy_run.py's
+--runtime onnxruntime opens) with ORT_ENABLE_ALL, as many intra-op threads as torch uses and
+session.intra_op.allow_spinning=0: its workers otherwise busy-spin ~25 ms after each call and steal the CPU from
+whatever runs next in the interleaved loop. OpenVINO compiles
 the same ONNX file for CPU with INFERENCE_PRECISION_HINT=f32 (its default on CPUs with bfloat16 is bf16, which is not
 exact), the LATENCY hint and as many inference threads as torch uses.
 """
@@ -31,7 +32,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, onnx_export, reports, runtimes
+from mobilevit_npu import bench, devices, execution, malloc, onnx_export, reports, runtime_ort
 from mobilevit_npu.errors import Unavailable, UserError
 
 logger = logging.getLogger("mobilevit_npu.peers")
@@ -46,7 +47,9 @@ def build_parser():
     group = parser.add_argument_group("benchmark")
     group.add_argument("--iterations", type=common.int_at_least(1), default=50, help="timed calls per runner and batch")
     group.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed calls per runner first")
-    group.add_argument("--batch_sizes", "--batch-sizes", default="1,32", help="comma list of batch sizes")
+    group.add_argument(
+        "--batch_sizes", "--batch-sizes", type=common.batch_sizes, default="1,32", help="comma list of batch sizes"
+    )
     group.add_argument("--modes", default="eager,fast", help="torch modes to run beside the peers")
     group.add_argument("--peers", default="onnxruntime,openvino", help="peers to run beside torch (those installed)")
     group.add_argument("--output", metavar="FILE.json", help="write the report (accuracy_run_perf.py's format) here")
@@ -56,14 +59,15 @@ def build_parser():
 
 def export_onnx(model: torch.nn.Module, batch: torch.Tensor, path: Path) -> onnx_export.Exported:
     """The model as ONNX (pixel_values -> logits) at the batch's static shape: mobilevit_npu.onnx_export, the same
-    export as export_onnx.py (torch's current exporter where it works), its warnings kept off the console."""
-    return onnx_export.export_onnx(model, path, batch_size=int(batch.shape[0]),
-                                   image_size=(int(batch.shape[2]), int(batch.shape[3])))  # fmt: skip
+    export as export_onnx.py, its warnings kept off the console."""
+    return onnx_export.export_onnx(
+        model, path, batch_size=int(batch.shape[0]), image_size=(int(batch.shape[2]), int(batch.shape[3]))
+    )
 
 
 def _onnxruntime(path: Path, threads: int):
-    """ONNX Runtime on the CPU through mobilevit_npu.runtimes (the session accuracy_run.py's --runtime opens)."""
-    return runtimes.open_onnxruntime(path, devices.Device("cpu"), threads=threads).run
+    """ONNX Runtime on the CPU through mobilevit_npu.runtime_ort (the session accuracy_run.py's --runtime opens)."""
+    return runtime_ort.open_session(path, devices.Device("cpu"), threads=threads).run
 
 
 def _openvino(path: Path, threads: int):
@@ -108,15 +112,21 @@ def _main(argv) -> int:
     if not peers:
         raise UserError('no peer to run: pip install -e ".[bench]"')
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    batch_sizes = [common.int_at_least(1)(b) for b in args.batch_sizes.split(",") if b.strip()]
+    batch_sizes = args.batch_sizes
     device = devices.Device("cpu")
     environment = devices.environment(device, malloc.select(args.allocator))
     environment.update({name: importlib.import_module(name).__version__ for name in peers})
     loaded = common.load(args, device, "fp32")
     with tempfile.TemporaryDirectory(prefix="mobilevit_onnx_") as workdir:
         runners = {name: peer_builder(name, Path(workdir)) for name in peers}
-        settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": batch_sizes,
-                    "modes": modes, "dtype": "fp32", "end_to_end": False}  # fmt: skip
+        settings = {
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "batch_sizes": batch_sizes,
+            "modes": modes,
+            "dtype": "fp32",
+            "end_to_end": False,
+        }
         results = bench.run_benchmark(loaded, device, runners=runners, **settings)
     print(bench.format_table(results))
     if args.output:

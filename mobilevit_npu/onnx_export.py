@@ -1,9 +1,11 @@
-"""The offline artefacts: the model as ONNX (torch's current exporter where it works, else the TorchScript one), its
-check with ONNX Runtime on the CPU against the CPU float32 model, and what Ascend's ATC needs to make an .om of it (the
-command line, the precision mode, the AIPP config).
+"""The offline artefacts: the model as ONNX at an opset ATC accepts (the TorchScript exporter, which writes opsets 11-15
+for this model; torch's current exporter where asked for, at opset 18+), and what Ascend's ATC needs to make an .om of
+it (the command line, the precision mode, the AIPP config). Running the file is mobilevit_npu.runtime_ort's.
 
-Sources for the Ascend side (CANN 8.0.0 ATC guide, hiascend.com/document/detail/en/canncommercial/800/devaids/atc/):
-  --framework=5 is ONNX (atlasatcparam_16_0010); --precision_mode values and force_fp16 as ATC's default
+Sources for the Ascend side (CANN 8.0.0 ATC guide, hiascend.com/document/detail/{zh,en}/canncommercial/800/devaids/):
+  --framework (atc/atlasatcparam_16_0014): "5: ONNX" and, for it, operators of the ai.onnx domain at opsets v11 to v15
+  (zh/canncommercial/800/devaids/devtools/atc/atlasatcparam_16_0014.html: 支持ai.onnx算子域中opset v11~v15版本的算子;
+  the same words in the 8.0.0 alpha003 community guide); --precision_mode values and force_fp16 as ATC's default
   (atlasatcparam_16_0068, aoepar_16_044: "must_keep_origin_dtype > allow_fp32_to_fp16 > allow_mix_precision >
   force_fp16" in accuracy); the AIPP template (atlasatc_16_0025), its RGB888_U8 sample ("if the original model
   requires the BGR format, set rbuv_swap_switch to true", atlasatc_16_0029) and its normalisation formula
@@ -14,10 +16,12 @@ Sources for the Ascend side (CANN 8.0.0 ATC guide, hiascend.com/document/detail/
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import logging
+import os
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,15 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mobilevit_npu import devices, preprocessing
+from mobilevit_npu import devices, execution, preprocessing
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.onnx_export")
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-DEFAULT_OPSET = 18  # the torch.export-based exporter's own opset: it cannot convert this model down to 17
-DYNAMO_MIN_OPSET = 18
+ATC_OPSETS = (11, 15)  # the ONNX opsets ATC documents for --framework=5 (CANN 8.0.0; see the module docstring)
+ATC_OPSET_SOURCE = (
+    "CANN 8.0.0 ATC guide, --framework (atlasatcparam_16_0014): ONNX models with ai.onnx operators of opsets v11 to v15"
+)
+DEFAULT_OPSET = ATC_OPSETS[1]  # the newest ATC takes; the TorchScript exporter writes it for this model
+DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes 18 whatever it is asked for (torch 2.13, this model)
 SOC_PLACEHOLDER = "<SOC_VERSION>"  # never a valid ATC value: ATC refuses it until the user puts the chip's name in
 DYNAMIC_BATCH_GEARS = (1, 2, 4, 8, 16, 32)  # ATC --dynamic_batch_size profiles for a dynamic-batch export
 
@@ -65,17 +73,6 @@ def verdict_dtype(precision_mode: str) -> str:
         raise UserError(f"unknown precision mode {precision_mode!r}: use {', '.join(PRECISION_MODES)}") from None
 
 
-class Logits(torch.nn.Module):
-    """The Hugging Face model as a plain function of one tensor: pixel_values -> logits."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.inner(pixel_values=pixel_values).logits
-
-
 @dataclass
 class Exported:
     path: Path
@@ -91,8 +88,11 @@ class Exported:
         # torch.onnx logs a line per torchvision operator it cannot register when torchvision is absent: benign
         telling = [c for c in self.captured if "torchvision is not installed" not in c] or self.captured
         first = telling[0] if len(telling[0]) <= 100 else telling[0][:97] + "..."
-        shown = f"; {len(self.captured)} exporter warning(s) kept quiet (e.g. {first})" if (
-            self.captured) else "; no warnings"  # fmt: skip
+        shown = (
+            f"; {len(self.captured)} exporter warning(s) kept quiet (e.g. {first})"
+            if (self.captured)
+            else "; no warnings"
+        )
         return f"exporter: {self.exporter} ({self.why}), opset {self.opset}, {self.seconds:.1f} s{shown}"
 
 
@@ -106,8 +106,38 @@ class _Collect(logging.Handler):
 
 
 @contextlib.contextmanager
+def _native_output(sink: list[str]):
+    """File descriptors 1 and 2 into a temporary file for the block, restored on every exit: the TorchScript exporter
+    writes from C++ (torch._C._jit_onnx_log: "Torch IR graph at exception: ..." and the whole graph, ~900 lines for
+    this model, on any export error), past Python's sys.stdout. What was written goes to `sink` as one line, all of
+    it to the debug log."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        try:
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            lines = [line for line in text.splitlines() if line.strip()]
+            if lines:
+                first = lines[0] if len(lines[0]) <= 100 else lines[0][:97] + "..."
+                sink.append(f"native output, {len(lines)} line(s): {first}")
+                logger.debug("exporter's native output:\n%s", text)
+
+
+@contextlib.contextmanager
 def _quiet(sink: list[str]):
-    """Collect the exporters' warnings, log lines and progress prints into `sink` instead of the console."""
+    """Collect the exporters' warnings, log lines and prints (Python's and native ones) into `sink` instead of the
+    console."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
     saved = []
     handler = _Collect(sink)
@@ -119,7 +149,7 @@ def _quiet(sink: list[str]):
         lg.setLevel(logging.WARNING)
     out = io.StringIO()
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), _native_output(sink):
             warnings.simplefilter("always")
             yield
     finally:
@@ -140,18 +170,24 @@ def _example(batch_size: int | None, height: int, width: int) -> torch.Tensor:
     return torch.rand(batch_size or 2, 3, height, width, generator=torch.Generator().manual_seed(0))
 
 
-def _export_dynamo(module, example, path: Path, opset: int, dynamic: bool) -> None:
-    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
-    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, external_data=False,
-                      verbose=False)  # fmt: skip
-
-
-def _export_torchscript(module, example, path: Path, opset: int, dynamic: bool) -> None:
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-    kwargs: dict[str, Any] = {"dynamo": False} if "dynamo" in _export_parameters() else {}
-    torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      opset_version=opset, dynamic_axes=dynamic_axes, **kwargs)  # fmt: skip
+def _export(module, example, path: Path, opset: int, dynamic: bool, dynamo: bool) -> None:
+    """torch.onnx.export with torch's current exporter (`dynamo`: torch.export-based, dynamic shapes as Dims) or the
+    TorchScript one (dynamic axes; `dynamo=False` where torch has the keyword, its default before 2.9)."""
+    if dynamo:
+        shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+        kwargs: dict[str, Any] = {"dynamo": True, "dynamic_shapes": shapes, "external_data": False, "verbose": False}
+    else:
+        axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+        kwargs = {"dynamic_axes": axes, **({"dynamo": False} if "dynamo" in _export_parameters() else {})}
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        **kwargs,
+    )
 
 
 def _export_parameters() -> set[str]:
@@ -177,14 +213,16 @@ def export_onnx(
     exporter: str = "auto",
 ) -> Exported:
     """Export `model` (float32, CPU) as ONNX: input pixel_values [N, 3, H, W], output logits [N, classes], N fixed to
-    `batch_size` or dynamic. `exporter` auto: the torch.export-based exporter (dynamo=True) when onnxscript is there
-    and the opset is one it emits, else the TorchScript exporter; the reason is kept in Exported.why."""
+    `batch_size` or dynamic. `exporter` auto: the TorchScript exporter below opset 18 (ATC's range is 11-15, and the
+    torch.export-based exporter writes 18 whatever it is asked for), else the torch.export-based one (dynamo=True)
+    when onnxscript is there, falling back to TorchScript; the reason is kept in Exported.why. The TorchScript
+    exporter is torch.onnx.export(dynamo=False): the default up to torch 2.8, still there (deprecated) in 2.13."""
     if importlib.util.find_spec("onnx") is None:
-        raise UserError("the onnx package is not installed: pip install onnx onnxruntime (requirements-bench.txt)")
+        raise UserError('the onnx package is not installed: pip install -e ".[bench]"')
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise UserError(f"folder {path.parent} does not exist")
-    module = Logits(model.to("cpu", torch.float32).eval()).eval()
+    module = execution.Logits(model.to("cpu", torch.float32).eval()).eval()
     example = _example(None if dynamic_batch else batch_size, *image_size)
     captured: list[str] = []
     start = time.perf_counter()
@@ -195,13 +233,13 @@ def export_onnx(
         if importlib.util.find_spec("onnxscript") is None:
             problem = "onnxscript is not installed (pip install onnxscript)"
         elif opset < DYNAMO_MIN_OPSET:
-            problem = f"it emits opset {DYNAMO_MIN_OPSET}+ and cannot convert this model down to {opset}"
+            problem = f"it writes opset {DYNAMO_MIN_OPSET}+ for this model, not {opset}"
         elif "dynamo" not in _export_parameters():
             problem = f"torch {torch.__version__} has no dynamo=True export"
         if problem is None:
             try:
                 with _quiet(captured), torch.no_grad():
-                    _export_dynamo(module, example, path, opset, dynamic_batch)
+                    _export(module, example, path, opset, dynamic_batch, dynamo=True)
                 got = file_opset(path)
                 if got != opset:
                     raise RuntimeError(f"it wrote opset {got}, not {opset}")
@@ -211,17 +249,29 @@ def export_onnx(
         if ran != "dynamo":
             if exporter == "dynamo":
                 raise UserError(f"the torch.export-based exporter failed: {problem}")
-            why = f"the torch.export-based exporter was not used: {problem}"
+            why = (
+                f"opset {opset}: the torch.export-based exporter {problem.replace('it writes', 'writes')}"
+                if opset < DYNAMO_MIN_OPSET
+                else f"the torch.export-based exporter was not used: {problem}"
+            )
     else:
         why = "asked for with exporter='torchscript'"
     if ran == "torchscript":
         try:
             with _quiet(captured), torch.no_grad():
-                _export_torchscript(module, example, path, opset, dynamic_batch)
+                _export(module, example, path, opset, dynamic_batch, dynamo=False)
         except Exception as exc:
             raise UserError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)})") from exc
-    return Exported(path, ran, why, file_opset(path), dynamic_batch, None if dynamic_batch else batch_size,
-                    time.perf_counter() - start, captured)  # fmt: skip
+    return Exported(
+        path,
+        ran,
+        why,
+        file_opset(path),
+        dynamic_batch,
+        None if dynamic_batch else batch_size,
+        time.perf_counter() - start,
+        captured,
+    )
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -247,25 +297,6 @@ def describe(path: str | Path) -> dict[str, Any]:
         "ir_version": model.ir_version,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
     }
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the state dict (names, dtypes, shapes and bytes, in name order): the weights' identity when there
-    is no weights file (synthetic weights)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------- ATC / AIPP
@@ -354,40 +385,10 @@ def atc_command(
     if dynamic:
         parts.append(f'--dynamic_batch_size="{",".join(str(g) for g in DYNAMIC_BATCH_GEARS)}"')
     # the placeholder quoted, so a pasted command reaches ATC (which refuses it) instead of a shell redirection
-    parts += [f"--soc_version='{soc}'" if soc == SOC_PLACEHOLDER else f"--soc_version={soc}",
-              f"--precision_mode={precision_mode}"]
+    parts += [
+        f"--soc_version='{soc}'" if soc == SOC_PLACEHOLDER else f"--soc_version={soc}",
+        f"--precision_mode={precision_mode}",
+    ]
     if aipp_path:
         parts.append(f"--insert_op_conf={aipp_path}")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------- verification
-
-
-def photo_batches(cfg: preprocessing.PreprocessConfig, batch_size: int | None, images=None):
-    """The bundled photos (or `images`) preprocessed: one batch of all of them (batch_size None: a dynamic export), or
-    batches of batch_size with the last one filled up by cycling. Returns (batches, image names)."""
-    sources = list(images) if images else preprocessing.bundled_images()
-    items, skipped = preprocessing.read_images(sources, cfg)
-    for s in skipped:
-        logger.warning("skipping %s: %s", s["image"], s["error"])
-    if not items:
-        raise UserError("no photos to check the export on")
-    pixels = torch.stack([i.pixels for i in items])
-    names = [i.source for i in items]
-    if batch_size is None:
-        return [pixels], names
-    batches = []
-    for start in range(0, len(items), batch_size):
-        idx = [(start + k) % len(items) for k in range(batch_size)]
-        batches.append(pixels[idx])
-    return batches, names
-
-
-def ort_cpu_logits(path: str | Path, batches: list[torch.Tensor], rows: int) -> torch.Tensor:
-    """The file's logits through ONNX Runtime on the CPU, first `rows` rows of the concatenated batches."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: b.numpy()})[0] for b in batches]
-    return torch.from_numpy(np.concatenate(out))[:rows]

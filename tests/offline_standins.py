@@ -1,13 +1,26 @@
-"""Stand-ins for the offline runtimes that cannot run here, modelled on their real APIs (names, arguments, errors), and
-computing with the real ONNX Runtime on the CPU so the verdict over them is a real one.
+"""Stand-ins for the offline runtimes that cannot run here, modelled on their real sources (names, arguments, errors,
+behaviour), and computing with the real ONNX Runtime on the CPU so the verdict over them is a real one.
 
-onnxruntime with the CANN execution provider (onnxruntime-cann): `get_available_providers()`, `SessionOptions`,
-`GraphOptimizationLevel`, `InferenceSession(path, sess_options, providers=[(name, {str: str}), ...])`,
-`get_providers()`, `get_inputs()/get_outputs()` (.name, .shape), `run(output_names, feeds)`. The CANN options are
-parsed strictly, as onnxruntime's ProviderOptionsParser does: an unknown key is
-'Unknown provider option: "KEY".' (microsoft/onnxruntime core/framework/provider_options_utils.h); the known keys are
-those of core/providers/cann/cann_execution_provider_info.cc (precision_mode in the onnxruntime-cann 1.22.1 / 1.24.4
-wheels, whose provider library holds no precision_mode_v2 option key; precision_mode_v2 on upstream main).
+onnxruntime with the CANN execution provider (onnxruntime-cann): the module's InferenceSession IS the installed
+onnxruntime's InferenceSession, subclassed at one seam, `_create_inference_session(providers, provider_options,
+disabled_optimizers)`, the method the real __init__ calls and whose ValueError / RuntimeError its CPU fallback catches
+(onnxruntime/capi/onnxruntime_inference_collection.py, 1.32.0: __init__ l.692-709, _create_inference_session
+l.711-731; the onnxruntime-cann 1.24.4 wheel: l.503-519, l.521-577). So the fallback that runs here is onnxruntime's
+own code, not a model of it. At the seam, as the real one:
+  - the fallback providers are set first, to ["CPUExecutionProvider"] ("All others fall back to CPU", l.724-731);
+  - the CANN options are parsed strictly, as ProviderOptionsParser does: an unknown key is
+    'Unknown provider option: "KEY".' (microsoft/onnxruntime core/framework/provider_options_utils.h), thrown with
+    ORT_THROW from the provider factory, which pybind11 turns into a RuntimeError (the class the fallback catches;
+    the real "Unknown Provider Type: X" comes out the same way, checked in test_runtime_ort.py). The known keys are
+    those of core/providers/cann/cann_execution_provider_info.cc: precision_mode in the onnxruntime-cann 1.24.4 wheel
+    (its option parser registers the 14-character "precision_mode", read from the provider library's disassembly),
+    precision_mode_v2 on upstream main;
+  - `fail`: the provider cannot start, e.g. the provider library that does not load without CANN's set_env.sh, as
+    users report it for the CUDA provider library ("Failed to load library libonnxruntime_providers_cuda.so with
+    error: ..."), raised the same way;
+  - then the graph runs on the real CPU provider while get_providers() names the providers the session would have.
+`ignores_enable_fallback`: a build whose InferenceSession does not read the enable_fallback keyword (the keyword is
+read at l.672 in 1.32.0 and l.482 in 1.24.4; older builds keep the fallback always on): the real fallback then runs.
 
 ais_bench (msit benchmark; ais_bench/infer/interface.py): `InferSession(device_id, model_path, acl_json_path=None,
 debug=False, loop=1)`, `get_inputs()` (descs with .name, .shape, .datatype), `infer(feeds, mode='static',
@@ -17,72 +30,89 @@ holds one (start, end) pair in ms per run.
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+CANN = "CANNExecutionProvider"
 CANN_OPTIONS_1_24 = {  # cann_execution_provider_info.cc as in the onnxruntime-cann 1.24.4 wheel
-    "device_id", "npu_mem_limit", "arena_extend_strategy", "enable_cann_graph", "enable_cann_subgraph", "dump_graphs",
-    "dump_om_model", "precision_mode", "op_select_impl_mode", "optypelist_for_implmode",
-}  # fmt: skip
-CANN_OPTIONS_MAIN = (CANN_OPTIONS_1_24 - {"precision_mode"}) | {"precision_mode_v2", "input_format",
-                                                               "dynamic_batch_size", "dynamic_image_size",
-                                                               "dynamic_dims"}  # fmt: skip
+    "device_id",
+    "npu_mem_limit",
+    "arena_extend_strategy",
+    "enable_cann_graph",
+    "enable_cann_subgraph",
+    "dump_graphs",
+    "dump_om_model",
+    "precision_mode",
+    "op_select_impl_mode",
+    "optypelist_for_implmode",
+}
+CANN_OPTIONS_MAIN = (CANN_OPTIONS_1_24 - {"precision_mode"}) | {
+    "precision_mode_v2",
+    "input_format",
+    "dynamic_batch_size",
+    "dynamic_image_size",
+    "dynamic_dims",
+}
+CANN_NOT_SOURCED = (
+    "onnxruntime::Provider& onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : "
+    "Failed to load library libonnxruntime_providers_cann.so with error: libascendcl.so: cannot open "
+    "shared object file: No such file or directory"
+)
 
 
-class FakeOrtError(Exception):
-    """onnxruntime raises onnxruntime.capi.onnxruntime_pybind11_state.* errors; their text is what matters."""
+def _name(entry) -> str:
+    return entry if isinstance(entry, str) else entry[0]
 
 
-def fake_onnxruntime(real_ort, available=("CANNExecutionProvider", "CPUExecutionProvider"),
-                     cann_options=CANN_OPTIONS_1_24, silent_cpu=False):  # fmt: skip
-    """An onnxruntime module whose CANN provider runs the graph with the real CPU provider. `calls` records every
-    InferenceSession's providers argument. `silent_cpu`: the session ends up on the CPU only, as onnxruntime does
-    (with a warning) when a provider cannot be used."""
+def cann_onnxruntime(
+    real_ort,
+    available=(CANN, "CPUExecutionProvider"),
+    cann_options=CANN_OPTIONS_1_24,
+    version="1.24.4",
+    fail: str | None = None,
+    ignores_enable_fallback=False,
+):
+    """An onnxruntime module (onnxruntime-cann `version`) whose InferenceSession is the real one with a CANN provider
+    at the session-creation seam (see the module docstring). `calls` records the providers each creation was asked
+    for, the real fallback's retry included."""
     calls: list[list] = []
 
-    class InferenceSession:
-        def __init__(self, path, sess_options=None, providers=None, provider_options=None):
+    class InferenceSession(real_ort.InferenceSession):
+        def __init__(self, path_or_bytes, sess_options=None, providers=None, provider_options=None, **kwargs):
+            if ignores_enable_fallback:
+                kwargs.pop("enable_fallback", None)
+            super().__init__(path_or_bytes, sess_options, providers, provider_options, **kwargs)
+
+        def _create_inference_session(self, providers, provider_options, disabled_optimizers=None):
             calls.append(list(providers or []))
-            names = []
-            for entry in providers or []:
-                name, options = (entry, {}) if isinstance(entry, str) else entry
-                if name not in available:
-                    raise FakeOrtError(f"{name} is not available")
-                if name == "CANNExecutionProvider":
-                    for key, value in options.items():
-                        if key not in cann_options:
-                            raise FakeOrtError(f'Unknown provider option: "{key}".')
-                        if not isinstance(value, str):
-                            raise FakeOrtError(f"provider option {key} must be a string")
-                names.append(name)
-            self._providers = ["CPUExecutionProvider"] if silent_cpu else names
-            self._real = real_ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._fallback_providers = ["CPUExecutionProvider"]
+            names = [_name(p) for p in providers or []]
+            if CANN not in names:
+                return super()._create_inference_session(providers, provider_options, disabled_optimizers)
+            entry = providers[names.index(CANN)]
+            for key in entry[1] if isinstance(entry, tuple) else {}:
+                if key not in cann_options:
+                    raise RuntimeError(f'Unknown provider option: "{key}".')
+            if fail:
+                raise RuntimeError(fail)
+            super()._create_inference_session(["CPUExecutionProvider"], None, disabled_optimizers)
+            self._providers = [n for n in names if n in available]  # what the real session reports it has
 
-        def get_providers(self):
-            return list(self._providers)
-
-        def get_inputs(self):
-            return self._real.get_inputs()
-
-        def get_outputs(self):
-            return self._real.get_outputs()
-
-        def run(self, output_names, feeds):
-            return self._real.run(output_names, feeds)
-
-    module = types.SimpleNamespace(
-        __version__=f"{real_ort.__version__}-cann-standin",
+    return types.SimpleNamespace(
+        __version__=version,
         get_available_providers=lambda: list(available),
         SessionOptions=real_ort.SessionOptions,
         GraphOptimizationLevel=real_ort.GraphOptimizationLevel,
         InferenceSession=InferenceSession,
         calls=calls,
     )
-    return module
 
 
 # ------------------------------------------------------------------------------------------------------ ais_bench
@@ -141,8 +171,9 @@ def fake_ais_bench(real_ort, models: dict[str, dict]):
             self.exec_time_list: list[tuple[float, float]] = []
 
     class InferSession:
-        def __init__(self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False,
-                     loop: int = 1):  # fmt: skip
+        def __init__(
+            self, device_id: int, model_path: str, acl_json_path: str = None, debug: bool = False, loop: int = 1
+        ):
             spec = models.get(str(model_path))
             if spec is None:
                 raise RuntimeError(f"[ERROR] load model from file failed, model file is {model_path}")
@@ -197,3 +228,49 @@ def fake_ais_bench(real_ort, models: dict[str, dict]):
 
 def om_spec(onnx_path: Path, batch: int, aipp: str | None = None) -> dict:
     return {"onnx": str(onnx_path), "batch": batch, "aipp": aipp}
+
+
+# ------------------------------------------------------------------------------------------- shared test helpers
+
+
+@pytest.fixture(scope="module")
+def real_ort():
+    """The installed onnxruntime (the stand-ins compute with it, and its InferenceSession is theirs)."""
+    import onnxruntime
+
+    return onnxruntime
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path_factory, tiny_model_dir):
+    """The tiny model exported with a dynamic batch, with export_onnx.py's JSON: the runtimes' artefact."""
+    return shared_export(tmp_path_factory, tiny_model_dir, "tiny", "--dynamic_batch", "--soc_version", "Ascend910B4")
+
+
+def shared_export(tmp_path_factory, model_dir: Path, name: str, *extra: str) -> Path:
+    """export_onnx.py run once per test session for `name` (the ONNX and its export JSON, as a user makes them),
+    shared by the test modules that need it. Tests that change either copy them first."""
+    import export_onnx
+
+    folder = tmp_path_factory.getbasetemp() / "offline_exports"
+    folder.mkdir(exist_ok=True)
+    out = folder / f"{name}.onnx"
+    if not out.exists():
+        assert export_onnx.main([str(model_dir), str(out), *extra]) == 0
+    return out
+
+
+def run_accuracy(tmp_path: Path, model_dir: Path, *extra: str):
+    """accuracy_run.py in-process: (exit code, the report or None)."""
+    import accuracy_run
+
+    report = tmp_path / "r.json"
+    rc = accuracy_run.main([str(model_dir), str(report), *extra])
+    return rc, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def install_ais_bench(monkeypatch, interface) -> None:
+    """The ais_bench stand-in importable as ais_bench.infer.interface."""
+    monkeypatch.setitem(sys.modules, "ais_bench", types.ModuleType("ais_bench"))
+    monkeypatch.setitem(sys.modules, "ais_bench.infer", types.ModuleType("ais_bench.infer"))
+    monkeypatch.setitem(sys.modules, "ais_bench.infer.interface", interface)

@@ -17,6 +17,13 @@ def test_unknown_peer_exits_2(tiny_model_dir, capsys):
     assert "unknown peer(s) tensorrt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sizes", ["0", "1,x", ",", ""])
+def test_batch_sizes_are_checked_by_the_shared_parser(sizes, capsys):
+    """common.batch_sizes, the parser accuracy_run_perf.py uses too: a usage error before any model work."""
+    assert bench_peers.main(["--synthetic", "--batch_sizes", sizes]) == 2
+    assert "--batch_sizes" in capsys.readouterr().err
+
+
 def test_no_installed_peer_exits_2(tiny_model_dir, monkeypatch, capsys):
     real = importlib.util.find_spec
 
@@ -36,10 +43,27 @@ def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
     if importlib.util.find_spec(peer) is None or importlib.util.find_spec("onnx") is None:
         pytest.skip(f'{peer} or onnx not installed (pip install -e ".[bench]")')
     out = tmp_path / "peers.json"
-    argv = ["--model_path", str(tiny_model_dir), "--peers", peer, "--modes", "eager", "--iterations", "2",
-            "--warmup", "1", "--batch_sizes", "1,2", "--allocator", "system", "--output", str(out)]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_peers", *argv], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)  # fmt: skip
+    argv = [
+        "--model_path",
+        str(tiny_model_dir),
+        "--peers",
+        peer,
+        "--modes",
+        "eager",
+        "--iterations",
+        "2",
+        "--warmup",
+        "1",
+        "--batch_sizes",
+        "1,2",
+        "--allocator",
+        "system",
+        "--output",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_peers", *argv], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert peer in proc.stdout and "% ceiling" in proc.stdout
     data = read_json(out)  # the benchmark's own report: same header, settings and result schema
