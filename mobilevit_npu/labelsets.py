@@ -275,7 +275,7 @@ def stream(
     def as_input(batch: tuple) -> tuple:
         indices, pixels, errors, hashes, counts = batch
         if pixel_cache is not None:
-            pixel_cache.stats.add(counts)
+            pixel_cache.merge(counts)
         pixels = preprocessing.to_input(pixels, cfg) if pixels is not None else None
         return (indices, pixels, errors, hashes) if digests else (indices, pixels, errors)
 

@@ -172,6 +172,7 @@ class EntryCache:
         self.stats = CacheStats()
         self._writable = True
         self._readable = True
+        self.quiet = False  # a decoding worker's copy: its failures travel to the caller's copy (merge), said there
         if self.root.exists() and not self.root.is_dir():
             self._unusable(NotADirectoryError(errno.ENOTDIR, "not a folder", str(self.root)))
 
@@ -180,6 +181,7 @@ class EntryCache:
         the run goes on without the cache (no per-image warnings, nothing counted as invalid)."""
         if self._readable or self._writable:
             self.stats.write_errors.append(f"{exc.filename or self.root}: {exc.strerror or exc}")
+        if (self._readable or self._writable) and not self.quiet:
             logger.warning("%s cache: cannot use %s (%s: %s); going on without it", self.what, self.root,
                            errno.errorcode.get(exc.errno or 0, type(exc).__name__), exc.strerror or exc)  # fmt: skip
         self._readable = self._writable = False
@@ -261,8 +263,9 @@ class EntryCache:
             self._writable = False
             self.stats.write_errors.append(f"{path}: {exc}")
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-            logger.warning("%s cache: cannot write under %s (%s: %s); going on without it", self.what, self.root, name,
-                           exc.strerror or exc)  # fmt: skip
+            if not self.quiet:
+                logger.warning("%s cache: cannot write under %s (%s: %s); going on without it", self.what, self.root,
+                               name, exc.strerror or exc)  # fmt: skip
             return
         self.stats.stored += 1
 
@@ -314,7 +317,22 @@ class PixelCache(EntryCache):
     dtype = np.dtype("|u1")
 
     def for_worker(self) -> PixelCache:
-        return PixelCache(self.root, self.key_fields)
+        """A copy for a decoding worker: it says nothing itself; its counts and failures come back with each batch
+        and `merge` reports the first failure once for all workers."""
+        copy = PixelCache(self.root, self.key_fields)
+        copy.quiet = True
+        copy._readable, copy._writable = self._readable, self._writable
+        return copy
+
+    def merge(self, counts: CacheStats | None) -> None:
+        """Add a worker's counts; the first write failure any worker met is said here, once."""
+        if counts is None:
+            return
+        first = not self.stats.write_errors and counts.write_errors
+        self.stats.add(counts)
+        if first:
+            logger.warning("pixel cache: cannot write under %s (%s); the workers go on without it", self.root,
+                           counts.write_errors[0])  # fmt: skip
 
     def pixels(self, source: str, digest: str | None, cfg: preprocessing.PreprocessConfig) -> np.ndarray:
         """The image's crop: from the cache when it holds it, else decoded (an OSError if it cannot be) and stored."""

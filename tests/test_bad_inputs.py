@@ -916,3 +916,20 @@ def test_cache_entries_get_the_users_umask(tiny_model_dir, tmp_path):
         os.umask(old)
     entries = [p for p in cache.rglob("*") if p.is_file()]
     assert entries and {stat.S_IMODE(p.stat().st_mode) for p in entries} == {0o644}
+
+
+def test_pixel_cache_on_a_full_disk_is_said_once_for_all_workers(tiny_model_dir, labelled_set, tmp_path, monkeypatch,
+                                                                 caplog):  # fmt: skip
+    """Injected ENOSPC: every pixel-cache write fails as on a full disk, in each (forked) decoding worker."""
+    from mobilevit_npu import refcache
+
+    def full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(refcache.EntryCache, "_write_atomic", staticmethod(full))
+    report = tmp_path / "r.json"
+    argv = labelled(tiny_model_dir, labelled_set, report, "--workers", "2", "--batch_size", "1", "--pixel_cache",
+                    str(tmp_path / "pixels"))  # fmt: skip
+    assert accuracy_run.main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if "pixel cache" in r.getMessage()]
+    assert len(said) == 1 and "No space left on device" in said[0]
