@@ -105,6 +105,16 @@ def refused_operators(text: str) -> list[str]:
     return [m.group("ops") for m in REFUSED_PATTERN.finditer(text)]
 
 
+def refusal(exc: BaseException) -> str | None:
+    """The one-line error for an exception raised because TORCH_NPU_FALLBACK_CPU_DISABLE=1 refused a CPU fallback (the
+    operators it names), or None for any other exception."""
+    ops = refused_operators(str(exc))
+    if not ops:
+        return None
+    return (f"{', '.join(ops)} has no NPU kernel and {SWITCH}=1 (--fail_on_cpu_fallback) refused to run it on the "
+            "CPU")  # fmt: skip
+
+
 def _leading_int(value: str | None, default: int) -> int:
     """strtol(value, NULL, 10) as torch_npu reads its switches: the leading integer, 0 when there is none."""
     if value is None:

@@ -20,7 +20,6 @@ from npu_standin import npu_standin_fixture  # noqa: F401  (the npu_standin fixt
 
 import accuracy_run
 import accuracy_run_perf
-import common
 import inference
 from mobilevit_npu import bench, compilers, devices, execution, fastpath, models, npu, startup
 from mobilevit_npu.errors import Unavailable, UserError
@@ -398,10 +397,12 @@ def test_the_fallback_switch_is_armed_where_torch_npu_reads_it(npu_standin, tiny
     assert npu.arm_fallback_error(False) is None and "TORCH_NPU_FALLBACK_CPU_DISABLE" not in os.environ
     assert npu.arm_fallback_error(True) == "TORCH_NPU_FALLBACK_CPU_DISABLE=1"
     model = _tiny(tiny_model_dir, devices.resolve_device("npu")).model
-    with pytest.raises(RuntimeError, match="aten::_foo_op"), npu.CpuFallbacks(NPU) as fb, torch.no_grad():
+    with pytest.raises(RuntimeError, match="aten::_foo_op") as info, npu.CpuFallbacks(NPU) as fb, torch.no_grad():
         model(pixel_values=torch.zeros(1, 3, 256, 256))
     assert fb.refused == ["aten::_foo_op"] and fb.summary()["error_switch"] == "TORCH_NPU_FALLBACK_CPU_DISABLE=1"
     assert "aten::_foo_op" in fb.fail_reason() and fb.operators == []
+    assert npu.refusal(info.value).startswith("aten::_foo_op has no NPU kernel and TORCH_NPU_FALLBACK_CPU_DISABLE=1")
+    assert npu.refusal(RuntimeError("something else")) is None
 
 
 def test_without_the_switch_arming_leaves_the_environment_alone(npu_standin):
@@ -535,13 +536,13 @@ def test_transfer_to_npu_leaves_the_warning_filters_and_says_what_it_patched(npu
 
 
 def _spy_model_build(monkeypatch):
-    original = common.load
+    original = models.load_model  # every script builds its model through it (common.load, verify.load_model)
 
-    def load(*args, **kwargs):
+    def load_model(*args, **kwargs):
         sys.modules["torch_npu"].CALLS.append("model built")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(common, "load", load)
+    monkeypatch.setattr(models, "load_model", load_model)
 
 
 @pytest.mark.parametrize("script", ["inference", "accuracy_run", "accuracy_run_perf"])
