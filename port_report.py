@@ -9,7 +9,7 @@ Inputs: reports of accuracy_run.py (CPU-vs-target consistency, or a labelled set
 accuracy_run_perf.py, at least one of each, all of the same weights (the same sha256, or the same synthetic seed).
 Each is read through the one report format (mobilevit_npu/schema.py). Every figure in the card comes from them; every
 command shown is the argv that wrote the report. The model section reads config.json and preprocessor_config.json
-from the reports' model folder (model_source.path; the project's model/ for synthetic weights; --model_path to
+from the reports' model folder (model_source.path; the package's X-Small config for synthetic weights; --model_path to
 override) and counts the parameters of the model config.json builds. Beside the card, in --assets, the PNGs it embeds
 (relative links): the latency of every mode (the benchmark's plot) and, for a --layers run, the cosine of every module.
 

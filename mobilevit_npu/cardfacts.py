@@ -12,7 +12,7 @@ definition of the format): a missing or mistyped field, an unknown kind or schem
   benchmark.
 
 Besides the reports, the model section reads config.json and preprocessor_config.json from the measured model folder
-(the project's model/ for synthetic weights) and counts the parameters of the model config.json builds.
+(the package's X-Small config for synthetic weights) and counts the parameters of the model config.json builds.
 """
 
 from __future__ import annotations
