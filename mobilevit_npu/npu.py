@@ -73,7 +73,6 @@ OPERATOR = re.compile(r"[A-Za-z_]\w*::\w+(?:\.\w+)?")
 
 SWITCH = "TORCH_NPU_FALLBACK_CPU_DISABLE"
 SILENCERS = ("TORCH_NPU_DISABLED_WARNING", "TORCH_NPU_WARNING_DISABLE")
-FAIL_FLAGS = ("--fail_on_cpu_fallback", "--fail-on-cpu-fallback")
 
 OBSERVED = "observed"
 SILENCED = "silenced"
@@ -162,8 +161,8 @@ def installed_reads(name: str) -> bool:
 
 
 def fallback_switch(environ: dict[str, str] | None = None) -> str | None:
-    """ "TORCH_NPU_FALLBACK_CPU_DISABLE=1" when it is set (torch_npu's GetBoolTypeOption: a nonzero leading integer) and
-    the installed torch_npu reads it, else None."""
+    """The switch in force, "TORCH_NPU_FALLBACK_CPU_DISABLE=1", when it is set (torch_npu's GetBoolTypeOption: a nonzero
+    leading integer) and the installed torch_npu reads it; else None."""
     env = os.environ if environ is None else environ
     if _leading_int(env.get(SWITCH), 0) != 0 and installed_reads(SWITCH):
         return f"{SWITCH}=1"
