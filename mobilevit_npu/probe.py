@@ -58,6 +58,7 @@ logger = logging.getLogger("mobilevit_npu.probe")
 LEVELS = ("L0", "L1", "mix")
 TASKS = ("statistics", "tensor")
 INSTALL = 'pip install -e ".[msprobe]" (or pip install mindstudio-probe)'
+MIN_VERSION = "26.1.0"  # the oldest release tried (docs/msprobe.md, versions tried)
 # Modes whose target is an eager module msprobe can hook. bf16 (fastpath compiled under autocast) is dumped through
 # its eager twin under the same autocast, as --layers watches it (targets.TWIN_MODES).
 DUMPABLE_MODES = ("eager", "channels_last", "bf16")
@@ -123,21 +124,43 @@ def _positive_int(text: str) -> int:
 
 
 def _import_msprobe():
-    """msprobe's PyTorch package (the import tests make fail to check the refusal)."""
+    """msprobe's PyTorch package (the import tests make fail to check the refusal). msprobe prints every step of its
+    work to stdout at INFO; unless MSPROBE_LOG_LEVEL says otherwise (msprobe's own variable, read when its logger is
+    made: core/common/log.py:39-45, const.py:1131-1145), only its warnings and errors come between our lines."""
+    os.environ.setdefault("MSPROBE_LOG_LEVEL", "2")  # 0 DEBUG, 1 INFO, 2 WARNING, 3 ERROR
     return importlib.import_module("msprobe.pytorch")
 
 
 def msprobe_version() -> str:
-    """The installed mindstudio-probe's version; UserError (with the install command) when it is absent."""
+    """The installed mindstudio-probe's version; UserError (with the install command) when it is absent, broken or
+    older than MIN_VERSION (8.x does not import under numpy 2, and lacks the config objects run() uses)."""
     try:
         _import_msprobe()
     except ImportError as exc:
         raise UserError(f"--msprobe needs msprobe (MindStudio Probe), which is not importable ({first_line(exc)}): "
                         f"{INSTALL}") from exc  # fmt: skip
+    except Exception as exc:  # an install that fails on import (8.3.3 under numpy 2: np.unicode_)
+        raise UserError(f"--msprobe: msprobe fails to import ({type(exc).__name__}: {first_line(exc)}): "
+                        f"pip install 'mindstudio-probe>={MIN_VERSION}'") from exc  # fmt: skip
     try:
-        return importlib.metadata.version("mindstudio-probe")
+        version = importlib.metadata.version("mindstudio-probe")
     except importlib.metadata.PackageNotFoundError:  # msprobe importable without its distribution's metadata
         return "unknown"
+    if _release(version) < _release(MIN_VERSION):
+        raise UserError(f"--msprobe needs mindstudio-probe >= {MIN_VERSION} (the oldest tried), not {version}: "
+                        f"pip install 'mindstudio-probe>={MIN_VERSION}'")  # fmt: skip
+    return version
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version ("26.1.0.post1" -> (26, 1, 0))."""
+    numbers = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if not digits:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
 
 
 def check(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:

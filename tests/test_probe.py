@@ -137,6 +137,14 @@ def test_missing_msprobe_is_one_line_with_the_install_command(monkeypatch):
     assert "\n" not in message and 'pip install -e ".[msprobe]"' in message and "mindstudio-probe" in message
 
 
+def test_a_release_older_than_the_oldest_tried_is_refused(monkeypatch):
+    monkeypatch.setattr(probe.importlib.metadata, "version", lambda name: "8.3.3")
+    with pytest.raises(UserError, match=f"mindstudio-probe >= {probe.MIN_VERSION}.*not 8.3.3"):
+        probe.check("eager")
+    monkeypatch.setattr(probe.importlib.metadata, "version", lambda name: "26.1.0.post1")
+    assert probe.check("eager") == "26.1.0.post1"
+
+
 def test_folder_refusals(tmp_path):
     with pytest.raises(UserError, match="only letters, digits"):
         probe.check_out_dir(tmp_path / "a b")
