@@ -100,30 +100,34 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
     return samples, unlabelled
 
 
-def _guess_encoding(data: bytes) -> str | None:
-    """The encoding charset_normalizer (requests' own dependency) finds most likely, or None."""
+def _guess_encodings(data: bytes) -> list[str]:
+    """The encodings charset_normalizer (requests' own dependency) ranks best, ties included (a short GBK file decodes
+    as cleanly in cp949 as in gb18030: both are named, neither is picked), at most three; [] when it has none."""
     try:
         from charset_normalizer import from_bytes
 
-        best = from_bytes(data).best()
-        return best.encoding if best is not None else None
+        matches = list(from_bytes(data))
     except Exception:  # noqa: BLE001 - a guess only names the encoding in the message
-        return None
+        return []
+    if not matches:
+        return []
+    best = (matches[0].chaos, -matches[0].coherence)
+    return [m.encoding for m in matches if (m.chaos, -m.coherence) == best][:3]
 
 
 def _decode_csv(path: Path, data: bytes) -> str:
-    """The CSV's text: UTF-8 (a UTF-8 BOM stripped) or UTF-16 with its BOM; anything else is refused with the
-    encoding it looks like, since image names decoded under a guessed encoding could name other files."""
+    """The CSV's text: UTF-8 (a UTF-8 BOM stripped) or UTF-16 with its BOM; anything else is refused naming the
+    encodings it decodes as, since image names decoded under a guessed encoding could name other files."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         return data.decode("utf-16")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        guess = _guess_encoding(data)
-        looks = f"it looks like {guess}" if guess else "its encoding is unknown"
-        fix = f"; convert it: iconv -f {guess} -t UTF-8 {path} > labels.utf8.csv" if guess else ""
-        raise UserError(f"--labels {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}; {looks}){fix}") from None
+        guesses = _guess_encodings(data)
+        looks = f"it decodes cleanly as {' or '.join(guesses)}" if guesses else "its encoding is unknown"
+        raise UserError(f"--labels {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}; {looks}); save it as "
+                        f"UTF-8, e.g. iconv -f ENCODING -t UTF-8 {path} > labels.utf8.csv") from None
 
 
 _CLASS_ID = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
@@ -566,6 +570,7 @@ def run(
     label = f"{desc} (rank 0 of {dist.world_size})" if dist.enabled else desc
     bar = timing.progress_bar(len(mine), dist.is_main, label)
     hashed = digests or journal is not None  # the journal records each image's digest
+    batch_size = max(1, min(batch_size, len(mine)))  # bounded by the work: never more rows than this rank's images
     batches = stream([s.image for s in mine], cfg, batch_size, workers, hashed, pixel_cache)
     if on_start is not None and mine:
         on_start()
