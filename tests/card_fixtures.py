@@ -25,6 +25,12 @@ TINY_RUNS = {
     # channels_last fp32: a PASS
     "accuracy_cl.json": ("accuracy_run", ["model", "accuracy_cl.json", "--device", "cpu", "--target_mode",
                                           "channels_last", "--reference_cache", "off"]),
+    # a labelled set (labels.csv, written by make_reports), float32 eager against the reference: a PASS
+    "labelled.json": (
+        "accuracy_run",
+        ["model", "labelled.json", "--device", "cpu", "--labels", "labels.csv", "--batch_size", "2", "--workers", "0",
+         "--reference_cache", "off"],
+    ),
     "perf.json": ("accuracy_run_perf", ["model", "3", "perf.json", "--device", "cpu", "--modes", "eager,channels_last",
                                         "--batch_sizes", "1,2", "--warmup", "1"]),
     "inference.json": ("inference", ["--model_path", "model", "--image", "photo.png", "--output", "inference.json",
@@ -62,6 +68,10 @@ def make_reports(folder: Path, model_dir: Path | None, runs: dict[str, tuple[str
     if model_dir is not None and not (folder / "model").exists():
         shutil.copytree(model_dir, folder / "model")
     shutil.copy(PHOTOS[0], folder / "photo.png")
+    for photo in PHOTOS[1:3]:
+        shutil.copy(photo, folder / Path(photo).name)
+    names = ["photo.png", *(Path(p).name for p in PHOTOS[1:3])]
+    (folder / "labels.csv").write_text("image,class_id\n" + "".join(f"{n},{i}\n" for i, n in enumerate(names)))
     out = {}
     with working_folder(folder):
         for name, (script, argv) in runs.items():

@@ -23,7 +23,7 @@ from mobilevit_npu import PROJECT_DIR, card, cardfacts, metrics, schema
 
 pytest_plugins = ["card_fixtures"]  # the fixtures: reports made by the writers
 
-TINY = ["accuracy_bf16.json", "accuracy_cl.json", "perf.json"]
+TINY = ["accuracy_bf16.json", "accuracy_cl.json", "labelled.json", "perf.json"]
 SYNTHETIC = ["synthetic_accuracy.json", "synthetic_perf.json"]
 
 
@@ -181,7 +181,10 @@ def test_reproduce_block_prints_commit_packages_and_commands(tiny_set):
     assert f"must print {digest}" in section
     assert "python accuracy_run.py model accuracy_bf16.json --device cpu --dtype bf16" in section
     assert "python accuracy_run_perf.py model 3 perf.json" in section
-    assert "python port_report.py accuracy_bf16.json accuracy_cl.json perf.json --output MODEL_CARD.md" in section
+    assert (
+        "python port_report.py accuracy_bf16.json accuracy_cl.json labelled.json perf.json --output MODEL_CARD.md"
+        in section
+    )
 
 
 def test_plots_are_written_beside_the_card_and_linked_relatively(tiny_set):
@@ -289,7 +292,7 @@ def test_two_reports_of_one_run_are_refused(tiny_set, capsys):
 
 def test_two_runs_of_one_kind_make_one_card(tiny_set):
     text = write_card(TINY)
-    assert text.count("### `cpu` `float32` `eager` against") == 2  # bf16 and channels_last, each once, in English
+    assert text.count("### `cpu` `float32` `eager` against") == 3  # bf16, channels_last, labelled: each once
 
 
 @pytest.mark.parametrize("how", ["path", "symlink", "hardlink"])
