@@ -199,12 +199,33 @@ def test_accuracy_run_refuses_before_any_work(tiny_model_dir, tmp_path, capsys, 
     assert not report.exists() and not out.exists()
 
 
-@pytest.mark.slow
-def test_two_ranks_under_torchrun_give_one_dump_per_rank(tiny_model_dir, tmp_path):
+def _labelled_set(tmp_path) -> Path:
     root = tmp_path / "set"
     for i, photo in enumerate(PHOTOS[:4]):
         (root / str(i % 2)).mkdir(parents=True, exist_ok=True)
         shutil.copy(photo, root / str(i % 2))
+    return root
+
+
+def test_accuracy_run_on_a_labelled_set_dumps_the_first_batch(tiny_model_dir, tmp_path):
+    import accuracy_run
+
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    args = [str(tiny_model_dir), str(report), "--dataset", str(_labelled_set(tmp_path)), "--device", "cpu",
+            "--dtype", "bf16", "--batch_size", "2", "--workers", "0", "--allocator", "system", "--reference_cache",
+            "off", "--msprobe", str(out)]  # fmt: skip
+    assert accuracy_run.main(args) in (0, 1)
+    section = schema.load(report).msprobe
+    assert section.images_dumped == 2  # the first batch, not the whole set
+    table = probe.read_table(section.compare_table)
+    shapes = {r["NPU Tensor Shape"] for r in table if r["NPU Name"] == "Functional.conv2d.0.forward.input.0"}
+    assert shapes == {"[2, 3, 256, 256]"}  # one forward over the batch
+    assert _dump_files(out) == {"reference": [f"proc{os.getpid()}"], "target": [f"proc{os.getpid()}"]}
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_give_one_dump_per_rank(tiny_model_dir, tmp_path):
+    root = _labelled_set(tmp_path)
     out, report = tmp_path / "out", tmp_path / "r.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
