@@ -251,7 +251,10 @@ def check_outputs(
                     raise UserError(f"{what} {path} is the input {in_what} {source}: writing it would destroy it")
     if model_dir is not None and os.path.isdir(model_dir):
         folder = os.path.realpath(model_dir)
-        model_files = {_identity(entry.path)[1] for entry in os.scandir(folder) if entry.is_file()}
+        try:
+            model_files = {_identity(entry.path)[1] for entry in os.scandir(folder) if entry.is_file()}
+        except OSError:  # an unreadable model folder is reported when the model is loaded
+            model_files = set()
         for what, path, ident in files:
             if os.path.commonpath([folder, ident[0]]) == folder or (ident[1] is not None and ident[1] in model_files):
                 raise UserError(f"{what} {path} is inside the model folder {model_dir} (or a link to one of its "
