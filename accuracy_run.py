@@ -30,7 +30,7 @@ from pathlib import Path
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import layerwise, metrics, probe, refcache, runtimes, targets, verify
+from mobilevit_npu import layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
 
 
 def _defaults_text(name: str) -> str:
@@ -254,6 +254,7 @@ def settings_from(args: argparse.Namespace, argv) -> verify.Settings:
 def _main(argv=None) -> int:
     args = parse_args(argv)
     common.setup_logging(args.verbose)
+    npu.arm_fallback_error(args.fail_on_cpu_fallback)  # before torch_npu's first fallback (startup.py covers argv)
     settings = settings_from(args, argv)
     verify.check(settings)
     common.check_outputs(
@@ -261,7 +262,13 @@ def _main(argv=None) -> int:
         inputs={"--images": settings.images, "--labels": settings.labels, "--onnx": settings.onnx, "--om": settings.om},
         model_dir=None if settings.synthetic else settings.model_path,
     )
-    outcome = verify.run(settings)
+    try:
+        outcome = verify.run(settings)
+    except RuntimeError as exc:  # TORCH_NPU_FALLBACK_CPU_DISABLE=1: torch_npu refused a fallback, naming the operator
+        if (reason := npu.refusal(exc)) is None:
+            raise
+        print(f"VERDICT: FAIL  {reason}")
+        return 1
     if outcome.comparison is None:  # not rank 0: rank 0 prints and writes
         return 0
     for error in outcome.errors[:10]:
