@@ -459,7 +459,9 @@ def test_runnable_block(block, tmp_path):
     """The block runs as written (bash -e, one command after another, `python` the interpreter running the tests) in a
     sandbox; it exits 0 and changes nothing in the repository."""
     box = sandbox(tmp_path)
-    watched = [p for p in ROOT.iterdir() if p.is_file()] + sorted((ROOT / "model").iterdir())
+    # what a command could overwrite: the committed reports, card and readmes, and model/ (sources are not outputs,
+    # and in a shared working tree others may be editing them meanwhile)
+    watched = [p for p in ROOT.iterdir() if p.suffix in (".json", ".md", ".png")] + sorted((ROOT / "model").iterdir())
     before = digest(watched)
     env = {
         **os.environ,
