@@ -11,7 +11,7 @@
 What msprobe is and does, as read in mindstudio-probe 26.2.0 (site-packages/msprobe) and Ascend/msprobe's docs:
   - PrecisionDebugger is a process-wide singleton (core/dump/debugger/precision_debugger.py:26-38); its config
     (task, level, dump_path) is read once. msprobe applies a changed config mid-run through
-    PytorchService.apply_runtime_config (pytorch/dump/pytorch_service.py:41-46; its own hot reload,
+    PytorchService.apply_runtime_config (pytorch/dump/pytorch_service.py:44-49; its own hot reload,
     pytorch/dump/debugger/precision_debugger.py:190-227): the same call switches this process's dumps from
     DIR/reference to DIR/target, and lets a later run use another DIR, task or level.
   - L1 and mix wrap torch's APIs (torch.Tensor, torch, torch.nn.functional, torch._VF: pytorch/dump/api_dump/

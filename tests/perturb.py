@@ -76,7 +76,7 @@ def add_noise_in_forward(module_name: str, scale: float = 1.0, seed: int = 0) ->
     torch's APIs.
 
     msprobe's module hook is moved to the front of the module's forward hooks (`move_to_end(handle.id, last=False)`,
-    msprobe/pytorch/dump/module_dump/module_processor.py, mindstudio-probe 26.2.0), so it records a module's output
+    msprobe/pytorch/dump/module_dump/module_processor.py:300, mindstudio-probe 26.2.0), so it records a module's output
     before add_noise's hook changes it: the noise must be in the forward itself. And msprobe's L1 wraps the methods of
     torch.Tensor, torch and torch.nn.functional (pytorch/dump/api_dump/api_register.py:48-55): noise made with them
     would add API calls to the target alone and shift the call numbers msprobe matches rows by. So the noise comes
