@@ -448,7 +448,17 @@ def get_npu_backend(*, compiler_config=None, custom_decompositions={}):
                 if "scaled_dot_product_attention" in str(node.target):
                     raise NotImplementedError("no converter for aten._scaled_dot_product_flash_attention")
         torch_npu.CALLS.append(f"torchair compiled a graph (mode={mode})")
-        return gm.forward
+        if not torch_npu.OPTIONS["miscompile"]:
+            return gm.forward
+
+        def miscompiled(*args):
+            import torch
+
+            out = gm.forward(*args)
+            wrong = [o * 1.5 + 0.1 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out]
+            return type(out)(wrong)
+
+        return miscompiled
 
     return backend
 """
@@ -481,6 +491,7 @@ DEFAULTS = {
     "torchair_broken": False,
     "torchair_modes": None,  # None: as the version (compiler_config.py 2.5.1 l.31; 2.13.0/2.14.0 l.39 add npugraph_ex)
     "reject_flash_attention": False,
+    "miscompile": False,  # the graph engine returns wrong numbers (logits x 1.5 + 0.1): agreement must show it
     "autoload_fails": False,
     "autoload": False,  # declare the torch.backends entry point (so `import torch` imports the stand-in) and succeed
 }
