@@ -139,6 +139,25 @@ def scrub_paths(text: str) -> str:
     return _ABS_PATH_RE.sub(lambda m: shown_path(m.group(0)), text)
 
 
+_CJK = "\u4e00-\u9fff\u3000-\u303f\uff00-\uffef"  # CJK ideographs, CJK punctuation, full-width forms
+_CJK_SPACE_RE = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+
+
+def cjk_spacing(text: str) -> str:
+    """Chinese text as it is typeset: no space between two Chinese characters (a filled value such as 昇腾 NPU after
+    在 leaves one), spaces kept beside Latin letters and digits; code blocks and spans untouched."""
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced or line.startswith("```"):
+            out.append(line)
+            continue
+        parts = re.split(r"(`[^`]*`)", line)
+        out.append("".join(p if p.startswith("`") else _CJK_SPACE_RE.sub("", p) for p in parts))
+    return "\n".join(out)
+
+
 def shown_list(values: list[Any]) -> str:
     """A list from config.json as text: 96, 120, 144 (never a Python list rendering)."""
     return ", ".join(str(v) for v in values)
@@ -492,6 +511,12 @@ class CardWriter:
             )
         stat = stats.pop()
         exact = f"{metrics.EXACT_COSINE:g}"
+        said = settings.get("exact")
+        if said is not None and f">= {metrics.EXACT_COSINE}" not in said:
+            raise CardError(
+                f"{s.path}: field `settings.exact` ({said!r}) names another agreement threshold than "
+                f"this code's cosine >= {metrics.EXACT_COSINE}; use the version that wrote it"
+            )
         others = [k for k in ("p50", "p90", "p99", "mean", "min", "max") if k != stat]
         stat_word = self.w(f"stat_{stat}")
         header = [self.w("col_mode"), self.w("col_dtype"), self.w("col_batch"), self.w("col_stat", stat=stat_word),
@@ -632,6 +657,8 @@ class CardWriter:
             reproduce=self.reproduce(), sources=sources, bibtex=BIBTEX,
         )  # fmt: skip
         text = "\n".join(line.rstrip() for line in text.splitlines())
+        if self.t.lang == "zh":
+            text = cjk_spacing(text)
         return re.sub(r"\n{3,}", "\n\n", text) + "\n"
 
 

@@ -566,3 +566,40 @@ def test_msprobe_summary_in_both_languages(tiny_set):
         assert f"`{probe['first_failing_module']}`" in half.split("\n## ")[3]  # known issues
     assert not ENGLISH_RUN.findall(prose(zh))
     assert "报告原文（未翻译）" not in zh
+
+
+def as_npu_run(path: str, operators: list[str], conv_hf32: bool) -> None:
+    """No NPU here: a writer-made report given the fields an NPU run changes, each written the way the package
+    writes it on an npu (devices.environment, devices.fp32_precision, npu.CpuFallbacks.summary)."""
+    from mobilevit_npu import npu
+
+    data = load(path)
+    for env in (data["environment"], data.get("reference_environment")):
+        if env is not None and env is data["environment"]:
+            env.update(device="npu:0", device_name="Ascend910B4", torch_npu="2.5.1", cann="8.0.RC2")
+            env["fp32_precision"] = {"conv_hf32": conv_hf32, "matmul_hf32": False}
+    if data["kind"] == "benchmark":
+        data["device"] = "npu:0"
+    else:
+        data["target"]["device"] = "npu:0"
+    data["cpu_fallbacks"] = {"device": "npu:0", "status": npu.OBSERVED, "operators": operators, "note": npu.NOTE,
+                             "error_switch": None}  # fmt: skip
+    save(path, data)
+
+
+def test_real_weights_on_an_npu_make_a_port_result_with_its_known_issues(tiny_set):
+    from huggingface_hub import metadata_load
+
+    as_npu_run("accuracy_cl.json", ["aten::_softmax_backward_data"], conv_hf32=True)
+    as_npu_run("perf.json", [], conv_hf32=True)
+    zh, en = halves(write_card(["accuracy_cl.json", "perf.json"], out="README.md"))
+    assert en.splitlines()[0] == "# MobileViT-X-Small on Ascend NPU: port result"
+    assert zh.splitlines()[0] == "# MobileViT-X-Small 在昇腾 NPU 上的移植结果"
+    assert {"NPU", "Ascend", "torch_npu"} <= set(metadata_load(Path("README.md"))["tags"])
+    known = en.split("## Known issues")[1].split("\n## ")[0]
+    assert "1 operator(s) ran on the CPU: `aten::_softmax_backward_data`" in known
+    assert "`conv_hf32=True`" in known and "reduced-precision" in known
+    assert "no operator fell back to the CPU" in en  # the benchmark's own line, shown with its section
+    known_zh = zh.split("## 已知问题")[1].split("\n## ")[0]
+    assert "1 个算子在 CPU 上运行：`aten::_softmax_backward_data`" in known_zh
+    assert not ENGLISH_RUN.findall(prose(zh))
