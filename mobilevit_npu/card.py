@@ -544,7 +544,7 @@ class CardWriter:
                 self.w("na") if roof is None else num(float(roof["fraction_of_ceiling"]), "%1"),
             ))  # fmt: skip
             for note in res.notes:
-                notes.append(f"{code(res.mode)} / {res.batch_size}: {self.phrase(note)}")
+                notes.append(self.w("note_where", mode=code(res.mode), batch=res.batch_size, note=self.phrase(note)))
         ceiling_lines = [self.w("ceiling_line", dtype=code(dtype), gflop=num(flop / 1e9, ".2f"), ceiling=num(gf, ".1f"))
                          for dtype, (gf, flop) in ceilings(s).items()]  # fmt: skip
         plot = self.plots.get(s.path, {}).get("latency")
@@ -622,6 +622,8 @@ class CardWriter:
         steps += [command(s) for s in self.f.sources]
         steps.append(self.w("step_regenerate", reports=" ".join(shown_path(s.path) for s in self.f.sources)))
         shown_commit = self.w("commit_git", commit=code(commit)) if git else self.w("commit_none")
+        if git and commit.endswith("+dirty"):
+            shown_commit += self.w("commit_dirty")
         text = self.t.fill("reproduce", commit=shown_commit, packages_sha256=first.packages_sha256, packages=packages,
                            steps="\n".join(steps))  # fmt: skip
         if len(differ) > 1:

@@ -559,7 +559,7 @@ def test_msprobe_summary_in_both_languages(tiny_set):
     make_reports(tiny_set, None, {"probe.json": ("accuracy_run", ["model", "probe.json", *argv])})
     probe = load("probe.json")["msprobe"]
     zh, en = halves(write_card(["probe.json", "perf.json"]))
-    for half, sep in ((en, "; "), (zh, "、")):
+    for half, sep in ((en, ", "), (zh, "、")):
         assert sep.join(f"`{k}` {n}" for k, n in probe["counts"].items()) in half
         for row_ in probe["first_failing"]:
             assert f"`{row_['name']}`" in half
