@@ -13,8 +13,9 @@ for --opset 18 and above, which ATC's guide does not list: a warning says so). T
 the console (one summary line; -v lists it). Input pixel_values [N, 3, 256, 256] float32, output logits [N, classes];
 N fixed by --batch_size or dynamic with --dynamic_batch.
 
-Check: the written file is run by ONNX Runtime on the CPU over the bundled photos (or --images), and judged against
-the CPU float32 torch model with accuracy_run.py's verdict and fp32 thresholds.
+Check: the written file is run by ONNX Runtime on the CPU over the bundled photos (or --images), one image at a time,
+and judged against the CPU float32 torch model by accuracy_run.py's comparison (verify.compare_images), at fp32
+thresholds.
 
 Output: OUT.onnx (the name must end in .onnx); OUT.json beside it (the export report: input/output names and shapes,
 opset and ATC's opset range with its source, exporter, the weights' digest, the verdict, the ATC command); with --aipp,
@@ -42,7 +43,6 @@ import torch
 
 import common
 from mobilevit_npu import (
-    bench,
     devices,
     metrics,
     models,
@@ -52,6 +52,7 @@ from mobilevit_npu import (
     runtime_ort,
     runtimes,
     schema,
+    verify,
 )
 from mobilevit_npu.errors import UserError
 
@@ -194,20 +195,19 @@ def _check_outputs(args, out: Path, json_path: Path, aipp_path: Path | None, sou
             )
 
 
-def _check(path: Path, loaded: models.LoadedModel, sources: list[str], batch_size: int | None):
-    """The file through ONNX Runtime on the CPU against the CPU float32 torch model over the photos (static batches
-    cycled to fill the last one): (comparison, image names)."""
+def _check(path: Path, loaded: models.LoadedModel, sources: list[str] | None):
+    """The file through ONNX Runtime on the CPU (the runtimes' session opener) as the target side, judged against the
+    CPU float32 torch model over the photos by the verification's own comparison (verify.compare_images), at fp32
+    thresholds: (comparison, image names, session)."""
     session = runtime_ort.open_session(path)
-    paths = sources or preprocessing.bundled_images()
-    batches = bench.photo_batches(paths, loaded.preprocess, batch_size or len(paths))
-    with torch.no_grad():
-        reference = torch.cat([loaded.model(pixel_values=b).logits for b in batches])[: len(paths)]
-    target = torch.cat([torch.from_numpy(session.run(b.numpy())) for b in batches])[: len(paths)]
-    thresholds = metrics.Thresholds.for_dtype("fp32")
-    comparison = metrics.compare_logits(
-        reference, target, "fp32", thresholds, names=paths, distinct_inputs=len(paths) > 1
-    )
-    return comparison, paths, session
+    side = runtimes.ort_side(session, session.prepared(), devices.Device("cpu"), loaded.model, {"model": str(path)})
+    items, skipped = preprocessing.read_images(sources or preprocessing.bundled_images(), loaded.preprocess)
+    for s in skipped:
+        logger.warning("skipping %s: %s", s["image"], s["error"])
+    if not items:
+        raise UserError("no photos to check the export on")
+    result = verify.compare_images(loaded, side, items, metrics.Thresholds.for_dtype("fp32"))
+    return result.comparison, [item.source for item in items], session
 
 
 def _main(argv) -> int:
@@ -243,7 +243,7 @@ def _main(argv) -> int:
         for line in exported.captured if args.verbose else []:
             print(f"  exporter: {line}")
         described = onnx_export.describe(tmp)
-        comparison, names, session = _check(tmp, loaded, sources, None if args.dynamic_batch else args.batch_size)
+        comparison, names, session = _check(tmp, loaded, sources)
         os.replace(tmp, out)
     except OSError as exc:  # the disk filled or the folder changed under the export: one line, nothing left behind
         raise UserError(f"could not write {out}: {exc.strerror or exc}") from exc

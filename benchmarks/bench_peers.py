@@ -115,7 +115,7 @@ def _main(argv) -> int:
     batch_sizes = args.batch_sizes
     device = devices.Device("cpu")
     environment = devices.environment(device, malloc.select(args.allocator))
-    environment.update({name: importlib.import_module(name).__version__ for name in peers})
+    # the peers' versions: in the report's provenance.packages (reports.PROVENANCE_PACKAGES), and in each row's notes
     loaded = common.load(args, device, "fp32")
     with tempfile.TemporaryDirectory(prefix="mobilevit_onnx_") as workdir:
         runners = {name: peer_builder(name, Path(workdir)) for name in peers}
@@ -133,7 +133,7 @@ def _main(argv) -> int:
         settings["peers"] = peers
         argv = sys.argv[1:] if argv is None else argv
         report = bench.build_report("benchmarks/bench_peers.py", argv, loaded, device, results, settings, environment)
-        reports.write_json_atomic(args.output, report)
+        reports.write_report(args.output, report)
         print(f"report: {args.output}")
     return 0 if any(r["status"] == "ok" for r in results) else 1
 

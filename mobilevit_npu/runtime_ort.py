@@ -154,6 +154,14 @@ class OrtSession:
         first = self.input_shape[0] if self.input_shape else None
         return first if isinstance(first, int) and first > 0 else None
 
+    def prepared(self, notes: list[str] | None = None) -> execution.Prepared:
+        """The session as an execution.Prepared: float32 NCHW in (from a torch batch), float32 logits out."""
+        return execution.Prepared(
+            call=lambda feed: torch.from_numpy(np.asarray(self.run(feed), dtype=np.float32)),
+            to_input=lambda x: x.to(torch.float32).contiguous().numpy(),
+            notes=list(notes or []),
+        )
+
     def info(self) -> dict[str, Any]:
         return {
             "name": "onnxruntime",
@@ -288,10 +296,6 @@ def onnxruntime_builder(
             + notes
             + session.notes
         )
-        return execution.Prepared(
-            call=lambda feed: torch.from_numpy(np.asarray(session.run(feed), dtype=np.float32)),
-            to_input=lambda x: x.to(torch.float32).contiguous().numpy(),
-            notes=notes,
-        )
+        return session.prepared(notes)
 
     return build

@@ -29,6 +29,7 @@ from conftest import PHOTOS, ROOT, read_json
 from offline_standins import (
     apply_aipp,
     parse_aipp,
+    run_accuracy,
     tiny_onnx,  # noqa: F401  (pytest fixtures)
 )
 
@@ -133,6 +134,20 @@ def test_dynamic_batch_export_runs_any_batch(tiny_onnx, tiny_model_dir):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     cmd = data["atc"]["command"]
     assert '--input_shape="pixel_values:-1,3,256,256"' in cmd and '--dynamic_batch_size="1,2,4,8,16,32"' in cmd
+
+
+def test_the_exports_check_is_the_verification_of_that_file(tiny_onnx, tiny_model_dir, tmp_path):
+    """export_onnx.py's check and `accuracy_run.py --runtime onnxruntime --onnx` on the same file and photos: one
+    comparison (verify.compare_images over the same session opener), so the same figures to the last bit."""
+    check = read_json(tiny_onnx.with_suffix(".json"))["check"]
+    rc, report = run_accuracy(
+        tmp_path, tiny_model_dir, "--runtime", "onnxruntime", "--onnx", str(tiny_onnx), "--device", "cpu"
+    )
+    assert rc == 0 and report["verdict"] == check["verdict"] == "PASS"
+    assert [m["image"] for m in report["per_image"]] == check["images"]
+    for key in ("cosine_min", "max_abs_prob_diff", "max_abs_logit_diff"):
+        assert report["aggregate"][key] == check[key], key
+    assert report["thresholds"] == check["thresholds"]
 
 
 def test_a_broken_export_fails(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def test_peer_runs_beside_eager_and_agrees(peer, tiny_model_dir, tmp_path):
     assert peer in proc.stdout and "% ceiling" in proc.stdout
     data = read_json(out)  # the benchmark's own report: same header, settings and result schema
     assert data["tool"] == "benchmarks/bench_peers.py" and data["settings"]["peers"] == [peer]
-    assert data["environment"][peer] and data["environment"]["allocator"]["tuned"] is False
+    assert data["provenance"]["packages"][peer] == importlib.metadata.version(peer)  # the installed distribution
+    assert data["environment"]["allocator"]["tuned"] is False
     rows = [(r["mode"], r["batch_size"]) for r in data["results"]]
     assert rows == [("eager", 1), (peer, 1), ("eager", 2), (peer, 2)]
     for r in data["results"]:
