@@ -54,16 +54,7 @@ def test_om_runs_through_infer_session_with_the_export_precision(
     interface = fake_ais_bench(real_ort, {str(om_beside): om_spec(tiny_onnx, 1)})
     install_ais_bench(monkeypatch, interface)
     rc, report = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "om",
-        "--om",
-        str(om_beside),
-        "--device",
-        "npu:2",
-        "--images",
-        *PHOTOS[:2],
+        tmp_path, tiny_model_dir, *f"--runtime om --om {om_beside} --device npu:2".split(), "--images", *PHOTOS[:2]
     )
     assert rc == 0, report
     assert interface.sessions == [(2, str(om_beside))]
@@ -80,20 +71,8 @@ def test_om_with_aipp_takes_uint8_rgb_and_passes(tmp_path, tiny_model_dir, tiny_
     cfg = preprocessing.PreprocessConfig.from_folder(tiny_model_dir)
     interface = fake_ais_bench(real_ort, {str(om): om_spec(tiny_onnx, 1, onnx_export.aipp_config(cfg))})
     install_ais_bench(monkeypatch, interface)
-    rc, report = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "om",
-        "--om",
-        str(om),
-        "--device",
-        "npu",
-        "--precision_mode",
-        "force_fp16",
-        "--images",
-        *PHOTOS[:2],
-    )
+    flags = f"--runtime om --om {om} --device npu --precision_mode force_fp16".split()
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *flags, "--images", *PHOTOS[:2])
     assert rc == 0, report
     assert interface.infers == [("static", (1, 256, 256, 3), "uint8")] * 2
     assert report["runtime"]["aipp"] is True and report["thresholds"]["max_prob_diff"] == 0.02  # judged as fp16
@@ -107,23 +86,8 @@ def test_perf_om_reports_npu_compute_apart(tmp_path, tiny_model_dir, tiny_onnx, 
     interface = fake_ais_bench(real_ort, {str(om): om_spec(tiny_onnx, 1)})
     install_ais_bench(monkeypatch, interface)
     out = tmp_path / "p.json"
-    argv = [
-        str(tiny_model_dir),
-        "3",
-        str(out),
-        "--runtime",
-        "om",
-        "--om",
-        str(om),
-        "--device",
-        "npu",
-        "--warmup",
-        "1",
-        "--batch_sizes",
-        "2",
-        "--allocator",
-        "system",
-    ]
+    argv = [str(tiny_model_dir), "3", str(out), *f"--runtime om --om {om} --device npu --warmup 1".split()]
+    argv += "--batch_sizes 2 --allocator system".split()
     assert accuracy_run_perf.main(argv) == 0
     (row,) = read_json(out)["results"]  # an NPU runtime: no CPU torch modes beside it
     assert row["mode"] == "om" and row["status"] == "ok" and row["exact"] is True

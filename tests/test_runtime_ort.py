@@ -43,6 +43,11 @@ def static_b2_onnx(tmp_path_factory, tiny_model_dir):
     return shared_export(tmp_path_factory, tiny_model_dir, "tiny_b2", "--batch_size", "2")
 
 
+def ort(onnx, device: str, *extra: str) -> list[str]:
+    """accuracy_run.py's flags for --runtime onnxruntime on `device` (with --onnx FILE when given)."""
+    return ["--runtime", "onnxruntime", *(["--onnx", str(onnx)] if onnx else []), "--device", device, *extra]
+
+
 # ------------------------------------------------------------------------ the opener and onnxruntime's fallback
 
 
@@ -111,9 +116,7 @@ def test_a_static_graph_runs_a_short_last_batch(static_b2_onnx, tiny_model_dir):
 
 
 def test_accuracy_run_onnxruntime_cpu_exports_on_the_fly_and_passes(tmp_path, tiny_model_dir):
-    rc, report = run_accuracy(
-        tmp_path, tiny_model_dir, "--runtime", "onnxruntime", "--device", "cpu", "--images", *PHOTOS[:3]
-    )
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *ort(None, "cpu", "--images", *PHOTOS[:3]))
     assert rc == 0, report
     assert report["verdict"] == "PASS" and report["target"]["device"] == "cpu"
     # the target is named by its runtime and provider, in the report and so in the card
@@ -127,18 +130,7 @@ def test_accuracy_run_onnxruntime_cpu_exports_on_the_fly_and_passes(tmp_path, ti
 
 
 def test_an_onnx_for_another_batch_is_one_line(tmp_path, tiny_model_dir, static_b2_onnx, capsys):
-    rc, report = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(static_b2_onnx),
-        "--device",
-        "cpu",
-        "--images",
-        PHOTOS[0],
-    )
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *ort(str(static_b2_onnx), "cpu", "--images", PHOTOS[0]))
     captured = capsys.readouterr()
     assert rc == 2 and report is None
     (line,) = [x for x in captured.err.splitlines() if x.strip()]
@@ -151,16 +143,7 @@ def test_perf_onnxruntime_beside_eager(tmp_path, tiny_model_dir):
         str(tiny_model_dir),
         "2",
         str(out),
-        "--runtime",
-        "onnxruntime",
-        "--device",
-        "cpu",
-        "--warmup",
-        "1",
-        "--batch_sizes",
-        "1,2",
-        "--allocator",
-        "system",
+        *ort(None, "cpu", *"--warmup 1 --batch_sizes 1,2 --allocator system".split()),
     ]
     assert accuracy_run_perf.main(argv) == 0
     data = read_json(out)
@@ -181,18 +164,7 @@ def test_a_static_onnx_at_another_batch_is_unavailable_in_the_benchmark(tmp_path
         str(tiny_model_dir),
         "1",
         str(out),
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(static_b2_onnx),
-        "--device",
-        "cpu",
-        "--warmup",
-        "0",
-        "--batch_sizes",
-        "2,1",
-        "--modes",
-        "eager",
+        *ort(static_b2_onnx, "cpu", *"--warmup 0 --batch_sizes 2,1 --modes eager".split()),
     ]
     assert accuracy_run_perf.main(argv) == 0
     rows = {(r["mode"], r["batch_size"]): r for r in read_json(out)["results"]}
@@ -210,9 +182,7 @@ def test_a_provider_that_is_absent_is_an_error(
 ):
     cpu_only = cann_onnxruntime(real_ort, available=("CPUExecutionProvider",))
     monkeypatch.setitem(sys.modules, "onnxruntime", cpu_only)
-    rc, report = run_accuracy(
-        tmp_path, tiny_model_dir, "--runtime", "onnxruntime", "--onnx", str(tiny_onnx), "--device", device
-    )
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *ort(str(tiny_onnx), device))
     assert rc == 2 and report is None
     assert f"{provider} is not in this onnxruntime build" in capsys.readouterr().err
     assert cpu_only.calls == []  # never opened a session, so never ran on the CPU instead
@@ -226,18 +196,7 @@ def test_a_cann_provider_that_cannot_start_is_its_own_one_line_error(
     on the CPU; instead the run stops with CANN's own message, one line, exit 2, and no report."""
     cann = cann_onnxruntime(real_ort, fail=CANN_NOT_SOURCED, ignores_enable_fallback=not honours)
     monkeypatch.setitem(sys.modules, "onnxruntime", cann)
-    rc, report = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(tiny_onnx),
-        "--device",
-        "npu",
-        "--images",
-        PHOTOS[0],
-    )
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *ort(str(tiny_onnx), "npu", "--images", PHOTOS[0]))
     captured = capsys.readouterr()
     assert rc == 2 and report is None
     (line,) = [x for x in captured.err.splitlines() if x.strip()]
@@ -255,18 +214,7 @@ def test_an_option_this_cann_build_does_not_take_is_its_own_error(
     'Unknown provider option' message, not a CPU session (before, the fallback hid it and a provider check failed)."""
     cann = cann_onnxruntime(real_ort, cann_options=CANN_OPTIONS_MAIN, version="1.24.4")
     monkeypatch.setitem(sys.modules, "onnxruntime", cann)
-    rc, _ = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(tiny_onnx),
-        "--device",
-        "npu",
-        "--images",
-        PHOTOS[0],
-    )
+    rc, _ = run_accuracy(tmp_path, tiny_model_dir, *ort(str(tiny_onnx), "npu", "--images", PHOTOS[0]))
     assert rc == 2
     assert 'CANNExecutionProvider: Unknown provider option: "precision_mode".' in capsys.readouterr().err
     assert cann.calls == [CHAIN]
@@ -277,18 +225,7 @@ def test_cann_provider_gets_its_options_and_the_run_is_judged_on_it(
 ):
     cann = cann_onnxruntime(real_ort)
     monkeypatch.setitem(sys.modules, "onnxruntime", cann)
-    rc, report = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(tiny_onnx),
-        "--device",
-        "npu:1",
-        "--images",
-        *PHOTOS[:2],
-    )
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *ort(str(tiny_onnx), "npu:1", "--images", *PHOTOS[:2]))
     assert rc == 0, report
     (providers,) = cann.calls  # one session, on the options the CANN provider parses
     assert providers == [
@@ -313,18 +250,9 @@ def test_cann_mixed_precision_is_judged_with_fp16_thresholds(
     rc, report = run_accuracy(
         tmp_path,
         tiny_model_dir,
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(tiny_onnx),
-        "--device",
-        "npu",
-        "--precision_mode",
-        "allow_mix_precision",
-        "--cann_graph",
-        "0",
-        "--images",
-        PHOTOS[0],
+        *ort(
+            str(tiny_onnx), "npu", "--precision_mode", "allow_mix_precision", "--cann_graph", "0", "--images", PHOTOS[0]
+        ),
     )
     assert rc == 0
     assert cann.calls[0][0][1] == {"device_id": "0", "precision_mode": "allow_mix_precision", "enable_cann_graph": "0"}
@@ -335,18 +263,7 @@ def test_cann_mixed_precision_is_judged_with_fp16_thresholds(
 def test_a_later_cann_build_gets_precision_mode_v2_up_front(tmp_path, tiny_model_dir, tiny_onnx, real_ort, monkeypatch):
     cann = cann_onnxruntime(real_ort, cann_options=CANN_OPTIONS_MAIN, version="1.25.0")
     monkeypatch.setitem(sys.modules, "onnxruntime", cann)
-    rc, report = run_accuracy(
-        tmp_path,
-        tiny_model_dir,
-        "--runtime",
-        "onnxruntime",
-        "--onnx",
-        str(tiny_onnx),
-        "--device",
-        "npu",
-        "--images",
-        PHOTOS[0],
-    )
+    rc, report = run_accuracy(tmp_path, tiny_model_dir, *ort(str(tiny_onnx), "npu", "--images", PHOTOS[0]))
     assert rc == 0
     # one session: the name chosen from the build, not retried after an error
     (providers,) = cann.calls
