@@ -129,9 +129,8 @@ def _main(argv) -> int:
         "runtime": offline.info,
     }
     report = bench.build_report("accuracy_run_perf.py", sys.argv[1:] if argv is None else argv, loaded, device,
-                                results, settings, environment)  # fmt: skip
-    report["cpu_fallbacks"] = fallbacks.summary()
-    reports.write_json_atomic(args.report, report)
+                                results, settings, environment, fallbacks.summary())  # fmt: skip
+    reports.write_report(args.report, report)
     print(bench.format_table(results))
     if fallbacks.line():
         print(fallbacks.line())

@@ -46,27 +46,19 @@ WORST_KEPT = 20  # a labelled report's per_image: the lowest-cosine images (all 
 
 
 @dataclass
-class Settings:
-    """What one verification run does, resolved once from the command line (accuracy_run.py's `settings_from`).
-    Attribute names are the flags' own, so the model loader and the offline runtimes read the same spelling."""
+class Settings(runtimes.RuntimeSettings):
+    """What one verification run does, resolved once from the command line (accuracy_run.py's `settings_from`):
+    the target (device, dtype, target_mode, the offline runtime: runtimes.RuntimeSettings' fields) and the rest.
+    Attribute names are the flags' own, so every flag reaches its field by name."""
 
-    report: str
-    argv: list[str]
-    model_path: str
+    report: str = ""  # REPORT.json
+    argv: list[str] = field(default_factory=list)  # the command line, as the report records it
+    model_path: str = ""
     synthetic: bool = False
     seed: int = 0
-    device: str = "auto"
     jit_compile: bool = False
-    dtype: str = "fp32"  # the target's dtype; for --target_mode bf16, "bf16" (autocast over float32 weights)
-    target_mode: str = "eager"
     allow_hf32: bool = False
     fail_on_cpu_fallback: bool = False
-    runtime: str = "torch"
-    onnx: Optional[str] = None
-    om: Optional[str] = None
-    precision_mode: Optional[str] = None
-    cann_graph: str = "1"
-    allow_foreign_weights: bool = False
     images: Optional[list[str]] = None
     max_skipped: float = 0
     max_image_pixels: Optional[int] = None
@@ -77,7 +69,6 @@ class Settings:
     batch_size: int = 32
     workers: Optional[int] = None
     limit: Optional[int] = None
-    layers: bool = False
     threshold_overrides: dict[str, Optional[float]] = field(default_factory=dict)
     reference_cache: Optional[str] = None
     pixel_cache: Optional[str] = None
