@@ -30,12 +30,7 @@ from pathlib import Path
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
-
-
-def _defaults_text(name: str) -> str:
-    values = ", ".join(f"{d} {getattr(metrics.DEFAULT_THRESHOLDS[d], name):g}" for d in ("fp32", "fp16", "bf16"))
-    return f"default by --dtype: {values}"
+from mobilevit_npu import labelsets, layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     labelled.add_argument(
         "--dataset",
         metavar="DIR",
+        type=common.nonempty_path,
         help="an ImageNet-style folder: class subfolders named by wnid (n01440764) or class index (0..999), or flat "
         "files named <wnid>_anything.JPEG",
     )
     labelled.add_argument(
-        "--labels", metavar="FILE.csv", help="CSV rows image,class_id (relative paths: from --dataset, else the CSV)"
+        "--labels",
+        metavar="FILE.csv",
+        type=common.nonempty_path,
+        help="CSV rows image,class_id (relative paths: from --dataset, else the CSV)",
     )
     labelled.add_argument(
         "--resume",
@@ -130,12 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=argparse.SUPPRESS,
             metavar="X",
-            help=f"{text}; {_defaults_text(name)}",
+            help=f"{text}; {metrics.defaults_text(name)}",
         )
     run = parser.add_argument_group("speed")
     run.add_argument(
         "--reference_cache",
         "--reference-cache",
+        type=common.nonempty_path,
         metavar="DIR|off",
         default=None,
         help=f"where the CPU float32 reference logits are cached per image content, so later runs (another target, "
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pixel_cache",
         "--pixel-cache",
+        type=common.nonempty_path,
         metavar="on|DIR|off",
         default=None,
         help="with --dataset/--labels: keep each image's decoded, resized and cropped pixels (196 KB per 256x256 "
@@ -258,8 +259,10 @@ def _main(argv=None) -> int:
     settings = settings_from(args, argv)
     verify.check(settings)
     common.check_outputs(
-        {"REPORT.json": settings.report, "the per-image file": settings.images_file() if settings.labelled else None},
-        inputs={"--images": settings.images, "--labels": settings.labels, "--onnx": settings.onnx, "--om": settings.om},
+        {"REPORT.json": settings.report, "the per-image file": settings.images_file() if settings.labelled else None,
+         "the journal lock": labelsets.lock_file(settings.report) if settings.labelled else None},
+        inputs={"--images": settings.images, "--labels": settings.labels, "--dataset": settings.dataset,
+                "--onnx": settings.onnx, "--om": settings.om},
         model_dir=None if settings.synthetic else settings.model_path,
     )
     try:

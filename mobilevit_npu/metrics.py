@@ -88,6 +88,12 @@ THRESHOLD_REASONS = {
 }
 
 
+def defaults_text(name: str) -> str:
+    """A threshold's defaults per dtype, for --help: "default by --dtype: fp32 0.999, fp16 0.999, bf16 0.98"."""
+    values = ", ".join(f"{d} {getattr(DEFAULT_THRESHOLDS[d], name):g}" for d in ("fp32", "fp16", "bf16"))
+    return f"default by --dtype: {values}"
+
+
 @dataclass
 class ImageMetrics:
     """One image, reference vs target logits, all in float64."""

@@ -237,8 +237,19 @@ class _Run:
         self.loaded = load_model(settings, None, "fp32")
         self.reference = targets.reference_side(self.loaded.model)
         cfg = self.loaded.preprocess
-        rows = settings.batch_size if settings.labelled else 1
-        self.example = torch.zeros(rows, 3, cfg.crop_height, cfg.crop_width)  # the shape the target is built for
+        self.samples: list[labelsets.Sample] = []
+        self.unlabelled: list[dict] = []
+        if settings.labelled:
+            if settings.labels:
+                self.samples = labelsets.read_labels_csv(settings.labels, root=settings.dataset)
+            else:
+                self.samples, self.unlabelled = labelsets.scan_folder(settings.dataset)
+            self.samples = self.samples[: settings.limit] if settings.limit else self.samples
+        # The batch the run will really use: never more than the images, refused when it cannot fit in memory.
+        self.batch_size = (
+            labelsets.bounded_batch(settings.batch_size, len(self.samples), cfg, device) if settings.labelled else 1
+        )
+        self.example = torch.zeros(self.batch_size, 3, cfg.crop_height, cfg.crop_width)  # what the target is built for
         if settings.runtime == "torch":
             self.target = targets.prepare_target(
                 self.loaded.model,
@@ -311,13 +322,9 @@ class _Run:
     def labelled(self) -> Outcome:
         """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics per image."""
         s, dist, loaded, thresholds = self.s, self.dist, self.loaded, self.thresholds
-        if s.labels:
-            samples, unlabelled = labelsets.read_labels_csv(s.labels, root=s.dataset), []
-        else:
-            samples, unlabelled = labelsets.scan_folder(s.dataset)
-        samples = samples[: s.limit] if s.limit else samples
-        run_key = {
-            "model": loaded.source.get("sha256") or loaded.source.get("name"),
+        samples, unlabelled = self.samples, self.unlabelled
+        run_key = {  # what --resume checks, by name: a mismatch names the setting that differs
+            "model": models.weights_digest(loaded.model),  # the weights as loaded, not only the file
             "target": self.compared,
             "images": hashlib.sha256("\n".join(f"{x.image},{x.label}" for x in samples).encode()).hexdigest(),
             "thresholds": dataclasses.asdict(thresholds),
@@ -356,7 +363,7 @@ class _Run:
                 loaded.preprocess,
                 process,
                 dist,
-                s.batch_size,
+                self.batch_size,
                 workers,
                 journal,
                 digests=True,
@@ -405,7 +412,7 @@ class _Run:
         report = self.report(
             comparison,
             input=f"labelled set {s.labels or s.dataset}: the same float32 CPU batch for both sides; the target "
-            f"casts it to {self.target_dtype_text}; batch size {s.batch_size}; {dist.world_size} rank(s)",
+            f"casts it to {self.target_dtype_text}; batch size {self.batch_size}; {dist.world_size} rank(s)",
             per_image=worst,
             errors=errors,
             layers=None,
@@ -447,7 +454,7 @@ class _Run:
     def msprobe_labelled(self, samples: list[labelsets.Sample]) -> Optional[dict[str, Any]]:
         """--msprobe on a labelled set: this rank's first batch (its first --msprobe_images, default --batch_size,
         of its share), decoded again; None when none of them can be read."""
-        mine = self.dist.shard(samples)[: self.s.msprobe_images or self.s.batch_size]
+        mine = self.dist.shard(samples)[: self.s.msprobe_images or self.batch_size]
         items, _ = preprocessing.read_images([x.image for x in mine], self.loaded.preprocess)
         if not items:
             logger.warning("--msprobe: none of this rank's first %d image(s) could be read: nothing dumped", len(mine))
