@@ -603,3 +603,26 @@ def test_real_weights_on_an_npu_make_a_port_result_with_its_known_issues(tiny_se
     known_zh = zh.split("## 已知问题")[1].split("\n## ")[0]
     assert "1 个算子在 CPU 上运行：`aten::_softmax_backward_data`" in known_zh
     assert not ENGLISH_RUN.findall(prose(zh))
+
+
+def test_accuracy_figures_are_the_reports(tiny_set):
+    """Every metric and threshold row shows its report field, rounded as printed, in both languages."""
+    zh, en = halves(write_card(TINY))
+    report = load("accuracy_bf16.json")
+    for half in (zh, en):
+        section = half.split("（accuracy_bf16.json）" if half is zh else "(accuracy_bf16.json)")[1].split("\n### ")[0]
+        rows = {}
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[1].startswith("`"):
+                rows[cells[1].strip("`")] = cells[2]
+        checked = 0
+        for key, value in {**report["aggregate"], **report["thresholds"]}.items():
+            if key not in rows:
+                continue
+            cell = rows[key]
+            shown, scale = (float(cell[:-1]), 100) if cell.endswith("%") else (float(cell), 1)
+            decimals = len(cell.rstrip("%").split(".")[1]) if "." in cell else 0
+            assert abs(shown - scale * value) <= 0.5 * 10**-decimals + 1e-12, (key, cell, value)
+            checked += 1
+        assert checked >= 15
