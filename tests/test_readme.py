@@ -518,13 +518,26 @@ def perf_table() -> str:
         cos = min(x["agreement"]["cosine"] for x in results if x["mode"] == mode)
         exact = all(x.get("exact") for x in results if x["mode"] == mode)
         rows.append(f"| {mode} | " + " | ".join(cells) + f" | {'yes' if exact else 'no'} ({cos:.5f}) |")
-    machine = (
-        f"Machine: {env.get('cpu')}, {env.get('cpu_count')} cores, torch {env.get('torch')}, "
-        f"transformers {env.get('transformers')}, allocator {env.get('allocator', {}).get('name')}"
-        f"{' (tuned)' if env.get('allocator', {}).get('tuned') else ''}. Command: "
-        f"`python accuracy_run_perf.py {shlex.join(report['argv'])}`."
-    )
-    return machine + "\n\n" + "\n".join(rows)
+    settings, allocator = report.get("settings") or {}, env.get("allocator") or {}
+    ceilings: dict[str, list[str]] = {}  # the matmul ceiling measured at the start of the run -> its modes
+    for r in results:
+        ceiling = (r.get("roofline") or {}).get("ceiling_gflop_per_s")
+        if ceiling and r["mode"] not in ceilings.setdefault(f"{ceiling:.0f}", []):
+            ceilings[f"{ceiling:.0f}"].append(r["mode"])
+    load = env.get("load_average") or []
+    machine = [
+        f"Command: `python accuracy_run_perf.py {shlex.join(report['argv'])}`.",
+        f"Machine: {env.get('cpu')}, {env.get('cpu_count')} cores; torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}; {allocator.get('name')}{' (tuned)' if allocator.get('tuned') else ''}"
+        + (f"; load average {load[0]:.1f} at the start." if load else "."),
+        f"{settings.get('iterations')} timed calls after {settings.get('warmup')} warm-up per mode and batch size, "
+        f"{'interleaved' if settings.get('interleaved') else 'one mode after another'}"
+        + (f"; images/s = {settings['throughput'].split(':')[0]}." if settings.get("throughput") else "."),
+        "`% ceiling`: the model's FLOPs at p50 against the dense matmul throughput measured at the start, in GFLOP/s: "
+        + "; ".join(f"{value} ({', '.join(modes)})" for value, modes in ceilings.items())
+        + ".",
+    ]
+    return "\n".join(machine) + "\n\n" + "\n".join(rows)
 
 
 GENERATED = {
