@@ -30,7 +30,7 @@ from pathlib import Path
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import labelsets, layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
+from mobilevit_npu import layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,8 +202,9 @@ def format_console(
             lines.append(f"  {label + ':':<16} {text}")
         lines.append(f"  {'five worst:':<16} {'cosine':>10}  {'max abs err':>11}  module")
         for row in layers.worst:
-            lines.append(f"  {'':<16} {_fmt(row['cosine_min']):>10}  {_fmt(row['max_abs_error'], '.4g'):>11}  "
-                         f"{row['name']}")  # fmt: skip
+            lines.append(
+                f"  {'':<16} {_fmt(row['cosine_min']):>10}  {_fmt(row['max_abs_error'], '.4g'):>11}  {row['name']}"
+            )
         if layers.note:
             lines.append(f"  note: {layers.note}")
     return "\n".join(lines)
@@ -258,13 +259,7 @@ def _main(argv=None) -> int:
     npu.arm_fallback_error(args.fail_on_cpu_fallback)  # before torch_npu's first fallback (startup.py covers argv)
     settings = settings_from(args, argv)
     verify.check(settings)
-    common.check_outputs(
-        {"REPORT.json": settings.report, "the per-image file": settings.images_file() if settings.labelled else None,
-         "the journal lock": labelsets.lock_file(settings.report) if settings.labelled else None},
-        inputs={"--images": settings.images, "--labels": settings.labels, "--dataset": settings.dataset,
-                "--onnx": settings.onnx, "--om": settings.om},
-        model_dir=None if settings.synthetic else settings.model_path,
-    )
+    common.check_outputs(settings.outputs(), settings.inputs(), None if settings.synthetic else settings.model_path)
     try:
         outcome = verify.run(settings)
     except RuntimeError as exc:  # TORCH_NPU_FALLBACK_CPU_DISABLE=1: torch_npu refused a fallback, naming the operator

@@ -91,9 +91,11 @@ def _main(argv) -> int:
     runtimes.check_runtime_args(offline_settings)
     if args.plot and not bench.matplotlib_available():
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
-    common.check_outputs({"REPORT.json": args.report, "--plot": args.plot},
-                         {"--onnx": getattr(args, "onnx", None), "--om": getattr(args, "om", None)},
-                         model_dir=None if args.synthetic else args.model_path)
+    common.check_outputs(
+        {"REPORT.json": args.report, "--plot": args.plot},
+        {"--onnx": getattr(args, "onnx", None), "--om": getattr(args, "om", None)},
+        model_dir=None if args.synthetic else args.model_path,
+    )
     torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
     device = devices.resolve_device(torch_device, jit_compile=args.jit_compile)
     if "all" in modes:
@@ -128,8 +130,16 @@ def _main(argv) -> int:
         "end_to_end": args.end_to_end,
         "runtime": offline.info,
     }
-    report = bench.build_report("accuracy_run_perf.py", sys.argv[1:] if argv is None else argv, loaded, device,
-                                results, settings, environment, fallbacks.summary())  # fmt: skip
+    report = bench.build_report(
+        "accuracy_run_perf.py",
+        sys.argv[1:] if argv is None else argv,
+        loaded,
+        device,
+        results,
+        settings,
+        environment,
+        fallbacks.summary(),
+    )
     reports.write_report(args.report, report)
     print(bench.format_table(results))
     if fallbacks.line():

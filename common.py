@@ -116,8 +116,9 @@ def add_model_args(parser: argparse.ArgumentParser, positional: bool = False) ->
     if positional:
         group.add_argument("model_path", type=nonempty_path, help=help_text)
     else:
-        group.add_argument("--model_path", "--model-path", type=nonempty_path, default=DEFAULT_MODEL_DIR,
-                           help=help_text)
+        group.add_argument(
+            "--model_path", "--model-path", type=nonempty_path, default=DEFAULT_MODEL_DIR, help=help_text
+        )
     return group
 
 
@@ -257,8 +258,10 @@ def check_outputs(
             model_files = set()
         for what, path, ident in files:
             if os.path.commonpath([folder, ident[0]]) == folder or (ident[1] is not None and ident[1] in model_files):
-                raise UserError(f"{what} {path} is inside the model folder {model_dir} (or a link to one of its "
-                                "files): writing it would change the model; write it elsewhere")
+                raise UserError(
+                    f"{what} {path} is inside the model folder {model_dir} (or a link to one of its "
+                    "files): writing it would change the model; write it elsewhere"
+                )
 
 
 def json_path(text: str) -> str:

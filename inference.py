@@ -123,8 +123,14 @@ def run_benchmark(
     labelsets.bounded_batch(args.batch_size, 0, loaded.preprocess, device)  # photos are cycled: memory is the bound
     environment = devices.environment(device, allocator)
     images = preprocessing.expand_images(args.images) if args.images else None
-    settings = {"iterations": args.iterations, "warmup": args.warmup, "batch_sizes": [args.batch_size],
-                "modes": ["eager"], "dtype": args.dtype, "end_to_end": False}  # fmt: skip
+    settings = {
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "batch_sizes": [args.batch_size],
+        "modes": ["eager"],
+        "dtype": args.dtype,
+        "end_to_end": False,
+    }
     results = bench.run_benchmark(loaded, device, images=images, **settings)
     print(bench.format_table(results))
     lat = results[0]["latency_ms"]
@@ -149,8 +155,9 @@ def _main(argv=None) -> int:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     common.setup_logging(args.verbose)
     images = preprocessing.expand_images(args.images) if args.images else None
-    common.check_outputs({"--output": args.output}, {"--images": images},
-                         model_dir=None if args.synthetic else args.model_path)
+    common.check_outputs(
+        {"--output": args.output}, {"--images": images}, model_dir=None if args.synthetic else args.model_path
+    )
     allocator = malloc.select(args.allocator)  # before the first large tensor: batches reuse their blocks
 
     dist, device = distributed.setup(args.device, jit_compile=args.jit_compile)

@@ -54,17 +54,34 @@ def build_parser():
         help="the card's language; both = one file: the front matter once, then the Chinese card, then the English "
         "one after a horizontal rule",
     )
-    parser.add_argument("--output", "-o", default="MODEL_CARD.md", metavar="CARD.md",
-                        help="where to write the card (atomically: temp file, then rename)")  # fmt: skip
-    parser.add_argument("--assets", default=card.ASSETS_DIR, metavar="DIR",
-                        help="folder for the card's PNGs, relative to the card's folder (linked relatively)",
-                        )  # fmt: skip
-    parser.add_argument("--model_path", "--model-path", default=None, metavar="FOLDER",
-                        help="model folder for the model section (config.json, preprocessor_config.json); default: "
-                        "the reports' model_source.path, or the project's model/ for synthetic weights")  # fmt: skip
-    parser.add_argument("--allow_unknown_fields", "--allow-unknown-fields", action="store_true",
-                        help="read reports that carry fields the report format does not define (ignored); without "
-                        "it such a report is refused")  # fmt: skip
+    parser.add_argument(
+        "--output",
+        "-o",
+        default="MODEL_CARD.md",
+        metavar="CARD.md",
+        help="where to write the card (atomically: temp file, then rename)",
+    )
+    parser.add_argument(
+        "--assets",
+        default=card.ASSETS_DIR,
+        metavar="DIR",
+        help="folder for the card's PNGs, relative to the card's folder (linked relatively)",
+    )
+    parser.add_argument(
+        "--model_path",
+        "--model-path",
+        default=None,
+        metavar="FOLDER",
+        help="model folder for the model section (config.json, preprocessor_config.json); default: "
+        "the reports' model_source.path, or the project's model/ for synthetic weights",
+    )
+    parser.add_argument(
+        "--allow_unknown_fields",
+        "--allow-unknown-fields",
+        action="store_true",
+        help="read reports that carry fields the report format does not define (ignored); without "
+        "it such a report is refused",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

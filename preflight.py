@@ -36,14 +36,18 @@ finally:
 
 def build_parser():
     parser = common.script_parser("preflight.py", __doc__)
-    parser.add_argument("--ascend_root", "--ascend-root", default=preflight.DEFAULT_ROOT, metavar="DIR",
-                        help="where the driver, firmware and (without ASCEND_TOOLKIT_HOME) the toolkit are "
-                        "installed")  # fmt: skip
+    parser.add_argument(
+        "--ascend_root",
+        "--ascend-root",
+        default=preflight.DEFAULT_ROOT,
+        metavar="DIR",
+        help="where the driver, firmware and (without ASCEND_TOOLKIT_HOME) the toolkit are installed",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and facts as JSON here")
     parser.add_argument(
         "--skip_import_check",
         "--skip-import-check",
-        action="store_true",  # fmt: skip
+        action="store_true",
         help="leave out the rows that run programs (npu-smi, import torch in a subprocess)",
     )
     return parser

@@ -238,8 +238,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"  {status}"
         )
     lines.append(
-        f"img/s: batch / p50 latency. cosine, top1: against eager float32 on the same photos; \"not exact\": cosine "
-        f"under {metrics.EXACT_COSINE} or another top-1 (exact is not bit-exact). build s: compiling, or \"load\" "
+        f'img/s: batch / p50 latency. cosine, top1: against eager float32 on the same photos; "not exact": cosine '
+        f'under {metrics.EXACT_COSINE} or another top-1 (exact is not bit-exact). build s: compiling, or "load" '
         "from the compile cache"
     )
     ceilings = {}

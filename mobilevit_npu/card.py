@@ -40,8 +40,11 @@ __all__ = ["CardError", "build_card", "load_template", "Card"]
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 LANGS = ("zh", "en")
 BASE_MODEL = models.HUB_MODEL_ID
-LICENSE = {"license": "other", "license_name": "apple-sample-code-license",
-           "license_link": "https://github.com/apple/ml-cvnets/blob/main/LICENSE"}  # fmt: skip
+LICENSE = {
+    "license": "other",
+    "license_name": "apple-sample-code-license",
+    "license_link": "https://github.com/apple/ml-cvnets/blob/main/LICENSE",
+}
 # Published, not measured here: MobileViT-XS in the paper (arXiv:2110.02178, ICLR 2022), as Papers with Code lists its
 # "Results from the Paper": ImageNet top-1 74.8%, 2.3M parameters.
 PUBLISHED_TOP1 = "74.8%"
@@ -207,12 +210,21 @@ class CardWriter:
 
     # ----------------------------------------------------------------------------------------------- environment
     ENV_ROWS = (
-        ("device", "env_device"), ("device_name", "env_device_name"), ("cpu", "env_cpu"),
-        ("cpu_count", "env_cpu_count"), ("platform", "env_platform"), ("python", "env_python"),
-        ("torch", "env_torch"), ("torch_npu", "env_torch_npu"), ("torch_npu_mismatch", "env_mismatch"),
-        ("cann", "env_cann"), ("cuda", "env_cuda"), ("transformers", "env_transformers"), ("pillow", "env_pillow"),
+        ("device", "env_device"),
+        ("device_name", "env_device_name"),
+        ("cpu", "env_cpu"),
+        ("cpu_count", "env_cpu_count"),
+        ("platform", "env_platform"),
+        ("python", "env_python"),
+        ("torch", "env_torch"),
+        ("torch_npu", "env_torch_npu"),
+        ("torch_npu_mismatch", "env_mismatch"),
+        ("cann", "env_cann"),
+        ("cuda", "env_cuda"),
+        ("transformers", "env_transformers"),
+        ("pillow", "env_pillow"),
         ("torch_threads", "env_threads"),
-    )  # fmt: skip
+    )
     OPTIONAL_ENV = {"torch_npu", "torch_npu_mismatch", "cann", "cuda", "pillow"}  # a row only where some report has one
 
     def environment(self) -> str:
@@ -234,8 +246,11 @@ class CardWriter:
 
     def commit_cell(self, s: Source) -> str:
         commit = s.report.provenance.commit
-        return self.w("not_git") if commit == "not a git checkout" else code(commit[:12] + ("+dirty" * commit.endswith(
-            "+dirty")))  # fmt: skip
+        return (
+            self.w("not_git")
+            if commit == "not a git checkout"
+            else code(commit[:12] + ("+dirty" * commit.endswith("+dirty")))
+        )
 
     def load(self, s: Source) -> str:
         load = s.report.environment.load_average
@@ -246,8 +261,11 @@ class CardWriter:
         name, tuned = allocator.get("name"), allocator.get("tuned")
         if name is None:
             return self.w("not_recorded")
-        return f"{code(name)}（{self.w('tuned') if tuned else self.w('untuned')}）" if self.t.lang == "zh" else (
-            f"{code(name)} ({self.w('tuned') if tuned else self.w('untuned')})")  # fmt: skip
+        return (
+            f"{code(name)}（{self.w('tuned') if tuned else self.w('untuned')}）"
+            if self.t.lang == "zh"
+            else (f"{code(name)} ({self.w('tuned') if tuned else self.w('untuned')})")
+        )
 
     @staticmethod
     def precision_state(s: Source) -> list[str]:
@@ -269,8 +287,11 @@ class CardWriter:
             return None
         head = self.w("fallback_head", device=code(fb.device))
         if fb.status == "observed":
-            body = (self.w("fallback_observed", count=len(fb.operators), operators=", ".join(map(code, fb.operators)))
-                    if fb.operators else self.w("fallback_observed_none"))  # fmt: skip
+            body = (
+                self.w("fallback_observed", count=len(fb.operators), operators=", ".join(map(code, fb.operators)))
+                if fb.operators
+                else self.w("fallback_observed_none")
+            )
         elif fb.status == "silenced":
             body = self.w("fallback_silenced")
         elif fb.status == "not observable on this rank":
@@ -302,53 +323,86 @@ class CardWriter:
             if s.kind == "benchmark":
                 for res in r.results:
                     if res.status != "ok":
-                        lines.append(self.w("known_unavailable", report=ref, mode=code(res.mode), batch=res.batch_size,
-                                            reason=self.phrase(res.reason or res.status)))  # fmt: skip
+                        lines.append(
+                            self.w(
+                                "known_unavailable",
+                                report=ref,
+                                mode=code(res.mode),
+                                batch=res.batch_size,
+                                reason=self.phrase(res.reason or res.status),
+                            )
+                        )
                 continue
             if r.skipped.count:
                 images = ", ".join(code(shown_path(e.image)) for e in r.errors) or self.w("not_recorded")
-                lines.append(self.w("known_skipped", report=ref, count=r.skipped.count, of=r.skipped.of,
-                                    images=images))  # fmt: skip
+                lines.append(self.w("known_skipped", report=ref, count=r.skipped.count, of=r.skipped.of, images=images))
             layers = layer_facts(s)
             if layers is not None and layers.below:
-                lines.append(self.w("known_layers", report=ref, below=layers.below, modules=layers.compared,
-                                    threshold=num(layers.threshold, "g"), first=code(layers.first["name"]),
-                                    worst=code(layers.worst.name), worst_cosine=self.value(layers.worst.cosine_min,
-                                                                                           ".6f")))  # fmt: skip
+                lines.append(
+                    self.w(
+                        "known_layers",
+                        report=ref,
+                        below=layers.below,
+                        modules=layers.compared,
+                        threshold=num(layers.threshold, "g"),
+                        first=code(layers.first["name"]),
+                        worst=code(layers.worst.name),
+                        worst_cosine=self.value(layers.worst.cosine_min, ".6f"),
+                    )
+                )
             probe = r.msprobe
             if probe is not None and probe.first_failing_module:
                 failing = sum(n for k, n in probe.counts.items() if k.lower() not in ("pass", "n/a"))
                 failing -= probe.dtype_only
-                lines.append(self.w("known_msprobe", report=ref, failing=failing,
-                                    module=code(probe.first_failing_module)))  # fmt: skip
+                lines.append(
+                    self.w("known_msprobe", report=ref, failing=failing, module=code(probe.first_failing_module))
+                )
         return bullets(lines) if lines else self.w("known_none")
 
     # ---------------------------------------------------------------------------------------------- accuracy
     METRICS = (
-        ("cosine_min", ".6f"), ("cosine_mean", ".6f"), ("top1_agreement", "%3"), ("top1_near_tie_flips", "d"),
-        ("top5_overlap_mean", ".4f"), ("max_abs_prob_diff", ".6f"), ("max_abs_logit_diff", ".6f"), ("rmse", ".6f"),
-        ("mean_relative_error", ".4f"), ("mean_relative_error_above_error_floor", ".4f"),
-        ("share_rel_err_below_0_001", "%"), ("reference_logit_std_min", ".4f"),
-    )  # fmt: skip
+        ("cosine_min", ".6f"),
+        ("cosine_mean", ".6f"),
+        ("top1_agreement", "%3"),
+        ("top1_near_tie_flips", "d"),
+        ("top5_overlap_mean", ".4f"),
+        ("max_abs_prob_diff", ".6f"),
+        ("max_abs_logit_diff", ".6f"),
+        ("rmse", ".6f"),
+        ("mean_relative_error", ".4f"),
+        ("mean_relative_error_above_error_floor", ".4f"),
+        ("share_rel_err_below_0_001", "%"),
+        ("reference_logit_std_min", ".4f"),
+    )
 
     def rule(self, s: Source, check: Any) -> str:
         """A check's rule in the card's language, from the thresholds it was judged by (its definition in metrics)."""
         key = f"rule_{check.name}"
         if key not in self.t.words:
-            raise CardError(f"{s.path}: field `checks` has a check {check.name!r} the card cannot describe "
-                            "(a newer report: update mobilevit-npu)")  # fmt: skip
+            raise CardError(
+                f"{s.path}: field `checks` has a check {check.name!r} the card cannot describe "
+                "(a newer report: update mobilevit-npu)"
+            )
         th, sk = s.report.thresholds, s.report.skipped
         # the thresholds as metrics writes them into each rule (str of the float), so both definitions read alike
-        return self.w(key, min_cosine=th.min_cosine, min_top1_agreement=th.min_top1_agreement,
-                      top1_tie_margin=th.top1_tie_margin, max_prob_diff=th.max_prob_diff,
-                      min_reference_logit_std=th.min_reference_logit_std, allowed=sk.allowed, of=sk.of,
-                      max_skipped=f"{sk.max_skipped:g}")  # fmt: skip
+        return self.w(
+            key,
+            min_cosine=th.min_cosine,
+            min_top1_agreement=th.min_top1_agreement,
+            top1_tie_margin=th.top1_tie_margin,
+            max_prob_diff=th.max_prob_diff,
+            min_reference_logit_std=th.min_reference_logit_std,
+            allowed=sk.allowed,
+            of=sk.of,
+            max_skipped=f"{sk.max_skipped:g}",
+        )
 
     def reasons(self, s: Source) -> str:
         r = s.report
         failed = [c for c in [*r.reference_checks, *r.checks] if not c.passed]
-        lines = [self.w("reason_check", name=code(c.name), value=self.check_value(c), rule=self.rule(s, c))
-                 for c in failed]  # fmt: skip
+        lines = [
+            self.w("reason_check", name=code(c.name), value=self.check_value(c), rule=self.rule(s, c)) for c in failed
+        ]
         fb = r.cpu_fallbacks
         if r.verdict == "FAIL" and not failed and fb is not None and fb.operators:
             lines.append(self.w("reason_fallback"))
@@ -398,11 +452,17 @@ class CardWriter:
             text += self.w("layers_none_divergent")
         else:
             first = layers.first
-            text += self.w("layers_below", below=layers.below, modules=layers.compared, first=code(first["name"]),
-                           first_cosine=self.value(float(first["cosine_min"]), ".6f"),
-                           first_error=self.value(float(first["max_abs_error"]), ".6g"),
-                           first_image=code(shown_path(str(first["worst_image"]))), worst=code(layers.worst.name),
-                           worst_cosine=self.value(layers.worst.cosine_min, ".6f"))  # fmt: skip
+            text += self.w(
+                "layers_below",
+                below=layers.below,
+                modules=layers.compared,
+                first=code(first["name"]),
+                first_cosine=self.value(float(first["cosine_min"]), ".6f"),
+                first_error=self.value(float(first["max_abs_error"]), ".6g"),
+                first_image=code(shown_path(str(first["worst_image"]))),
+                worst=code(layers.worst.name),
+                worst_cosine=self.value(layers.worst.cosine_min, ".6f"),
+            )
         if layers.first_nonfinite is not None:
             text += self.w("layers_first_nonfinite", name=code(layers.first_nonfinite["name"]))
         plot = self.plots.get(s.path, {}).get("layers")
@@ -416,9 +476,15 @@ class CardWriter:
             return None
         counts = self.w("list_sep").join(f"{code(k)} {n}" for k, n in probe.counts.items())
         counts = counts or self.w("msprobe_counts_none")
-        dtype_only = (self.w("msprobe_dtype_only", count=probe.dtype_only,
-                             note=self.phrase(probe.dtype_note) if probe.dtype_note else self.w("na"))
-                      if probe.dtype_only else "")  # fmt: skip
+        dtype_only = (
+            self.w(
+                "msprobe_dtype_only",
+                count=probe.dtype_only,
+                note=self.phrase(probe.dtype_note) if probe.dtype_note else self.w("na"),
+            )
+            if probe.dtype_only
+            else ""
+        )
         agree = ""
         if probe.first_failing_module and probe.project_first_divergent and probe.agree is not None:
             agree = self.w(
@@ -428,15 +494,25 @@ class CardWriter:
             )
         first = ""
         if probe.first_failing:
-            rows = [f"{code(row_.get('name', ''))}: {code(row_.get('result', ''))} {code(row_.get('message', ''))}"
-                    for row_ in probe.first_failing]  # fmt: skip
+            rows = [
+                f"{code(row_.get('name', ''))}: {code(row_.get('result', ''))} {code(row_.get('message', ''))}"
+                for row_ in probe.first_failing
+            ]
             first = self.w("msprobe_first") + "\n\n" + bullets(rows)
         if probe.note:
             first += ("\n\n" if first else "") + self.w("msprobe_note", note=self.phrase(probe.note))
         sep = " " if self.t.lang == "en" else ""
-        text = self.t.fill("msprobe", version=code(probe.version), level=code(probe.level), task=code(probe.task),
-                           images=probe.images_dumped, counts=counts, dtype_only=dtype_only + (sep if agree else ""),
-                           agree=agree, first_failing=first)  # fmt: skip
+        text = self.t.fill(
+            "msprobe",
+            version=code(probe.version),
+            level=code(probe.level),
+            task=code(probe.task),
+            images=probe.images_dumped,
+            counts=counts,
+            dtype_only=dtype_only + (sep if agree else ""),
+            agree=agree,
+            first_failing=first,
+        )
         return text.strip()
 
     def accuracy(self, s: Source) -> str:
@@ -445,23 +521,46 @@ class CardWriter:
         for key, spec in self.METRICS:
             metric_rows.append(row(self.w(f"metric_{key}"), code(key), self.value(getattr(r.aggregate, key), spec)))
         threshold_rows = [row(self.w("threshold"), self.w("field"), self.w("value")), row("---", "---", "---:")]
-        for key in ("min_cosine", "min_top1_agreement", "max_prob_diff", "top1_tie_margin", "layer_min_cosine",
-                    "min_reference_logit_std"):  # fmt: skip
-            threshold_rows.append(row(self.w(f"threshold_{key}"), code(key), self.value(getattr(r.thresholds, key),
-                                                                                         "g")))  # fmt: skip
+        for key in (
+            "min_cosine",
+            "min_top1_agreement",
+            "max_prob_diff",
+            "top1_tie_margin",
+            "layer_min_cosine",
+            "min_reference_logit_std",
+        ):
+            threshold_rows.append(
+                row(self.w(f"threshold_{key}"), code(key), self.value(getattr(r.thresholds, key), "g"))
+            )
         check_rows = [row(self.w("check"), self.w("rule"), self.w("value"), self.w("passed")), row(*["---"] * 4)]
         for check in [*r.checks, *r.reference_checks]:
-            check_rows.append(row(code(check.name), self.rule(s, check), self.check_value(check),
-                                  self.yes_no(check.passed)))  # fmt: skip
+            check_rows.append(
+                row(code(check.name), self.rule(s, check), self.check_value(check), self.yes_no(check.passed))
+            )
         reference, target = self.side(r.reference), self.side(r.target)
-        parts = [self.t.fill(
-            "accuracy", heading=self.w("heading", reference=reference, target=target), name=s.name,
-            command=command(s), report=self.report_ref(s), reference=reference, target=target,
-            images=r.aggregate.images, skipped=r.skipped.count, of=r.skipped.of, allowed=r.skipped.allowed,
-            input=self.phrase(r.input), verdict=r.verdict, reasons=self.reasons(s),
-            metrics="\n".join(metric_rows), thresholds="\n".join(threshold_rows), checks="\n".join(check_rows),
-            per_image=self.per_image(s), layers=self.layers(s),
-        )]  # fmt: skip
+        parts = [
+            self.t.fill(
+                "accuracy",
+                heading=self.w("heading", reference=reference, target=target),
+                name=s.name,
+                command=command(s),
+                report=self.report_ref(s),
+                reference=reference,
+                target=target,
+                images=r.aggregate.images,
+                skipped=r.skipped.count,
+                of=r.skipped.of,
+                allowed=r.skipped.allowed,
+                input=self.phrase(r.input),
+                verdict=r.verdict,
+                reasons=self.reasons(s),
+                metrics="\n".join(metric_rows),
+                thresholds="\n".join(threshold_rows),
+                checks="\n".join(check_rows),
+                per_image=self.per_image(s),
+                layers=self.layers(s),
+            )
+        ]
         if s.kind == "labelled" and r.dataset is not None:
             parts.append(self.labelled(s))
         probe = self.msprobe(s)
@@ -480,10 +579,21 @@ class CardWriter:
         rows = [row(self.w("side_col"), "top-1", "top-5"), row("---", "---:", "---:")]
         for which, side in (("reference", s.report.reference), ("target", s.report.target)):
             figures = getattr(ds, which)
-            rows.append(row(self.w(which) + " " + self.side(side), self.optional(figures.get("top1"), "%3"),
-                            self.optional(figures.get("top5"), "%3")))  # fmt: skip
-        return self.t.fill("labelled", table="\n".join(rows), images=ds.images, skipped=ds.skipped,
-                           agreement=self.optional(ds.agreement_top1, "%3"), differ=len(ds.disagreements))  # fmt: skip
+            rows.append(
+                row(
+                    self.w(which) + " " + self.side(side),
+                    self.optional(figures.get("top1"), "%3"),
+                    self.optional(figures.get("top5"), "%3"),
+                )
+            )
+        return self.t.fill(
+            "labelled",
+            table="\n".join(rows),
+            images=ds.images,
+            skipped=ds.skipped,
+            agreement=self.optional(ds.agreement_top1, "%3"),
+            differ=len(ds.disagreements),
+        )
 
     def optional(self, x: Optional[float], spec: str) -> str:
         return self.w("na") if x is None else self.value(x, spec)
@@ -519,45 +629,81 @@ class CardWriter:
             )
         others = [k for k in ("p50", "p90", "p99", "mean", "min", "max") if k != stat]
         stat_word = self.w(f"stat_{stat}")
-        header = [self.w("col_mode"), self.w("col_dtype"), self.w("col_batch"), self.w("col_stat", stat=stat_word),
-                  self.w("col_images_per_s", stat=stat_word), *(self.w(f"stat_{k}") for k in others),
-                  self.w("col_build"), self.w("col_cosine"), self.w("col_top1"),
-                  self.w("col_agrees", exact_cosine=exact), self.w("col_ceiling")]  # fmt: skip
-        table = [row(*header), row("---", "---", "---:", "---:", "---:", *["---:"] * len(others), "---", "---:",
-                                   "---:", "---", "---:")]  # fmt: skip
+        header = [
+            self.w("col_mode"),
+            self.w("col_dtype"),
+            self.w("col_batch"),
+            self.w("col_stat", stat=stat_word),
+            self.w("col_images_per_s", stat=stat_word),
+            *(self.w(f"stat_{k}") for k in others),
+            self.w("col_build"),
+            self.w("col_cosine"),
+            self.w("col_top1"),
+            self.w("col_agrees", exact_cosine=exact),
+            self.w("col_ceiling"),
+        ]
+        table = [
+            row(*header),
+            row("---", "---", "---:", "---:", "---:", *["---:"] * len(others), "---", "---:", "---:", "---", "---:"),
+        ]
         unavailable, notes = [], []
         for res in r.results:
             if res.status != "ok":
-                unavailable.append(self.w("perf_unavailable", mode=code(res.mode), batch=res.batch_size,
-                                          status=code(res.status), reason=self.phrase(res.reason or "")))  # fmt: skip
+                unavailable.append(
+                    self.w(
+                        "perf_unavailable",
+                        mode=code(res.mode),
+                        batch=res.batch_size,
+                        status=code(res.status),
+                        reason=self.phrase(res.reason or ""),
+                    )
+                )
                 continue
             lat = res.latency_ms
             agreement = res.agreement
             roof = res.roofline
-            table.append(row(
-                code(res.mode), code(res.dtype), res.batch_size, num(getattr(lat, stat), ".2f"),
-                num(res.throughput_images_per_s, ".2f"), *(num(getattr(lat, k), ".2f") for k in others),
-                self.build(res),
-                self.w("na") if agreement is None else self.value(agreement.cosine, ".7f"),
-                self.w("na") if agreement is None else self.value(agreement.top1_agreement, "%3"),
-                self.yes_no(res.exact),
-                self.w("na") if roof is None else num(float(roof["fraction_of_ceiling"]), "%1"),
-            ))  # fmt: skip
+            table.append(
+                row(
+                    code(res.mode),
+                    code(res.dtype),
+                    res.batch_size,
+                    num(getattr(lat, stat), ".2f"),
+                    num(res.throughput_images_per_s, ".2f"),
+                    *(num(getattr(lat, k), ".2f") for k in others),
+                    self.build(res),
+                    self.w("na") if agreement is None else self.value(agreement.cosine, ".7f"),
+                    self.w("na") if agreement is None else self.value(agreement.top1_agreement, "%3"),
+                    self.yes_no(res.exact),
+                    self.w("na") if roof is None else num(float(roof["fraction_of_ceiling"]), "%1"),
+                )
+            )
             for note in res.notes:
                 notes.append(self.w("note_where", mode=code(res.mode), batch=res.batch_size, note=self.phrase(note)))
-        ceiling_lines = [self.w("ceiling_line", dtype=code(dtype), gflop=num(flop / 1e9, ".2f"), ceiling=num(gf, ".1f"))
-                         for dtype, (gf, flop) in ceilings(s).items()]  # fmt: skip
+        ceiling_lines = [
+            self.w("ceiling_line", dtype=code(dtype), gflop=num(flop / 1e9, ".2f"), ceiling=num(gf, ".1f"))
+            for dtype, (gf, flop) in ceilings(s).items()
+        ]
         plot = self.plots.get(s.path, {}).get("latency")
         body = self.t.fill(
-            "performance", name=s.name, device=code(r.device), device_name=code(r.environment.device_name),
-            command=command(s), report=self.report_ref(s), synchronized=self.phrase(settings["synchronized"]),
-            iterations=settings["iterations"], warmup=settings["warmup"],
+            "performance",
+            name=s.name,
+            device=code(r.device),
+            device_name=code(r.environment.device_name),
+            command=command(s),
+            report=self.report_ref(s),
+            synchronized=self.phrase(settings["synchronized"]),
+            iterations=settings["iterations"],
+            warmup=settings["warmup"],
             percentiles=self.phrase(settings["percentiles"]),
             scope=self.w("scope_e2e") if settings["end_to_end"] else self.w("scope_model"),
             interleaved=self.w("interleaved") if settings["interleaved"] else self.w("not_interleaved"),
-            stat=stat_word, exact_cosine=exact, table="\n".join(table), ceilings="\n\n".join(ceiling_lines),
-            plot=plot or "", plot_alt=self.w("latency_plot_alt"),
-        )  # fmt: skip
+            stat=stat_word,
+            exact_cosine=exact,
+            table="\n".join(table),
+            ceilings="\n\n".join(ceiling_lines),
+            plot=plot or "",
+            plot_alt=self.w("latency_plot_alt"),
+        )
         if not plot:
             body = "\n".join(line for line in body.splitlines() if not line.startswith("![")).rstrip()
         extra = [line for line in (self.fallback(s),) if line]
@@ -581,26 +727,38 @@ class CardWriter:
         rows += [
             row(self.w("model_architecture"), code(architecture)),
             row(self.w("model_parameters"), num(m.parameters, ",")),
-            row(self.w("model_input"), self.w("input_size", height=pre.crop_height, width=pre.crop_width,
-                                              edge=pre.shortest_edge)),
-            row(self.w("model_preprocess"), self.w("preprocess_bgr") if pre.do_flip_channel_order
-                else self.w("preprocess_rgb")),
+            row(
+                self.w("model_input"),
+                self.w("input_size", height=pre.crop_height, width=pre.crop_width, edge=pre.shortest_edge),
+            ),
+            row(
+                self.w("model_preprocess"),
+                self.w("preprocess_bgr") if pre.do_flip_channel_order else self.w("preprocess_rgb"),
+            ),
             row(self.w("model_hidden_sizes"), code(shown_list(need("hidden_sizes")))),
             row(self.w("model_neck_hidden_sizes"), code(shown_list(need("neck_hidden_sizes")))),
             row(self.w("model_heads"), need("num_attention_heads")),
             row(self.w("model_patch_size"), need("patch_size")),
             row(self.w("model_activation"), code(need("hidden_act"))),
             row(self.w("model_labels"), len(cfg["id2label"])),
-        ]  # fmt: skip
+        ]
         return self.t.fill("model", table="\n".join(rows), folder=shown_path(str(m.folder)))
 
     def intro(self) -> str:
         m = self.f.model
         what = self.w("what_port" if self.f.port_result else "what_stack", platforms=self.platforms())
-        return self.t.fill("intro", base_model=BASE_MODEL, parameters=num(m.parameters, ","),
-                           parameters_m=f"{m.parameters / 1e6:.2f}", height=m.preprocess.crop_height,
-                           width=m.preprocess.crop_width, labels=len(m.config["id2label"]),
-                           published_top1=PUBLISHED_TOP1, published_params=PUBLISHED_PARAMS, what=what)  # fmt: skip
+        return self.t.fill(
+            "intro",
+            base_model=BASE_MODEL,
+            parameters=num(m.parameters, ","),
+            parameters_m=f"{m.parameters / 1e6:.2f}",
+            height=m.preprocess.crop_height,
+            width=m.preprocess.crop_width,
+            labels=len(m.config["id2label"]),
+            published_top1=PUBLISHED_TOP1,
+            published_params=PUBLISHED_PARAMS,
+            what=what,
+        )
 
     def reproduce(self) -> str:
         first = self.f.sources[0].report.provenance
@@ -624,8 +782,13 @@ class CardWriter:
         shown_commit = self.w("commit_git", commit=code(commit)) if git else self.w("commit_none")
         if git and commit.endswith("+dirty"):
             shown_commit += self.w("commit_dirty")
-        text = self.t.fill("reproduce", commit=shown_commit, packages_sha256=first.packages_sha256, packages=packages,
-                           steps="\n".join(steps))  # fmt: skip
+        text = self.t.fill(
+            "reproduce",
+            commit=shown_commit,
+            packages_sha256=first.packages_sha256,
+            packages=packages,
+            steps="\n".join(steps),
+        )
         if len(differ) > 1:
             listed = self.w("list_sep").join(
                 f"{code(s.name)} {code(s.report.provenance.commit[:12])} "
@@ -649,15 +812,27 @@ class CardWriter:
         return self.w(key, platforms=self.platforms())
 
     def card(self) -> str:
-        sources = bullets([self.w("source_line", report=self.report_ref(s), sha256=code(s.digest[:16]),
-                                  command=code(command(s))) for s in self.f.sources])  # fmt: skip
+        sources = bullets(
+            [
+                self.w("source_line", report=self.report_ref(s), sha256=code(s.digest[:16]), command=code(command(s)))
+                for s in self.f.sources
+            ]
+        )
         text = self.t.fill(
-            "card", title=self.title(), banners=self.banners(), intro=self.intro(),
-            quickstart=self.t.fill("quickstart"), known=self.known(), environment=self.environment(),
+            "card",
+            title=self.title(),
+            banners=self.banners(),
+            intro=self.intro(),
+            quickstart=self.t.fill("quickstart"),
+            known=self.known(),
+            environment=self.environment(),
             accuracy="\n\n".join(self.accuracy(s) for s in self.f.accuracy),
-            performance="\n\n".join(self.performance(s) for s in self.f.benchmarks), model=self.model(),
-            reproduce=self.reproduce(), sources=sources, bibtex=BIBTEX,
-        )  # fmt: skip
+            performance="\n\n".join(self.performance(s) for s in self.f.benchmarks),
+            model=self.model(),
+            reproduce=self.reproduce(),
+            sources=sources,
+            bibtex=BIBTEX,
+        )
         text = "\n".join(line.rstrip() for line in text.splitlines())
         if self.t.lang == "zh":
             text = cjk_spacing(text)
@@ -679,8 +854,13 @@ def front_matter(facts: Facts) -> str:
         tags += DEVICE_TAGS[kind]
     if facts.synthetic:
         tags.append("synthetic-weights")
-    meta = {**LICENSE, "base_model": BASE_MODEL, "pipeline_tag": "image-classification",
-            "library_name": "transformers", "tags": tags}  # fmt: skip
+    meta = {
+        **LICENSE,
+        "base_model": BASE_MODEL,
+        "pipeline_tag": "image-classification",
+        "library_name": "transformers",
+        "tags": tags,
+    }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
@@ -703,8 +883,13 @@ def layer_figure(layers: LayerFacts, title: str):
     if layers.first is not None:
         ax.axvline(layers.first["order"], color="tab:orange", lw=1, label=f"first below: {layers.first['name']}")
     if layers.worst is not None:
-        ax.plot([layers.worst.order], [layers.worst.cosine_min], "v", color="black",
-                label=f"worst: {layers.worst.name} ({layers.worst.cosine_min:.4f})")  # fmt: skip
+        ax.plot(
+            [layers.worst.order],
+            [layers.worst.cosine_min],
+            "v",
+            color="black",
+            label=f"worst: {layers.worst.name} ({layers.worst.cosine_min:.4f})",
+        )
     ax.set_xlabel("module, in execution order")
     ax.set_ylabel("cosine similarity vs CPU float32")
     ax.set_title(title, fontsize=9)
@@ -737,8 +922,17 @@ def render_plots(facts: Facts, assets: str) -> tuple[dict[str, dict[str, str]], 
     links: dict[str, dict[str, str]] = {}
     files: dict[str, bytes] = {}
     for s in facts.benchmarks:
-        results = [{"mode": res.mode, "batch_size": res.batch_size, "dtype": res.dtype, "end_to_end": res.end_to_end,
-                    "samples_ms": list(res.samples_ms)} for res in s.report.results if res.status == "ok"]  # fmt: skip
+        results = [
+            {
+                "mode": res.mode,
+                "batch_size": res.batch_size,
+                "dtype": res.dtype,
+                "end_to_end": res.end_to_end,
+                "samples_ms": list(res.samples_ms),
+            }
+            for res in s.report.results
+            if res.status == "ok"
+        ]
         if not any(r["samples_ms"] for r in results):
             continue
         link = f"{assets}/latency-{_stem(s.path)}.png"
@@ -791,8 +985,13 @@ class Card:
     files: dict[str, bytes]  # PNGs, by path relative to the card's folder
 
 
-def build_card(paths: list[str], lang: str = "both", model_path: Optional[str] = None, allow_unknown: bool = False,
-               assets: str = ASSETS_DIR) -> Card:  # fmt: skip
+def build_card(
+    paths: list[str],
+    lang: str = "both",
+    model_path: Optional[str] = None,
+    allow_unknown: bool = False,
+    assets: str = ASSETS_DIR,
+) -> Card:
     """The card's Markdown (front matter once, then the card in `lang`: zh, en, or both: zh then en) and its PNGs."""
     facts = gather(paths, model_path, allow_unknown)
     for s in facts.sources:  # the same weights everywhere (checked); reading them here keeps mixed kinds honest

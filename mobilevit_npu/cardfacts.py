@@ -101,11 +101,15 @@ def read_sources(paths: list[str], allow_unknown: bool = False) -> list[Source]:
     for i, source in enumerate(out):
         for other in out[:i]:
             if source.digest == other.digest:
-                raise CardError(f"{source.path}: the same report as {other.path} (identical content, sha256 "
-                                f"{source.digest[:12]}); give each report once")  # fmt: skip
+                raise CardError(
+                    f"{source.path}: the same report as {other.path} (identical content, sha256 "
+                    f"{source.digest[:12]}); give each report once"
+                )
             if _run_identity(source) == _run_identity(other):
-                raise CardError(f"{source.path}: a {source.kind} report of the same run as {other.path} (the same "
-                                "`argv`, `environment` and `provenance`); give each run once")  # fmt: skip
+                raise CardError(
+                    f"{source.path}: a {source.kind} report of the same run as {other.path} (the same "
+                    "`argv`, `environment` and `provenance`); give each run once"
+                )
     if not any(s.kind in ACCURACY_KINDS for s in out):
         raise CardError(f"no accuracy_run.py report among {', '.join(paths)}: the card needs one")
     if not any(s.kind == "benchmark" for s in out):
@@ -133,8 +137,10 @@ def check_one_model(sources: list[Source]) -> tuple[str, str]:
 
     for other in sources[1:]:
         if weights_identity(other) != ident:
-            raise CardError(f"{first.path} ({shown(first)}) and {other.path} ({shown(other)}) measured different "
-                            "weights: one card describes one model; give reports of the same weights")  # fmt: skip
+            raise CardError(
+                f"{first.path} ({shown(first)}) and {other.path} ({shown(other)}) measured different "
+                "weights: one card describes one model; give reports of the same weights"
+            )
     return ident
 
 
@@ -166,8 +172,10 @@ def model_folder(sources: list[Source], override: Optional[str]) -> Path:
             raise CardError(f"{first.path}: field `model_source.path` is null; pass the model folder with --model_path")
         folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise CardError(f"{folder / 'config.json'} not found (the model folder of {first.path}); the model section "
-                        "needs it: pass --model_path FOLDER")  # fmt: skip
+        raise CardError(
+            f"{folder / 'config.json'} not found (the model folder of {first.path}); the model section "
+            "needs it: pass --model_path FOLDER"
+        )
     return folder
 
 
@@ -188,8 +196,10 @@ def read_model(folder: Path, ident: tuple[str, str], first: Source) -> ModelFact
     if ident[0] == "sha256":
         weights = models._weights_file(folder)
         if weights is not None and (digest := models.sha256_file(weights)) != ident[1]:
-            raise CardError(f"{weights} (sha256 {digest}) and {first.path} (weights sha256 {ident[1]}) are different "
-                            "weights: pass the folder the reports measured with --model_path")  # fmt: skip
+            raise CardError(
+                f"{weights} (sha256 {digest}) and {first.path} (weights sha256 {ident[1]}) are different "
+                "weights: pass the folder the reports measured with --model_path"
+            )
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = MobileViTForImageClassification(MobileViTConfig.from_dict(config))
     parameters = sum(p.numel() for p in model.parameters())
@@ -248,9 +258,14 @@ def layer_facts(source: Source) -> Optional[LayerFacts]:
             if key not in first:
                 raise CardError(f"{source.path}: field `layers.first_divergent.{key}` is missing")
     return LayerFacts(
-        threshold=layers.threshold, compared=layers.modules_compared, below=below, first=first, worst=worst,
-        first_nonfinite=layers.first_nonfinite, curve=[(m.order, m.cosine_min) for m in modules],
-    )  # fmt: skip
+        threshold=layers.threshold,
+        compared=layers.modules_compared,
+        below=below,
+        first=first,
+        worst=worst,
+        first_nonfinite=layers.first_nonfinite,
+        curve=[(m.order, m.cosine_min) for m in modules],
+    )
 
 
 def throughput_statistic(result: Any) -> Optional[str]:
@@ -298,8 +313,9 @@ def gather(paths: list[str], model_path: Optional[str] = None, allow_unknown: bo
     sources = read_sources(paths, allow_unknown)
     ident = check_one_model(sources)
     model = read_model(model_folder(sources, model_path), ident, sources[0])
-    return Facts(sources, model, ident, bool(sources[0].report.synthetic), target_platforms(sources),
-                 is_port_result(sources))  # fmt: skip
+    return Facts(
+        sources, model, ident, bool(sources[0].report.synthetic), target_platforms(sources), is_port_result(sources)
+    )
 
 
 def command(source: Source) -> str:

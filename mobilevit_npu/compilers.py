@@ -47,8 +47,12 @@ AOTI_CONFIGS = {"freezing": True}
 # faster, with bias, activation and residual fused in; its report table is not printed (0 rows).
 # Its other report, a JSON line per GEMM after "Autotune Choices Stats:" written straight to sys.stderr, is
 # max_autotune_report_choices_stats (torch 2.13: _inductor/config.py:551, select_algorithm.py:4212 and 6013): off.
-AOTI_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "autotune_num_choices_displayed": 0,
-                 "max_autotune_report_choices_stats": False}
+AOTI_AUTOTUNE = {
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
 
 
 def _unique_function(fn: Callable, name: str) -> Callable:
@@ -62,10 +66,12 @@ def _unique_function(fn: Callable, name: str) -> Callable:
 # 2.14.0: configs/compiler_config.py l.39, which deprecates "reduce-overhead" in its favour, l.116-121), else
 # "reduce-overhead" (2.5.1: l.31). The notes say which ran.
 NPUGRAPH_EX = "npugraph_ex"
-NPU_GRAPH_MODES = {"max-autotune": "torchair GE graph (CompilerConfig defaults)",
-                   "reduce-overhead": 'torchair mode="reduce-overhead" (aclgraph, the NPU\'s CUDA graphs)',
-                   NPUGRAPH_EX: 'torchair mode="npugraph_ex" (aclgraph, the NPU\'s CUDA graphs; this torchair\'s '
-                                'successor of "reduce-overhead")'}  # fmt: skip
+NPU_GRAPH_MODES = {
+    "max-autotune": "torchair GE graph (CompilerConfig defaults)",
+    "reduce-overhead": 'torchair mode="reduce-overhead" (aclgraph, the NPU\'s CUDA graphs)',
+    NPUGRAPH_EX: "torchair mode=\"npugraph_ex\" (aclgraph, the NPU's CUDA graphs; this torchair's "
+    'successor of "reduce-overhead")',
+}
 
 
 def _why(exc: BaseException) -> str:
@@ -227,8 +233,9 @@ def _load_cached(package: Path, meta_path: Path, key: str, example: torch.Tensor
         runner(example)
         return runner
     except Exception as exc:  # a truncated zip, a missing or foreign .so: any failure means rebuild
-        logger.warning("compile cache: %s is damaged (%s: %s); rebuilding", package, type(exc).__name__,
-                       first_line(exc))  # fmt: skip
+        logger.warning(
+            "compile cache: %s is damaged (%s: %s); rebuilding", package, type(exc).__name__, first_line(exc)
+        )
         return None
 
 
@@ -273,8 +280,9 @@ def build_aoti(
             runner = _aoti_build(module, example, str(built), configs)
             runner(example)
             try:
-                _store_package(built, root, package, meta_path, {"key": key, "fields": fields,
-                                                                 "sha256": models.sha256_file(built)})
+                _store_package(
+                    built, root, package, meta_path, {"key": key, "fields": fields, "sha256": models.sha256_file(built)}
+                )
             except OSError as exc:
                 return runner, _cache_write_error(root, exc)
         return runner, None
@@ -327,8 +335,9 @@ def _aoti_build(module: Forward, example: torch.Tensor, package_path: str, confi
     with torch.no_grad(), warnings.catch_warnings():
         # autotuning's benchmark set-up calls the deprecated Tensor.storage() (torch 2.13
         # _inductor/select_algorithm.py:4799): its TypedStorage warning says nothing about this build
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
-                                module=r"torch\._inductor\.")  # fmt: skip
+        warnings.filterwarnings(
+            "ignore", message="TypedStorage is deprecated", category=UserWarning, module=r"torch\._inductor\."
+        )
         program = torch.export.export(module, (example,))
         package = torch._inductor.aoti_compile_and_package(
             program, package_path=package_path, inductor_configs=dict(configs)

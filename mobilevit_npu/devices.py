@@ -184,8 +184,9 @@ def resolve_device(spec: str = "auto", jit_compile: bool = False, default_index:
         return Device("npu", idx)
     if kind == "cuda":
         if "torch_npu.contrib.transfer_to_npu" in sys.modules:  # it repointed torch.cuda at torch.npu
-            raise UserError("torch_npu's transfer_to_npu is applied in this process, so torch.cuda is the NPU: use "
-                            "--device npu")  # fmt: skip
+            raise UserError(
+                "torch_npu's transfer_to_npu is applied in this process, so torch.cuda is the NPU: use --device npu"
+            )
         if not torch.cuda.is_available():
             raise UserError("no CUDA device: torch.cuda.is_available() is False (CPU build of torch or no driver)")
         if idx >= torch.cuda.device_count():
@@ -304,9 +305,11 @@ def torch_npu_pairing() -> dict[str, Any]:
 
         if not preflight.pairs_with_torch(str(npu_version), torch.__version__):
             theirs = preflight._release(str(npu_version))
-            mismatch = (f"torch_npu {npu_version} is built for torch {theirs}, but torch {torch.__version__} is "
-                        f"installed: install the matching pair (pip install torch=={theirs} or the torch_npu release "
-                        "for this torch)")  # fmt: skip
+            mismatch = (
+                f"torch_npu {npu_version} is built for torch {theirs}, but torch {torch.__version__} is "
+                f"installed: install the matching pair (pip install torch=={theirs} or the torch_npu release "
+                "for this torch)"
+            )
     return {"torch": torch.__version__, "torch_npu": npu_version, "mismatch": mismatch}
 
 

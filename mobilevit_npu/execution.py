@@ -135,8 +135,11 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
             notes.append("bfloat16 autocast: not exact, see agreement")
         else:
             fn = fast
-        notes.append("fastpath.FastMobileViT" + (" in channels-last memory" if use_cl else "")
-                     + (f", 1x1 convolutions of <= {FAST_LINEAR_MAX_PIXELS} pixels as linears" if autotune else ""))
+        notes.append(
+            "fastpath.FastMobileViT"
+            + (" in channels-last memory" if use_cl else "")
+            + (f", 1x1 convolutions of <= {FAST_LINEAR_MAX_PIXELS} pixels as linears" if autotune else "")
+        )
     else:
         raise Unavailable(f"unknown mode {mode!r}")
 

@@ -74,14 +74,22 @@ class FusedConv(nn.Module):
         activation = getattr(layer, "activation", None)
         self.act = copy.deepcopy(activation) if isinstance(activation, nn.Module) else (activation or nn.Identity())
         conv = self.conv
-        self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and (
-            conv.padding in ((0, 0), "valid"))  # fmt: skip
+        self.pointwise = (
+            conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.groups == 1
+            and (conv.padding in ((0, 0), "valid"))
+        )
         self.linear_max_pixels: int | None = None  # None: always a convolution
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         limit = self.linear_max_pixels
-        if (limit is not None and self.pointwise and x.shape[0] * x.shape[2] * x.shape[3] <= limit
-                and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        if (
+            limit is not None
+            and self.pointwise
+            and x.shape[0] * x.shape[2] * x.shape[3] <= limit
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
             y = F.linear(x.permute(0, 2, 3, 1), self.conv.weight.flatten(1), self.conv.bias).permute(0, 3, 1, 2)
             return self.act(y)
         return self.act(self.conv(x))

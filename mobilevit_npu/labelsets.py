@@ -80,12 +80,21 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
         stray = sorted(p for p in root.iterdir() if not p.is_dir())  # beside the class folders: in no class
         for path in stray:
             if preprocessing.is_image_name(path.name):
-                unlabelled.append({"image": str(path), "error": "at the dataset root beside the class folders: in "
-                                   "no class (move it into one)"})  # fmt: skip
+                unlabelled.append(
+                    {
+                        "image": str(path),
+                        "error": "at the dataset root beside the class folders: in no class (move it into one)",
+                    }
+                )
         others = sum(not preprocessing.is_image_name(p.name) for p in stray)
         if stray:
-            logger.warning("--dataset %s: %d image(s) at the root beside the class folders (skipped, counted) and %d "
-                           "other file(s) ignored", root, len(stray) - others, others)  # fmt: skip
+            logger.warning(
+                "--dataset %s: %d image(s) at the root beside the class folders (skipped, counted) and %d "
+                "other file(s) ignored",
+                root,
+                len(stray) - others,
+                others,
+            )
     else:
         for path in sorted(root.iterdir()):
             if not (path.is_file() and preprocessing.is_image_name(path.name)):
@@ -126,8 +135,10 @@ def _decode_csv(path: Path, data: bytes) -> str:
         line = data.count(b"\n", 0, exc.start) + 1
         guesses = _guess_encodings(data)
         looks = f"it decodes cleanly as {' or '.join(guesses)}" if guesses else "its encoding is unknown"
-        raise UserError(f"--labels {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}; {looks}); save it as "
-                        f"UTF-8, e.g. iconv -f ENCODING -t UTF-8 {path} > labels.utf8.csv") from None
+        raise UserError(
+            f"--labels {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}; {looks}); save it as "
+            f"UTF-8, e.g. iconv -f ENCODING -t UTF-8 {path} > labels.utf8.csv"
+        ) from None
 
 
 _CLASS_ID = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
@@ -174,8 +185,10 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
         if full in seen:
             first_label, first_line_no = seen[full]
             if first_label != value:
-                raise UserError(f"{path}:{line_no}: {image} is labelled {value} here and {first_label} on line "
-                                f"{first_line_no}; one image, one class")
+                raise UserError(
+                    f"{path}:{line_no}: {image} is labelled {value} here and {first_label} on line "
+                    f"{first_line_no}; one image, one class"
+                )
             duplicates += 1
             continue
         seen[full] = (value, line_no)
@@ -188,8 +201,13 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, sources: Sequence[str], cfg: preprocessing.PreprocessConfig, digests: bool = False,
-                 pixel_cache: refcache.PixelCache | None = None):  # fmt: skip
+    def __init__(
+        self,
+        sources: Sequence[str],
+        cfg: preprocessing.PreprocessConfig,
+        digests: bool = False,
+        pixel_cache: refcache.PixelCache | None = None,
+    ):
         self.sources, self.cfg, self.digests = list(sources), cfg, digests or pixel_cache is not None
         self.pixel_cache = pixel_cache.for_worker() if pixel_cache is not None else None  # counts sent back per batch
 
@@ -268,10 +286,15 @@ def stream(
     the bytes through shared memory, whose fresh pages cost ~1 ms per image on a VM as float32. With `pixel_cache`,
     crops it holds are read instead of decoded, new ones stored, and its counts in the caller's copy kept current."""
     loader = torch.utils.data.DataLoader(
-        _Images(sources, cfg, digests, pixel_cache), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
+        _Images(sources, cfg, digests, pixel_cache),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None,
         persistent_workers=False,
-    )  # fmt: skip
+    )
     if workers:
         malloc.release_free_memory()  # forked workers share the parent's pages copy-on-write: keep them few
     batches = iter(loader)  # workers start here, not at the first next()
@@ -305,8 +328,9 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def bounded_batch(requested: int, images: int, cfg: preprocessing.PreprocessConfig, device: Any = None,
-                  flag: str = "--batch_size") -> int:  # fmt: skip
+def bounded_batch(
+    requested: int, images: int, cfg: preprocessing.PreprocessConfig, device: Any = None, flag: str = "--batch_size"
+) -> int:
     """The batch a run will really use: never more than its `images` (the warm-up and the example input the target
     is built for must use this, not the flag), and refused (UserError, exit 2, naming the size) when the estimate of
     its memory (batch_bytes) exceeds what `device` (cuda/npu: its free memory) or the host has free
@@ -418,28 +442,38 @@ class Journal:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             fh.close()
-            raise UserError(f"{self.report} is being written by another live run (it holds {lock_path}); wait for it "
-                            "to end or give another REPORT path") from None
+            raise UserError(
+                f"{self.report} is being written by another live run (it holds {lock_path}); wait for it "
+                "to end or give another REPORT path"
+            ) from None
         return fh
 
     def _prepare(self, run_key: dict[str, Any], resume: bool) -> None:
         meta = self.folder / "meta.json"
         if os.path.lexists(self.folder) and not self.folder.is_dir():
-            raise UserError(f"{self.folder} (the journal beside the report) exists and is not a folder; remove it or "
-                            "give another REPORT path")
+            raise UserError(
+                f"{self.folder} (the journal beside the report) exists and is not a folder; remove it or "
+                "give another REPORT path"
+            )
         afresh = f"run the same command without --resume (it deletes {self.folder} and starts afresh)"
         if resume and not meta.is_file() and self.report.is_file():
-            raise UserError(f"--resume: {self.report} is a finished run (no journal in {self.folder}); nothing to "
-                            "resume and the report is left as it is. To redo it, run the same command without "
-                            "--resume")
+            raise UserError(
+                f"--resume: {self.report} is a finished run (no journal in {self.folder}); nothing to "
+                "resume and the report is left as it is. To redo it, run the same command without "
+                "--resume"
+            )
         if resume and meta.is_file():
             previous = reports.read_json(meta, "the --resume journal's meta.json")
             if previous.get("format") != JOURNAL_FORMAT:
-                raise UserError(f"--resume: {self.folder} was written by another version of this tool (journal "
-                                f"format {previous.get('format', 1)}, this one reads {JOURNAL_FORMAT}); {afresh}")
+                raise UserError(
+                    f"--resume: {self.folder} was written by another version of this tool (journal "
+                    f"format {previous.get('format', 1)}, this one reads {JOURNAL_FORMAT}); {afresh}"
+                )
             if previous.get("key") != self.key:
-                raise UserError(f"--resume: {self.folder} belongs to a different run: "
-                                f"{_settings_differing(previous.get('run'), run_key)} differ; {afresh}")
+                raise UserError(
+                    f"--resume: {self.folder} belongs to a different run: "
+                    f"{_settings_differing(previous.get('run'), run_key)} differ; {afresh}"
+                )
             return
         try:
             if self.folder.exists():
@@ -462,8 +496,10 @@ class Journal:
                     break  # a torn last line: the crash happened mid-write
                 entry = _parse_line(line)
                 if isinstance(entry, str):
-                    raise UserError(f"--resume: {path}:{line_no}: {entry}; the journal cannot be trusted. Run the "
-                                    f"same command without --resume (it deletes {self.folder} and starts afresh)")
+                    raise UserError(
+                        f"--resume: {path}:{line_no}: {entry}; the journal cannot be trusted. Run the "
+                        f"same command without --resume (it deletes {self.folder} and starts afresh)"
+                    )
                 record = entry["record"]
                 records[record["image"]] = record
                 self.digest_of[record["image"]] = entry["sha256"]
@@ -480,8 +516,9 @@ class Journal:
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
-            raise UserError(f"cannot write the --resume journal {self._fh.name}: [Errno {exc.errno}] "
-                            f"{exc.strerror or exc}") from exc
+            raise UserError(
+                f"cannot write the --resume journal {self._fh.name}: [Errno {exc.errno}] {exc.strerror or exc}"
+            ) from exc
 
     def close(self, remove: bool) -> None:
         if self._fh is not None:
@@ -508,8 +545,12 @@ def _parse_line(line: str) -> dict | str:
         found = entry.get("v", "none") if isinstance(entry, dict) else type(entry).__name__
         return f"not a format-{JOURNAL_FORMAT} journal line (format {found})"
     record, digest = entry.get("record"), entry.get("sha256")
-    if set(entry) != {"v", "sha256", "record"} or not isinstance(record, dict) or not isinstance(
-            record.get("image"), str) or not (digest is None or isinstance(digest, str)):  # fmt: skip
+    if (
+        set(entry) != {"v", "sha256", "record"}
+        or not isinstance(record, dict)
+        or not isinstance(record.get("image"), str)
+        or not (digest is None or isinstance(digest, str))
+    ):
         return "a journal line without its image, digest and record"
     return entry
 
@@ -558,8 +599,11 @@ def run(
             del previous[image]
         journal.changed = len(changed)
         if changed and dist.is_main:
-            logger.warning("--resume: %d image(s) changed since the journal recorded them (e.g. %s): redone",
-                           len(changed), changed[0])  # fmt: skip
+            logger.warning(
+                "--resume: %d image(s) changed since the journal recorded them (e.g. %s): redone",
+                len(changed),
+                changed[0],
+            )
     if journal:
         journal.resumed = len(previous)
     todo = [s for s in samples if s.image not in previous]
@@ -577,7 +621,7 @@ def run(
     with bar:
         for indices, pixels, errors, *hashes in timing.timed_iter(batches, waits):
             batch = [mine[i] for i in indices]
-            new = (process(batch, pixels, *(hashes if digests else ())) if batch else [])
+            new = process(batch, pixels, *(hashes if digests else ())) if batch else []
             new += [{"image": mine[i].image, "label": mine[i].label, "error": err} for i, err in errors]
             if journal:
                 journal.append(new, [*(hashes[0] if hashes else [None] * len(batch)), *[None] * len(errors)])

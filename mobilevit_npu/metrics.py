@@ -17,8 +17,6 @@ import torch
 logger = logging.getLogger("mobilevit_npu.metrics")
 
 
-
-
 # msprobe's minimum-error floor per dtype (`_minmum_err` in its api accuracy checker's standard_config.py; its
 # small-value thresholds are another figure, `_small_value`: 2^-20 / 2^-10 / 2^-10). Relative errors are also given
 # over the logits above this floor only: near zero a relative error says nothing (a difference of one unit in the last
@@ -260,8 +258,12 @@ def compare_logits(
     n = len(per_image)
     across = float(ref.std(dim=0).mean()) if n > 1 and distinct_inputs else None
     return judge(
-        per_image, dtype, thresholds, reference_finite=bool(torch.isfinite(ref).all()),
-        cosine_all_logits=cosine(ref, tgt), across_images=across,
+        per_image,
+        dtype,
+        thresholds,
+        reference_finite=bool(torch.isfinite(ref).all()),
+        cosine_all_logits=cosine(ref, tgt),
+        across_images=across,
     )
 
 
@@ -293,8 +295,11 @@ def judge(
     ties = sum(m.top1_near_tie for m in per_image)
     above = sum(m.logits_above_error_floor for m in per_image)
     mre_above = (
-        sum(m.mean_relative_error_above_error_floor * m.logits_above_error_floor
-            for m in per_image if m.logits_above_error_floor)
+        sum(
+            m.mean_relative_error_above_error_floor * m.logits_above_error_floor
+            for m in per_image
+            if m.logits_above_error_floor
+        )
         / above
         if above
         else math.nan
@@ -344,16 +349,31 @@ def judge(
             )
         )
     checks = [
-        Check("target_logits_finite", float(aggregate.target_nonfinite_images), "0 images with NaN/Inf logits",
-              aggregate.target_nonfinite_images == 0),
-        Check("cosine_min", aggregate.cosine_min, f">= {thresholds.min_cosine}",
-              aggregate.cosine_min >= thresholds.min_cosine),
-        Check("top1_agreement_outside_ties", aggregate.top1_agreement_outside_ties,
-              f">= {thresholds.min_top1_agreement} (flips in a {thresholds.top1_tie_margin} near tie forgiven)",
-              aggregate.top1_agreement_outside_ties >= thresholds.min_top1_agreement),
-        Check("max_abs_prob_diff", aggregate.max_abs_prob_diff, f"< {thresholds.max_prob_diff}",
-              aggregate.max_abs_prob_diff < thresholds.max_prob_diff),
-    ]  # fmt: skip
+        Check(
+            "target_logits_finite",
+            float(aggregate.target_nonfinite_images),
+            "0 images with NaN/Inf logits",
+            aggregate.target_nonfinite_images == 0,
+        ),
+        Check(
+            "cosine_min",
+            aggregate.cosine_min,
+            f">= {thresholds.min_cosine}",
+            aggregate.cosine_min >= thresholds.min_cosine,
+        ),
+        Check(
+            "top1_agreement_outside_ties",
+            aggregate.top1_agreement_outside_ties,
+            f">= {thresholds.min_top1_agreement} (flips in a {thresholds.top1_tie_margin} near tie forgiven)",
+            aggregate.top1_agreement_outside_ties >= thresholds.min_top1_agreement,
+        ),
+        Check(
+            "max_abs_prob_diff",
+            aggregate.max_abs_prob_diff,
+            f"< {thresholds.max_prob_diff}",
+            aggregate.max_abs_prob_diff < thresholds.max_prob_diff,
+        ),
+    ]
     failed_ref = [c for c in reference_checks if not c.passed]
     failed = [c for c in checks if not c.passed]
     if failed_ref:

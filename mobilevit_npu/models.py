@@ -210,8 +210,9 @@ def check_loaded_keys(info: dict[str, Any], weights: Path) -> None:
     if unexpected:
         parts.append(f"{len(unexpected)} tensor(s) the model does not have: {shown(unexpected)}")
     if parts:
-        raise UserError(f"{weights} does not fit config.json: {'; '.join(parts)}. Is this the complete checkpoint "
-                        "of this model?")
+        raise UserError(
+            f"{weights} does not fit config.json: {'; '.join(parts)}. Is this the complete checkpoint of this model?"
+        )
 
 
 def load_model(model_path: str, device: devices.Device | None = None, dtype: str = "fp32") -> LoadedModel:

@@ -110,8 +110,7 @@ def refusal(exc: BaseException) -> str | None:
     ops = refused_operators(str(exc))
     if not ops:
         return None
-    return (f"{', '.join(ops)} has no NPU kernel and {SWITCH}=1 (--fail_on_cpu_fallback) refused to run it on the "
-            "CPU")  # fmt: skip
+    return f"{', '.join(ops)} has no NPU kernel and {SWITCH}=1 (--fail_on_cpu_fallback) refused to run it on the CPU"
 
 
 def _leading_int(value: str | None, default: int) -> int:

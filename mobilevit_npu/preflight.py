@@ -334,17 +334,32 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
             Row("python", "ok", facts["python"], read_from=f"torch {torch_release}: Python {', '.join(pythons)}")
         )
     else:
-        rows.append(Row("python", "mismatch", facts["python"], read_from=f"torch {torch_release}: {', '.join(pythons)}",
-                        fix=f"use Python {' or '.join(pythons)} for torch {torch_release}", blocking=True))  # fmt: skip
+        rows.append(
+            Row(
+                "python",
+                "mismatch",
+                facts["python"],
+                read_from=f"torch {torch_release}: {', '.join(pythons)}",
+                fix=f"use Python {' or '.join(pythons)} for torch {torch_release}",
+                blocking=True,
+            )
+        )
 
     if torch is None:
         rows.append(
             Row("torch", "missing", "-", fix=CPU_TORCH_HINT.format(torch=npu_release or "X.Y.Z"), blocking=True)
         )
     elif npu and torch["build"] != "cpu":
-        rows.append(Row("torch", "mismatch", f"{torch['version']} ({torch['build']} build)", "torch METADATA",
-                        fix=f"torch_npu refuses a {torch['build']} build: " + CPU_TORCH_HINT.format(torch=npu_release),
-                        blocking=True))  # fmt: skip
+        rows.append(
+            Row(
+                "torch",
+                "mismatch",
+                f"{torch['version']} ({torch['build']} build)",
+                "torch METADATA",
+                fix=f"torch_npu refuses a {torch['build']} build: " + CPU_TORCH_HINT.format(torch=npu_release),
+                blocking=True,
+            )
+        )
     else:
         rows.append(Row("torch", "ok", f"{torch['version']} ({torch['build']} build)", "torch METADATA"))
 
@@ -354,8 +369,10 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
     else:
         value = f"{npu['version']} (requires torch {npu['requires_torch'] or '?'})"
         if torch is not None and not pairs_with_torch(npu["version"], torch["version"]):
-            fix = (f"torch_npu {npu['version']} is built for torch {npu_release}: pip install torch=={npu_release} "
-                   f"(CPU build), or the torch-npu release for torch {torch_release}")  # fmt: skip
+            fix = (
+                f"torch_npu {npu['version']} is built for torch {npu_release}: pip install torch=={npu_release} "
+                f"(CPU build), or the torch-npu release for torch {torch_release}"
+            )
             rows.append(Row("torch_npu", "mismatch", value, "torch_npu METADATA", fix=fix, blocking=True))
         else:
             rows.append(Row("torch_npu", "ok", value, "torch_npu METADATA"))
@@ -374,26 +391,52 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
     cann = facts.get("cann")
     toolkit = facts["toolkit"]
     if cann is None:
-        rows.append(Row("CANN toolkit", "missing", "not found", f"toolkit: {toolkit['path'] or 'not found'}",
-                        fix=f"install the CANN toolkit, then {set_env_fix}", blocking=True))  # fmt: skip
+        rows.append(
+            Row(
+                "CANN toolkit",
+                "missing",
+                "not found",
+                f"toolkit: {toolkit['path'] or 'not found'}",
+                fix=f"install the CANN toolkit, then {set_env_fix}",
+                blocking=True,
+            )
+        )
     else:
         expected = expected_cann(npu["version"]) if npu else None
         if npu is None:
             rows.append(Row("CANN toolkit", "unknown", cann["version"], cann["read_from"]))
         elif expected is None:
-            rows.append(Row("CANN toolkit", "unknown", f"{cann['version']} (torch-npu {npu['version']} not listed)",
-                            cann["read_from"]))  # fmt: skip
+            rows.append(
+                Row(
+                    "CANN toolkit",
+                    "unknown",
+                    f"{cann['version']} (torch-npu {npu['version']} not listed)",
+                    cann["read_from"],
+                )
+            )
         elif cann_matches(cann["version"], expected):
-            rows.append(Row("CANN toolkit", "ok", f"{cann['version']} (pairs with torch-npu {npu['version']})",
-                            cann["read_from"]))  # fmt: skip
+            rows.append(
+                Row(
+                    "CANN toolkit",
+                    "ok",
+                    f"{cann['version']} (pairs with torch-npu {npu['version']})",
+                    cann["read_from"],
+                )
+            )
         else:
             others = [p for p, t, c in PAIRINGS if t == torch_release and cann_matches(cann["version"], c)]
             alternative = (
                 f"torch-npu {' or '.join(others)}" if others else f"a torch-npu listed for CANN {cann['version']}"
             )
-            rows.append(Row("CANN toolkit", "mismatch", f"{cann['version']} (torch-npu {npu['version']} pairs with "
-                            f"CANN {expected})", cann["read_from"],
-                            fix=f"install CANN {expected}, or {alternative}"))  # fmt: skip
+            rows.append(
+                Row(
+                    "CANN toolkit",
+                    "mismatch",
+                    f"{cann['version']} (torch-npu {npu['version']} pairs with CANN {expected})",
+                    cann["read_from"],
+                    fix=f"install CANN {expected}, or {alternative}",
+                )
+            )
 
     driver, firmware = facts.get("driver"), facts.get("firmware")
     if driver is None:
@@ -409,8 +452,15 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         ok = _fw_in_range(firmware["version"], (driver or {}).get("compatible_firmware") or "")
         ranges = (driver or {}).get("compatible_firmware")
         if ok is False:
-            rows.append(Row("firmware", "mismatch", f"{firmware['version']} (driver accepts {ranges})",
-                            firmware["read_from"], fix="install the firmware released with this driver"))  # fmt: skip
+            rows.append(
+                Row(
+                    "firmware",
+                    "mismatch",
+                    f"{firmware['version']} (driver accepts {ranges})",
+                    firmware["read_from"],
+                    fix="install the firmware released with this driver",
+                )
+            )
         else:
             status = "ok" if ok else "unknown"
             rows.append(Row("firmware", status, firmware["version"] or "?", firmware["read_from"]))
@@ -420,11 +470,19 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
     absent = [f"{n}={se[n]}" for n in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH") if se.get(n) and not Path(se[n]).exists()]
     if missing_vars or not se["ld_library_path_has_toolkit"]:
         what = ", ".join(missing_vars + ([] if se["ld_library_path_has_toolkit"] else ["LD_LIBRARY_PATH"]))
-        rows.append(Row("set_env.sh", "missing", f"not sourced ({what} unset or without the toolkit)",
-                        fix=set_env_fix, blocking=True))  # fmt: skip
+        rows.append(
+            Row(
+                "set_env.sh",
+                "missing",
+                f"not sourced ({what} unset or without the toolkit)",
+                fix=set_env_fix,
+                blocking=True,
+            )
+        )
     elif absent:
-        rows.append(Row("set_env.sh", "mismatch", f"points at nothing: {', '.join(absent)}", fix=set_env_fix,
-                        blocking=True))  # fmt: skip
+        rows.append(
+            Row("set_env.sh", "mismatch", f"points at nothing: {', '.join(absent)}", fix=set_env_fix, blocking=True)
+        )
     else:
         rows.append(Row("set_env.sh", "ok", f"sourced (ASCEND_HOME_PATH={se['ASCEND_HOME_PATH']})"))
 
@@ -437,17 +495,30 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         if valid:
             rows.append(Row("visible devices", "ok", f"ASCEND_RT_VISIBLE_DEVICES={visible}"))
         else:
-            rows.append(Row("visible devices", "mismatch", f"ASCEND_RT_VISIBLE_DEVICES={visible!r}",
-                            fix="logical ids, ascending, separated by commas only (e.g. 0,1,3)"))  # fmt: skip
+            rows.append(
+                Row(
+                    "visible devices",
+                    "mismatch",
+                    f"ASCEND_RT_VISIBLE_DEVICES={visible!r}",
+                    fix="logical ids, ascending, separated by commas only (e.g. 0,1,3)",
+                )
+            )
 
     hccl = facts["hccl"]
     if hccl["library"]:
         rows.append(Row("HCCL (torchrun)", "ok", f"backend {hccl['backend']!r}", hccl["library"]))
     else:
         where = f"{toolkit['path']}/lib64" if toolkit["path"] else "the toolkit's lib64"
-        rows.append(Row("HCCL (torchrun)", "missing", "libhccl.so not found", where,
-                        fix=f"install the CANN toolkit (torch_npu links libhccl.so), then {set_env_fix}",
-                        blocking=True))  # fmt: skip
+        rows.append(
+            Row(
+                "HCCL (torchrun)",
+                "missing",
+                "libhccl.so not found",
+                where,
+                fix=f"install the CANN toolkit (torch_npu links libhccl.so), then {set_env_fix}",
+                blocking=True,
+            )
+        )
     return rows
 
 
@@ -459,12 +530,24 @@ def npu_smi(timeout: float = 20.0) -> Row:
     try:
         out = subprocess.run([tool, "info"], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Row("npu-smi", "mismatch", f"npu-smi info failed ({type(exc).__name__})", tool, blocking=True,
-                   fix="check the driver (dmesg, npu-smi info)")  # fmt: skip
+        return Row(
+            "npu-smi",
+            "mismatch",
+            f"npu-smi info failed ({type(exc).__name__})",
+            tool,
+            blocking=True,
+            fix="check the driver (dmesg, npu-smi info)",
+        )
     if out.returncode != 0:
         first = (out.stderr or out.stdout).strip().splitlines()[:1] or [f"exit {out.returncode}"]
-        return Row("npu-smi", "mismatch", f"npu-smi info failed: {first[0][:120]}", tool, blocking=True,
-                   fix="check the driver (dmesg, npu-smi info)")  # fmt: skip
+        return Row(
+            "npu-smi",
+            "mismatch",
+            f"npu-smi info failed: {first[0][:120]}",
+            tool,
+            blocking=True,
+            fix="check the driver (dmesg, npu-smi info)",
+        )
     match = re.search(r"Version:\s*(\S+)", out.stdout)
     return Row("npu-smi", "ok", f"driver {match.group(1)}" if match else "runs", tool)
 
@@ -492,8 +575,14 @@ def probe_import_torch(environ: dict[str, str], timeout: float = 300.0) -> Row:
     env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_DIR), env.get("PYTHONPATH", "")) if p)
     try:
-        out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=timeout,
-                             cwd=str(PROJECT_DIR))  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(PROJECT_DIR),
+        )
     except subprocess.TimeoutExpired:
         return Row("import torch", "mismatch", f"did not finish in {timeout:.0f} s", blocking=True)
     if out.returncode != 0:
@@ -510,8 +599,10 @@ def probe_import_torch(environ: dict[str, str], timeout: float = 300.0) -> Row:
         return Row("import torch", "ok", value, "subprocess")
     if not found["torch_npu_loaded"]:
         return Row("import torch", "ok", f"ok, torch {found['torch']}; no torch_npu to autoload", "subprocess")
-    value = (f"ok, torch_npu autoloaded; torch.version.cann={found['torch_version_cann']!r}; NPUs visible: "
-             f"{found['npu_devices']}")  # fmt: skip
+    value = (
+        f"ok, torch_npu autoloaded; torch.version.cann={found['torch_version_cann']!r}; NPUs visible: "
+        f"{found['npu_devices']}"
+    )
     status = "ok" if isinstance(found["npu_devices"], int) and found["npu_devices"] > 0 else "mismatch"
     fix = None if status == "ok" else "no NPU visible to torch_npu: check npu-smi info and ASCEND_RT_VISIBLE_DEVICES"
     return Row("import torch", status, value, "subprocess (autoload)", fix=fix, blocking=status != "ok")

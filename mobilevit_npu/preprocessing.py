@@ -196,8 +196,13 @@ def fetch_url(url: str, timeout: float | None = None, max_bytes: int | None = No
             own.close()
 
 
-_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def require_regular_file(path: str | os.PathLike) -> None:
@@ -344,9 +349,7 @@ class Decoded:
         return self.pixels.unsqueeze(0)
 
 
-def read_images(
-    sources: Sequence[str], cfg: PreprocessConfig
-) -> tuple[list[Decoded], list[dict]]:
+def read_images(sources: Sequence[str], cfg: PreprocessConfig) -> tuple[list[Decoded], list[dict]]:
     """Preprocess each image, timing it; the ones that fail come back as {"image", "error"}. Both lists keep the
     order of `sources`."""
     ok, errors = [], []

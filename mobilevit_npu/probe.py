@@ -67,8 +67,10 @@ DTYPE_MESSAGE = "The dtype of NPU and Bench are inconsistent."  # algorithm.py D
 PATH_PATTERN = re.compile(r"^[a-zA-Z0-9_.:/-]+$")  # msprobe's FileCheckConst.FILE_VALID_PATTERN
 FIRST_FAILING_KEPT = 10
 # "Module.{name}.{class}.forward.{call}[.input.0|.output.0|.parameters.weight...]" (dump docs, "dump_tensor_data")
-MODULE_ROW = re.compile(r"^Module\.(?P<path>.+)\.(?P<cls>[A-Za-z_][A-Za-z0-9_]*)\.(?P<dir>forward|backward)"
-                        r"\.(?P<call>\d+)(?:\..*)?$")  # fmt: skip
+MODULE_ROW = re.compile(
+    r"^Module\.(?P<path>.+)\.(?P<cls>[A-Za-z_][A-Za-z0-9_]*)\.(?P<dir>forward|backward)"
+    r"\.(?P<call>\d+)(?:\..*)?$"
+)
 
 
 def add_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> argparse._ArgumentGroup:
@@ -137,18 +139,23 @@ def msprobe_version() -> str:
     try:
         _import_msprobe()
     except ImportError as exc:
-        raise UserError(f"--msprobe needs msprobe (MindStudio Probe), which is not importable ({first_line(exc)}): "
-                        f"{INSTALL}") from exc  # fmt: skip
+        raise UserError(
+            f"--msprobe needs msprobe (MindStudio Probe), which is not importable ({first_line(exc)}): {INSTALL}"
+        ) from exc
     except Exception as exc:  # an install that fails on import (8.3.3 under numpy 2: np.unicode_)
-        raise UserError(f"--msprobe: msprobe fails to import ({type(exc).__name__}: {first_line(exc)}): "
-                        f"pip install 'mindstudio-probe>={MIN_VERSION}'") from exc  # fmt: skip
+        raise UserError(
+            f"--msprobe: msprobe fails to import ({type(exc).__name__}: {first_line(exc)}): "
+            f"pip install 'mindstudio-probe>={MIN_VERSION}'"
+        ) from exc
     try:
         version = importlib.metadata.version("mindstudio-probe")
     except importlib.metadata.PackageNotFoundError:  # msprobe importable without its distribution's metadata
         return "unknown"
     if _release(version) < _release(MIN_VERSION):
-        raise UserError(f"--msprobe needs mindstudio-probe >= {MIN_VERSION} (the oldest tried), not {version}: "
-                        f"pip install 'mindstudio-probe>={MIN_VERSION}'")  # fmt: skip
+        raise UserError(
+            f"--msprobe needs mindstudio-probe >= {MIN_VERSION} (the oldest tried), not {version}: "
+            f"pip install 'mindstudio-probe>={MIN_VERSION}'"
+        )
     return version
 
 
@@ -166,12 +173,16 @@ def _release(version: str) -> tuple[int, ...]:
 def check(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:
     """Refuse, before any work, what msprobe cannot dump; returns msprobe's version. One-line UserErrors."""
     if runtime != "torch":
-        raise UserError(f"--msprobe dumps torch modules and APIs; --runtime {runtime} runs its own graph (ONNX "
-                        f"Runtime or an ATC .om), with nothing for msprobe's PrecisionDebugger to hook")  # fmt: skip
+        raise UserError(
+            f"--msprobe dumps torch modules and APIs; --runtime {runtime} runs its own graph (ONNX "
+            f"Runtime or an ATC .om), with nothing for msprobe's PrecisionDebugger to hook"
+        )
     if mode in COMPILED_MODES:
         why = "msprobe: dynamo graphs of torch >= 2.7 are not dumped"
-        raise UserError(f"--msprobe cannot dump --target_mode {mode}: a compiled graph has no module or API calls "
-                        f"to hook ({why}); use eager, channels_last or bf16")  # fmt: skip
+        raise UserError(
+            f"--msprobe cannot dump --target_mode {mode}: a compiled graph has no module or API calls "
+            f"to hook ({why}); use eager, channels_last or bf16"
+        )
     if mode not in DUMPABLE_MODES:
         raise UserError(f"--msprobe dumps eager targets ({', '.join(DUMPABLE_MODES)}), not --target_mode {mode}")
     if out_dir is not None:
@@ -183,14 +194,16 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
     """DIR must be a path msprobe accepts, and must not hold an earlier run's dumps (nothing is overwritten)."""
     path = Path(out_dir).expanduser().resolve()
     if not PATH_PATTERN.match(str(path)):
-        raise UserError(f"--msprobe {out_dir}: msprobe accepts only letters, digits and _ . : / - in its paths "
-                        f"({path} has others)")  # fmt: skip
+        raise UserError(
+            f"--msprobe {out_dir}: msprobe accepts only letters, digits and _ . : / - in its paths ({path} has others)"
+        )
     if path.exists() and not path.is_dir():
         raise UserError(f"--msprobe {out_dir} is a file, not a folder")
     taken = [name for name in ("reference", "target", "compare") if (path / name).exists()]
     if taken:
-        raise UserError(f"--msprobe {out_dir} already holds an msprobe run ({', '.join(taken)}): give a new folder "
-                        f"or remove it")  # fmt: skip
+        raise UserError(
+            f"--msprobe {out_dir} already holds an msprobe run ({', '.join(taken)}): give a new folder or remove it"
+        )
 
 
 def module_name(msprobe_name: str) -> Optional[str]:
@@ -249,8 +262,9 @@ def _debugger(config_path: Path):
 
 
 @torch.no_grad()
-def _dump_side(debugger, module: torch.nn.Module, pixels: torch.Tensor, autocast: Optional[str],
-               rank: Optional[int]) -> None:  # fmt: skip
+def _dump_side(
+    debugger, module: torch.nn.Module, pixels: torch.Tensor, autocast: Optional[str], rank: Optional[int]
+) -> None:
     """One forward of `module` (a Hugging Face model, called as model(pixel_values=...)) between start and stop."""
     debugger.start(model=module, rank_id=rank)  # rank_id: msprobe's own, else it asks torch.distributed
     try:
@@ -278,15 +292,26 @@ def _rank_folder(rank: Optional[int]) -> str:
 def _compare(target_json: Path, reference_json: Path, out: Path) -> Path:
     """`msprobe compare -tp TARGET -gp GOLDEN -o OUT` (the documented CLI), in a child process; the table's path."""
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", "import sys; from msprobe.msprobe import main; sys.exit(main())",
-               "compare", "-tp", str(target_json), "-gp", str(reference_json), "-o", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from msprobe.msprobe import main; sys.exit(main())",
+        "compare",
+        "-tp",
+        str(target_json),
+        "-gp",
+        str(reference_json),
+        "-o",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     (out / "compare.log").write_text(done.stdout + done.stderr, encoding="utf-8")
     tables = sorted(out.glob("compare_result_*.csv"))
     if done.returncode != 0 or not tables:
         tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"msprobe compare wrote no table (exit {done.returncode}): {tail[0]} "
-                           f"(see {out}/compare.log)")  # fmt: skip
+        raise RuntimeError(
+            f"msprobe compare wrote no table (exit {done.returncode}): {tail[0]} (see {out}/compare.log)"
+        )
     return tables[-1]
 
 
@@ -330,8 +355,13 @@ def summarize(rows: list[dict[str, str]], dtypes_differ: bool) -> dict[str, Any]
         messages = _messages(row.get("Err_message", ""))
         errors = [m for m in messages if m.lower().startswith("error")]
         others = [m for m in messages if not m.lower().startswith("error")]
-        if (dtypes_differ and result.lower() == "error" and errors and not others
-                and all(m.endswith(DTYPE_MESSAGE) for m in errors)):  # fmt: skip
+        if (
+            dtypes_differ
+            and result.lower() == "error"
+            and errors
+            and not others
+            and all(m.endswith(DTYPE_MESSAGE) for m in errors)
+        ):
             dtype_only += 1
             continue
         name = row.get("NPU Name", "")
@@ -339,8 +369,12 @@ def summarize(rows: list[dict[str, str]], dtypes_differ: bool) -> dict[str, Any]
             failing.append({"name": name, "result": result, "message": "; ".join(messages)})
         if first_module is None:
             first_module = module_name(name)
-    return {"counts": dict(sorted(counts.items())), "dtype_only": dtype_only, "first_failing": failing,
-            "first_failing_module": first_module}  # fmt: skip
+    return {
+        "counts": dict(sorted(counts.items())),
+        "dtype_only": dtype_only,
+        "first_failing": failing,
+        "first_failing_module": first_module,
+    }
 
 
 def with_project(section: dict[str, Any], project_first_divergent: Optional[str]) -> dict[str, Any]:
@@ -415,15 +449,19 @@ def run(
     if level == "L1":
         notes.append("level L1 dumps torch APIs only: no module rows, so no first failing module")
     if autocast:
-        notes.append("the bf16 target's eager twin was dumped under the same bfloat16 autocast (its compiled graph "
-                     "has no modules to hook)")  # fmt: skip
+        notes.append(
+            "the bf16 target's eager twin was dumped under the same bfloat16 autocast (its compiled graph "
+            "has no modules to hook)"
+        )
     dtype_note = None
     if dtypes_differ:
-        dtype_note = (f"msprobe marks every tensor whose dtype differs from the benchmark's as error (\"{DTYPE_MESSAGE}"
-                      f"\"); the target runs in {models.dtype_name(target_dtype)}"
-                      f"{' autocast' if autocast else ''} against the float32 reference by design, so the "
-                      f"{summary['dtype_only']} row(s) failed for that reason alone are counted apart, and the "
-                      f"failing rows listed are the others")  # fmt: skip
+        dtype_note = (
+            f"msprobe marks every tensor whose dtype differs from the benchmark's as error (\"{DTYPE_MESSAGE}"
+            f'"); the target runs in {models.dtype_name(target_dtype)}'
+            f"{' autocast' if autocast else ''} against the float32 reference by design, so the "
+            f"{summary['dtype_only']} row(s) failed for that reason alone are counted apart, and the "
+            f"failing rows listed are the others"
+        )
     section = {
         "version": version,
         "level": level,
@@ -444,23 +482,42 @@ def run(
     return with_project(section, project_first_divergent)
 
 
-def run_sides(out_dir, reference, target, pixels: torch.Tensor, level: str = "mix", task: str = "statistics",
-              images: Optional[int] = None, rank: Optional[int] = None,
-              project_first_divergent: Optional[str] = None) -> dict[str, Any]:  # fmt: skip
+def run_sides(
+    out_dir,
+    reference,
+    target,
+    pixels: torch.Tensor,
+    level: str = "mix",
+    task: str = "statistics",
+    images: Optional[int] = None,
+    rank: Optional[int] = None,
+    project_first_divergent: Optional[str] = None,
+) -> dict[str, Any]:
     """run() for two targets.Side: the reference's model, and the target's hooked module (its eager twin for bf16,
     under the same autocast) fed through the target's own input conversion (dtype, device, layout)."""
     return run(
-        out_dir, reference.hook_model, target.hook_model, pixels, target.dtype, level, task,
-        to_target=target.prepared.to_input, autocast=target.device.type if target.mode == "bf16" else None,
-        images=images, rank=rank, project_first_divergent=project_first_divergent,
-    )  # fmt: skip
+        out_dir,
+        reference.hook_model,
+        target.hook_model,
+        pixels,
+        target.dtype,
+        level,
+        task,
+        to_target=target.prepared.to_input,
+        autocast=target.device.type if target.mode == "bf16" else None,
+        images=images,
+        rank=rank,
+        project_first_divergent=project_first_divergent,
+    )
 
 
 def console_line(section: dict[str, Any]) -> str:
     """One line beside the verdict: msprobe's counts, the dtype-only rows, the first failing module and the table."""
     counts = ", ".join(f"{n} {result}" for result, n in sorted(section["counts"].items()))
-    parts = [f"msprobe {section['version']} ({section['level']}, {section['task']}, {section['images_dumped']} "
-             f"image(s)): {counts}"]  # fmt: skip
+    parts = [
+        f"msprobe {section['version']} ({section['level']}, {section['task']}, {section['images_dumped']} "
+        f"image(s)): {counts}"
+    ]
     if section.get("dtype_only"):
         parts.append(f"{section['dtype_only']} of the errors only for the dtype")
     first = section.get("first_failing_module")
@@ -468,7 +525,8 @@ def console_line(section: dict[str, Any]) -> str:
         first = section["first_failing"][0]["name"]
     parts.append(f"first failing: {first or 'none'}")
     if section.get("agree") is not None:
-        parts.append("agrees with --layers" if section["agree"] else
-                     f"--layers says {section['project_first_divergent']}")  # fmt: skip
+        parts.append(
+            "agrees with --layers" if section["agree"] else f"--layers says {section['project_first_divergent']}"
+        )
     parts.append(f"table {section['compare_table']}")
     return "; ".join(parts)

@@ -92,8 +92,14 @@ def _versions() -> dict[str, str]:
 def _pixel_code() -> str:
     """sha256 of the source of every function that turns image bytes into the model's input (of their bytecode where
     the source is not shipped)."""
-    functions = (preprocessing.load_image, preprocessing.to_rgb, preprocessing.crop_pixels, preprocessing.resize_shape,
-                 preprocessing.center_crop, preprocessing.to_input)  # fmt: skip
+    functions = (
+        preprocessing.load_image,
+        preprocessing.to_rgb,
+        preprocessing.crop_pixels,
+        preprocessing.resize_shape,
+        preprocessing.center_crop,
+        preprocessing.to_input,
+    )
     digest = hashlib.sha256()
     for function in functions:
         try:
@@ -182,8 +188,13 @@ class EntryCache:
         if self._readable or self._writable:
             self.stats.write_errors.append(f"{exc.filename or self.root}: {exc.strerror or exc}")
         if (self._readable or self._writable) and not self.quiet:
-            logger.warning("%s cache: cannot use %s (%s: %s); going on without it", self.what, self.root,
-                           errno.errorcode.get(exc.errno or 0, type(exc).__name__), exc.strerror or exc)  # fmt: skip
+            logger.warning(
+                "%s cache: cannot use %s (%s: %s); going on without it",
+                self.what,
+                self.root,
+                errno.errorcode.get(exc.errno or 0, type(exc).__name__),
+                exc.strerror or exc,
+            )
         self._readable = self._writable = False
 
     def path(self, digest: str) -> Path:
@@ -249,10 +260,15 @@ class EntryCache:
             return
         payload = np.ascontiguousarray(array, dtype=self.dtype).tobytes()
         header = {
-            "format": FORMAT, "key": self.key, "digest": digest, **self.versions, "dtype": self.dtype.str,
-            "shape": list(array.shape), "sha256": hashlib.sha256(payload).hexdigest(),
+            "format": FORMAT,
+            "key": self.key,
+            "digest": digest,
+            **self.versions,
+            "dtype": self.dtype.str,
+            "shape": list(array.shape),
+            "sha256": hashlib.sha256(payload).hexdigest(),
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }  # fmt: skip
+        }
         path = self.path(digest)
         try:
             if not (self.folder / "key.json").is_file():
@@ -264,8 +280,13 @@ class EntryCache:
             self.stats.write_errors.append(f"{path}: {exc}")
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             if not self.quiet:
-                logger.warning("%s cache: cannot write under %s (%s: %s); going on without it", self.what, self.root,
-                               name, exc.strerror or exc)  # fmt: skip
+                logger.warning(
+                    "%s cache: cannot write under %s (%s: %s); going on without it",
+                    self.what,
+                    self.root,
+                    name,
+                    exc.strerror or exc,
+                )
             return
         self.stats.stored += 1
 
@@ -286,8 +307,15 @@ class EntryCache:
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
-        return {"folder": str(self.folder), "cached": s.cached, "computed": s.computed, "invalid": s.invalid,
-                "stored": s.stored, "uncacheable": s.uncacheable, "write_errors": s.write_errors[:5]}  # fmt: skip
+        return {
+            "folder": str(self.folder),
+            "cached": s.cached,
+            "computed": s.computed,
+            "invalid": s.invalid,
+            "stored": s.stored,
+            "uncacheable": s.uncacheable,
+            "write_errors": s.write_errors[:5],
+        }
 
 
 class ReferenceCache(EntryCache):
@@ -331,8 +359,11 @@ class PixelCache(EntryCache):
         first = not self.stats.write_errors and counts.write_errors
         self.stats.add(counts)
         if first:
-            logger.warning("pixel cache: cannot write under %s (%s); the workers go on without it", self.root,
-                           counts.write_errors[0])  # fmt: skip
+            logger.warning(
+                "pixel cache: cannot write under %s (%s); the workers go on without it",
+                self.root,
+                counts.write_errors[0],
+            )
 
     def pixels(self, source: str, digest: str | None, cfg: preprocessing.PreprocessConfig) -> np.ndarray:
         """The image's crop: from the cache when it holds it, else decoded (an OSError if it cannot be) and stored."""
@@ -360,8 +391,9 @@ def _spec(spec: str | None, flag: str) -> str | None:
     return spec
 
 
-def open_cache(spec: str | None, model: torch.nn.Module, source: dict[str, Any],
-               preprocess: preprocessing.PreprocessConfig) -> ReferenceCache | None:  # fmt: skip
+def open_cache(
+    spec: str | None, model: torch.nn.Module, source: dict[str, Any], preprocess: preprocessing.PreprocessConfig
+) -> ReferenceCache | None:
     """The cache --reference_cache names: None for "off", the default folder for None, else that folder (an empty
     value is a UserError)."""
     spec = _spec(spec, "--reference_cache")

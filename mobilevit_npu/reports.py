@@ -162,8 +162,18 @@ def write_report(path: str | Path, report: Any) -> Path:
     return write_json_atomic(path, schema.to_json(report))
 
 
-PROVENANCE_PACKAGES = ("torch", "torch_npu", "transformers", "numpy", "pillow", "onnxruntime", "openvino",
-                       "mindstudio-probe", "huggingface_hub", "safetensors")  # fmt: skip
+PROVENANCE_PACKAGES = (
+    "torch",
+    "torch_npu",
+    "transformers",
+    "numpy",
+    "pillow",
+    "onnxruntime",
+    "openvino",
+    "mindstudio-probe",
+    "huggingface_hub",
+    "safetensors",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,10 +187,19 @@ def provenance() -> dict[str, Any]:
     commit = "not a git checkout"
     if (PROJECT_DIR / ".git").exists():
         try:
-            head = subprocess.run(["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"], capture_output=True,
-                                  text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-            dirty = subprocess.run(["git", "-C", str(PROJECT_DIR), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+            head = subprocess.run(
+                ["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(PROJECT_DIR), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             commit = head + ("+dirty" if dirty else "")
         except (OSError, subprocess.SubprocessError):
             commit = "git unavailable"

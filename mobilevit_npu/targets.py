@@ -88,8 +88,8 @@ def prepare_target(
         raise UserError(f"unknown target mode {mode!r}: use {', '.join(MODES)}")
     if mode == "channels_last" and device.type == "npu":  # refused before the model is copied to the device
         raise UserError(
-            "--target_mode channels_last cannot run on npu: NPU tensors refuse channels-last memory (\"Only "
-            "c10::MemoryFormat::Contiguous is supported for creating a npu tensor\"); use eager, compiled or npugraph"
+            '--target_mode channels_last cannot run on npu: NPU tensors refuse channels-last memory ("Only '
+            'c10::MemoryFormat::Contiguous is supported for creating a npu tensor"); use eager, compiled or npugraph'
         )
     model = copy.deepcopy(reference).eval()
     model.to(dtype=models.DTYPES[dtype])
@@ -150,8 +150,13 @@ class Pair:
     below every threshold, and the price of computing the reference in batches (several times faster than image by
     image on a many-core host, or on a busy one)."""
 
-    def __init__(self, reference: Side, target: Side, cache: refcache.ReferenceCache | None = None,
-                 concurrent: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        reference: Side,
+        target: Side,
+        cache: refcache.ReferenceCache | None = None,
+        concurrent: bool | None = None,
+    ):
         self.reference, self.target, self.cache = reference, target, cache
         self.concurrent = reference.device != target.device if concurrent is None else concurrent
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="reference") if self.concurrent else None
@@ -288,9 +293,11 @@ def _merge_caches(caches: list[dict | None]) -> dict | None:
     caches = [c for c in caches if c]
     if not caches:
         return None
-    return {"folder": caches[0]["folder"], **{k: sum(c[k] for c in caches)
-            for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
-            "write_errors": [e for c in caches for e in c["write_errors"]][:5]}  # fmt: skip
+    return {
+        "folder": caches[0]["folder"],
+        **{k: sum(c[k] for c in caches) for k in ("cached", "computed", "invalid", "stored", "uncacheable")},
+        "write_errors": [e for c in caches for e in c["write_errors"]][:5],
+    }
 
 
 def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
@@ -305,9 +312,11 @@ def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
         # per side: its images over its own busy seconds, summed over ranks
         "reference_images_per_s": round(totals["reference_computed"] / totals["reference_s"], 3)
-        if totals["reference_computed"] and totals["reference_s"] > 0 else None,
+        if totals["reference_computed"] and totals["reference_s"] > 0
+        else None,
         "target_images_per_s": round(totals["target_images"] / totals["target_s"], 3)
-        if totals["target_images"] and totals["target_s"] > 0 else None,
+        if totals["target_images"] and totals["target_s"] > 0
+        else None,
         # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
         "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
         "target_first_batch_s": speeds[0]["target_first_batch_s"],
@@ -315,4 +324,4 @@ def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
         "decode_wait_s": round(sum(waits), 3) if waits else None,
         "cache": _merge_caches([s["cache"] for s in speeds]),
         "pixel_cache": _merge_caches([s.get("pixel_cache") for s in speeds]),
-    }  # fmt: skip
+    }

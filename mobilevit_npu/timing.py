@@ -93,5 +93,13 @@ def interleaved_samples(
 
 def progress_bar(total: int, enabled: bool, desc: str, unit: str = "img") -> tqdm:
     """A progress bar on stderr (rate included), shown only when `enabled` and stderr is a terminal."""
-    return tqdm(total=total, disable=None if enabled else True, desc=desc, unit=unit, file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0, leave=False)  # fmt: skip
+    return tqdm(
+        total=total,
+        disable=None if enabled else True,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        leave=False,
+    )

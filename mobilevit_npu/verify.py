@@ -102,6 +102,24 @@ class Settings(runtimes.RuntimeSettings):
         """Where a labelled run writes every image's record: REPORT.images.jsonl beside REPORT.json."""
         return Path(f"{Path(self.report).with_suffix('')}.images.jsonl")
 
+    def outputs(self) -> dict[str, Optional[str | Path]]:
+        """Every file the run writes, named as the output guard (common.check_outputs) names them."""
+        return {
+            "REPORT.json": self.report,
+            "the per-image file": self.images_file() if self.labelled else None,
+            "the journal lock": labelsets.lock_file(self.report) if self.labelled else None,
+        }
+
+    def inputs(self) -> dict[str, Any]:
+        """Every file the run reads: no output may be one of them."""
+        return {
+            "--images": self.images,
+            "--labels": self.labels,
+            "--dataset": self.dataset,
+            "--onnx": self.onnx,
+            "--om": self.om,
+        }
+
 
 def check(settings: Settings) -> None:
     """Flag combinations that cannot work, refused before any model work (UserError: one line, exit 2)."""
@@ -448,8 +466,16 @@ class _Run:
         s = self.s
         first = layers.first_divergent["name"] if layers is not None and layers.first_divergent else None
         rank = self.dist.rank if self.dist.enabled else None
-        return probe.run_sides(s.msprobe, self.reference, self.target, pixels, s.msprobe_level, s.msprobe_task,
-                               rank=rank, project_first_divergent=first)  # fmt: skip
+        return probe.run_sides(
+            s.msprobe,
+            self.reference,
+            self.target,
+            pixels,
+            s.msprobe_level,
+            s.msprobe_task,
+            rank=rank,
+            project_first_divergent=first,
+        )
 
     def msprobe_labelled(self, samples: list[labelsets.Sample]) -> Optional[dict[str, Any]]:
         """--msprobe on a labelled set: this rank's first batch (its first --msprobe_images, default --batch_size,
@@ -562,11 +588,14 @@ def format_speed(speed: dict[str, Any]) -> str:
     text = (
         f"reference: {speed['reference_cached']} cached, {speed['reference_computed']} computed{invalid} ({where}); "
         f"images/s: reference {rate(speed['reference_images_per_s'])}, target {rate(speed['target_images_per_s'])}"
-        + (f" ({rate(speed['target_images_per_s_after_first_batch'])} after its first batch)"
-           if speed.get("target_images_per_s_after_first_batch") else "")
+        + (
+            f" ({rate(speed['target_images_per_s_after_first_batch'])} after its first batch)"
+            if speed.get("target_images_per_s_after_first_batch")
+            else ""
+        )
         + (f", overall {rate(speed.get('images_per_s'))}" if speed.get("images_per_s") else "")
         + ("; reference and target concurrent" if speed["concurrent"] else "")
-    )  # fmt: skip
+    )
     if speed.get("decode_wait_s") is not None:
         text += f"\ndecoding: waited {speed['decode_wait_s']:.1f} s for decoded batches"
         if pixels:
@@ -581,14 +610,16 @@ def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str
 
     a = comparison.aggregate
     ranks = summary["per_rank_images"]
-    return "\n".join([
-        f"compared: {compared}",
-        f"images: {summary['images']} evaluated, {summary['skipped']} skipped"
-        + (f" ({summary['resumed_images']} from the --resume journal)" if summary.get("resumed_images") else "")
-        + (f"; per rank {ranks}" if len(ranks) > 1 else "")
-        + f"; {summary['images_per_s']} images/s (reference + target)",
-        f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",
-        f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
-        f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "
-        f"cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"compared: {compared}",
+            f"images: {summary['images']} evaluated, {summary['skipped']} skipped"
+            + (f" ({summary['resumed_images']} from the --resume journal)" if summary.get("resumed_images") else "")
+            + (f"; per rank {ranks}" if len(ranks) > 1 else "")
+            + f"; {summary['images_per_s']} images/s (reference + target)",
+            f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",
+            f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
+            f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "
+            f"cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}",
+        ]
+    )

@@ -20,28 +20,64 @@ from conftest import PHOTOS
 # What each fixture report is, and the arguments that make it (the model folder is `model`, the report the 2nd arg).
 TINY_RUNS = {
     # bf16 eager with --layers: a FAIL on the tiny model (bf16 rounding, 10 classes), modules below the threshold
-    "accuracy_bf16.json": ("accuracy_run", ["model", "accuracy_bf16.json", "--device", "cpu", "--dtype", "bf16",
-                                            "--layers", "--reference_cache", "off"]),
+    "accuracy_bf16.json": (
+        "accuracy_run",
+        ["model", "accuracy_bf16.json", "--device", "cpu", "--dtype", "bf16", "--layers", "--reference_cache", "off"],
+    ),
     # channels_last fp32: a PASS
-    "accuracy_cl.json": ("accuracy_run", ["model", "accuracy_cl.json", "--device", "cpu", "--target_mode",
-                                          "channels_last", "--reference_cache", "off"]),
+    "accuracy_cl.json": (
+        "accuracy_run",
+        ["model", "accuracy_cl.json", "--device", "cpu", "--target_mode", "channels_last", "--reference_cache", "off"],
+    ),
     # a labelled set (labels.csv, written by make_reports), float32 eager against the reference: a PASS
     "labelled.json": (
         "accuracy_run",
-        ["model", "labelled.json", "--device", "cpu", "--labels", "labels.csv", "--batch_size", "2", "--workers", "0",
-         "--reference_cache", "off"],
+        [
+            "model",
+            "labelled.json",
+            "--device",
+            "cpu",
+            "--labels",
+            "labels.csv",
+            "--batch_size",
+            "2",
+            "--workers",
+            "0",
+            "--reference_cache",
+            "off",
+        ],
     ),
-    "perf.json": ("accuracy_run_perf", ["model", "3", "perf.json", "--device", "cpu", "--modes", "eager,channels_last",
-                                        "--batch_sizes", "1,2", "--warmup", "1"]),
-    "inference.json": ("inference", ["--model_path", "model", "--image", "photo.png", "--output", "inference.json",
-                                     "--device", "cpu"]),
-}  # fmt: skip
+    "perf.json": (
+        "accuracy_run_perf",
+        [
+            "model",
+            "3",
+            "perf.json",
+            "--device",
+            "cpu",
+            "--modes",
+            "eager,channels_last",
+            "--batch_sizes",
+            "1,2",
+            "--warmup",
+            "1",
+        ],
+    ),
+    "inference.json": (
+        "inference",
+        ["--model_path", "model", "--image", "photo.png", "--output", "inference.json", "--device", "cpu"],
+    ),
+}
 SYNTHETIC_RUNS = {
-    "synthetic_accuracy.json": ("accuracy_run", ["model", "synthetic_accuracy.json", "--synthetic", "--device", "cpu",
-                                                 "--reference_cache", "off"]),
-    "synthetic_perf.json": ("accuracy_run_perf", ["model", "2", "synthetic_perf.json", "--synthetic", "--device",
-                                                  "cpu", "--modes", "eager", "--warmup", "0"]),
-}  # fmt: skip
+    "synthetic_accuracy.json": (
+        "accuracy_run",
+        ["model", "synthetic_accuracy.json", "--synthetic", "--device", "cpu", "--reference_cache", "off"],
+    ),
+    "synthetic_perf.json": (
+        "accuracy_run_perf",
+        ["model", "2", "synthetic_perf.json", "--synthetic", "--device", "cpu", "--modes", "eager", "--warmup", "0"],
+    ),
+}
 
 
 @contextlib.contextmanager

@@ -19,8 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ("2.5.1", "2.13.0", "2.14.0")  # the model card's stack, the one that pairs with CI's torch, the newest
 # One fixed wheel per version whatever the interpreter running the tests: pure-Python source is all that is read.
-WHEEL_PLATFORM = ("--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
-                  "--python-version", "3.11", "--only-binary", ":all:")  # fmt: skip
+WHEEL_PLATFORM = (
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--python-version",
+    "3.11",
+    "--only-binary",
+    ":all:",
+)
 ROOTS = ("torch_npu", "torchair")
 TORCHAIR_PACKAGE = "torch_npu.dynamo.torchair"  # where the wheel ships it; torch_npu installs it as `torchair`
 SKIP_DIRS = {"tests", ".venv", "venv", ".git", "build", "dist", "__pycache__", "node_modules"}
@@ -47,8 +55,19 @@ def fetch_wheel(version: str, folder: Path | None = None) -> Path:
     found = sorted(folder.glob(f"torch_npu-{version}-*.whl"))
     if found:
         return found[-1]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check",
-           f"torch-npu=={version}", "-d", str(folder), *WHEEL_PLATFORM]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--disable-pip-version-check",
+        f"torch-npu=={version}",
+        "-d",
+        str(folder),
+        *WHEEL_PLATFORM,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -231,13 +250,17 @@ class _Collector(ast.NodeVisitor):
     def visit_Call(self, node):
         path = self.path_of(node.func)
         if path and isinstance(node.func, ast.Attribute):
-            self.uses.append(Use(
-                path, "call", self._where(node),
-                nargs=sum(not isinstance(a, ast.Starred) for a in node.args),
-                keywords=tuple(k.arg for k in node.keywords if k.arg),
-                open_args=any(isinstance(a, ast.Starred) for a in node.args)
-                or any(k.arg is None for k in node.keywords),
-            ))  # fmt: skip
+            self.uses.append(
+                Use(
+                    path,
+                    "call",
+                    self._where(node),
+                    nargs=sum(not isinstance(a, ast.Starred) for a in node.args),
+                    keywords=tuple(k.arg for k in node.keywords if k.arg),
+                    open_args=any(isinstance(a, ast.Starred) for a in node.args)
+                    or any(k.arg is None for k in node.keywords),
+                )
+            )
             self.visit(node.func.value)
             for child in node.args + [k.value for k in node.keywords]:
                 self.visit(child)
@@ -496,8 +519,11 @@ class Source:
                         if isinstance(node, (ast.Assign, ast.AnnAssign)):
                             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                             for t in targets:
-                                if (isinstance(t, ast.Attribute) and t.attr == name
-                                        and getattr(t.value, "id", None) == "self"):  # fmt: skip
+                                if (
+                                    isinstance(t, ast.Attribute)
+                                    and t.attr == name
+                                    and getattr(t.value, "id", None) == "self"
+                                ):
                                     return self._value(module, node.value, depth, owner=(cls, fn))
             for fn in cls.body:  # __getattr__ / __setattr__ that test `name == "<this>"`
                 if isinstance(fn, ast.FunctionDef) and fn.name in ("__getattr__", "__setattr__", "__getattribute__"):

@@ -17,7 +17,9 @@ import accuracy_run
 from mobilevit_npu import bench, compilers, devices, execution, layerwise, metrics, models, targets
 
 PERTURBED = "mobilevit.encoder.layer.1.layer.0.conv_3x3.convolution"
-COFFEE = str(ROOT / "mobilevit_npu" / "data" / "images" / "coffee.png")  # a clear top-1 on the synthetic X-Small (no near tie)
+COFFEE = str(
+    ROOT / "mobilevit_npu" / "data" / "images" / "coffee.png"
+)  # a clear top-1 on the synthetic X-Small (no near tie)
 
 EXAMPLE = torch.zeros(1, 3, 256, 256)  # the batch shape compiled targets are built for
 
@@ -188,8 +190,16 @@ def test_compiled_target_is_built_as_the_benchmark_builds_its_compiled_mode(tiny
     calls = record_compiles(monkeypatch)
     loaded = models.load_model(str(tiny_model_dir))
     targets.prepare_target(loaded.model, devices.Device("cpu"), "fp32", "compiled", EXAMPLE)
-    bench.run_benchmark(loaded, devices.Device("cpu"), modes=["compiled"], iterations=1, warmup=0,
-                        images=PHOTOS[:1], progress=False, measure_roofline=False)  # fmt: skip
+    bench.run_benchmark(
+        loaded,
+        devices.Device("cpu"),
+        modes=["compiled"],
+        iterations=1,
+        warmup=0,
+        images=PHOTOS[:1],
+        progress=False,
+        measure_roofline=False,
+    )
     assert len(calls) == 2 and calls[0] == calls[1]
 
 
@@ -197,8 +207,11 @@ def test_compiled_target_is_built_as_the_benchmark_builds_its_compiled_mode(tiny
 def test_compiled_target_report_names_the_benchmark_compile_settings(tmp_path, tiny_model_dir):
     rc, report = run(tmp_path, tiny_model_dir, "--images", PHOTOS[0], "--target_mode", "compiled")
     assert rc == 0 and report["verdict"] == "PASS"
-    build = "AOTInductor: torch.export + aoti_compile_and_package, freezing" if compilers.aoti_available() else (
-        "inductor, torch._inductor.config.freezing=True (weights constant-folded and prepacked)")
+    build = (
+        "AOTInductor: torch.export + aoti_compile_and_package, freezing"
+        if compilers.aoti_available()
+        else ("inductor, torch._inductor.config.freezing=True (weights constant-folded and prepacked)")
+    )
     assert build in report["target"]["notes"]  # the benchmark's CPU compile
 
 
@@ -316,12 +329,19 @@ def test_absent_or_unknown_device_is_exit_2(tmp_path, tiny_model_dir, capsys, sp
 
 def test_usage_errors_are_exit_2(tmp_path, tiny_model_dir):
     assert accuracy_run.main(["--allocator", "system", str(tiny_model_dir)]) == 2  # no REPORT.json
-    assert accuracy_run.main(["--allocator", "system",
-                              str(tiny_model_dir), str(tmp_path / "r.json"), "--dtype", "fp8"]) == 2
-    assert accuracy_run.main(["--allocator", "system",
-                              str(tiny_model_dir), str(tmp_path), "--device", "cpu"]) == 2  # a directory
-    assert accuracy_run.main(["--allocator", "system",
-                              str(tmp_path / "no_model"), str(tmp_path / "r.json"), "--device", "cpu"]) == 2
+    assert (
+        accuracy_run.main(["--allocator", "system", str(tiny_model_dir), str(tmp_path / "r.json"), "--dtype", "fp8"])
+        == 2
+    )
+    assert (
+        accuracy_run.main(["--allocator", "system", str(tiny_model_dir), str(tmp_path), "--device", "cpu"]) == 2
+    )  # a directory
+    assert (
+        accuracy_run.main(
+            ["--allocator", "system", str(tmp_path / "no_model"), str(tmp_path / "r.json"), "--device", "cpu"]
+        )
+        == 2
+    )
 
 
 def test_synthetic_flag_is_stated_in_the_report(tmp_path):
@@ -349,10 +369,22 @@ def test_every_flag_has_help_and_a_kebab_twin():
 def test_script_runs_as_a_subprocess(tmp_path, tiny_model_dir):
     report = tmp_path / "r.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "accuracy_run.py"), str(tiny_model_dir), str(report), "--device", "cpu",
-         "--images", PHOTOS[0], "--layers"],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "accuracy_run.py"),
+            str(tiny_model_dir),
+            str(report),
+            "--device",
+            "cpu",
+            "--images",
+            PHOTOS[0],
+            "--layers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("VERDICT: PASS  cpu float32 eager  vs  cpu float32 eager")
     data = read_json(report)

@@ -535,11 +535,25 @@ def test_run_adds_resumed_images_to_their_ranks(tmp_path):
     journal = labelsets.Journal(tmp_path / "r.json", dist, {"k": 1}, resume=False)
     journal.close(remove=False)
     with open(tmp_path / "r.json.parts" / "rank1.jsonl", "w") as fh:  # an earlier run on two ranks
-        fh.write(reports.json_line({"v": labelsets.JOURNAL_FORMAT, "sha256": models.sha256_file(Path(PHOTOS[0])),
-                                    "record": {"image": PHOTOS[0], "label": 0}}))
+        fh.write(
+            reports.json_line(
+                {
+                    "v": labelsets.JOURNAL_FORMAT,
+                    "sha256": models.sha256_file(Path(PHOTOS[0])),
+                    "record": {"image": PHOTOS[0], "label": 0},
+                }
+            )
+        )
     journal = labelsets.Journal(tmp_path / "r.json", dist, {"k": 1}, resume=True)
-    records, per_rank = labelsets.run(samples, preprocessing.PreprocessConfig(),
-                                      lambda batch, pixels: [{"image": s.image} for s in batch], dist, 2, 0, journal)
+    records, per_rank = labelsets.run(
+        samples,
+        preprocessing.PreprocessConfig(),
+        lambda batch, pixels: [{"image": s.image} for s in batch],
+        dist,
+        2,
+        0,
+        journal,
+    )
     journal.close(remove=True)
     assert len(records) == len(PHOTOS) and per_rank == [len(PHOTOS) - 1, 1] and journal.resumed == 1
 
@@ -566,8 +580,11 @@ def test_report_arguments_must_end_in_json(tiny_model_dir, tmp_path, monkeypatch
 def fake_results(end_to_end: bool, low: float, high: float, n: int = 40) -> list[dict]:
     rng = np.random.default_rng(0)
     samples = list(np.exp(rng.uniform(np.log(low), np.log(high), n)))
-    return [{"mode": m, "batch_size": b, "dtype": "fp16", "end_to_end": end_to_end, "samples_ms": samples}
-            for m in ("eager", "fast") for b in (1, 32)]  # fmt: skip
+    return [
+        {"mode": m, "batch_size": b, "dtype": "fp16", "end_to_end": end_to_end, "samples_ms": samples}
+        for m in ("eager", "fast")
+        for b in (1, 32)
+    ]
 
 
 @pytest.mark.parametrize("end_to_end, low, high", [(False, 30.0, 40.0), (True, 1.5, 900.0)])
@@ -683,10 +700,23 @@ def test_labels_row_naming_dev_zero_is_skipped_not_hashed_forever(tiny_model_dir
     labels = tmp_path / "labels.csv"
     labels.write_text("cat.png,1\nzero.png,2\n")
     report = tmp_path / "r.json"
-    cmd = [sys.executable, str(ROOT / "accuracy_run.py"), str(tiny_model_dir), str(report), "--device", "cpu",
-           "--labels", str(labels), "--workers", "1", "--max_skipped", "1"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "accuracy_run.py"),
+        str(tiny_model_dir),
+        str(report),
+        "--device",
+        "cpu",
+        "--labels",
+        str(labels),
+        "--workers",
+        "1",
+        "--max_skipped",
+        "1",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     errors = read_json(report)["errors"]
     assert len(errors) == 1 and "zero.png" in errors[0]["image"] and "not a regular file" in errors[0]["error"]
@@ -700,8 +730,21 @@ def test_model_folder_file_that_is_a_device_is_refused(model_copy, capsys):
 
 
 def test_benchmark_batch_over_memory_is_one_line_not_an_oom_kill(tiny_model_dir, capsys):
-    rc = inference.main(["--model_path", str(tiny_model_dir), "--benchmark", "--batch_size", "1000000000",
-                         "--iterations", "1", "--warmup", "0", "--device", "cpu"])  # fmt: skip
+    rc = inference.main(
+        [
+            "--model_path",
+            str(tiny_model_dir),
+            "--benchmark",
+            "--batch_size",
+            "1000000000",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "--batch_size 1000000000" in line and "needs about" in line
 
@@ -709,8 +752,18 @@ def test_benchmark_batch_over_memory_is_one_line_not_an_oom_kill(tiny_model_dir,
 def test_labelled_batch_is_bounded_by_the_images(tiny_model_dir, labelled_set, tmp_path, capsys):
     # needs verify to build its example and warm-up with labelsets.bounded_batch
     report = tmp_path / "r.json"
-    argv = [str(tiny_model_dir), str(report), "--dataset", str(labelled_set), "--device", "cpu", "--batch_size",
-            "1000000000", "--workers", "0"]  # fmt: skip
+    argv = [
+        str(tiny_model_dir),
+        str(report),
+        "--dataset",
+        str(labelled_set),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "1000000000",
+        "--workers",
+        "0",
+    ]
     assert accuracy_run.main(argv) == 0, capsys.readouterr().err
     assert read_json(report)["dataset"]["images"] == 4
 
@@ -763,8 +816,7 @@ def killed_run(tiny_model_dir, labelled_set, report, monkeypatch, *extra) -> Non
 
 
 @pytest.mark.parametrize("bad", ['{"foo": 1}', '{"image": "x.png", "label": 1, "metrics": {}}', "not json"])
-def test_resume_refuses_a_journal_line_it_cannot_read(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys,
-                                                      bad):  # fmt: skip
+def test_resume_refuses_a_journal_line_it_cannot_read(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys, bad):
     report = tmp_path / "r.json"
     killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
     journal = tmp_path / "r.json.parts" / "rank0.jsonl"
@@ -776,12 +828,15 @@ def test_resume_refuses_a_journal_line_it_cannot_read(tiny_model_dir, labelled_s
     assert not report.exists() and journal.exists()  # nothing done, the journal kept for a look
 
 
-def test_resume_redoes_an_image_whose_bytes_changed(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys,
-                                                    caplog):  # fmt: skip
+def test_resume_redoes_an_image_whose_bytes_changed(
+    tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys, caplog
+):
     report = tmp_path / "r.json"
     killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
-    journaled = [json.loads(line)["record"]["image"]
-                 for line in (tmp_path / "r.json.parts" / "rank0.jsonl").read_text().splitlines()]  # fmt: skip
+    journaled = [
+        json.loads(line)["record"]["image"]
+        for line in (tmp_path / "r.json.parts" / "rank0.jsonl").read_text().splitlines()
+    ]
     shutil.copy(PHOTOS[-1], journaled[0])  # other bytes under the same name
     assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume")) == 0
     assert read_json(report)["dataset"]["resumed_images"] == 1
@@ -792,8 +847,9 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, labelled_set, 
     report = tmp_path / "r.json"
     assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0")) == 0
     before = report.read_bytes()
-    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume",
-                                    "--dtype", "bf16"))  # fmt: skip
+    rc = accuracy_run.main(
+        labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume", "--dtype", "bf16")
+    )
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "finished run" in line and report.read_bytes() == before
 
@@ -801,8 +857,9 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, labelled_set, 
 def test_resume_names_the_setting_that_differs(tiny_model_dir, labelled_set, tmp_path, monkeypatch, capsys):
     report = tmp_path / "r.json"
     killed_run(tiny_model_dir, labelled_set, report, monkeypatch)
-    rc = accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume",
-                                    "--min_cosine", "0.5"))  # fmt: skip
+    rc = accuracy_run.main(
+        labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--resume", "--min_cosine", "0.5")
+    )
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "thresholds" in line
 
@@ -883,8 +940,16 @@ def test_stray_image_beside_class_folders_is_counted(tiny_model_dir, labelled_se
 def test_reference_cache_that_is_a_file_is_said_once(tiny_model_dir, tmp_path, capsys, caplog):
     cache = tmp_path / "cache"
     cache.write_text("a file")
-    argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", "--reference_cache", str(cache),
-            "--images", *PHOTOS[:3]]
+    argv = [
+        str(tiny_model_dir),
+        str(tmp_path / "r.json"),
+        "--device",
+        "cpu",
+        "--reference_cache",
+        str(cache),
+        "--images",
+        *PHOTOS[:3],
+    ]
     assert accuracy_run.main(argv) == 0
     warnings = [r.getMessage() for r in caplog.records if "reference cache" in r.getMessage()]
     assert len(warnings) == 1 and "ENOTDIR" in warnings[0]
@@ -909,8 +974,16 @@ def test_cache_entries_get_the_users_umask(tiny_model_dir, tmp_path):
     cache = tmp_path / "refs"
     old = os.umask(0o022)
     try:
-        argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", "--reference_cache", str(cache),
-                "--images", CHELSEA]
+        argv = [
+            str(tiny_model_dir),
+            str(tmp_path / "r.json"),
+            "--device",
+            "cpu",
+            "--reference_cache",
+            str(cache),
+            "--images",
+            CHELSEA,
+        ]
         assert accuracy_run.main(argv) == 0
     finally:
         os.umask(old)
@@ -918,8 +991,9 @@ def test_cache_entries_get_the_users_umask(tiny_model_dir, tmp_path):
     assert entries and {stat.S_IMODE(p.stat().st_mode) for p in entries} == {0o644}
 
 
-def test_pixel_cache_on_a_full_disk_is_said_once_for_all_workers(tiny_model_dir, labelled_set, tmp_path, monkeypatch,
-                                                                 caplog):  # fmt: skip
+def test_pixel_cache_on_a_full_disk_is_said_once_for_all_workers(
+    tiny_model_dir, labelled_set, tmp_path, monkeypatch, caplog
+):
     """Injected ENOSPC: every pixel-cache write fails as on a full disk, in each (forked) decoding worker."""
     from mobilevit_npu import refcache
 
@@ -928,8 +1002,17 @@ def test_pixel_cache_on_a_full_disk_is_said_once_for_all_workers(tiny_model_dir,
 
     monkeypatch.setattr(refcache.EntryCache, "_write_atomic", staticmethod(full))
     report = tmp_path / "r.json"
-    argv = labelled(tiny_model_dir, labelled_set, report, "--workers", "2", "--batch_size", "1", "--pixel_cache",
-                    str(tmp_path / "pixels"))  # fmt: skip
+    argv = labelled(
+        tiny_model_dir,
+        labelled_set,
+        report,
+        "--workers",
+        "2",
+        "--batch_size",
+        "1",
+        "--pixel_cache",
+        str(tmp_path / "pixels"),
+    )
     assert accuracy_run.main(argv) == 0
     said = [r.getMessage() for r in caplog.records if "pixel cache" in r.getMessage()]
     assert len(said) == 1 and "No space left on device" in said[0]

@@ -56,11 +56,31 @@ def save(path, data) -> None:
 
 def test_card_has_every_section_in_both_languages(tiny_set):
     zh, en = halves(write_card(TINY))
-    for heading in ("## 简介", "## 快速上手", "## 已知问题", "## 运行环境", "## 精度", "## 性能", "## 模型", "## 复现",
-                    "## 数据来源", "## 引用"):  # fmt: skip
+    for heading in (
+        "## 简介",
+        "## 快速上手",
+        "## 已知问题",
+        "## 运行环境",
+        "## 精度",
+        "## 性能",
+        "## 模型",
+        "## 复现",
+        "## 数据来源",
+        "## 引用",
+    ):
         assert heading in zh
-    for heading in ("## Introduction", "## Quick start", "## Known issues", "## Environment", "## Accuracy",
-                    "## Performance", "## Model", "## Reproduce", "## Sources", "## Citation"):  # fmt: skip
+    for heading in (
+        "## Introduction",
+        "## Quick start",
+        "## Known issues",
+        "## Environment",
+        "## Accuracy",
+        "## Performance",
+        "## Model",
+        "## Reproduce",
+        "## Sources",
+        "## Citation",
+    ):
         assert heading in en
     for half in (zh, en):
         assert "https://arxiv.org/abs/2110.02178" in half and "https://github.com/apple/ml-cvnets" in half
@@ -261,9 +281,11 @@ def test_zh_synthetic_half_has_no_english_prose(synthetic_set):
 
 def test_the_same_file_twice_is_refused_and_nothing_changes(tiny_set, capsys):
     before = hashes(tiny_set)
-    for argv in (["accuracy_bf16.json", "accuracy_bf16.json", "perf.json"],
-                 ["accuracy_bf16.json", "perf.json", "accuracy_bf16.json", "perf.json"],
-                 ["accuracy_bf16.json", "./accuracy_bf16.json", "perf.json"]):  # fmt: skip
+    for argv in (
+        ["accuracy_bf16.json", "accuracy_bf16.json", "perf.json"],
+        ["accuracy_bf16.json", "perf.json", "accuracy_bf16.json", "perf.json"],
+        ["accuracy_bf16.json", "./accuracy_bf16.json", "perf.json"],
+    ):
         assert port_report.main([*argv, "--output", "card.md"]) == 2
         assert "given twice" in capsys.readouterr().err
     os.link("perf.json", "perf_link.json")
@@ -353,8 +375,10 @@ def test_first_divergent_without_its_fields_is_refused(tiny_set, capsys):
 
 
 def test_reports_of_different_weights_are_refused(tiny_set, synthetic_reports, capsys):
-    assert port_report.main(["accuracy_bf16.json", str(synthetic_reports / "synthetic_perf.json"),
-                             "--output", "card.md"]) == 1  # fmt: skip
+    assert (
+        port_report.main(["accuracy_bf16.json", str(synthetic_reports / "synthetic_perf.json"), "--output", "card.md"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "different weights" in err and "seed 0" in err
     assert not Path("card.md").exists()
@@ -500,8 +524,9 @@ def test_every_field_the_card_reads_is_declared_and_written(tiny_set, synthetic_
 
 
 def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "port_report.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "port_report.py", "--help"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    ).stdout
     for flag in ("--lang", "--output", "--assets", "--model_path", "--allow_unknown_fields"):
         assert flag in out
     assert "both = one file" in " ".join(out.split())
@@ -554,8 +579,19 @@ def test_msprobe_summary_in_both_languages(tiny_set):
     in both halves, the Chinese one without English prose."""
     from card_fixtures import make_reports
 
-    argv = ["--device", "cpu", "--dtype", "bf16", "--layers", "--reference_cache", "off", "--msprobe", "probe",
-            "--msprobe_images", "1"]  # fmt: skip
+    argv = [
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--layers",
+        "--reference_cache",
+        "off",
+        "--msprobe",
+        "probe",
+        "--msprobe_images",
+        "1",
+    ]
     make_reports(tiny_set, None, {"probe.json": ("accuracy_run", ["model", "probe.json", *argv])})
     probe = load("probe.json")["msprobe"]
     zh, en = halves(write_card(["probe.json", "perf.json"]))
@@ -582,8 +618,13 @@ def as_npu_run(path: str, operators: list[str], conv_hf32: bool) -> None:
         data["device"] = "npu:0"
     else:
         data["target"]["device"] = "npu:0"
-    data["cpu_fallbacks"] = {"device": "npu:0", "status": npu.OBSERVED, "operators": operators, "note": npu.NOTE,
-                             "error_switch": None}  # fmt: skip
+    data["cpu_fallbacks"] = {
+        "device": "npu:0",
+        "status": npu.OBSERVED,
+        "operators": operators,
+        "note": npu.NOTE,
+        "error_switch": None,
+    }
     save(path, data)
 
 

@@ -222,8 +222,12 @@ def test_committed_model_config_is_x_small():
 
 LEGACY = {"size": 288, "crop_size": 256, "resample": 2, "do_flip_channel_order": True, "do_center_crop": True}
 CURRENT = {
-    "size": {"shortest_edge": 288}, "crop_size": {"height": 256, "width": 256}, "resample": 2,
-    "do_flip_channel_order": True, "do_rescale": True, "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 288},
+    "crop_size": {"height": 256, "width": 256},
+    "resample": 2,
+    "do_flip_channel_order": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
 }
 
 
@@ -315,8 +319,13 @@ def test_expand_images(tmp_path):
     for name in ("b.png", "a.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     got = preprocessing.expand_images([str(tmp_path), str(tmp_path / "*.png"), "http://x/y.jpg", "missing.png"])
-    assert got == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), str(tmp_path / "b.png"), "http://x/y.jpg",
-                   "missing.png"]
+    assert got == [
+        str(tmp_path / "a.jpg"),
+        str(tmp_path / "b.png"),
+        str(tmp_path / "b.png"),
+        "http://x/y.jpg",
+        "missing.png",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ synthetic weights
@@ -328,8 +337,11 @@ def test_synthetic_x_small_has_healthy_activations():
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) for m in norms)
     means = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: means.append(out.abs().mean().item()))
-             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: means.append(out.abs().mean().item()))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
     cfg = preprocessing.PreprocessConfig()
     batch = torch.stack([torch.from_numpy(preprocessing.preprocess(p, cfg)) for p in PHOTOS])
     with torch.no_grad():
@@ -398,10 +410,14 @@ def test_output_guard_refuses_inputs_model_files_and_twin_outputs(tmp_path, mode
         ({"--output": str(image)}, {"--images": [str(image)]}, None, "is the input --images"),
         ({"--output": str(tmp_path / "alias.json")}, {"--images": [str(image)]}, None, "is the input --images"),
         ({"--output": str(model_copy / "new.json")}, {}, model_copy, "inside the model folder"),
-        ({"REPORT.json": str(tmp_path / "r.json"), "--plot": str(tmp_path / "." / "r.json")}, {}, None,
-         "are the same file"),
+        (
+            {"REPORT.json": str(tmp_path / "r.json"), "--plot": str(tmp_path / "." / "r.json")},
+            {},
+            None,
+            "are the same file",
+        ),
         ({"--output": ""}, {}, None, "empty path"),
-    ]  # fmt: skip
+    ]
     for outputs, inputs, model_dir, message in cases:
         with pytest.raises(errors.UserError, match=message) as refused:
             common.check_outputs(outputs, inputs, model_dir)

@@ -112,7 +112,6 @@ def test_decoding_workers_never_compete_with_the_model():
         assert nice == 19
 
 
-
 @pytest.mark.parametrize(("cores", "world", "expected"), [(2, 1, 2), (4, 2, 2), (2, 4, 1), (None, 1, 1), (64, 1, 8)])
 def test_default_workers_share_the_cores_among_ranks(monkeypatch, cores, world, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
@@ -160,8 +159,10 @@ def test_run_journals_and_resumes(tmp_path):
     lines = (tmp_path / "report.json.parts" / "rank0.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines]
     assert [e["record"]["image"] for e in entries] == [s.image for s in samples[:3]]
-    assert all(e["v"] == labelsets.JOURNAL_FORMAT and e["sha256"] == refcache.file_digest(e["record"]["image"])
-               for e in entries)  # fmt: skip
+    assert all(
+        e["v"] == labelsets.JOURNAL_FORMAT and e["sha256"] == refcache.file_digest(e["record"]["image"])
+        for e in entries
+    )
     with open(tmp_path / "report.json.parts" / "rank0.jsonl", "a") as fh:
         fh.write('{"image": "torn')  # a crash mid-line
 
@@ -183,8 +184,16 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def torchrun(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(ROOT / script),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -229,8 +238,23 @@ def labelled_set(tmp_path):
 
 
 def labelled_args(model_dir, root, report, *extra):
-    return [str(model_dir), str(report), "--dataset", str(root), "--device", "cpu", "--batch_size", "2",
-            "--workers", "0", "--allocator", "system", "--max_skipped", "1", *extra]  # the set holds one broken file
+    return [
+        str(model_dir),
+        str(report),
+        "--dataset",
+        str(root),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--workers",
+        "0",
+        "--allocator",
+        "system",
+        "--max_skipped",
+        "1",
+        *extra,
+    ]  # the set holds one broken file
 
 
 def test_accuracy_on_a_labelled_folder(tiny_model_dir, labelled_set, tmp_path, capsys):
@@ -258,9 +282,23 @@ def test_labels_csv_run(tiny_model_dir, tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("image,class_id\n" + "".join(f"{p},{i}\n" for i, p in enumerate(PHOTOS[:3])))
     report = tmp_path / "r.json"
-    assert accuracy_run.main(["--allocator", "system",
-                              str(tiny_model_dir), str(report), "--labels", str(csv), "--device", "cpu",
-                              "--workers", "0"]) == 0
+    assert (
+        accuracy_run.main(
+            [
+                "--allocator",
+                "system",
+                str(tiny_model_dir),
+                str(report),
+                "--labels",
+                str(csv),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert read_json(report)["dataset"]["images"] == 3
 
 

@@ -20,11 +20,13 @@ from mobilevit_npu import devices, distributed, preprocessing
 @pytest.fixture(scope="module")
 def http_photos():
     """A loopback HTTP server over tests/data."""
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
     handler = functools.partial(Quiet, directory=str(DATA_DIR))
+
     class Server(http.server.ThreadingHTTPServer):
         def handle_error(self, request, client_address):
             pass  # a client that hangs up early (the size-cap test) is expected
@@ -43,9 +45,23 @@ def test_synthetic_x_small_matches_transformers_own_pipeline(synthetic_model_dir
     from transformers.image_utils import load_image
 
     out = tmp_path / "out.json"
-    assert inference.main(["--allocator", "system",
-                           "--model_path", str(synthetic_model_dir), "--image", *PHOTOS, "--device", "cpu",
-                           "--output", str(out)]) == 0
+    assert (
+        inference.main(
+            [
+                "--allocator",
+                "system",
+                "--model_path",
+                str(synthetic_model_dir),
+                "--image",
+                *PHOTOS,
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = read_json(out)
     processor_cls = getattr(transformers, "MobileViTImageProcessorPil", None) or transformers.MobileViTImageProcessor
     processor = processor_cls.from_pretrained(str(synthetic_model_dir))
@@ -64,9 +80,22 @@ def test_synthetic_x_small_matches_transformers_own_pipeline(synthetic_model_dir
 
 def test_report_shape_and_console_table(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = inference.main(["--allocator", "system",
-                         "--model_path", str(tiny_model_dir), "--image", str(DATA_DIR), "--top_k", "3",
-                         "--batch_size", "2", "--output", str(out)])
+    rc = inference.main(
+        [
+            "--allocator",
+            "system",
+            "--model_path",
+            str(tiny_model_dir),
+            "--image",
+            str(DATA_DIR),
+            "--top_k",
+            "3",
+            "--batch_size",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = read_json(out)
     assert set(report) >= {"tool", "argv", "model_source", "device", "dtype", "environment", "results", "errors"}
@@ -88,9 +117,23 @@ def test_batching_does_not_change_results(tiny_model_dir, tmp_path):
     outs = []
     for batch in ("1", "4"):
         out = tmp_path / f"b{batch}.json"
-        assert inference.main(["--allocator", "system",
-                               "--model_path", str(tiny_model_dir), "--image", *PHOTOS, "--batch_size", batch,
-                               "--output", str(out)]) == 0
+        assert (
+            inference.main(
+                [
+                    "--allocator",
+                    "system",
+                    "--model_path",
+                    str(tiny_model_dir),
+                    "--image",
+                    *PHOTOS,
+                    "--batch_size",
+                    batch,
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs.append(read_json(out)["results"])
     for a, b in zip(*outs):
         assert [p["class_id"] for p in a["predictions"]] == [p["class_id"] for p in b["predictions"]]
@@ -101,9 +144,23 @@ def test_batching_does_not_change_results(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_reduced_precision_runs(tiny_model_dir, tmp_path, dtype):
     out = tmp_path / "out.json"
-    assert inference.main(["--allocator", "system",
-                           "--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--dtype", dtype,
-                           "--output", str(out)]) == 0
+    assert (
+        inference.main(
+            [
+                "--allocator",
+                "system",
+                "--model_path",
+                str(tiny_model_dir),
+                "--image",
+                PHOTOS[0],
+                "--dtype",
+                dtype,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = read_json(out)
     assert report["dtype"] == dtype and 0 < report["results"][0]["predictions"][0]["probability"] <= 1
 
@@ -115,10 +172,18 @@ def test_bad_images_are_reported_and_the_rest_go_on(tiny_model_dir, tmp_path, ht
     truncated.write_bytes(Path(PHOTOS[0]).read_bytes()[:4000])
     out = tmp_path / "out.json"
     chelsea = str(DATA_DIR / "chelsea.png")
-    images = [chelsea, str(text), str(truncated), str(tmp_path / "missing.png"), f"{http_photos}/chelsea.png",
-              f"{http_photos}/nope.png", "http://127.0.0.1:9/refused.jpg"]
-    rc = inference.main(["--allocator", "system",
-                         "--model_path", str(tiny_model_dir), "--image", *images, "--output", str(out)])
+    images = [
+        chelsea,
+        str(text),
+        str(truncated),
+        str(tmp_path / "missing.png"),
+        f"{http_photos}/chelsea.png",
+        f"{http_photos}/nope.png",
+        "http://127.0.0.1:9/refused.jpg",
+    ]
+    rc = inference.main(
+        ["--allocator", "system", "--model_path", str(tiny_model_dir), "--image", *images, "--output", str(out)]
+    )
     assert rc == 1
     report = read_json(out)
     assert [r["image"] for r in report["results"]] == [chelsea, f"{http_photos}/chelsea.png"]
@@ -150,8 +215,12 @@ def test_model_and_device_errors_exit_2(tiny_model_dir, capsys, args, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_absent_cuda_exit_2(tiny_model_dir, capsys):
-    assert inference.main(["--allocator", "system",
-                           "--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--device", "cuda"]) == 2
+    assert (
+        inference.main(
+            ["--allocator", "system", "--model_path", str(tiny_model_dir), "--image", PHOTOS[0], "--device", "cuda"]
+        )
+        == 2
+    )
     assert "no CUDA device" in capsys.readouterr().err
 
 
@@ -169,22 +238,52 @@ def test_usage_errors_exit_2(argv):
 
 def test_kebab_case_twins(tiny_model_dir, tmp_path):
     out = tmp_path / "out.json"
-    assert inference.main(["--allocator", "system",
-                           "--model-path", str(tiny_model_dir), "--image", PHOTOS[0], "--top-k", "2",
-                           "--batch-size", "1", "--output", str(out)]) == 0
+    assert (
+        inference.main(
+            [
+                "--allocator",
+                "system",
+                "--model-path",
+                str(tiny_model_dir),
+                "--image",
+                PHOTOS[0],
+                "--top-k",
+                "2",
+                "--batch-size",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(read_json(out)["results"][0]["predictions"]) == 2
 
 
 def test_script_runs_as_a_subprocess(tiny_model_dir):
     proc = subprocess.run(
         [sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--image", PHOTOS[2], "--top_k", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "chelsea.png" in proc.stdout and "rank  class  label" in proc.stdout
     help_text = subprocess.run([sys.executable, "inference.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    for flag in ("--model_path", "--image", "--top_k", "--batch_size", "--dtype", "--output", "--device",
-                 "--benchmark", "--iterations", "--warmup", "--jit_compile"):
+    for flag in (
+        "--model_path",
+        "--image",
+        "--top_k",
+        "--batch_size",
+        "--dtype",
+        "--output",
+        "--device",
+        "--benchmark",
+        "--iterations",
+        "--warmup",
+        "--jit_compile",
+    ):
         assert flag in help_text.stdout
 
 
@@ -193,8 +292,21 @@ def test_benchmark_flag_goes_through_the_shared_benchmark(tiny_model_dir, tmp_pa
     real_sync = devices.synchronize
     monkeypatch.setattr(devices, "synchronize", lambda device: (calls.append(str(device)), real_sync(device))[1])
     out = tmp_path / "bench.json"
-    argv = ["--model_path", str(tiny_model_dir), "--benchmark", "--iterations", "4", "--warmup", "1",
-            "--batch_size", "2", "--output", str(out), "--allocator", "system"]
+    argv = [
+        "--model_path",
+        str(tiny_model_dir),
+        "--benchmark",
+        "--iterations",
+        "4",
+        "--warmup",
+        "1",
+        "--batch_size",
+        "2",
+        "--output",
+        str(out),
+        "--allocator",
+        "system",
+    ]
     assert inference.main(argv) == 0
     report = read_json(out)
     (result,) = report["results"]

@@ -72,8 +72,15 @@ def test_broken_torchair_makes_compiled_modes_unavailable_not_the_run(npu_standi
     with pytest.raises(Exception) as info:
         torchair.CompilerConfig()
     assert not isinstance(info.value, ImportError)  # _TorchairImportError, as in torch_npu 2.5.1
-    results = bench.run_benchmark(_tiny(tiny_model_dir), device, modes=["eager", "compiled", "npugraph"],
-                                  iterations=1, warmup=0, progress=False, measure_roofline=False)  # fmt: skip
+    results = bench.run_benchmark(
+        _tiny(tiny_model_dir),
+        device,
+        modes=["eager", "compiled", "npugraph"],
+        iterations=1,
+        warmup=0,
+        progress=False,
+        measure_roofline=False,
+    )
     rows = {r["mode"]: r for r in results}
     assert rows["eager"]["status"] == "ok"
     for mode in ("compiled", "npugraph"):
@@ -154,8 +161,9 @@ def _torchair_without_sdpa_converter(fn, device, name, example, cpp_wrapper=Fals
     module = fn if hasattr(fn, "modules") else (fn.__defaults__ or [None])[0]  # bf16: the autocast wrapper's _fast
     layers = [m for m in module.modules() if isinstance(m, fastpath.TransformerLayer)]
     if any(not layer.math_attention for layer in layers):
-        raise Unavailable("torch.compile failed (NotImplementedError: no converter for "
-                          "aten._scaled_dot_product_flash_attention)")  # fmt: skip
+        raise Unavailable(
+            "torch.compile failed (NotImplementedError: no converter for aten._scaled_dot_product_flash_attention)"
+        )
     return fn, 0.5, ["torchair GE graph (CompilerConfig defaults)"]
 
 
@@ -232,8 +240,13 @@ def test_every_wording_written_natively_is_captured_and_other_lines_pass(capfd):
         standin.native_write(b"an ordinary native line\n")
         print("an ordinary Python line", file=sys.stderr)
     assert fb.operators == ALL_WORDING_OPERATORS
-    assert fb.summary() == {"device": "npu:0", "status": "observed", "operators": ALL_WORDING_OPERATORS,
-                            "note": npu.NOTE, "error_switch": None}  # fmt: skip
+    assert fb.summary() == {
+        "device": "npu:0",
+        "status": "observed",
+        "operators": ALL_WORDING_OPERATORS,
+        "note": npu.NOTE,
+        "error_switch": None,
+    }
     assert "once per operator per process" in fb.summary()["note"]
     err = capfd.readouterr().err
     assert "an ordinary native line\n" in err and "an ordinary Python line\n" in err
@@ -287,8 +300,9 @@ def test_the_standin_warns_natively_once_per_operator_not_through_python_warning
         ({"RANK": "0"}, "observed", "aten::_foo_op"),
     ],
 )
-def test_what_torch_npu_prints_decides_what_the_report_can_say(npu_standin, tiny_model_dir, monkeypatch, capfd, env,
-                                                               status, line):  # fmt: skip
+def test_what_torch_npu_prints_decides_what_the_report_can_say(
+    npu_standin, tiny_model_dir, monkeypatch, capfd, env, status, line
+):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     npu_standin(fallback_ops=["aten::_foo_op"])
@@ -362,24 +376,35 @@ npu_standin.native_write(b"before the end\n")
 def test_stderr_survives_a_crash_or_an_exit_inside_the_capture(tmp_path, ending, expected):
     script = tmp_path / "crash.py"
     script.write_text(CRASH.format(tests=str(ROOT / "tests"), ending=ending))
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert "before the end" in out.stderr and expected in out.stderr, out.stderr
 
 
 def test_inference_reports_cpu_fallbacks(npu_standin, tiny_model_dir, tmp_path, capsys):
     npu_standin(fallback_ops=["aten::_foo_op"])
     out = tmp_path / "out.json"
-    assert inference.main(["--model_path", str(tiny_model_dir), "--device", "npu", "--image", PHOTOS[0],
-                           "--output", str(out)]) == 0  # fmt: skip
+    assert (
+        inference.main(
+            ["--model_path", str(tiny_model_dir), "--device", "npu", "--image", PHOTOS[0], "--output", str(out)]
+        )
+        == 0
+    )
     fallbacks = read_json(out)["cpu_fallbacks"]
     assert fallbacks["operators"] == ["aten::_foo_op"] and fallbacks["status"] == "observed"
     assert "CPU fallbacks on npu:0: 1 operator(s) ran on the CPU: aten::_foo_op" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("extra", "code", "verdict"), [([], 0, "PASS"), (["--fail_on_cpu_fallback"], 1, "FAIL")])
-def test_accuracy_run_lists_fallbacks_beside_the_verdict(npu_standin, tiny_model_dir, tmp_path, capsys, extra, code,
-                                                         verdict):  # fmt: skip
+def test_accuracy_run_lists_fallbacks_beside_the_verdict(
+    npu_standin, tiny_model_dir, tmp_path, capsys, extra, code, verdict
+):
     npu_standin(fallback_ops=["aten::_foo_op"], fallback_switch=False)  # as 2.5.1: no switch, judged from the capture
     report = tmp_path / "r.json"
     argv = [str(tiny_model_dir), str(report), "--device", "npu", "--images", PHOTOS[0], *extra]
@@ -427,17 +452,22 @@ def test_startup_sets_the_switch_before_torch_autoloads_torch_npu(tmp_path):
     env.pop("TORCH_NPU_FALLBACK_CPU_DISABLE", None)
     code = "import sys; import mobilevit_npu.startup; print(sys.modules['torch_npu'].AUTOLOAD_SWITCH)"
     for flag, expected in (("--fail_on_cpu_fallback", "1"), ("--fail-on-cpu-fallback", "1"), ("--other", "unset")):
-        out = subprocess.run([sys.executable, "-c", code, flag], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code, flag], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
 
 
 def test_a_cuda_torch_beside_torch_npu_gets_its_own_advice():
-    cause = RuntimeError("Two accelerators cannot be used at the same time in PyTorch: npu and cuda. You can install "
-                         "the cpu version of PyTorch to use your npu device, or use the cuda device with 'export "
-                         "TORCH_DEVICE_BACKEND_AUTOLOAD=0'.")  # fmt: skip
-    exc = RuntimeError("Failed to load the backend extension: torch_npu. You can disable extension auto-loading with "
-                       "TORCH_DEVICE_BACKEND_AUTOLOAD=0.")  # fmt: skip
+    cause = RuntimeError(
+        "Two accelerators cannot be used at the same time in PyTorch: npu and cuda. You can install "
+        "the cpu version of PyTorch to use your npu device, or use the cuda device with 'export "
+        "TORCH_DEVICE_BACKEND_AUTOLOAD=0'."
+    )
+    exc = RuntimeError(
+        "Failed to load the backend extension: torch_npu. You can disable extension auto-loading with "
+        "TORCH_DEVICE_BACKEND_AUTOLOAD=0."
+    )
     exc.__cause__ = cause
     message = startup.autoload_failure(exc)
     assert "CUDA build" in message and "download.pytorch.org/whl/cpu" in message and "set_env.sh" not in message
@@ -464,8 +494,15 @@ def test_npugraph_is_a_benchmark_mode_with_its_own_agreement(npu_standin, tiny_m
     torchair's `miscompile`) is reported as not exact, never assumed to agree."""
     s = npu_standin(miscompile=miscompile)
     device = devices.resolve_device("npu")
-    results = bench.run_benchmark(_tiny(tiny_model_dir), device, modes=["eager", "npugraph"], iterations=1, warmup=0,
-                                  progress=False, measure_roofline=False)  # fmt: skip
+    results = bench.run_benchmark(
+        _tiny(tiny_model_dir),
+        device,
+        modes=["eager", "npugraph"],
+        iterations=1,
+        warmup=0,
+        progress=False,
+        measure_roofline=False,
+    )
     row = {r["mode"]: r for r in results}["npugraph"]
     assert row["status"] == "ok" and row["exact"] is (not miscompile), row["agreement"]
     assert (row["agreement"]["max_abs_diff"] > 0.09) is miscompile
@@ -555,15 +592,22 @@ def test_each_script_on_npu_follows_the_start_up_order(npu_standin, tiny_model_d
     _spy_model_build(monkeypatch)
     report = tmp_path / "r.json"
     if script == "inference":
-        code = inference.main(["--model_path", str(tiny_model_dir), "--device", "npu:1", "--image", PHOTOS[0],
-                               "--output", str(report)])  # fmt: skip
+        code = inference.main(
+            ["--model_path", str(tiny_model_dir), "--device", "npu:1", "--image", PHOTOS[0], "--output", str(report)]
+        )
     elif script == "accuracy_run":
         code = accuracy_run.main([str(tiny_model_dir), str(report), "--device", "npu:1", "--images", PHOTOS[0]])
     else:
         code = accuracy_run_perf.main([str(tiny_model_dir), "1", str(report), "--device", "npu:1", "--warmup", "0"])
     assert code == 0
-    steps = ["import torch_npu", "transfer_to_npu applied", "set_compile_mode(jit_compile=False)", "set_device(1)",
-             "model built", "model moved to npu"]  # fmt: skip
+    steps = [
+        "import torch_npu",
+        "transfer_to_npu applied",
+        "set_compile_mode(jit_compile=False)",
+        "set_device(1)",
+        "model built",
+        "model moved to npu",
+    ]
     positions = [s.index(step) for step in steps]
     assert positions == sorted(positions), s.calls
     data = json.loads(report.read_text())

@@ -39,10 +39,22 @@ def test_a_non_editable_install_runs_the_scripts_from_another_folder(tmp_path):
         shutil.copy(path, source / path.name)
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site),
-         str(source)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
@@ -53,8 +65,19 @@ def test_a_non_editable_install_runs_the_scripts_from_another_folder(tmp_path):
     where = run("-c", "import mobilevit_npu, accuracy_run; print(mobilevit_npu.__file__, accuracy_run.__file__)")
     assert where.returncode == 0 and str(ROOT) not in where.stdout and str(site) in where.stdout, where
     assert not (ROOT / "build").exists()
-    acc = run("-m", "accuracy_run", "model", "acc.json", "--synthetic", "--device", "cpu", "--dtype", "bf16",
-              "--reference_cache", "off")  # fmt: skip
+    acc = run(
+        "-m",
+        "accuracy_run",
+        "model",
+        "acc.json",
+        "--synthetic",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--reference_cache",
+        "off",
+    )
     assert acc.returncode == 0, acc.stderr[-2000:]
     assert len(json.loads((work / "acc.json").read_text())["per_image"]) == 5  # the five photos the package ships
     perf = run("-m", "accuracy_run_perf", "model", "2", "perf.json", "--synthetic", "--device", "cpu", "--warmup", "0")

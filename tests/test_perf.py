@@ -184,7 +184,7 @@ def test_linear_max_pixels_rewrites_exactly_the_small_1x1_convolutions(tiny_mode
     assert len(ran) == sum(m.pointwise for m in convs)
     assert all(as_linear == (pixels <= limit) for pixels, as_linear in ran)
     assert any(as_linear for _, as_linear in ran) and (limit > 64 * 64 * 2) == all(a for _, a in ran)
-    assert not any(as_linear for _, as_linear in seen[len(ran):])
+    assert not any(as_linear for _, as_linear in seen[len(ran) :])
     for got in (out, nchw):
         agreement = metrics.agreement(reference, got)
         assert agreement.cosine >= metrics.EXACT_COSINE and agreement.top1_agreement == 1.0
@@ -206,8 +206,17 @@ def test_lower_precision_agreement_counts_the_rounding_of_the_weights(tiny_model
     """bf16 agreement is against the float32 weights, not an upcast copy of the rounded ones (which would hide the
     weight-rounding error)."""
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
-    (r,) = bench.run_benchmark(loaded, devices.Device("cpu"), modes=["eager"], iterations=1, warmup=0, dtype="bf16",
-                               images=PHOTOS, progress=False, measure_roofline=False)  # fmt: skip
+    (r,) = bench.run_benchmark(
+        loaded,
+        devices.Device("cpu"),
+        modes=["eager"],
+        iterations=1,
+        warmup=0,
+        dtype="bf16",
+        images=PHOTOS,
+        progress=False,
+        measure_roofline=False,
+    )
     batches = bench.photo_batches(PHOTOS, loaded.preprocess, 1)
     rounded = copy.deepcopy(loaded.model).to(torch.bfloat16)
     target = torch.cat([rounded(pixel_values=b.to(torch.bfloat16)).logits.float() for b in batches])
@@ -232,9 +241,15 @@ def test_uncompiled_modes_agree_with_eager(tiny_model_dir):
     execution._cache.clear()
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     results = bench.run_benchmark(
-        loaded, devices.Device("cpu"), modes=["eager", "channels_last"], batch_sizes=[2], iterations=2, warmup=1,
-        images=PHOTOS, progress=False,
-    )  # fmt: skip
+        loaded,
+        devices.Device("cpu"),
+        modes=["eager", "channels_last"],
+        batch_sizes=[2],
+        iterations=2,
+        warmup=1,
+        images=PHOTOS,
+        progress=False,
+    )
     execution._cache.clear()
     for r in results:
         assert r["status"] == "ok", (r["mode"], r["reason"])
@@ -250,9 +265,15 @@ def test_compiled_and_bf16_modes_built_for_real_agree_with_eager(tiny_model_dir)
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     modes = [m for m in ("compiled", "bf16") if m in execution.available_modes(devices.Device("cpu"))]
     results = bench.run_benchmark(
-        loaded, devices.Device("cpu"), modes=modes, batch_sizes=[2], iterations=1, warmup=0, images=PHOTOS,
+        loaded,
+        devices.Device("cpu"),
+        modes=modes,
+        batch_sizes=[2],
+        iterations=1,
+        warmup=0,
+        images=PHOTOS,
         progress=False,
-    )  # fmt: skip
+    )
     execution._cache.clear()
     by_mode = {r["mode"]: r for r in results}
     assert by_mode["compiled"]["status"] == "ok", by_mode["compiled"]["reason"]
@@ -272,9 +293,15 @@ def test_fast_mode_with_inductor_freezing_is_exact(tiny_model_dir):
     execution._cache.clear()
     loaded = models.load_model(str(tiny_model_dir), devices.Device("cpu"))
     results = bench.run_benchmark(
-        loaded, devices.Device("cpu"), modes=["fast"], batch_sizes=[2], iterations=1, warmup=0, images=PHOTOS,
+        loaded,
+        devices.Device("cpu"),
+        modes=["fast"],
+        batch_sizes=[2],
+        iterations=1,
+        warmup=0,
+        images=PHOTOS,
         progress=False,
-    )  # fmt: skip
+    )
     execution._cache.clear()
     for r in results:
         assert r["status"] == "ok", r["reason"]
@@ -377,8 +404,14 @@ print(json.dumps({"first": first, "again": malloc.select(sys.argv[1]), "current"
 @pytest.mark.parametrize("choice", ["tuned", "system"])
 def test_allocator_choice_is_applied_and_reported(choice):
     """In a subprocess: mallopt is process-wide and irreversible, so the pytest process never calls it."""
-    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, choice], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={**os.environ, "LD_PRELOAD": ""})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_PROBE, choice],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "LD_PRELOAD": ""},
+    )
     info = json.loads(out.stdout)
     assert info["first"]["name"] == "glibc malloc"
     assert info["first"]["tuned"] is (choice == "tuned")
@@ -392,7 +425,6 @@ def test_allocator_choice_is_applied_and_reported(choice):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-
 def test_report_schema(tiny_model_dir, tmp_path, capsys):
     report = tmp_path / "perf.json"
     argv = [str(tiny_model_dir), "3", str(report), "--warmup", "1", "--batch-sizes", "1,2", "--device", "cpu", *SYSTEM]
@@ -404,8 +436,11 @@ def test_report_schema(tiny_model_dir, tmp_path, capsys):
     assert data["model_source"]["sha256"] and data["environment"]["allocator"]["tuned"] is False
     assert data["environment"]["torch"] == torch.__version__
     assert [(r["mode"], r["batch_size"]) for r in data["results"]] == [
-        ("eager", 1), ("channels_last", 1), ("eager", 2), ("channels_last", 2),
-    ]  # fmt: skip
+        ("eager", 1),
+        ("channels_last", 1),
+        ("eager", 2),
+        ("channels_last", 2),
+    ]
     for r in data["results"]:
         assert r["status"] == "ok" and r["reason"] is None
         assert set(r["latency_ms"]) == {"mean", "p50", "p90", "p99", "min", "max", "stdev"}

@@ -191,8 +191,14 @@ def test_each_mismatch_is_named_by_its_row(stack, options, row, status, code, fi
 
 
 def test_a_torch_npu_not_in_the_table_is_unknown_not_ok(stack):
-    _, rows, code, _ = stack(site={"torch": "2.14.0+cpu", "npu": "2.14.0", "requires": "torch==2.14.0.*",
-                                   "modes": ["max-autotune", "reduce-overhead", "npugraph_ex"]})  # fmt: skip
+    _, rows, code, _ = stack(
+        site={
+            "torch": "2.14.0+cpu",
+            "npu": "2.14.0",
+            "requires": "torch==2.14.0.*",
+            "modes": ["max-autotune", "reduce-overhead", "npugraph_ex"],
+        }
+    )
     assert rows["CANN toolkit"]["status"] == "unknown" and "not listed" in rows["CANN toolkit"]["value"]
     assert "npugraph_ex" in rows["torchair"]["value"] and code == 0
 
@@ -207,8 +213,9 @@ def test_the_pairing_table_holds_the_readme_stack():
 def test_stack_facts_go_into_the_environment_where_torch_npu_is_installed(tmp_path, monkeypatch):
     cpu = devices.Device("cpu")
     assert "ascend" not in devices.environment(cpu)  # this CPU box: the report is as before
-    monkeypatch.syspath_prepend(str(fake_site(tmp_path / "site", torch="2.13.0+cpu", npu="2.13.0",
-                                              requires="torch==2.13.0.*")))  # fmt: skip
+    monkeypatch.syspath_prepend(
+        str(fake_site(tmp_path / "site", torch="2.13.0+cpu", npu="2.13.0", requires="torch==2.13.0.*"))
+    )
     toolkit = fake_ascend(tmp_path / "Ascend", cann="8.2.RC1")
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(toolkit))
     ascend = devices.environment(cpu)["ascend"]
@@ -232,13 +239,30 @@ def test_stack_facts_import_nothing():
 def test_preflight_here_prints_its_table_and_exits_2(tmp_path):
     """This machine has no Ascend stack: every row printed, `import torch` in a subprocess, exit 2 with the reason."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_")}
-    out = subprocess.run([sys.executable, "preflight.py", "--ascend_root", str(tmp_path / "none")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "preflight.py", "--ascend_root", str(tmp_path / "none")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
     checks = [line.split()[0] for line in lines[3:] if line and not line.startswith(" ")]
-    for name in ("python", "torch", "torch_npu", "CANN", "driver", "firmware", "set_env.sh", "visible", "HCCL",
-                 "npu-smi", "import"):  # fmt: skip
+    for name in (
+        "python",
+        "torch",
+        "torch_npu",
+        "CANN",
+        "driver",
+        "firmware",
+        "set_env.sh",
+        "visible",
+        "HCCL",
+        "npu-smi",
+        "import",
+    ):
         assert name in checks, lines
     assert lines[-1].startswith("result: exit 2: unusable: torch_npu missing: not installed")
     assert any(line.startswith("import torch") and " ok " in line for line in lines), lines
@@ -257,8 +281,14 @@ def test_a_failing_autoload_is_a_row_not_a_crash(tmp_path):
     folder = npu_standin.build(tmp_path / "site", autoload_fails=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_") and k != "TORCH_DEVICE_BACKEND_AUTOLOAD"}
     env["PYTHONPATH"] = f"{folder}{os.pathsep}{ROOT}"
-    out = subprocess.run([sys.executable, "preflight.py", "--ascend_root", str(tmp_path / "none")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "preflight.py", "--ascend_root", str(tmp_path / "none")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("import torch"))
     assert "mismatch" in row and "failed: error: torch could not load its torch_npu extension" in row

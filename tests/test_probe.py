@@ -76,14 +76,28 @@ def test_noise_in_one_module_is_msprobes_first_failing_module_and_layers_agree(t
     loaded, items = tiny
     reference = targets.reference_side(loaded.model)
     example = torch.zeros(1, 3, 256, 256)
-    target = targets.prepare_target(loaded.model, devices.Device("cpu"), "fp32", "eager", example, layers=True,
-                                    patches=[add_noise_in_forward(NOISY)])  # fmt: skip
+    target = targets.prepare_target(
+        loaded.model,
+        devices.Device("cpu"),
+        "fp32",
+        "eager",
+        example,
+        layers=True,
+        patches=[add_noise_in_forward(NOISY)],
+    )
     thresholds = metrics.Thresholds.for_dtype("fp32")
     _, layers = targets.compare_sides(reference, target, items[:1], thresholds, layers=True)
     assert layers.first_divergent["name"] == NOISY  # the project's own --layers
     pixels = items[0].batch
-    section = probe.run_sides(tmp_path / "m", reference, target, pixels, "mix", "statistics",
-                              project_first_divergent=layers.first_divergent["name"])  # fmt: skip
+    section = probe.run_sides(
+        tmp_path / "m",
+        reference,
+        target,
+        pixels,
+        "mix",
+        "statistics",
+        project_first_divergent=layers.first_divergent["name"],
+    )
     assert section["first_failing_module"] == NOISY
     assert probe.module_name(section["first_failing"][0]["name"]) == NOISY  # nothing before it fails, API rows either
     assert section["agree"] is True and section["dtype_only"] == 0 and section["dtype_note"] is None
@@ -159,8 +173,21 @@ def test_folder_refusals(tmp_path):
 
 
 def _accuracy_args(model_dir, report, *extra):
-    return [str(model_dir), str(report), "--device", "cpu", "--dtype", "bf16", "--images", PHOTOS[0],
-            "--reference_cache", "off", "--allocator", "system", *extra]  # fmt: skip
+    return [
+        str(model_dir),
+        str(report),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--images",
+        PHOTOS[0],
+        "--reference_cache",
+        "off",
+        "--allocator",
+        "system",
+        *extra,
+    ]
 
 
 def test_accuracy_run_msprobe_writes_the_table_and_keeps_the_verdict(tiny_model_dir, tmp_path, capsys):
@@ -211,9 +238,26 @@ def test_accuracy_run_on_a_labelled_set_dumps_the_first_batch(tiny_model_dir, tm
     import accuracy_run
 
     out, report = tmp_path / "out", tmp_path / "r.json"
-    args = [str(tiny_model_dir), str(report), "--dataset", str(_labelled_set(tmp_path)), "--device", "cpu",
-            "--dtype", "bf16", "--batch_size", "2", "--workers", "0", "--allocator", "system", "--reference_cache",
-            "off", "--msprobe", str(out)]  # fmt: skip
+    args = [
+        str(tiny_model_dir),
+        str(report),
+        "--dataset",
+        str(_labelled_set(tmp_path)),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--batch_size",
+        "2",
+        "--workers",
+        "0",
+        "--allocator",
+        "system",
+        "--reference_cache",
+        "off",
+        "--msprobe",
+        str(out),
+    ]
     assert accuracy_run.main(args) in (0, 1)
     section = schema.load(report).msprobe
     assert section.images_dumped == 2  # the first batch, not the whole set
@@ -228,10 +272,31 @@ def test_two_ranks_under_torchrun_give_one_dump_per_rank(tiny_model_dir, tmp_pat
     root = _labelled_set(tmp_path)
     out, report = tmp_path / "out", tmp_path / "r.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "accuracy_run.py"), str(tiny_model_dir), str(report), "--dataset", str(root), "--device", "cpu",
-           "--dtype", "bf16", "--batch_size", "1", "--workers", "0", "--allocator", "system",
-           "--msprobe", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "accuracy_run.py"),
+        str(tiny_model_dir),
+        str(report),
+        "--dataset",
+        str(root),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--batch_size",
+        "1",
+        "--workers",
+        "0",
+        "--allocator",
+        "system",
+        "--msprobe",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     assert _dump_files(out) == {"reference": ["rank0", "rank1"], "target": ["rank0", "rank1"]}

@@ -267,8 +267,23 @@ def labelled(tmp_path):
 
 
 def dataset_run(model_dir, root, report, cache, *extra) -> dict:
-    argv = [str(model_dir), str(report), "--dataset", str(root), "--device", "cpu", "--batch_size", "2",
-            "--workers", "0", "--allocator", "system", "--reference_cache", str(cache), *extra]  # fmt: skip
+    argv = [
+        str(model_dir),
+        str(report),
+        "--dataset",
+        str(root),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--workers",
+        "0",
+        "--allocator",
+        "system",
+        "--reference_cache",
+        str(cache),
+        *extra,
+    ]
     assert accuracy_run.main(argv) == 0
     return read_json(report)
 
@@ -316,8 +331,16 @@ def test_target_warms_up_once_the_workers_started_and_outside_the_timing(
 
     monkeypatch.setattr(labelsets, "stream", stream)
     monkeypatch.setattr(targets.Side, "logits", logits)
-    report = dataset_run(tiny_model_dir, labelled, tmp_path / "w.json", tmp_path / "refs", "--target_mode",
-                         "channels_last", "--workers", "1")  # fmt: skip
+    report = dataset_run(
+        tiny_model_dir,
+        labelled,
+        tmp_path / "w.json",
+        tmp_path / "refs",
+        "--target_mode",
+        "channels_last",
+        "--workers",
+        "1",
+    )
     assert events[:3] == ["workers started", "target call on 2 zeros", "batch of 2"]
     assert events.count("target call on 2 zeros") == 1
     speed = report["speed"]
@@ -342,8 +365,14 @@ print("released", released, before - rss())
 
 def test_release_free_memory_unmaps_freed_heap_pages():
     # its own process: tune_malloc cannot be undone, and the suite's process keeps the system allocator
-    out = subprocess.run([sys.executable, "-c", RELEASE_CHECK], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE_CHECK],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     words = out.stdout.split()
     if words[0] == "unsupported":
@@ -415,12 +444,28 @@ def test_a_damaged_or_stale_pixel_entry_is_decoded_again(tmp_path, damage):
 
 def test_dataset_run_with_pixel_cache_reports_and_reuses_it(tiny_model_dir, labelled, tmp_path, capsys):
     n = len(PHOTOS)
-    first = dataset_run(tiny_model_dir, labelled, tmp_path / "a.json", tmp_path / "refs",
-                        "--pixel_cache", str(tmp_path / "pix"), "--workers", "1")  # fmt: skip
+    first = dataset_run(
+        tiny_model_dir,
+        labelled,
+        tmp_path / "a.json",
+        tmp_path / "refs",
+        "--pixel_cache",
+        str(tmp_path / "pix"),
+        "--workers",
+        "1",
+    )
     assert first["speed"]["pixel_cache"]["computed"] == n and first["speed"]["pixel_cache"]["stored"] == n
     assert first["speed"]["decode_wait_s"] > 0
-    second = dataset_run(tiny_model_dir, labelled, tmp_path / "b.json", tmp_path / "refs",
-                         "--pixel_cache", str(tmp_path / "pix"), "--workers", "1")  # fmt: skip
+    second = dataset_run(
+        tiny_model_dir,
+        labelled,
+        tmp_path / "b.json",
+        tmp_path / "refs",
+        "--pixel_cache",
+        str(tmp_path / "pix"),
+        "--workers",
+        "1",
+    )
     pixels = second["speed"]["pixel_cache"]
     assert (pixels["cached"], pixels["computed"], pixels["folder"].startswith(str(tmp_path / "pix"))) == (n, 0, True)
     assert f"pixels {n} cached, 0 decoded" in capsys.readouterr().out
@@ -429,22 +474,41 @@ def test_dataset_run_with_pixel_cache_reports_and_reuses_it(tiny_model_dir, labe
     assert third["speed"]["pixel_cache"] is None  # off unless given
 
 
-def test_pixel_cache_on_uses_the_default_folder_and_needs_a_set(tiny_model_dir, labelled, tmp_path, monkeypatch,
-                                                                capsys):
+def test_pixel_cache_on_uses_the_default_folder_and_needs_a_set(
+    tiny_model_dir, labelled, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv(refcache.CACHE_ENV, str(tmp_path / "default"))
     report = dataset_run(tiny_model_dir, labelled, tmp_path / "a.json", "off", "--pixel_cache", "on")
     assert report["speed"]["pixel_cache"]["folder"].startswith(str(tmp_path / "default" / "pixels"))
     assert len(list((tmp_path / "default" / "pixels").rglob("*.pix"))) == len(PHOTOS)
-    argv = [str(tiny_model_dir), str(tmp_path / "b.json"), "--device", "cpu", "--images", PHOTOS[0],
-            "--pixel_cache", "on"]  # fmt: skip
+    argv = [
+        str(tiny_model_dir),
+        str(tmp_path / "b.json"),
+        "--device",
+        "cpu",
+        "--images",
+        PHOTOS[0],
+        "--pixel_cache",
+        "on",
+    ]
     assert accuracy_run.main(argv) == 2  # a usage error: the pixel cache is for --dataset / --labels
     assert "--pixel_cache go with --dataset or --labels" in capsys.readouterr().err
 
 
 def test_images_mode_uses_the_cache_and_off_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(refcache.CACHE_ENV, str(tmp_path / "default"))
-    argv = [str(tiny_model_dir), str(tmp_path / "r.json"), "--device", "cpu", "--allocator", "system",
-            "--images", *PHOTOS[:3], "--target_mode", "channels_last"]  # fmt: skip
+    argv = [
+        str(tiny_model_dir),
+        str(tmp_path / "r.json"),
+        "--device",
+        "cpu",
+        "--allocator",
+        "system",
+        "--images",
+        *PHOTOS[:3],
+        "--target_mode",
+        "channels_last",
+    ]
     assert accuracy_run.main(argv) == 0
     assert read_json(tmp_path / "r.json")["speed"]["reference_computed"] == 3
     assert len(list((tmp_path / "default" / "reference").rglob("*.ref"))) == 3  # the default folder
@@ -459,8 +523,20 @@ def test_images_mode_uses_the_cache_and_off_writes_nothing(tiny_model_dir, tmp_p
 
 def test_allocator_is_recorded_system_in_process(tiny_model_dir, tmp_path):
     report = tmp_path / "r.json"
-    argv = [str(tiny_model_dir), str(report), "--device", "cpu", "--allocator", "system", "--images", PHOTOS[0],
-            "--target_mode", "channels_last", "--reference_cache", "off"]  # fmt: skip
+    argv = [
+        str(tiny_model_dir),
+        str(report),
+        "--device",
+        "cpu",
+        "--allocator",
+        "system",
+        "--images",
+        PHOTOS[0],
+        "--target_mode",
+        "channels_last",
+        "--reference_cache",
+        "off",
+    ]
     assert accuracy_run.main(argv) == 0
     env = read_json(report)["environment"]
     assert env["allocator"]["tuned"] is False and env["allocator"]["name"]
@@ -578,8 +654,10 @@ def test_compile_cache_on_a_full_disk_falls_back_with_one_line(monkeypatch, tmp_
 
     def package(program, package_path=None, **kwargs):
         if package_path and str(package_path).startswith(str(root)):
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                "data/0: file write failed"
+            )
         return real_package(program, package_path=package_path, **kwargs)
 
     def mkstemp(*args, dir=None, **kwargs):

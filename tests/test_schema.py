@@ -46,9 +46,25 @@ def test_a_labelled_run_writes_the_labelled_kind(tmp_path, tiny_model_dir):
         (dataset / str(label) / Path(photo).name).write_bytes(Path(photo).read_bytes())
     out = tmp_path / "r.json"
     code = accuracy_run.main(
-        [str(tiny_model_dir), str(out), "--dataset", str(dataset), "--device", "cpu", "--dtype", "bf16",
-         "--batch_size", "2", "--workers", "0", "--allocator", "system", "--reference_cache", "off"]
-    )  # fmt: skip
+        [
+            str(tiny_model_dir),
+            str(out),
+            "--dataset",
+            str(dataset),
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--batch_size",
+            "2",
+            "--workers",
+            "0",
+            "--allocator",
+            "system",
+            "--reference_cache",
+            "off",
+        ]
+    )
     assert code in (0, 1)
     report = schema.load(out)
     assert isinstance(report, schema.LabelledReport) and report.dataset.images == 3

@@ -55,9 +55,22 @@ def test_fast_and_bf16_are_verification_targets(tmp_path, tiny_model_dir, mode, 
     thresholds of the dtype they compute in; --layers watches an eager twin named as the model's modules."""
     out = tmp_path / "r.json"
     code = accuracy_run.main(
-        [str(tiny_model_dir), str(out), "--device", "cpu", "--target_mode", mode, "--layers", "--images", *PHOTOS[:2],
-         "--allocator", "system", "--reference_cache", "off"]
-    )  # fmt: skip
+        [
+            str(tiny_model_dir),
+            str(out),
+            "--device",
+            "cpu",
+            "--target_mode",
+            mode,
+            "--layers",
+            "--images",
+            *PHOTOS[:2],
+            "--allocator",
+            "system",
+            "--reference_cache",
+            "off",
+        ]
+    )
     report = read_json(out)
     assert code == (0 if report["verdict"] == "PASS" else 1)
     assert report["verdict"] == "PASS", report["verdict_reasons"]
