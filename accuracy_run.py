@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     labelled.add_argument(
         "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
     )
-    check = parser.add_argument_group("comparison (threshold defaults depend on --dtype; see the readme for reasons)")
+    check = parser.add_argument_group("comparison (defaults depend on --dtype; their reasons: docs/accuracy.md)")
     check.add_argument(
         "--layers",
         action="store_true",

@@ -354,8 +354,8 @@ def default_workers(world_size: int = 1) -> int:
 
     Why, measured on a 2-core VM (CPU target at batch 32, 640 JPEGs, cached reference): a normal-priority worker
     preempts one of the model's two threads, which stalls the other at its next barrier, and the model ran 15-20%
-    slower than alone; nice 19 still cost it ~8%; SCHED_IDLE workers cost it nothing measurable (readme, labelled
-    sets)."""
+    slower than alone; nice 19 still cost it ~8%; SCHED_IDLE workers cost it nothing measurable
+    (docs/performance.md, labelled sets)."""
     cores = os.cpu_count() or 1
     return max(1, min(8, cores // max(1, world_size)))
 
