@@ -343,8 +343,10 @@ def test_accuracy_under_torchrun_matches_one_process(tiny_model_dir, labelled_se
     assert proc.returncode == rc, proc.stderr[-3000:]  # the same verdict (the tiny model may well FAIL in bf16)
     assert read_json(single)["verdict"] == read_json(multi)["verdict"]
     one, many = read_json(single)["dataset"], read_json(multi)["dataset"]
-    for key in ("images", "skipped", "reference", "target", "agreement_top1", "per_class", "disagreements"):
+    for key in ("images", "skipped", "reference", "target", "agreement_top1"):
         assert one[key] == many[key], key
+    by_image = sorted(one["disagreements"], key=lambda d: d["image"])  # ranks take every N-th image: order differs
+    assert by_image == sorted(many["disagreements"], key=lambda d: d["image"])
     assert len(many["per_rank_images"]) == nproc and sum(many["per_rank_images"]) == 6
     assert min(many["per_rank_images"]) >= 1  # every rank given work
     images = [json.loads(line)["image"] for line in (tmp_path / "multi.images.jsonl").read_text().splitlines()]
