@@ -31,6 +31,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 
 import common
 from mobilevit_npu import layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
+from mobilevit_npu.verify import fmt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,12 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fmt(value: float | None, spec: str = ".6f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan"
-    return format(value, spec)
-
-
 def format_console(
     comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str, id2label
 ) -> str:
@@ -176,21 +171,21 @@ def format_console(
         sign = "==" if m.top1_agree else ("~=" if m.top1_near_tie else "!=")
         top1 = f"{ref_label} {sign} {tgt_label}"
         lines.append(
-            f"{Path(m.image).name[:width]:<{width}}  {_fmt(m.cosine):>10}  {top1:<34}  "
-            f"{_fmt(m.max_abs_prob_diff, '.4f'):>8}  {_fmt(m.max_abs_logit_diff, '.4g'):>11}"
+            f"{Path(m.image).name[:width]:<{width}}  {fmt(m.cosine):>10}  {top1:<34}  "
+            f"{fmt(m.max_abs_prob_diff, '.4f'):>8}  {fmt(m.max_abs_logit_diff, '.4g'):>11}"
         )
     a = comparison.aggregate
     lines += [
         "",
-        f"over {a.images} image(s): cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; "
+        f"over {a.images} image(s): cosine min {fmt(a.cosine_min)} mean {fmt(a.cosine_mean)}; "
         f"top-1 {a.top1_agree_count}/{a.images} (+{a.top1_near_tie_flips} near-tie flips); "
-        f"top-5 overlap {_fmt(a.top5_overlap_mean, '.3f')}; "
-        f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}; max|dlogit| {_fmt(a.max_abs_logit_diff, '.4g')}; "
-        f"RMSE {_fmt(a.rmse, '.4g')}",
-        f"  mean rel err {_fmt(a.mean_relative_error, '.4g')} (|r| > {a.min_error_floor:g}: "
-        f"{_fmt(a.mean_relative_error_above_error_floor, '.4g')}); rel err < 0.1%: "
-        f"{_fmt(a.share_rel_err_below_0_001, '.1%')}, < 0.5%: {_fmt(a.share_rel_err_below_0_005, '.1%')}; "
-        f"reference logit std {_fmt(a.reference_logit_std_min, '.3g')}",
+        f"top-5 overlap {fmt(a.top5_overlap_mean, '.3f')}; "
+        f"max|dp| {fmt(a.max_abs_prob_diff, '.4g')}; max|dlogit| {fmt(a.max_abs_logit_diff, '.4g')}; "
+        f"RMSE {fmt(a.rmse, '.4g')}",
+        f"  mean rel err {fmt(a.mean_relative_error, '.4g')} (|r| > {a.min_error_floor:g}: "
+        f"{fmt(a.mean_relative_error_above_error_floor, '.4g')}); rel err < 0.1%: "
+        f"{fmt(a.share_rel_err_below_0_001, '.1%')}, < 0.5%: {fmt(a.share_rel_err_below_0_005, '.1%')}; "
+        f"reference logit std {fmt(a.reference_logit_std_min, '.3g')}",
     ]
     if layers is not None:
         lines += [
@@ -198,12 +193,12 @@ def format_console(
             f"layers: {layers.modules_compared} module outputs compared (threshold cosine {layers.threshold})",
         ]
         for label, row in (("first divergent", layers.first_divergent), ("first NaN/Inf", layers.first_nonfinite)):
-            text = "none" if row is None else f"{row['name']}  (cosine {_fmt(row['cosine_min'])})"
+            text = "none" if row is None else f"{row['name']}  (cosine {fmt(row['cosine_min'])})"
             lines.append(f"  {label + ':':<16} {text}")
         lines.append(f"  {'five worst:':<16} {'cosine':>10}  {'max abs err':>11}  module")
         for row in layers.worst:
             lines.append(
-                f"  {'':<16} {_fmt(row['cosine_min']):>10}  {_fmt(row['max_abs_error'], '.4g'):>11}  {row['name']}"
+                f"  {'':<16} {fmt(row['cosine_min']):>10}  {fmt(row['max_abs_error'], '.4g'):>11}  {row['name']}"
             )
         if layers.note:
             lines.append(f"  note: {layers.note}")
@@ -215,9 +210,9 @@ def verdict_line(
 ) -> str:
     a = comparison.aggregate
     summary = (
-        f"cosine min {_fmt(a.cosine_min)}, top-1 {a.top1_agree_count}/{a.images}"
+        f"cosine min {fmt(a.cosine_min)}, top-1 {a.top1_agree_count}/{a.images}"
         f"{f' (+{a.top1_near_tie_flips} near ties)' if a.top1_near_tie_flips else ''}, "
-        f"max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}"
+        f"max|dp| {fmt(a.max_abs_prob_diff, '.4g')}"
     )
     if skipped and skipped["count"] and skipped["count"] <= skipped["allowed"]:  # over the allowance: a reason below
         count, allowance = f"{skipped['count']} of {skipped['of']}", f"--max_skipped {skipped['max_skipped']:g}"

@@ -33,7 +33,7 @@ import sys
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, npu, reports, runtimes
+from mobilevit_npu import bench, devices, execution, malloc, models, npu, reports, runtimes
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.perf")
@@ -102,7 +102,7 @@ def _main(argv) -> int:
         modes = execution.available_modes(device)
     allocator = malloc.select(args.allocator)  # after every argument is checked: mallopt cannot be undone
     with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, with counts
-        loaded = common.load(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
+        loaded = models.load_named(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
         # Before the run: its load average is the start's. The device's float32 defaults (HF32 convs on npu, TF32 on
         # cuda) are left as they are, as in production, and recorded here.
         environment = devices.environment(device, allocator)

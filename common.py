@@ -8,7 +8,6 @@ failed); 2 bad usage, model, image set or device (one line on stderr, no traceba
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -17,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Union
 
-from mobilevit_npu import devices, models, preprocessing, reports, synthetic
+from mobilevit_npu import preprocessing, reports
 from mobilevit_npu.errors import UserError
 from mobilevit_npu.models import DEFAULT_MODEL_DIR, DTYPES, HUB_MODEL_ID
 
@@ -186,17 +185,6 @@ def float_at_least(minimum: float):
 PathArg = Union[str, "os.PathLike[str]", None]
 
 
-def _identity(path: str) -> tuple[str, tuple[int, int] | None]:
-    """(the real path, (st_dev, st_ino) when it exists): two names for one file (a symlink, a hard link, `a/../a`)
-    share one or the other."""
-    try:
-        st = os.stat(path)
-        inode = (st.st_dev, st.st_ino)
-    except OSError:
-        inode = None
-    return os.path.realpath(path), inode
-
-
 def _is_regular_or_absent(path: str) -> bool:
     """False for /dev/null, /dev/stdout, FIFOs and other streams: several outputs may share those."""
     try:
@@ -233,7 +221,7 @@ def check_outputs(
         if not path.strip():
             raise UserError(f"{what} is an empty path")
         reports.check_output_path(path, what)
-    files = [(what, path, _identity(path)) for what, path in named if _is_regular_or_absent(path)]
+    files = [(what, path, reports.file_identity(path)) for what, path in named if _is_regular_or_absent(path)]
 
     def same(a: tuple[str, tuple | None], b: tuple[str, tuple | None]) -> bool:
         return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
@@ -246,14 +234,14 @@ def check_outputs(
         for source in preprocessing.expand_images(_as_list(value)):  # folders and globs: the files they name
             if not source or preprocessing.is_url(source):
                 continue
-            source_ident = _identity(source)
+            source_ident = reports.file_identity(source)
             for what, path, ident in files:
                 if same(ident, source_ident):
                     raise UserError(f"{what} {path} is the input {in_what} {source}: writing it would destroy it")
     if model_dir is not None and os.path.isdir(model_dir):
         folder = os.path.realpath(model_dir)
         try:
-            model_files = {_identity(entry.path)[1] for entry in os.scandir(folder) if entry.is_file()}
+            model_files = {reports.file_identity(entry.path)[1] for entry in os.scandir(folder) if entry.is_file()}
         except OSError:  # an unreadable model folder is reported when the model is loaded
             model_files = set()
         for what, path, ident in files:
@@ -281,19 +269,6 @@ def add_allocator_arg(group: argparse._ArgumentGroup) -> None:
         help="tuned: mallopt at start-up so glibc keeps large blocks instead of page-faulting them in again on "
         "every forward (2.3-2.7x at batch 32 on CPU); system: leave malloc alone, to measure the difference",
     )
-
-
-def load(args: argparse.Namespace, device: devices.Device | None, dtype: str = "fp32") -> models.LoadedModel:
-    """The model the arguments name: --synthetic (seeded) or the folder / hub id, on `device` in `dtype`."""
-    if getattr(args, "synthetic", False):
-        logger.info("building the synthetic full-size X-Small (%s is not read)", args.model_path)
-        loaded = synthetic.synthetic_model(device, dtype, seed=args.seed)
-    else:
-        loaded = models.load_model(args.model_path, device, dtype)
-    limits = {k: getattr(args, k) for k in ("max_image_pixels", "max_aspect_ratio") if hasattr(args, k)}
-    if limits:  # the bounds travel with the preprocessing config, into DataLoader workers too
-        loaded.preprocess = dataclasses.replace(loaded.preprocess, **limits)
-    return loaded
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -225,7 +225,7 @@ def _main(argv) -> int:
     sources = preprocessing.expand_images(args.images) if args.images else None
     _check_outputs(args, out, json_path, aipp_path, sources)
     in_range = _check_opset(args.opset)
-    loaded = common.load(args, devices.Device("cpu"), "fp32")
+    loaded = models.load_named(args, devices.Device("cpu"), "fp32")
     cfg = loaded.preprocess
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -116,7 +116,7 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(
+def benchmark(
     args, argv, loaded: models.LoadedModel, device: devices.Device, allocator: dict, fallbacks: npu.CpuFallbacks
 ) -> int:
     """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
@@ -177,8 +177,8 @@ def _run(
     if args.benchmark and dist.enabled:  # every rank would time its own device and write the same --output
         raise UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
     if args.benchmark:  # float32 weights: the benchmark casts a copy for --dtype and checks it against them
-        return run_benchmark(args, argv, common.load(args, device, "fp32"), device, allocator, fallbacks)
-    loaded = common.load(args, device, args.dtype)
+        return benchmark(args, argv, models.load_named(args, device, "fp32"), device, allocator, fallbacks)
+    loaded = models.load_named(args, device, args.dtype)
 
     sources = preprocessing.expand_images(args.images)
     if not sources:
@@ -205,10 +205,10 @@ def _run(
     print(f"{len(results)} of {len(sources)} image(s) classified on {where}, {args.dtype}")
     if not results:  # nothing ran: as bad as a missing model (exit 2); the report still lists why each failed
         if args.output:
-            write_report(args, argv, loaded, device, dist, parts, results, failed, allocator, fallbacks)
+            write_inference_report(args, argv, loaded, device, dist, parts, results, failed, allocator, fallbacks)
         raise UserError(f"no images found or none could be read ({len(failed)} input(s) failed, listed above)")
     if args.output:
-        write_report(args, argv, loaded, device, dist, parts, results, failed, allocator, fallbacks)
+        write_inference_report(args, argv, loaded, device, dist, parts, results, failed, allocator, fallbacks)
     return 1 if failed else 0
 
 
@@ -225,7 +225,7 @@ def in_input_order(sources: list[str], results: list[dict], failed: list[dict]) 
     return merged
 
 
-def write_report(
+def write_inference_report(
     args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict], allocator: dict, fallbacks
 ) -> None:
     report = schema.InferenceReport(

@@ -32,7 +32,7 @@ import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torc
 import torch
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, onnx_export, reports, runtime_ort
+from mobilevit_npu import bench, devices, execution, malloc, models, onnx_export, reports, runtime_ort
 from mobilevit_npu.errors import Unavailable, UserError
 
 logger = logging.getLogger("mobilevit_npu.peers")
@@ -57,14 +57,6 @@ def build_parser():
     return parser
 
 
-def export_onnx(model: torch.nn.Module, batch: torch.Tensor, path: Path) -> onnx_export.Exported:
-    """The model as ONNX (pixel_values -> logits) at the batch's static shape: mobilevit_npu.onnx_export, the same
-    export as export_onnx.py, its warnings kept off the console."""
-    return onnx_export.export_onnx(
-        model, path, batch_size=int(batch.shape[0]), image_size=(int(batch.shape[2]), int(batch.shape[3]))
-    )
-
-
 def _onnxruntime(path: Path, threads: int):
     """ONNX Runtime on the CPU through mobilevit_npu.runtime_ort (the session accuracy_run.py's --runtime opens)."""
     return runtime_ort.open_session(path, devices.Device("cpu"), threads=threads).run
@@ -85,7 +77,12 @@ def peer_builder(name: str, workdir: Path) -> bench.Builder:
     def build(model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> execution.Prepared:
         if device.type != "cpu" or dtype != "fp32":
             raise Unavailable(f"{name} is benchmarked on the CPU in fp32 only")
-        exported = export_onnx(model, batch, workdir / f"mobilevit_b{batch.shape[0]}.onnx")
+        exported = onnx_export.export_onnx(  # the same export as export_onnx.py, at the batch's static shape
+            model,
+            workdir / f"mobilevit_b{batch.shape[0]}.onnx",
+            batch_size=int(batch.shape[0]),
+            image_size=(int(batch.shape[2]), int(batch.shape[3])),
+        )
         run = make(exported.path, torch.get_num_threads())
         version = importlib.import_module(name).__version__
         return execution.Prepared(
@@ -116,7 +113,7 @@ def _main(argv) -> int:
     device = devices.Device("cpu")
     environment = devices.environment(device, malloc.select(args.allocator))
     # the peers' versions: in the report's provenance.packages (reports.PROVENANCE_PACKAGES), and in each row's notes
-    loaded = common.load(args, device, "fp32")
+    loaded = models.load_named(args, device, "fp32")
     with tempfile.TemporaryDirectory(prefix="mobilevit_onnx_") as workdir:
         runners = {name: peer_builder(name, Path(workdir)) for name in peers}
         settings = {

@@ -58,20 +58,11 @@ class Source:
         return [self.report.tool, *self.report.argv]
 
 
-def _identity(path: str) -> tuple[str, Optional[tuple[int, int]]]:
-    try:
-        st = os.stat(path)
-        inode: Optional[tuple[int, int]] = (st.st_dev, st.st_ino)
-    except OSError:
-        inode = None
-    return os.path.realpath(path), inode
-
-
 def check_distinct_files(paths: list[str]) -> None:
     """The same report file named twice (the same resolved path, or a hard link to it): a usage error (exit 2)."""
     seen: list[tuple[str, tuple[str, Optional[tuple[int, int]]]]] = []
     for path in paths:
-        ident = _identity(path)
+        ident = reports.file_identity(path)
         for other, other_ident in seen:
             if ident[0] == other_ident[0] or (ident[1] is not None and ident[1] == other_ident[1]):
                 raise UserError(f"{path}: the same report file as {other}, given twice; give each report once")

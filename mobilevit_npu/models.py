@@ -254,3 +254,22 @@ def finish(model, preprocess, source, device: devices.Device | None, dtype: str)
         model.to(device.torch)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     return LoadedModel(model=model, preprocess=preprocess, source=source, id2label=id2label)
+
+
+def load_named(named: Any, device: devices.Device | None, dtype: str = "fp32") -> LoadedModel:
+    """The model a script's settings name (attributes `model_path`, `synthetic`, `seed` and optionally
+    `max_image_pixels` / `max_aspect_ratio`): the synthetic weights (seeded) or the folder / hub id, on `device` in
+    `dtype`, with the image limits in its preprocessing config (they travel into DataLoader workers too)."""
+    import dataclasses
+
+    from mobilevit_npu import synthetic  # synthetic builds on this module
+
+    if getattr(named, "synthetic", False):
+        logger.info("building the synthetic full-size X-Small (%s is not read)", named.model_path)
+        loaded = synthetic.synthetic_model(device, dtype, seed=named.seed)
+    else:
+        loaded = load_model(named.model_path, device, dtype)
+    limits = {k: v for k in ("max_image_pixels", "max_aspect_ratio") if (v := getattr(named, k, None)) is not None}
+    if limits:
+        loaded.preprocess = dataclasses.replace(loaded.preprocess, **limits)
+    return loaded

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from mobilevit_npu import models, reports
 from mobilevit_npu.errors import UserError, first_line
@@ -151,23 +152,16 @@ def msprobe_version() -> str:
         version = importlib.metadata.version("mindstudio-probe")
     except importlib.metadata.PackageNotFoundError:  # msprobe importable without its distribution's metadata
         return "unknown"
-    if _release(version) < _release(MIN_VERSION):
+    try:
+        too_old = Version(version).release < Version(MIN_VERSION).release
+    except InvalidVersion:  # not a version packaging reads: let msprobe's own import decide
+        too_old = False
+    if too_old:
         raise UserError(
             f"--msprobe needs mindstudio-probe >= {MIN_VERSION} (the oldest tried), not {version}: "
             f"pip install 'mindstudio-probe>={MIN_VERSION}'"
         )
     return version
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """The leading numbers of a version ("26.1.0.post1" -> (26, 1, 0))."""
-    numbers = []
-    for part in version.split("."):
-        digits = re.match(r"\d+", part)
-        if not digits:
-            break
-        numbers.append(int(digits.group()))
-    return tuple(numbers)
 
 
 def check(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:

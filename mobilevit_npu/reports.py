@@ -63,6 +63,17 @@ def _is_stream(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def file_identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:
+    """(the real path, (st_dev, st_ino) when it exists): two names for one file (a symlink, a hard link, `a/../a`)
+    share one or the other. The guards against overwriting an input compare these."""
+    try:
+        st = os.stat(path)
+        inode = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
 def check_output_path(path: str | Path, what: str = "output") -> None:
     """Raise UserError (one line) now, before any model work, when `path` cannot take a report: a folder, a missing
     folder under a file, a folder that cannot be written; a device or FIFO must be writable."""

@@ -89,7 +89,7 @@ class Environment:
 
 
 @dataclass
-class CpuFallbacks:
+class FallbackReport:
     """Operators torch_npu ran on the CPU, as printed by torch_npu (once per operator per process) (npu.py)."""
 
     device: str
@@ -147,7 +147,7 @@ class InferenceReport(Header):
     dtype: str
     results: list[Classified]
     errors: list[ImageError]
-    cpu_fallbacks: Optional[CpuFallbacks] = None
+    cpu_fallbacks: Optional[FallbackReport] = None
     per_rank_images: Optional[list[int]] = None  # under torchrun: images per rank
 
 
@@ -261,7 +261,7 @@ class AccuracyReport(Header):
     layers: Optional[layerwise.LayerReport]
     notes: list[str]
     speed: Optional[Speed]
-    cpu_fallbacks: Optional[CpuFallbacks] = None
+    cpu_fallbacks: Optional[FallbackReport] = None
     msprobe: Optional[Msprobe] = None
 
 
@@ -309,7 +309,7 @@ class BenchmarkReport(Header):
     device: str
     settings: dict[str, Any]  # iterations, warmup, batch_sizes, modes, dtype, end_to_end, how timing was done
     results: list[BenchResult]
-    cpu_fallbacks: Optional[CpuFallbacks] = None
+    cpu_fallbacks: Optional[FallbackReport] = None
 
 
 # ------------------------------------------------------------------------------------------------ onnx export
@@ -440,7 +440,7 @@ def _convert(value: Any, tp: Any, source: str, where: str, allow_unknown: bool) 
                 return None
             if float in options:
                 return math.nan
-            raise fail(_describe(tp))
+            raise fail(_expected(tp))
         inner = [o for o in options if o is not type(None)]
         errors = []
         for option in inner:
@@ -450,7 +450,7 @@ def _convert(value: Any, tp: Any, source: str, where: str, allow_unknown: bool) 
                 errors.append(exc)
         if len(inner) == 1:
             raise errors[0]
-        raise fail(_describe(tp))
+        raise fail(_expected(tp))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail("an object")
@@ -505,10 +505,10 @@ def _kind_name(tp: type) -> str:
     return f"`{tp.KIND}` report" if getattr(tp, "KIND", "") else tp.__name__
 
 
-def _describe(tp: Any) -> str:
+def _expected(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Union:
-        return " or ".join(_describe(o) for o in typing.get_args(tp))
+        return " or ".join(_expected(o) for o in typing.get_args(tp))
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):

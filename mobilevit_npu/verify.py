@@ -34,7 +34,6 @@ from mobilevit_npu import (
     reports,
     runtimes,
     schema,
-    synthetic,
     targets,
 )
 from mobilevit_npu.errors import UserError
@@ -161,19 +160,6 @@ class Outcome:
         return 0 if self.comparison.verdict == "PASS" else 1
 
 
-def load_model(settings: Settings, device: devices.Device | None, dtype: str = "fp32") -> models.LoadedModel:
-    """The model the settings name: the synthetic weights (seeded) or the folder / hub id, with the image limits."""
-    if settings.synthetic:
-        logger.info("building the synthetic full-size X-Small (%s is not read)", settings.model_path)
-        loaded = synthetic.synthetic_model(device, dtype, seed=settings.seed)
-    else:
-        loaded = models.load_model(settings.model_path, device, dtype)
-    limits = {k: v for k in ("max_image_pixels", "max_aspect_ratio") if (v := getattr(settings, k)) is not None}
-    if limits:  # the bounds travel with the preprocessing config, into DataLoader workers too
-        loaded.preprocess = dataclasses.replace(loaded.preprocess, **limits)
-    return loaded
-
-
 def run(settings: Settings) -> Outcome:
     """The whole verification: device, target, images or labelled set, verdict, report written."""
     check(settings)
@@ -252,7 +238,7 @@ class _Run:
             fallbacks,
         )
         self.thresholds = settings.thresholds()
-        self.loaded = load_model(settings, None, "fp32")
+        self.loaded = models.load_named(settings, None, "fp32")
         self.reference = targets.reference_side(self.loaded.model)
         cfg = self.loaded.preprocess
         self.samples: list[labelsets.Sample] = []
@@ -571,7 +557,7 @@ class _WarmUp:
 # ------------------------------------------------------------------------------------------------ console
 
 
-def _fmt(value: float | None, spec: str = ".6f") -> str:
+def fmt(value: float | None, spec: str = ".6f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "nan"
     return format(value, spec)
@@ -620,6 +606,6 @@ def format_labelled(summary: dict, comparison: metrics.Comparison, compared: str
             f"reference top-1 {pct(summary['reference']['top1'])}  top-5 {pct(summary['reference']['top5'])}",
             f"target    top-1 {pct(summary['target']['top1'])}  top-5 {pct(summary['target']['top5'])}",
             f"top-1 agreement {pct(summary['agreement_top1'])} ({len(summary['disagreements'])} image(s) differ); "
-            f"cosine min {_fmt(a.cosine_min)} mean {_fmt(a.cosine_mean)}; max|dp| {_fmt(a.max_abs_prob_diff, '.4g')}",
+            f"cosine min {fmt(a.cosine_min)} mean {fmt(a.cosine_mean)}; max|dp| {fmt(a.max_abs_prob_diff, '.4g')}",
         ]
     )

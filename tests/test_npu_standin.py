@@ -577,7 +577,7 @@ def test_transfer_to_npu_leaves_the_warning_filters_and_says_what_it_patched(npu
 
 
 def _spy_model_build(monkeypatch):
-    original = models.load_model  # every script builds its model through it (common.load, verify.load_model)
+    original = models.load_model  # every script builds its model through it (models.load_named)
 
     def load_model(*args, **kwargs):
         sys.modules["torch_npu"].CALLS.append("model built")
