@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# The suite builds into a temp folder of its own (every process it starts inherits it), never into the user's shared
+# /tmp/torchinductor_<user>, and removes it at the end (pytest_sessionfinish). Set before torch is imported.
+_SUITE_TMP = tempfile.mkdtemp(prefix="mobilevit-npu-tests-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SUITE_TMP, "inductor")
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_SUITE_TMP, "triton")
 
-from mobilevit_npu import compilers, refcache, synthetic
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mobilevit_npu import compilers, refcache, synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's own inductor/triton builds go with it (the pytest tmp folders: tmp_path_retention_policy)."""
+    shutil.rmtree(_SUITE_TMP, ignore_errors=True)
 
 
 DATA_DIR = ROOT / "mobilevit_npu" / "data" / "images"  # the sample photos the package ships

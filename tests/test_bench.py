@@ -341,6 +341,9 @@ def test_every_cpu_compiled_mode_is_an_aoti_package(tiny_model_dir, monkeypatch)
     monkeypatch.setattr(compilers, "aoti_available", lambda: True)
     monkeypatch.setattr(compilers, "build_aoti", record)
     monkeypatch.setattr(compilers, "compile_for", lambda *a, **k: pytest.fail("torch.compile used on CPU"))
+    # which builder makes each mode, not the CPU's bf16 support: a CPU without native bf16 (no AVX512-BF16/AMX, e.g.
+    # an AMD EPYC before Zen 4) still computes bf16 autocast, emulated, and the mode is otherwise refused up front
+    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: True)
     execution._cache.clear()
     cpu = devices.Device("cpu")
     loaded = models.load_model(str(tiny_model_dir), cpu)

@@ -192,7 +192,7 @@ FAKE_README = """# fake
 
 <!-- ci: setup -->
 ```bash
-echo "setup $(basename "$VIRTUAL_ENV")" >> ci.log
+echo "setup $VIRTUAL_ENV" >> ci.log
 ```
 
 <!-- ci: lint -->
@@ -223,15 +223,32 @@ def run_ci_on(tmp_path: Path, test_exit: str) -> subprocess.CompletedProcess:
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     (tmp_path / "readme.md").write_text(FAKE_README.format(test_exit=test_exit))
+    newcomer = tmp_path / ".venv"  # the venv the readme's Install makes: CI must neither use nor change it
+    newcomer.mkdir()
+    (newcomer / "pyvenv.cfg").write_text("home = /nowhere\n")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CI_COMPAT")}
-    return subprocess.run(["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert sorted(p.name for p in newcomer.iterdir()) == ["pyvenv.cfg"], "CI touched the working copy's .venv"
+    assert (newcomer / "pyvenv.cfg").read_text() == "home = /nowhere\n"
+    return proc
+
+
+def ci_log(tmp_path: Path) -> list[str]:
+    """ci.log's lines, the venv's path checked (outside the working copy, removed after CI) and shortened to "venv"."""
+    lines = (tmp_path / "ci.log").read_text().splitlines()
+    for line in lines:
+        if line.startswith("setup "):
+            venv = Path(line.split(" ", 1)[1])
+            assert tmp_path not in venv.parents, f"CI's venv {venv} is inside the working copy"
+            assert not venv.exists(), f"CI left its venv {venv} behind"
+    return ["setup venv" if line.startswith("setup ") else line for line in lines]
 
 
 @pytest.mark.slow
 def test_ci_runs_each_block_once_in_order_in_a_fresh_venv(tmp_path):
     proc = run_ci_on(tmp_path, "true")
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "ci.log").read_text().splitlines() == ["setup .venv", "lint", "test 1", "compat", "test 1"]
+    assert ci_log(tmp_path) == ["setup venv", "lint", "test 1", "compat", "test 1"]
     assert len(re.findall(r"^suite on transformers .*: \d+ s$", proc.stdout, flags=re.M)) == 2, proc.stdout
 
 
@@ -240,7 +257,7 @@ def test_ci_fails_when_the_test_command_fails(tmp_path):
     """pytest's exit 5 (no test collected) stops CI like any failure: nothing after it runs."""
     proc = run_ci_on(tmp_path, "(exit 5)")
     assert proc.returncode == 5
-    assert (tmp_path / "ci.log").read_text().splitlines() == ["setup .venv", "lint", "test 1"]
+    assert ci_log(tmp_path) == ["setup venv", "lint", "test 1"]
 
 
 def shell_lines(text: str) -> list[str]:
