@@ -14,8 +14,10 @@ Examples:
 
 Output: a per-image table, the aggregate, with --layers the modules where the outputs part, and a last line with the
 verdict; REPORT.json holds all of it plus the environment and the thresholds. Verdicts: PASS (every threshold met),
-FAIL (some missed, or the target produced NaN/Inf), INVALID (the reference logits are non-finite or have almost no
-spread, e.g. transformers' default init, so agreement would prove nothing).
+FAIL (some missed, or the target produced NaN/Inf), INVALID (the reference cannot judge: some image's reference logits
+are non-finite or have almost no spread, e.g. transformers' default init, so agreement would prove nothing; or the
+target is the reference itself, CPU float32 eager, as with no --device, --dtype, --target_mode or --runtime on a
+machine without an accelerator).
 Exit codes: 0 PASS; 1 FAIL or INVALID; 2 usage, model, image or device error.
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
+from mobilevit_npu import labelsets, layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
 from mobilevit_npu.verify import fmt
 
 
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="DataLoader processes that decode and preprocess while the model computes, at idle CPU priority "
         "(SCHED_IDLE, else nice 19) so they never slow the model (default: cores per rank, at most 8; 0 decodes in "
-        "the main process, between batches)",
+        "the main process, between batches). At most the machine's cores: more is lowered to that, with a notice "
+        "(each worker is a process; thousands of them never get to decode)",
     )
     labelled.add_argument(
         "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
@@ -223,6 +226,8 @@ def verdict_line(
         row = layers.first_nonfinite or layers.first_divergent
         if row:
             where = f"; first {'NaN/Inf' if layers.first_nonfinite else 'divergent'} layer: {row['name']}"
+    if comparison.verdict == "INVALID":  # the reason first: the figures below it prove nothing either way
+        return f"VERDICT: INVALID ({'; '.join(comparison.reasons)})  {compared}: {summary}"
     return f"VERDICT: {comparison.verdict}  {compared}: {summary}{why}{where}"
 
 
@@ -252,9 +257,20 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     common.setup_logging(args.verbose)
     npu.arm_fallback_error(args.fail_on_cpu_fallback)  # before torch_npu's first fallback (startup.py covers argv)
+    if args.workers is not None and args.workers > labelsets.max_workers():
+        print(
+            f"note: --workers {args.workers} lowered to {labelsets.max_workers()}, the cores of this machine",
+            file=sys.stderr,
+        )
+        args.workers = labelsets.max_workers()
     settings = settings_from(args, argv)
     verify.check(settings)
-    common.check_outputs(settings.outputs(), settings.inputs(), None if settings.synthetic else settings.model_path)
+    common.check_outputs(
+        settings.outputs(),
+        settings.inputs(),
+        None if settings.synthetic else settings.model_path,
+        folders=settings.output_folders(),
+    )
     try:
         outcome = verify.run(settings)
     except RuntimeError as exc:  # TORCH_NPU_FALLBACK_CPU_DISABLE=1: torch_npu refused a fallback, naming the operator

@@ -4,6 +4,7 @@ Examples:
     python accuracy_run_perf.py ./model 50 perf_report.json
     python accuracy_run_perf.py ./model 50 perf_report.json --synthetic --modes all --batch_sizes 1,32
     python accuracy_run_perf.py ./model 100 e2e.json --modes eager,fast --end_to_end --plot latency.png
+    python accuracy_run_perf.py ./model 20 perf.json --synthetic --modes eager,fast --profile prof --baseline old.json
 
 Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (inductor +
 weight freezing on CPU, built ahead of time by AOTInductor and kept in the compile cache; CUDA graphs on CUDA; torchair
@@ -20,7 +21,10 @@ max, stdev; percentiles by linear interpolation), samples_ms, throughput_images_
 (device allocator peak on npu/cuda, process peak RSS on cpu), agreement with eager float32 on the same inputs (cosine,
 max_abs_diff, top1_agreement), exact, roofline (the model's FLOPs, the device's measured matmul ceiling, the fraction
 of it reached at p50 and the floor: the time the FLOPs take at the ceiling), status ("ok" | "unavailable") and reason;
-plus the environment (device, versions, threads, allocator). Exit codes: 0 done, 1 no mode could run, 2 bad
+plus the environment (device, versions, threads, allocator). --profile DIR adds `profile` (a separate profiled pass per
+mode and batch size after the timed one: top operators, time by operator class, host-vs-device split; traces in DIR);
+--baseline OLD.json adds `baseline` (the change in p50 and images/s since that run, a regression only beyond both
+runs' spread; refused for other weights, devices or stacks). Exit codes: 0 done, 1 no mode could run, 2 bad
 arguments, model or device.
 """
 
@@ -33,7 +37,20 @@ import sys
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import bench, devices, execution, malloc, models, npu, reports, runtimes
+from mobilevit_npu import baseline as perf_baseline
+from mobilevit_npu import (
+    bench,
+    compilers,
+    devices,
+    execution,
+    labelsets,
+    malloc,
+    models,
+    npu,
+    profiling,
+    reports,
+    runtimes,
+)
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.perf")
@@ -65,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="time decode + preprocess + copy in + forward + copy out on the bundled photos, not only the forward",
     )
     group.add_argument("--plot", metavar="FILE.png", help="save a latency distribution plot per mode (matplotlib)")
+    group.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the timed run, a separate profiled pass per mode and batch size (torch.profiler; "
+        "torch_npu.profiler on npu): traces in DIR (a new or empty folder), where the time goes in the report and "
+        "on the console",
+    )
+    group.add_argument(
+        "--profile_steps", "--profile-steps", type=common.int_at_least(1), default=5, help="profiled steps per mode"
+    )
+    group.add_argument(
+        "--baseline",
+        metavar="OLD.json",
+        help="an earlier benchmark report of the same weights, device and stack: the change in p50 and images/s",
+    )
     common.add_allocator_arg(group)
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_device_args(parser)
@@ -93,9 +125,13 @@ def _main(argv) -> int:
         raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
     common.check_outputs(
         {"REPORT.json": args.report, "--plot": args.plot},
-        {"--onnx": getattr(args, "onnx", None), "--om": getattr(args, "om", None)},
+        {**runtimes.artefact_inputs(offline_settings), "--baseline": args.baseline},  # --onnx / --om, their JSON
         model_dir=None if args.synthetic else args.model_path,
+        folders={"the compile cache": compilers.named_compile_cache_dir()},
     )
+    if args.profile:
+        profiling.check_profile_dir(args.profile, None if args.synthetic else args.model_path)
+    old = perf_baseline.load(args.baseline) if args.baseline else None  # a bad file: one line, before any work
     torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
     device = devices.resolve_device(torch_device, jit_compile=args.jit_compile)
     if "all" in modes:
@@ -103,9 +139,15 @@ def _main(argv) -> int:
     allocator = malloc.select(args.allocator)  # after every argument is checked: mallopt cannot be undone
     with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, with counts
         loaded = models.load_named(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
+        for size in args.batch_sizes:  # photos are cycled: memory bounds a batch, refused before it is allocated
+            labelsets.bounded_batch(size, 0, loaded.preprocess, device, "--batch_sizes")
         # Before the run: its load average is the start's. The device's float32 defaults (HF32 convs on npu, TF32 on
         # cuda) are left as they are, as in production, and recorded here.
         environment = devices.environment(device, allocator)
+        if old is not None:  # other weights, device or stack: refused before the run
+            this = {"model_source": loaded.source, "device": str(device), "environment": environment}
+            perf_baseline.check_comparable(old[0], this, args.baseline)
+        profiler = profiling.Profiler(args.profile, device, args.profile_steps) if args.profile else None
         with runtimes.bench_runtime(offline_settings, loaded) as offline:
             if not offline.torch_modes:
                 modes = []
@@ -119,6 +161,7 @@ def _main(argv) -> int:
                 dtype=args.dtype,
                 end_to_end=args.end_to_end,
                 runners=offline.runners,
+                profiler=profiler,
             )
         offline.finish(results, args.iterations)
     settings = {
@@ -130,6 +173,9 @@ def _main(argv) -> int:
         "end_to_end": args.end_to_end,
         "runtime": offline.info,
     }
+    profile = profiler.section() if profiler is not None else None
+    profiling.add_fallbacks(profile, fallbacks.operators)  # npu: the host time of each operator that fell back
+    compared = perf_baseline.section(args.baseline, old[0], old[1], results) if old is not None else None
     report = bench.build_report(
         "accuracy_run_perf.py",
         sys.argv[1:] if argv is None else argv,
@@ -139,9 +185,15 @@ def _main(argv) -> int:
         settings,
         environment,
         fallbacks.summary(),
+        profile=profile,
+        baseline=compared,
     )
     reports.write_report(args.report, report)
     print(bench.format_table(results))
+    if profile is not None:
+        print(profiling.format_profile(profile))
+    if compared is not None:
+        print(perf_baseline.format_table(compared))
     if fallbacks.line():
         print(fallbacks.line())
     print(f"report: {args.report}")

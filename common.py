@@ -49,6 +49,27 @@ def int_at_least(minimum: int):
     return parse
 
 
+# torch's seed range (torch/random.py manual_seed, l.49-58 in torch 2.13: "[-0x8000_0000_0000_0000,
+# 0xffff_ffff_ffff_ffff]"); outside it the generator raises "Overflow when unpacking long long".
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def seed(text: str) -> int:
+    """An argparse type for --seed: a whole number torch's generator takes (SEED_RANGE), a usage error otherwise."""
+    shown = text if len(text) <= 40 else f"{text[:37]}..."
+    lo, hi = SEED_RANGE
+    outside = argparse.ArgumentTypeError(f"{shown} is outside the 64-bit seeds torch takes ({lo} to {hi})")
+    try:
+        value = int(text)
+    except ValueError:
+        if text.strip().lstrip("+-").isdigit():  # digits past Python's 4300-digit bound for int()
+            raise outside from None
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a whole number") from None
+    if not lo <= value <= hi:
+        raise outside
+    return value
+
+
 def batch_sizes(text: str) -> list[int]:
     """An argparse type for --batch_sizes: a comma list of whole numbers >= 1 ("1,32"), a usage error otherwise."""
     sizes = [int_at_least(1)(part.strip()) for part in text.split(",") if part.strip()]
@@ -128,7 +149,7 @@ def add_synthetic_args(group: argparse._ArgumentGroup, replaces: str) -> None:
         help=f"use the full-size X-Small with synthetic healthy weights instead of {replaces} (no download; real "
         "labels, meaningless predictions); reports say so",
     )
-    group.add_argument("--seed", type=int, default=0, help="--synthetic only: the seed of the synthetic weights")
+    group.add_argument("--seed", type=seed, default=0, help="--synthetic only: the seed of the synthetic weights")
 
 
 def add_image_args(group: argparse._ArgumentGroup, default_text: str) -> None:
@@ -205,6 +226,7 @@ def check_outputs(
     outputs: dict[str, PathArg],
     inputs: dict[str, PathArg | Sequence[str]] | None = None,
     model_dir: PathArg = None,
+    folders: dict[str, PathArg] | None = None,
 ) -> None:
     """The output guard, called before any model work: every output path the run will write ({"--output": path,
     "the per-image file": path, ...}; None entries are skipped) is checked and refused with a UserError (exit 2, one
@@ -214,28 +236,38 @@ def check_outputs(
       - is the same file as an input ({"--images": [specs], "--labels": path, ...}; folders and globs stand for the
         images they hold, as preprocessing.expand_images lists them; URLs are skipped), by path, by symlink or by hard
         link, so a run never overwrites what it reads;
-      - lies inside the model folder `model_dir` (config.json, the weights: the next run could not load the model).
+      - lies inside the model folder `model_dir` (config.json, the weights: the next run could not load the model), or
+        inside an input that is a folder (--dataset DIR, --images DIR: the next scan would read it).
+    `folders` are the folders the run writes into ({"the --resume journal": path, "--reference_cache": path,
+    "--msprobe": path, ...}; None skipped): each is refused when it is, or lies inside, the model folder or an input
+    folder, or is an input or output file by another name (reports.is_within, reports.file_identity).
     Streams (/dev/null, /dev/stdout, FIFOs) are never compared: writing there destroys nothing."""
     named = [(what, os.fspath(path)) for what, path in outputs.items() if path is not None]
     for what, path in named:
         if not path.strip():
             raise UserError(f"{what} is an empty path")
         reports.check_output_path(path, what)
+    dirs = [(what, os.fspath(path)) for what, path in (folders or {}).items() if path is not None]
+    for what, path in dirs:
+        if not path.strip():
+            raise UserError(f"{what} is an empty path")
     files = [(what, path, reports.file_identity(path)) for what, path in named if _is_regular_or_absent(path)]
+    places = files + [(what, path, reports.file_identity(path)) for what, path in dirs]
 
     def same(a: tuple[str, tuple | None], b: tuple[str, tuple | None]) -> bool:
         return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
 
-    for i, (what, path, ident) in enumerate(files):
-        for other_what, other, other_ident in files[:i]:
+    for i, (what, path, ident) in enumerate(places):
+        for other_what, other, other_ident in files[:i]:  # two folders may be one (caches sharing a root)
             if same(ident, other_ident):
                 raise UserError(f"{what} {path} and {other_what} {other} are the same file; give them different paths")
+    input_folders: list[tuple[str, str]] = []
     for in_what, value in (inputs or {}).items():
-        for source in preprocessing.expand_images(_as_list(value)):  # folders and globs: the files they name
-            if not source or preprocessing.is_url(source):
-                continue
+        specs = [spec for spec in _as_list(value) if spec and not preprocessing.is_url(spec)]
+        input_folders += [(f"input {in_what}", spec) for spec in specs if os.path.isdir(spec)]
+        for source in preprocessing.expand_images(specs):  # folders and globs: the files they name
             source_ident = reports.file_identity(source)
-            for what, path, ident in files:
+            for what, path, ident in places:
                 if same(ident, source_ident):
                     raise UserError(f"{what} {path} is the input {in_what} {source}: writing it would destroy it")
     if model_dir is not None and os.path.isdir(model_dir):
@@ -244,11 +276,18 @@ def check_outputs(
             model_files = {reports.file_identity(entry.path)[1] for entry in os.scandir(folder) if entry.is_file()}
         except OSError:  # an unreadable model folder is reported when the model is loaded
             model_files = set()
-        for what, path, ident in files:
-            if os.path.commonpath([folder, ident[0]]) == folder or (ident[1] is not None and ident[1] in model_files):
+        for what, path, ident in places:
+            if reports.is_within(ident[0], folder) or (ident[1] is not None and ident[1] in model_files):
                 raise UserError(
                     f"{what} {path} is inside the model folder {model_dir} (or a link to one of its "
                     "files): writing it would change the model; write it elsewhere"
+                )
+    for in_what, spec in input_folders:
+        for what, path, ident in places:
+            if reports.is_within(ident[0], os.path.realpath(spec)):
+                raise UserError(
+                    f"{what} {path} is inside the {in_what} {spec}: writing there would change what the run "
+                    "reads; write it elsewhere"
                 )
 
 

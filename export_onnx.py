@@ -20,8 +20,9 @@ thresholds.
 Output: OUT.onnx (the name must end in .onnx); OUT.json beside it (the export report: input/output names and shapes,
 opset and ATC's opset range with its source, exporter, the weights' digest, the verdict, the ATC command); with --aipp,
 OUT.aipp.cfg. An existing OUT.json or OUT.aipp.cfg that an earlier export of OUT.onnx did not write is never
-overwritten (exit 2). The ATC command is printed with --soc_version from the flag, else the visible NPU's name, else
-a placeholder marked as such, and --precision_mode always explicit.
+overwritten (exit 2). The ATC command is printed with --soc_version from the flag (an Ascend SoC name such as
+Ascend310P3 or Ascend910B4, else exit 2), else the visible NPU's name, else a placeholder marked as such, and
+--precision_mode always explicit; every argument shell-quoted, so the line pastes into a shell as one command.
 Exit codes: 0 PASS; 1 FAIL or INVALID; 2 usage, model, image, output or export error.
 """
 
@@ -44,6 +45,7 @@ import torch
 import common
 from mobilevit_npu import (
     devices,
+    labelsets,
     metrics,
     models,
     onnx_export,
@@ -57,7 +59,7 @@ from mobilevit_npu import (
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.export_onnx")
-AIPP_FIRST_LINE = "# AIPP for MobileViT"
+AIPP_FIRST_LINE = "# AIPP for "  # then the family: "# AIPP for MobileViT, from ..."
 
 
 def onnx_path(text: str) -> str:
@@ -157,11 +159,12 @@ def _check_opset(opset: int) -> bool:
 def _written_by_an_export_of(path: Path, out: Path) -> bool:
     """Whether an existing OUT.json / OUT.aipp.cfg is this script's, from an earlier export of the same OUT.onnx (which
     a new export may replace), not some other file that happens to have the name."""
-    try:
+    try:  # read_bounded: a FIFO or a link to /dev/zero at OUT.json is not ours, and is never opened or read
+        text = reports.read_bounded(path, "the file beside the ONNX", reports.MAX_CONFIG_BYTES).decode("utf-8")
         if path.suffix == ".cfg":
-            return path.read_text(encoding="utf-8").startswith(AIPP_FIRST_LINE)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+            return text.startswith(AIPP_FIRST_LINE)
+        data = json.loads(text)
+    except (UserError, ValueError, RecursionError):
         return False
     return (
         isinstance(data, dict)
@@ -217,6 +220,8 @@ def _main(argv) -> int:
     out = Path(args.output)
     json_path = runtimes.sidecar_path(out)
     aipp_path = out.with_suffix(".aipp.cfg") if args.aipp else None
+    if args.soc_version:  # before any work: it goes into the printed command
+        onnx_export.check_soc_version(args.soc_version)
     if not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist")
     for package in ("onnx", "onnxruntime"):
@@ -227,6 +232,10 @@ def _main(argv) -> int:
     in_range = _check_opset(args.opset)
     loaded = models.load_named(args, devices.Device("cpu"), "fp32")
     cfg = loaded.preprocess
+    if args.aipp:
+        onnx_export.pixel_map(cfg)  # an AIPP this processor cannot have is refused before anything is written
+    if not args.dynamic_batch:  # the traced example: memory bounds it, refused before it is allocated
+        labelsets.bounded_batch(args.batch_size, 0, cfg, devices.Device("cpu"))
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -254,7 +263,8 @@ def _main(argv) -> int:
 
     soc, soc_source = onnx_export.soc_version(args.soc_version)
     if aipp_path:
-        reports.write_text_atomic(aipp_path, onnx_export.aipp_config(cfg))
+        title = loaded.family.title if loaded.family else ""
+        reports.write_text_atomic(aipp_path, onnx_export.aipp_config(cfg, title=title))
     command = onnx_export.atc_command(out, described["inputs"][0]["shape"], soc, args.precision_mode, aipp_path)
     lowered = onnx_export.verdict_dtype(args.precision_mode)
 
@@ -265,9 +275,8 @@ def _main(argv) -> int:
     )
     if args.aipp:
         om_input = (
-            f"uint8 RGB NHWC [N, {cfg.crop_height}, {cfg.crop_width}, 3]: decode, resize the shortest edge to "
-            f"{cfg.shortest_edge} (bilinear) and centre-crop {cfg.crop_height}x{cfg.crop_width} on the host; "
-            "AIPP swaps to BGR and scales by 1/255"
+            f"uint8 RGB NHWC [N, {cfg.crop_height}, {cfg.crop_width}, 3]: decode, resize and centre-crop as "
+            f"preprocessor_config.json says on the host; AIPP {onnx_export.pixel_map(cfg).describe()}"
         )
     else:
         om_input = f"float32 NCHW {described['inputs'][0]['shape']}, preprocessed on the host as for the torch model"

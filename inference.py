@@ -30,6 +30,7 @@ from mobilevit_npu import (
     models,
     npu,
     preprocessing,
+    profiling,
     reports,
     schema,
     timing,
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     timed.add_argument("--benchmark", action="store_true", help="time the model instead of printing predictions")
     timed.add_argument("--iterations", type=common.int_at_least(1), default=50, help="timed forward passes")
     timed.add_argument("--warmup", type=common.int_at_least(0), default=10, help="untimed forward passes first")
+    timed.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="with --benchmark: then a separate profiled pass (torch.profiler; torch_npu.profiler on npu), traces in "
+        "DIR (a new or empty folder), where the time goes on the console and in --output",
+    )
     common.add_allocator_arg(run)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -131,8 +138,13 @@ def benchmark(
         "dtype": args.dtype,
         "end_to_end": False,
     }
-    results = bench.run_benchmark(loaded, device, images=images, **settings)
+    profiler = profiling.Profiler(args.profile, device) if args.profile else None
+    results = bench.run_benchmark(loaded, device, images=images, profiler=profiler, **settings)
     print(bench.format_table(results))
+    profile = profiler.section() if profiler is not None else None
+    if profile is not None:
+        profiling.add_fallbacks(profile, fallbacks.operators)
+        print(profiling.format_profile(profile))
     lat = results[0]["latency_ms"]
     print(
         f"{device} ({devices.device_name(device)}), {args.dtype}, batch {args.batch_size}: latency ms mean "
@@ -142,7 +154,9 @@ def benchmark(
     )
     if args.output:
         summary = fallbacks.summary()
-        report = bench.build_report("inference.py", argv, loaded, device, results, settings, environment, summary)
+        report = bench.build_report(
+            "inference.py", argv, loaded, device, results, settings, environment, summary, profile=profile
+        )
         reports.write_report(args.output, report)
         print(f"wrote {args.output}")
     return 0
@@ -153,6 +167,10 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.images and not args.benchmark:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
+    if args.profile and not args.benchmark:
+        parser.error("--profile goes with --benchmark")
+    if args.profile:
+        profiling.check_profile_dir(args.profile, None if args.synthetic else args.model_path)
     common.setup_logging(args.verbose)
     images = preprocessing.expand_images(args.images) if args.images else None
     common.check_outputs(

@@ -20,8 +20,13 @@ The words come from mobilevit_npu/templates/model_card.zh.md and model_card.en.m
 
 Refusals (one line naming the file and the field; nothing is written):
   exit 2: bad arguments; the same report file given twice; --output or a plot that is one of the reports (by path,
-          symlink or hard link); a report that is not valid JSON or does not match its kind's definition (a missing or
-          mistyped field, an unknown kind, a newer schema_version, an unknown field without --allow_unknown_fields).
+          symlink or hard link) or lies inside a model folder the reports name (model_source.path, --model_path; for
+          synthetic weights the package's config folder), through a symlink too; a report that is not a regular file
+          (a FIFO, a link to /dev/zero: refused unopened) or is over reports.MAX_REPORT_BYTES; a report that is not
+          valid JSON or does not match its kind's definition (a missing or mistyped field, an unknown kind, a newer
+          schema_version, an unknown field without --allow_unknown_fields); a report whose figures lie outside their
+          range (cosine in [-1, 1], shares in [0, 1], counts >= 0, no infinity; a null where the verdict relies on a
+          number) or contradict its verdict (a PASS with a failed check): schema.check_figures.
   exit 1: reports that cannot make one true card: two with the same content, two of one kind from the same run,
           reports of different weights, a kind the card does not take, no accuracy or no benchmark report.
 Exit 0: written.
@@ -36,7 +41,7 @@ from pathlib import Path
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
 import common
-from mobilevit_npu import card, reports
+from mobilevit_npu import card, cardfacts, reports
 
 
 def build_parser():
@@ -92,7 +97,13 @@ def _main(argv=None) -> int:
     if os.path.isabs(args.assets) or ".." in Path(args.assets).parts:
         print("error: --assets must be a folder inside the card's folder (a relative path without ..)", file=sys.stderr)
         return 2
-    common.check_outputs({"--output": args.output}, {"REPORT.json": args.reports})
+    inputs = {"REPORT.json": args.reports}
+    common.check_outputs({"--output": args.output}, inputs)  # before a report is opened: no report is overwritten
+    # The model folders the reports name (and --model_path): the card never lands inside one, through a symlink
+    # either (it would replace the weights or config.json with Markdown).
+    model_dirs = cardfacts.model_folders(args.reports, args.model_path, args.allow_unknown_fields)
+    for model_dir in model_dirs:
+        common.check_outputs({"--output": args.output}, inputs, model_dir=model_dir)
     try:
         built = card.build_card(args.reports, args.lang, args.model_path, args.allow_unknown_fields, args.assets)
     except card.CardError as exc:
@@ -100,7 +111,8 @@ def _main(argv=None) -> int:
         return 1
     folder = Path(args.output).parent
     plots = {f"plot {link}": str(folder / link) for link in built.files}
-    common.check_outputs({"--output": args.output, **plots}, {"REPORT.json": args.reports})
+    for model_dir in model_dirs or [None]:
+        common.check_outputs({"--output": args.output, **plots}, inputs, model_dir=model_dir)
     for link, data in built.files.items():
         card.write_png(folder / link, data)
     reports.write_text_atomic(args.output, built.text)

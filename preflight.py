@@ -17,16 +17,25 @@ Exit codes: 0 every row ok (unknown allowed); 1 a mismatch or something missing 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 
-# This process must not load torch_npu (the subprocess row does, as every script would): torch's autoload is off while
-# common imports torch, and the caller's setting is back right after (torch reads it only during its import).
+from mobilevit_npu import preflight
+from mobilevit_npu.errors import UserError
+
+# This script must run on a bare Python (no torch, no numpy: its torch row says so and how to install it), so the
+# command-line kit (common, which imports torch) is used only where it imports. This process must not load torch_npu
+# either (the subprocess row does, as every script would): torch's autoload is off while common imports torch, and the
+# caller's setting is back right after (torch reads it only during its import).
 _CALLER_AUTOLOAD = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD")
 os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
 try:
     import common
-    from mobilevit_npu import preflight, reports
+    from mobilevit_npu import reports
+except Exception:  # torch, numpy or transformers absent or broken: the preflight's own rows say what
+    common = reports = None
 finally:
     if _CALLER_AUTOLOAD is None:
         del os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"]
@@ -34,11 +43,24 @@ finally:
         os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = _CALLER_AUTOLOAD
 
 
+def _folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder (the Ascend install root), not an empty string")
+    return text
+
+
 def build_parser():
-    parser = common.script_parser("preflight.py", __doc__)
+    if common is not None:
+        parser = common.script_parser("preflight.py", __doc__)
+    else:
+        summary, _, rest = __doc__.strip().partition("\n\n")
+        parser = argparse.ArgumentParser(
+            prog="preflight.py", description=summary, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
     parser.add_argument(
         "--ascend_root",
         "--ascend-root",
+        type=_folder,
         default=preflight.DEFAULT_ROOT,
         metavar="DIR",
         help="where the driver, firmware and (without ASCEND_TOOLKIT_HOME) the toolkit are installed",
@@ -53,26 +75,58 @@ def build_parser():
     return parser
 
 
+def _check_json(path: str | None) -> None:
+    if path is None:
+        return
+    if common is not None:
+        common.check_outputs({"--json": path})
+    elif os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--json {path}: not a file in an existing folder")
+
+
+def _write_json(path: str, data: dict) -> None:
+    if reports is not None:
+        reports.write_json_atomic(path, data)
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"--json {path}: {exc.strerror or exc}") from None
+
+
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common.check_outputs({"--json": args.json})
+    _check_json(args.json)
     env = dict(os.environ)
     facts = preflight.stack_facts(env, args.ascend_root)
     rows = preflight.check(facts, args.ascend_root)
     if not args.skip_import_check:
         rows.append(preflight.npu_smi())
-        rows.append(preflight.probe_import_torch(env))
+        rows.append(preflight.probe_import_torch(env, torch_installed=facts.get("torch") is not None))
     code, reason = preflight.verdict(rows)
     print(f"Ascend stack preflight (pairings: {preflight.PAIRING_SOURCE})")
     print(preflight.format_table(rows))
     print(f"result: exit {code}: {reason}")
     if args.json:
-        reports.write_json_atomic(args.json, preflight.as_dict(rows, code, reason, facts))
+        _write_json(args.json, preflight.as_dict(rows, code, reason, facts))
     return code
 
 
 def main(argv=None) -> int:
-    return common.run_main(_main, argv, usage_codes=True)
+    if common is not None:
+        return common.run_main(_main, argv, usage_codes=True)
+    try:  # common.run_main's contract, for a bare Python
+        return _main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

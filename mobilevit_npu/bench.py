@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu import devices, execution, flops, metrics, models, preprocessing, reports, schema, timing
+from mobilevit_npu import devices, execution, flops, metrics, models, preprocessing, profiling, reports, schema, timing
 from mobilevit_npu.errors import Unavailable, UserError
 
 Builder = Callable[[torch.nn.Module, devices.Device, str, torch.Tensor], execution.Prepared]
@@ -94,6 +94,7 @@ def run_benchmark(
     progress: bool = True,
     measure_roofline: bool = True,
     runners: dict[str, Builder] | None = None,
+    profiler: profiling.Profiler | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmark `modes` at each batch size on `device`; one result dict per (mode, batch size), report-ready.
 
@@ -104,7 +105,9 @@ def run_benchmark(
     `warmup` untimed calls each first; the inputs are the bundled photos (or `images`), tiled to the batch size.
     Unavailable modes come back with status "unavailable" and a reason instead of raising. With `measure_roofline`
     each result also gets its "roofline": the model's FLOPs, the device's matmul ceiling in the mode's compute dtype
-    (measured here), the fraction of it achieved at p50 and the floor (the FLOPs at the ceiling).
+    (measured here), the fraction of it achieved at p50 and the floor (the FLOPs at the ceiling). With a `profiler`
+    (--profile DIR), each mode then gets a separate profiled pass at each batch size, after its timed samples: no timed
+    sample is ever taken under the profiler.
     """
     if iterations < 1 or warmup < 0:
         raise ValueError("iterations must be >= 1 and warmup >= 0")
@@ -172,6 +175,10 @@ def run_benchmark(
                 throughput_images_per_s=batch_size * 1000.0 / stats.p50,  # the statistic shown beside it
                 roofline=flops.roofline(flop, batch_size, stats.p50, ceiling),
             )
+        if profiler is not None:  # after every timed sample of this batch size: the profiler never touches one
+            for mode, call in calls.items():
+                logger.info("profiling %s at batch %d", mode, batch_size)
+                profiler.profile(call, mode, batch_size)
         results.extend(rows[mode] for mode in builders)
     return results
 
@@ -185,6 +192,8 @@ def build_report(
     settings: dict[str, Any],
     environment: dict[str, Any],
     cpu_fallbacks: dict[str, Any] | None = None,
+    profile: profiling.ProfileSection | None = None,
+    baseline: Any = None,
 ) -> schema.BenchmarkReport:
     """The report of a run (schema.BenchmarkReport): the shared header, then how it ran and every result."""
     how = {
@@ -201,6 +210,8 @@ def build_report(
         settings={**settings, **how},
         results=results,
         cpu_fallbacks=cpu_fallbacks,
+        profile=profile,
+        baseline=baseline,
     )
 
 
@@ -308,12 +319,25 @@ def latency_figure(results: Sequence[dict[str, Any]], device: str | None = None)
 
 
 def plot_latencies(results: Sequence[dict[str, Any]], path: str, device: str | None = None) -> str:
-    """Save latency_figure(results, device) to `path`."""
+    """Save latency_figure(results, device) to `path`, in the format its suffix names (PNG without one), through the
+    reports' atomic writer: matplotlib's own savefig(path) says nothing when the bytes never land (/dev/full, a full
+    disk), so the figure is rendered in memory and written here, and a failed write is a UserError (one line)."""
+    import io
+    from pathlib import Path
+
     import matplotlib.pyplot as plt
 
     fig = latency_figure(results, device)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        suffix = Path(path).suffix.lower().lstrip(".")
+        kinds = fig.canvas.get_supported_filetypes()
+        if suffix and suffix not in kinds:
+            raise UserError(f"--plot {path}: matplotlib cannot write .{suffix} files (use one of {', '.join(kinds)})")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=suffix or "png", dpi=120)
+    finally:
+        plt.close(fig)
+    reports.write_text_atomic(path, buffer.getvalue())
     return path
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mobilevit_npu import metrics, models
+from mobilevit_npu import metrics, models, reports
 from mobilevit_npu.cardfacts import (
     CardError,
     Facts,
@@ -39,16 +38,8 @@ __all__ = ["CardError", "build_card", "load_template", "Card"]
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 LANGS = ("zh", "en")
-BASE_MODEL = models.HUB_MODEL_ID
-LICENSE = {
-    "license": "other",
-    "license_name": "apple-sample-code-license",
-    "license_link": "https://github.com/apple/ml-cvnets/blob/main/LICENSE",
-}
-# Published, not measured here: MobileViT-XS in the paper (arXiv:2110.02178, ICLR 2022), as Papers with Code lists its
-# "Results from the Paper": ImageNet top-1 74.8%, 2.3M parameters.
-PUBLISHED_TOP1 = "74.8%"
-PUBLISHED_PARAMS = "2.3M"
+# Published figures (top-1, parameters, the paper) and licences are the families' (mobilevit_npu/families.py), printed
+# only for the checkpoint they belong to. The BibTeX is the MobileViT paper's, cited with them.
 BIBTEX = """@inproceedings{mehta2022mobilevit,
   title     = {MobileViT: Light-weight, General-purpose, and Mobile-friendly Vision Transformer},
   author    = {Sachin Mehta and Mohammad Rastegari},
@@ -56,6 +47,14 @@ BIBTEX = """@inproceedings{mehta2022mobilevit,
   year      = {2022},
   url       = {https://arxiv.org/abs/2110.02178}
 }"""
+# config.json fields with a word of their own in the templates (the others are shown as their field name)
+CARD_KEY_WORDS = {
+    "hidden_sizes": "model_hidden_sizes",
+    "neck_hidden_sizes": "model_neck_hidden_sizes",
+    "num_attention_heads": "model_heads",
+    "patch_size": "model_patch_size",
+    "hidden_act": "model_activation",
+}
 DEVICE_TAGS = {"npu": ["NPU", "Ascend", "torch_npu"], "cuda": ["CUDA"], "mps": ["MPS"], "cpu": ["CPU"]}
 ASSETS_DIR = "card_assets"  # beside the card: the PNGs it embeds, linked relatively
 
@@ -332,6 +331,7 @@ class CardWriter:
                                 reason=self.phrase(res.reason or res.status),
                             )
                         )
+                lines += self.profile_issues(s)  # npu: AI CPU share and what the CPU fallbacks cost
                 continue
             if r.skipped.count:
                 images = ", ".join(code(shown_path(e.image)) for e in r.errors) or self.w("not_recorded")
@@ -711,7 +711,78 @@ class CardWriter:
             body += "\n\n" + self.t.fill("perf_unavailable_list", items=bullets(unavailable))
         if notes or extra:
             body += "\n\n" + self.t.fill("report_notes", notes=bullets(extra + notes))
+        where = self.where_time_goes(s)
+        if where:
+            body += "\n\n" + where
         return body
+
+    def where_time_goes(self, s: Source) -> str:
+        """The report's `profile` (--profile DIR) as a table, one row per profiled mode and batch size, and its plot."""
+        from mobilevit_npu import profiling
+
+        prof = getattr(s.report, "profile", None)
+        rows = [p for p in (prof.results if prof else []) if p.status == "ok" and p.step_ms]
+        if not rows:
+            return ""
+        npu = any(p.npu is not None for p in rows)
+        classes = [c for c in profiling.CLASSES if any(p.classes_share.get(c, 0.0) > 0 for p in rows)]
+        header = [self.w("col_mode"), self.w("col_batch"), self.w("profile_col_step")]
+        header += [self.w(f"profile_class_{c}") for c in classes]
+        header += [self.w("profile_col_outside"), self.w("profile_col_top")]
+        header += [self.w("profile_col_aicpu")] if npu else []
+        table = [row(*header), row("---", "---:", "---:", *["---:"] * (len(classes) + 1), "---", *["---:"] * npu)]
+        for p in rows:
+            outside = max(0.0, 1.0 - sum(p.classes_share.values()))
+            top = p.top_operators[0] if p.top_operators else None
+            cells = [code(p.mode), p.batch_size, num(p.step_ms, ".2f")]
+            cells += [num(p.classes_share.get(c, 0.0), "%1") for c in classes]
+            cells += [num(outside, "%1")]
+            cells += [f"{code(top.name)} ({num(top.share_of_step, '%1')})" if top else self.w("na")]
+            if npu:
+                cells += [num(p.npu.ai_cpu_share, "%1") if p.npu is not None else self.w("na")]
+            table.append(row(*cells))
+        plot = self.plots.get(s.path, {}).get("profile")
+        body = self.t.fill(
+            "perf_profile",
+            device=code(s.report.device),
+            tool=code(prof.tool),
+            steps=rows[0].steps,
+            idle=self.w("profile_idle_cpu" if platform_kind(s.report.device) == "cpu" else "profile_idle_device"),
+            traces=self.w("profile_traces_npu" if npu else "profile_traces_torch"),
+            table="\n".join(table),
+            plot=plot or "",
+            plot_alt=self.w("profile_plot_alt"),
+        )
+        if not plot:
+            body = "\n".join(line for line in body.splitlines() if not line.startswith("![")).rstrip()
+        return body
+
+    def profile_issues(self, s: Source) -> list[str]:
+        """Known issues from an NPU profile: the AI CPU's share of device time, and what each CPU fallback cost."""
+        prof = getattr(s.report, "profile", None)
+        lines = []
+        for p in prof.results if prof else []:
+            if p.status != "ok" or p.npu is None:
+                continue
+            ref, device = self.report_ref(s), code(s.report.device)
+            if p.npu.ai_cpu_share > 0:
+                share = num(p.npu.ai_cpu_share, "%1")
+                lines.append(
+                    self.w("known_aicpu", report=ref, device=device, share=share, mode=code(p.mode), batch=p.batch_size)
+                )
+            for fb in p.npu.cpu_fallbacks:
+                lines.append(
+                    self.w(
+                        "known_fallback_cost",
+                        report=ref,
+                        operator=code(fb.operator),
+                        mode=code(p.mode),
+                        batch=p.batch_size,
+                        calls=num(fb.calls, "g"),
+                        ms=num(fb.host_ms, ".3f"),
+                    )
+                )
+        return lines
 
     # ------------------------------------------------------------------------------------------------------ model
     def model(self) -> str:
@@ -722,41 +793,70 @@ class CardWriter:
                 raise CardError(f"{m.folder / 'config.json'}: field `{key}` is missing, and the model section needs it")
             return cfg[key]
 
-        architecture = (cfg.get("architectures") or ["MobileViTForImageClassification"])[0]
+        from mobilevit_npu import onnx_export
+
+        architecture = (cfg.get("architectures") or [f"{m.family.title}ForImageClassification"])[0]
+        pixels = onnx_export.pixel_map(pre)
+        if all(o == 0 for o in pixels.offset) and all(abs(k - 1 / 255) < 1e-9 for k in pixels.scale):
+            preprocess = self.w("preprocess_bgr") if pixels.swap else self.w("preprocess_rgb")
+        else:  # mean/std, or another scale: the arithmetic as AIPP states it, (pixel - min) x scale per channel
+            mins = shown_list([round(-o / k, 4) for o, k in zip(pixels.offset, pixels.scale)])
+            scales = shown_list([float(f"{k:.6g}") for k in pixels.scale])
+            preprocess = self.w("preprocess_affine", order="BGR" if pixels.swap else "RGB", mins=mins, scales=scales)
+        edge = getattr(pre, "shortest_edge", None)
+        if isinstance(edge, int) and getattr(pre, "do_center_crop", False):
+            size = self.w("input_size", height=pixels.height, width=pixels.width, edge=edge)
+        else:
+            size = self.w("input_size_fixed", height=pixels.height, width=pixels.width)
         rows = [row(self.w("field"), self.w("value")), row("---", "---")]
         rows += [
             row(self.w("model_architecture"), code(architecture)),
             row(self.w("model_parameters"), num(m.parameters, ",")),
-            row(
-                self.w("model_input"),
-                self.w("input_size", height=pre.crop_height, width=pre.crop_width, edge=pre.shortest_edge),
-            ),
-            row(
-                self.w("model_preprocess"),
-                self.w("preprocess_bgr") if pre.do_flip_channel_order else self.w("preprocess_rgb"),
-            ),
-            row(self.w("model_hidden_sizes"), code(shown_list(need("hidden_sizes")))),
-            row(self.w("model_neck_hidden_sizes"), code(shown_list(need("neck_hidden_sizes")))),
-            row(self.w("model_heads"), need("num_attention_heads")),
-            row(self.w("model_patch_size"), need("patch_size")),
-            row(self.w("model_activation"), code(need("hidden_act"))),
-            row(self.w("model_labels"), len(cfg["id2label"])),
+            row(self.w("model_input"), size),
+            row(self.w("model_preprocess"), preprocess),
         ]
+        for key in m.family.card_keys:  # the family's shape fields; a generic family's only where config.json has them
+            if key not in cfg and not m.family.known:
+                continue
+            value = need(key)
+            label = self.w(CARD_KEY_WORDS[key]) if key in CARD_KEY_WORDS else code(key)
+            shown = code(shown_list(value)) if isinstance(value, list) else value
+            shown = code(value) if isinstance(value, str) else shown
+            rows.append(row(label, shown))
+        rows.append(row(self.w("model_labels"), len(cfg["id2label"])))
         return self.t.fill("model", table="\n".join(rows), folder=shown_path(str(m.folder)))
 
+    def model_name(self) -> str:
+        """MobileViT-X-Small for its checkpoint's architecture (the published figures' model), else the family."""
+        return "MobileViT-X-Small" if self.f.model.published is not None else self.f.model.family.title
+
     def intro(self) -> str:
+        from mobilevit_npu import onnx_export
+
         m = self.f.model
         what = self.w("what_port" if self.f.port_result else "what_stack", platforms=self.platforms())
+        if m.published is None:  # published figures only for the checkpoint they are known and cited for
+            return self.t.fill(
+                "intro_family",
+                model=m.family.title,
+                architecture=(m.config.get("architectures") or ["?"])[0],
+                parameters=num(m.parameters, ","),
+                parameters_m=f"{m.parameters / 1e6:.2f}",
+                height=onnx_export.pixel_map(m.preprocess).height,
+                width=onnx_export.pixel_map(m.preprocess).width,
+                labels=len(m.config["id2label"]),
+                what=what,
+            )
         return self.t.fill(
             "intro",
-            base_model=BASE_MODEL,
+            base_model=m.published.checkpoint,
             parameters=num(m.parameters, ","),
             parameters_m=f"{m.parameters / 1e6:.2f}",
             height=m.preprocess.crop_height,
             width=m.preprocess.crop_width,
             labels=len(m.config["id2label"]),
-            published_top1=PUBLISHED_TOP1,
-            published_params=PUBLISHED_PARAMS,
+            published_top1=m.published.top1,
+            published_params=m.published.params,
             what=what,
         )
 
@@ -775,7 +875,8 @@ class CardWriter:
         else:
             folder = shown_path(str(self.f.model.folder))
             weights = self.f.sources[0].report.model_source.weights or "model.safetensors"
-            steps.append(models.download_command(BASE_MODEL, folder))
+            if self.f.model.published is not None:  # the hub id is known only for the published checkpoint
+                steps.append(models.download_command(self.f.model.published.checkpoint, folder))
             steps.append(self.w("step_weights_check", file=f"{folder}/{weights}", sha256=value))
         steps += [command(s) for s in self.f.sources]
         steps.append(self.w("step_regenerate", reports=" ".join(shown_path(s.path) for s in self.f.sources)))
@@ -809,7 +910,7 @@ class CardWriter:
 
     def title(self) -> str:
         key = "title_port" if self.f.port_result else ("title_synthetic" if self.f.synthetic else "title_stack")
-        return self.w(key, platforms=self.platforms())
+        return self.w(key, platforms=self.platforms(), model=self.model_name())
 
     def card(self) -> str:
         sources = bullets(
@@ -831,7 +932,7 @@ class CardWriter:
             model=self.model(),
             reproduce=self.reproduce(),
             sources=sources,
-            bibtex=BIBTEX,
+            bibtex=BIBTEX if self.f.model.published is not None else self.w("no_bibtex"),
         )
         text = "\n".join(line.rstrip() for line in text.splitlines())
         if self.t.lang == "zh":
@@ -849,14 +950,15 @@ def front_matter(facts: Facts) -> str:
     Written with yaml in a fixed key order; the tests read it back with huggingface_hub."""
     import yaml
 
-    tags = ["vision", "image-classification", "mobilevit"]
+    family, published = facts.model.family, facts.model.published
+    tags = ["vision", "image-classification", family.name]
     for kind in facts.platforms:
         tags += DEVICE_TAGS[kind]
     if facts.synthetic:
         tags.append("synthetic-weights")
     meta = {
-        **LICENSE,
-        "base_model": BASE_MODEL,
+        **family.license,
+        **({"base_model": published.checkpoint} if published is not None else {}),
         "pipeline_tag": "image-classification",
         "library_name": "transformers",
         "tags": tags,
@@ -939,6 +1041,13 @@ def render_plots(facts: Facts, assets: str) -> tuple[dict[str, dict[str, str]], 
         where = f"{s.report.device} ({s.report.environment.device_name})"
         files[link] = _png(bench.latency_figure(results, where))
         links.setdefault(s.path, {})["latency"] = link
+        prof = getattr(s.report, "profile", None)  # --profile: the share of a step by operator class
+        if prof is not None and any(p.status == "ok" and p.step_ms for p in prof.results):
+            from mobilevit_npu import profiling
+
+            link = f"{assets}/profile-{_stem(s.path)}.png"
+            files[link] = _png(profiling.class_figure(prof.results, where))
+            links[s.path]["profile"] = link
     for s in facts.accuracy:
         layers = layer_facts(s)
         if layers is None or not layers.curve:
@@ -1005,17 +1114,7 @@ def build_card(
 
 
 def write_png(path: Path, data: bytes) -> None:
-    """A PNG through a temp file in the same folder and a rename (never half an image)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """A PNG through the reports' atomic writer (a temp file in the same folder and a rename: never half an image; a
+    device or FIFO written through, never replaced); a failed write (a full disk, a read-only folder) is a UserError,
+    one line naming the path."""
+    reports.write_text_atomic(path, data)

@@ -83,11 +83,13 @@ def read_sources(paths: list[str], allow_unknown: bool = False) -> list[Source]:
     check_distinct_files(paths)
     out: list[Source] = []
     for path in paths:
+        # schema.load: a regular file within its size bound (a FIFO or /dev/zero is refused unread), its format, the
+        # ranges of its figures and its verdict against its checks (schema.check_figures)
         report = schema.load(path, allow_unknown=allow_unknown)
         kind = report.KIND
         if kind not in CARD_KINDS:
             raise CardError(f"{path}: field `kind` is {kind!r}; the card is made of {', '.join(CARD_KINDS)} reports")
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        digest = hashlib.sha256(schema.read(path)).hexdigest()
         out.append(Source(path, report, kind, digest))
     for i, source in enumerate(out):
         for other in out[:i]:
@@ -145,6 +147,12 @@ class ModelFacts:
     preprocessor: dict[str, Any]  # preprocessor_config.json as read
     parameters: int  # of the model config.json builds (on the meta device)
     preprocess: Any = field(repr=False)  # preprocessing.PreprocessConfig
+    family: Any = None  # families.Family of config.json
+
+    @property
+    def published(self) -> Any:
+        """The family's published figures for this checkpoint (families.Published), or None: never guessed."""
+        return self.family.published_for(self.config) if self.family is not None else None
 
     def label(self, class_id: int) -> str:
         labels = self.config.get("id2label") or {}
@@ -162,7 +170,7 @@ def model_folder(sources: list[Source], override: Optional[str]) -> Path:
         if path is None:
             raise CardError(f"{first.path}: field `model_source.path` is null; pass the model folder with --model_path")
         folder = Path(path)
-    if not (folder / "config.json").is_file():
+    if not os.path.lexists(folder / "config.json"):  # one that is there but no regular file: read_json refuses it
         raise CardError(
             f"{folder / 'config.json'} not found (the model folder of {first.path}); the model section "
             "needs it: pass --model_path FOLDER"
@@ -170,18 +178,37 @@ def model_folder(sources: list[Source], override: Optional[str]) -> Path:
     return folder
 
 
+def model_folders(paths: list[str], override: Optional[str], allow_unknown: bool = False) -> list[str]:
+    """Every model folder the card's inputs name and that exists here: each report's model_source.path, the package's
+    X-Small config folder for synthetic weights, and --model_path. port_report.py guards them against its outputs
+    (nothing may be written into a model folder) before it reads anything else."""
+    named = [override] if override else []
+    for path in paths:
+        report = schema.load(path, allow_unknown=allow_unknown)
+        named.append(str(SYNTHETIC_MODEL_DIR) if report.synthetic else report.model_source.path)
+    out: list[str] = []
+    for folder in named:
+        if folder and os.path.isdir(folder) and folder not in out:
+            out.append(folder)
+    return out
+
+
 def read_model(folder: Path, ident: tuple[str, str], first: Source) -> ModelFacts:
     import torch
-    from transformers import MobileViTConfig, MobileViTForImageClassification
+    from transformers import AutoModelForImageClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from mobilevit_npu import families
     from mobilevit_npu.preprocessing import PreprocessConfig
 
     config = reports.read_json(folder / "config.json", "config.json")
-    if not (folder / "preprocessor_config.json").is_file():
+    if not os.path.lexists(folder / "preprocessor_config.json"):
         raise CardError(f"{folder / 'preprocessor_config.json'} not found; the model section needs the input size")
     preprocessor = reports.read_json(folder / "preprocessor_config.json", "preprocessor_config.json")
-    if config.get("model_type") != "mobilevit":
-        raise CardError(f"{folder / 'config.json'}: field `model_type` is {config.get('model_type')!r}, not mobilevit")
+    try:
+        family = families.resolve(config, str(folder / "config.json"))
+    except UserError as exc:
+        raise CardError(str(exc)) from None
     if not isinstance(config.get("id2label"), dict) or not config["id2label"]:
         raise CardError(f"{folder / 'config.json'}: field `id2label` is missing; the card names the classes")
     if ident[0] == "sha256":
@@ -192,9 +219,9 @@ def read_model(folder: Path, ident: tuple[str, str], first: Source) -> ModelFact
                 "weights: pass the folder the reports measured with --model_path"
             )
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = MobileViTForImageClassification(MobileViTConfig.from_dict(config))
+        model = AutoModelForImageClassification.from_config(CONFIG_MAPPING[config["model_type"]].from_dict(config))
     parameters = sum(p.numel() for p in model.parameters())
-    return ModelFacts(folder, config, preprocessor, parameters, PreprocessConfig.from_dict(preprocessor))
+    return ModelFacts(folder, config, preprocessor, parameters, PreprocessConfig.from_dict(preprocessor), family)
 
 
 # ------------------------------------------------------------------------------------------------- derived facts

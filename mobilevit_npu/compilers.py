@@ -10,20 +10,23 @@ and the AOTInductor build used for `fast` on CPU.
 
 Compile once: on CPU every compiled mode is an AOTInductor package (`build_aoti`), kept on disk
 (`compile_cache_dir()`: $MOBILEVIT_NPU_COMPILE_CACHE, else the project cache folder's `compiled/`; "off" disables it),
-keyed by the module's weights and code, the input's shape, strides and dtype, the device, the CPU's vector ISA and the
-torch and transformers versions. A package whose checksum or load fails is rebuilt. torch.compile itself cannot be
-cached here: with freezing the prepacked weights are mkldnn tensors, which inductor's FX graph cache cannot pickle
-("Bypassing FX Graph Cache because 'mkldnn tensors unpickleable'"), so it traces and optimises again on every run.
+keyed by everything that changes what the package computes (`aoti_key`): the module's weights, its config.json as
+loaded, its structure and code, the input's shape, strides and dtype, the device, the CPU's vector ISA, the torch,
+transformers and Python versions, the C++ compiler and the build options. A package whose checksum or load fails is
+rebuilt. torch.compile itself cannot be cached here: with freezing the prepacked weights are mkldnn tensors, which
+inductor's FX graph cache cannot pickle ("Bypassing FX Graph Cache because 'mkldnn tensors unpickleable'"), so it
+traces and optimises again on every run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
+import platform
+import re
 import shutil
 import tempfile
 import types
@@ -102,7 +105,10 @@ def _torchair_backend(npu_mode: str):
             except ValueError:  # OptionValue refuses a mode it does not list: an older torchair
                 config.mode = "reduce-overhead"
                 used = "reduce-overhead"
-        return torchair.get_npu_backend(compiler_config=config), used
+        # torchair 2.13.0/2.14.0's get_npu_backend calls warnings.filterwarnings("once", UserWarning) for the whole
+        # process (configs/compiler_config.py:95, through npu_fx_compiler.py:1053): the filters are put back after it
+        with warnings.catch_warnings():
+            return torchair.get_npu_backend(compiler_config=config), used
     except Exception as exc:  # anything torchair raises makes this mode unavailable, never the run
         raise Unavailable(f"torchair cannot provide {npu_mode!r} ({_why(exc)})") from exc
 
@@ -168,6 +174,13 @@ def compile_cache_dir() -> Path | None:
     return Path(spec).expanduser() if spec else refcache.user_cache_dir() / "compiled"
 
 
+def named_compile_cache_dir() -> Path | None:
+    """compile_cache_dir() where the user named it ($MOBILEVIT_NPU_COMPILE_CACHE or $MOBILEVIT_NPU_CACHE set), else
+    None: what the output guard (common.check_outputs) checks against the model folder and the inputs."""
+    named = os.environ.get(COMPILE_CACHE_ENV, "").strip() or os.environ.get(refcache.CACHE_ENV, "").strip()
+    return compile_cache_dir() if named else None
+
+
 def _cpu_isa() -> str:
     with contextlib.suppress(Exception):
         from torch._inductor import cpu_vec_isa
@@ -176,18 +189,18 @@ def _cpu_isa() -> str:
     return "unknown"
 
 
-def _code_digest(module: torch.nn.Module) -> str:
-    """sha256 over the source files of every module class inside `module` (the wrapper, the fast path, transformers'
-    modeling file): a change in any of them changes what export traces."""
-    digest = hashlib.sha256()
-    files = set()
-    for sub in module.modules():
-        with contextlib.suppress(TypeError, OSError):
-            files.add(inspect.getfile(type(sub)))
-    for name in sorted(files):
-        with contextlib.suppress(OSError):
-            digest.update(Path(name).read_bytes())
-    return digest.hexdigest()
+def _cpp_compiler() -> str | None:
+    """The C++ compiler AOTInductor builds the package's shared library with, and its version: inductor's own choice
+    (torch/_inductor/cpp_builder.py: get_cpp_compiler l.372, get_compiler_version_info l.639, torch 2.13), the
+    version line of its `-v` output; None where this torch cannot say."""
+    with contextlib.suppress(Exception):
+        from torch._inductor import cpp_builder
+
+        compiler = cpp_builder.get_cpp_compiler()
+        info = str(cpp_builder.get_compiler_version_info(compiler))
+        version = next((line for line in re.split(r"[\n_]", info) if " version " in line), info[-200:])
+        return f"{compiler}: {version.strip()}"
+    return None
 
 
 def aoti_configs(extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -200,23 +213,30 @@ def aoti_configs(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 def aoti_key(
     module: torch.nn.Module, device: devices.Device, example: torch.Tensor, configs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """What an AOTInductor package depends on: the module's weights and the source of every module class in it, the
-    input's shape, strides and dtype, the device and its CPU ISA, torch, transformers and the build options."""
+    """What an AOTInductor package depends on: the module's weights, its model config (config.json as loaded), its
+    structure (every submodule's class and settings: refcache.structure_digest) and the source of every module class
+    in it, the input's shape, strides and dtype, the device and its CPU ISA, torch, transformers, Python, the C++
+    compiler and the build options."""
     import transformers  # noqa: PLC0415 - only for its version
 
+    cpu = device.type == "cpu"
     return {
         "kind": "aoti",
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
-        "code_sha256": _code_digest(module),
+        "code_sha256": refcache.code_digest(module),
+        "config_sha256": refcache.config_digest(module),
+        "structure_sha256": refcache.structure_digest(module),
         "weights_sha256": models.weights_digest(module),
         "shape": list(example.shape),
         "strides": list(example.stride()),
         "dtype": str(example.dtype),
         "device": str(device),
-        "cpu": devices.cpu_name() if device.type == "cpu" else None,
-        "isa": _cpu_isa() if device.type == "cpu" else None,
+        "cpu": devices.cpu_name() if cpu else None,
+        "isa": _cpu_isa() if cpu else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpp_compiler": _cpp_compiler() if cpu else None,
         "inductor_configs": configs if configs is not None else aoti_configs(),
     }
 

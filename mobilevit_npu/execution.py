@@ -7,12 +7,16 @@
     fast           fastpath.FastMobileViT (BatchNorm folded, fused QKV + SDPA, channels-last unfold/fold), compiled as
                    `compiled` is (CPU: AOTInductor, else torch.compile with the C++ wrapper)
     bf16           `fast` under bfloat16 autocast, compiled as `fast`. Not exact: reported with its agreement cost.
+                   For a family without the fast path, the Hugging Face model under bfloat16 autocast, compiled.
     npugraph       npu only: the Hugging Face model compiled by torchair in mode="reduce-overhead" (aclgraph, the NPU's
                    analogue of CUDA graphs); unavailable where the installed torchair lacks the mode
 
 On npu, `fast` (and bf16) whose graph torchair cannot convert (torchair 7.0.0 has no converter for the flash SDPA)
 falls back to the same model with its attention spelt out (matmul, softmax, matmul), else runs uncompiled; the notes
 say which ran.
+
+`fast` is MobileViT's (families.Family.fast_path); other families get `compiled` as their fastest exact mode, and
+`fast` is unavailable for them with a reason that says so.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mobilevit_npu import compilers, devices, fastpath, models
+from mobilevit_npu import compilers, devices, families, fastpath, models
 from mobilevit_npu.errors import Unavailable, first_line
 
 logger = logging.getLogger("mobilevit_npu.execution")
@@ -122,8 +126,14 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
     module: torch.nn.Module = model
     aoti = mode in ("compiled", "fast", "bf16") and device.type == "cpu" and compilers.aoti_available()
     autotune = aoti and mode == "fast"
+    family = families.for_model(model) if mode in ("fast", "bf16") else None
+    if mode == "fast" and not family.fast_path:
+        raise Unavailable(family.fast_unavailable())
     if mode in ("compiled", "npugraph"):
         fn, to_input = Logits(model), plain
+    elif mode == "bf16" and not family.fast_path:  # autocast over the model itself, compiled as `compiled` is
+        fn, to_input, autotune = Autocast(Logits(model), device.type), plain, False
+        notes.append(f"bfloat16 autocast over the {family.title} model (no fast path): not exact, see agreement")
     elif mode in ("fast", "bf16"):
         use_cl = device.type != "npu"
         fast = module = fastpath.build_fast_model(

@@ -221,6 +221,11 @@ def build_fast_model(
     `math_attention` the attention is written as matmul-softmax-matmul instead of scaled_dot_product_attention; with
     `linear_max_pixels` (channels-last only) the 1x1 convolutions on maps of at most that many pixels run as linears
     (see FusedConv)."""
+    from mobilevit_npu import families  # the family says whether this restatement applies (MobileViT only)
+
+    config = getattr(model, "config", None)
+    if config is not None and not families.resolve(config).fast_path:
+        raise TypeError(families.resolve(config).fast_unavailable())
     if not hasattr(model, "mobilevit") or not hasattr(model, "classifier"):
         raise TypeError(f"expected a MobileViTForImageClassification, got {type(model).__name__}")
     fast = FastMobileViT(model).eval()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,10 @@ def _class_of(name: str, wnid_index: dict[str, int], num_classes: int) -> int | 
 def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample], list[dict]]:
     """Class subfolders named by wnid or class index, or flat files named `<wnid>_anything.ext`.
 
-    Returns the samples (sorted by path) and the files that could not be labelled, with the reason.
+    Returns the samples (sorted by path; one file under two names, a link, is one sample) and the entries that could
+    not be labelled, with the reason: images in no class, and every entry that is not an image file and not a plain
+    other file (a dangling symlink, a FIFO, a link to a device: preprocessing.folder_entry, which opens nothing), so
+    each is named and counted against --max_skipped. Folders and regular files without an image suffix are ignored.
     """
     if not str(root).strip():
         raise UserError("--dataset is an empty path")
@@ -65,7 +69,35 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
     if not root.is_dir():
         raise UserError(f"--dataset {root} is not a folder")
     wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
-    samples, unlabelled = [], []
+    samples: list[Sample] = []
+    unlabelled: list[dict] = []
+    seen: dict[Any, Sample] = {}  # preprocessing.image_key: one file under two names (a link) is one image
+
+    def entry(path: Path, label: int | None, why_unlabelled: str) -> None:
+        """One folder entry: an image is a sample (once), or unlabelled with `why_unlabelled` when label is None; an
+        entry that is not an image file and not a plain other file (a dangling symlink, a FIFO, a link to a device:
+        preprocessing.folder_entry, which opens nothing) is named and counted as skipped."""
+        kind = preprocessing.folder_entry(path)
+        if kind == "other":
+            return
+        if kind != "image":
+            unlabelled.append({"image": str(path), "error": f"{kind}, not an image file: skipped"})
+            return
+        if label is None:
+            unlabelled.append({"image": str(path), "error": why_unlabelled})
+            return
+        key = preprocessing.image_key(str(path))
+        if key in seen:
+            if seen[key].label != label:
+                raise UserError(
+                    f"--dataset {root}: {path} and {seen[key].image} are one file in two classes "
+                    f"({seen[key].label} and {label}); one image, one class"
+                )
+            logger.info("--dataset %s: %s is the same file as %s: counted once", root, path, seen[key].image)
+            return
+        seen[key] = Sample(str(path), label)
+        samples.append(seen[key])
+
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if subdirs:
         for folder in subdirs:
@@ -75,35 +107,24 @@ def scan_folder(root: str | Path, num_classes: int = 1000) -> tuple[list[Sample]
                     f"class folder {folder} is neither an ImageNet wnid nor a class index below {num_classes}"
                 )
             for path in sorted(folder.rglob("*")):
-                if path.is_file() and preprocessing.is_image_name(path.name):
-                    samples.append(Sample(str(path), label))
+                entry(path, label, "")
         stray = sorted(p for p in root.iterdir() if not p.is_dir())  # beside the class folders: in no class
+        before = len(unlabelled)
         for path in stray:
-            if preprocessing.is_image_name(path.name):
-                unlabelled.append(
-                    {
-                        "image": str(path),
-                        "error": "at the dataset root beside the class folders: in no class (move it into one)",
-                    }
-                )
-        others = sum(not preprocessing.is_image_name(p.name) for p in stray)
+            entry(path, None, "at the dataset root beside the class folders: in no class (move it into one)")
+        others = len(stray) - (len(unlabelled) - before)
         if stray:
             logger.warning(
-                "--dataset %s: %d image(s) at the root beside the class folders (skipped, counted) and %d "
+                "--dataset %s: %d entries at the root beside the class folders (skipped, counted) and %d "
                 "other file(s) ignored",
                 root,
-                len(stray) - others,
+                len(unlabelled) - before,
                 others,
             )
     else:
         for path in sorted(root.iterdir()):
-            if not (path.is_file() and preprocessing.is_image_name(path.name)):
-                continue
             label = wnid_index.get(path.name.split("_", 1)[0])
-            if label is None:
-                unlabelled.append({"image": str(path), "error": "file name does not start with an ImageNet wnid"})
-            else:
-                samples.append(Sample(str(path), label))
+            entry(path, label, "file name does not start with an ImageNet wnid")
     if not samples:
         raise UserError(f"no labelled images in {root} (class subfolders, or files named <wnid>_*.JPEG)")
     return samples, unlabelled
@@ -141,6 +162,7 @@ def _decode_csv(path: Path, data: bytes) -> str:
         ) from None
 
 
+MAX_CSV_FIELD = 4096  # characters in one field of the labels CSV: PATH_MAX on Linux, the longest path open() takes
 _CLASS_ID = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
 
 
@@ -153,24 +175,46 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
       not an image file name (`image,class_id`, `path,label`); a first row naming an image is always data, so a
       headerless CSV loses nothing.
     - Rows starting with `#` and empty rows are skipped; class ids are ASCII whole numbers in 0..num_classes-1.
-    - Duplicates: the same image with the same class twice is kept once, with a warning giving the count; the same
-      image with two different classes is an error naming both lines (no label is picked silently).
+    - Duplicates: the same image (under any spelling: `x.JPEG`, `./x.JPEG`, a link to it; preprocessing.image_key)
+      with the same class twice is kept once, with a warning giving the count; the same image with two different
+      classes is an error naming both lines (no label is picked silently).
+    - Not a CSV: the file is read through reports.read_bounded (a regular file, at most reports.MAX_CSV_BYTES); a NUL
+      byte, a field over MAX_CSV_FIELD characters or a row the csv module refuses is one line naming the line.
     """
     if not str(path).strip():
         raise UserError("--labels is an empty path")
     path = Path(path)
     base = Path(root) if root else path.parent
-    try:
-        preprocessing.require_regular_file(path)
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read --labels {path}: {exc.strerror or first_line(exc)}") from exc
+    data = reports.read_bounded(path, "--labels", reports.MAX_CSV_BYTES)  # a regular file, within its size bound
+    text = _decode_csv(path, data)
+    if "\x00" in text:  # a binary file, or UTF-16 without its BOM; no file name holds a NUL
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise UserError(
+            f"--labels {path}:{line}: a NUL byte: not a text CSV (a binary file, or UTF-16 saved without its BOM?)"
+        )
     samples: list[Sample] = []
-    seen: dict[str, tuple[int, int]] = {}  # full path -> (class, line)
+    seen: dict[Any, tuple[int, int, str]] = {}  # the image (image_key: one file under any spelling) -> (class, line)
     duplicates = 0
-    for line_no, row in enumerate(csv.reader(io.StringIO(_decode_csv(path, data), newline="")), 1):
+    rows = csv.reader(io.StringIO(text, newline=""))
+    line_no = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a field over csv.field_size_limit() (131,072 characters), ...
+            raise UserError(
+                f"--labels {path}:{rows.line_num}: {first_line(exc)}: not an image,class_id row (is it a CSV?)"
+            ) from None
+        line_no = rows.line_num
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
+        longest = max(len(field) for field in row)
+        if longest > MAX_CSV_FIELD:
+            raise UserError(
+                f"--labels {path}:{line_no}: a field of {longest:,} characters, over the {MAX_CSV_FIELD:,} an image "
+                "path or a class id may take: not an image,class_id row (is it a CSV?)"
+            )
         if len(row) < 2:
             raise UserError(f"{path}:{line_no}: expected image,class_id")
         image, label = row[0].strip(), row[1].strip()
@@ -182,16 +226,18 @@ def read_labels_csv(path: str | Path, root: str | Path | None = None, num_classe
         if not 0 <= value < num_classes:
             raise UserError(f"{path}:{line_no}: class_id {label} is outside 0..{num_classes - 1}")
         full = image if preprocessing.is_url(image) or os.path.isabs(image) else str(base / image)
-        if full in seen:
-            first_label, first_line_no = seen[full]
+        key = preprocessing.image_key(full)  # x.JPEG, ./x.JPEG and a link to it are one image
+        if key in seen:
+            first_label, first_line_no, first_name = seen[key]
             if first_label != value:
+                same = "" if first_name == image else f" (as {first_name})"
                 raise UserError(
                     f"{path}:{line_no}: {image} is labelled {value} here and {first_label} on line "
-                    f"{first_line_no}; one image, one class"
+                    f"{first_line_no}{same}; one image, one class"
                 )
             duplicates += 1
             continue
-        seen[full] = (value, line_no)
+        seen[key] = (value, line_no, image)
         samples.append(Sample(full, value))
     if duplicates:
         logger.warning("--labels %s: %d duplicate row(s) (same image, same class) counted once", path, duplicates)
@@ -360,6 +406,13 @@ def default_workers(world_size: int = 1) -> int:
     return max(1, min(8, cores // max(1, world_size)))
 
 
+def max_workers() -> int:
+    """The most decoding workers accuracy_run.py starts: the machine's cores (a larger --workers is lowered to this,
+    with a notice). Each worker is a process with its own interpreter and torch: past the cores they only compete
+    for them, and `--workers 10000` would spend the run forking instead of decoding."""
+    return os.cpu_count() or 1
+
+
 def lock_file(report: str | Path) -> Path:
     """The lock a labelled run holds beside its report: REPORT.json.lock (an output of the run, like the journal)."""
     return Path(f"{report}.lock")
@@ -370,7 +423,15 @@ def journal_folder(report: str | Path) -> Path:
     return Path(f"{report}.parts")
 
 
-JOURNAL_FORMAT = 2  # each line: {"v": 2, "sha256": the image file's digest or null, "record": {...}}
+JOURNAL_FORMAT = 3  # each line: {"v": 3, "sha256": the image file's digest or null, "record": {...}}
+# 3: the folder carries JOURNAL_MARKER, and the run key covers config.json, preprocessing, the runtime file, the device
+
+# The file a journal folder is made with: only a folder holding it (and nothing but the journal's own files) is
+# ever emptied or removed, so a REPORT.json.parts that is a user's folder (the model, a data set) is refused, never
+# deleted.
+JOURNAL_MARKER = ".mobilevit-npu-journal"
+_MARKER_TEXT = "mobilevit-npu --resume journal: this folder and the files below are the tool's, deleted when it ends\n"
+_JOURNAL_FILE = re.compile(r"rank[0-9]+\.jsonl|meta\.json|\.meta\.json\..+\.tmp")  # the tool's own files in it
 
 
 def _settings_differing(before: Any, now: dict[str, Any]) -> str:
@@ -389,21 +450,154 @@ def _settings_differing(before: Any, now: dict[str, Any]) -> str:
     return ", ".join(names) or "the run key's format"
 
 
+def _is_marked(folder: Path) -> bool:
+    """Whether `folder` is a journal folder this tool made: a real folder (not a link) holding JOURNAL_MARKER, a
+    regular file with the marker's text."""
+    marker = folder / JOURNAL_MARKER
+    try:
+        return (
+            folder.is_dir()
+            and not folder.is_symlink()
+            and marker.is_file()
+            and not marker.is_symlink()
+            and marker.stat().st_size == len(_MARKER_TEXT)
+            and marker.read_text(encoding="utf-8") == _MARKER_TEXT
+        )
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of a journal folder that are not the tool's own files (the marker, meta.json, rank*.jsonl)."""
+    return sorted(
+        entry.name
+        for entry in os.scandir(folder)
+        if not (
+            entry.is_file(follow_symlinks=False)
+            and (entry.name == JOURNAL_MARKER or _JOURNAL_FILE.fullmatch(entry.name))
+        )
+    )
+
+
+def _remove_journal(folder: Path) -> None:
+    """Remove the tool's own files from a marked journal folder (the marker last), then the folder; anything else
+    found there is left, with the folder (OSError from rmdir)."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and _JOURNAL_FILE.fullmatch(entry.name):
+            os.unlink(entry.path)
+    os.unlink(folder / JOURNAL_MARKER)
+    os.rmdir(folder)
+
+
+_EPS = 1e-6  # float64 rounding: a cosine of 1.0000000000000002, a probability difference a hair over 1
+# ImageMetrics' float fields and their ranges (metrics._image_metrics computes them); a NaN is written as null.
+_METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "cosine": (-1 - _EPS, 1 + _EPS),
+    "top1_reference_margin": (-1 - _EPS, 1 + _EPS),
+    "top5_overlap": (0.0, 1.0),
+    "max_abs_prob_diff": (0.0, 1 + _EPS),
+    "max_abs_logit_diff": (0.0, math.inf),
+    "rmse": (0.0, math.inf),
+    "mean_relative_error": (0.0, math.inf),
+    "mean_relative_error_above_error_floor": (0.0, math.inf),
+    "share_rel_err_below_0_001": (0.0, 1.0),
+    "share_rel_err_below_0_005": (0.0, 1.0),
+    "reference_logit_std": (0.0, math.inf),
+    "reference_top1_prob": (0.0, 1 + _EPS),
+    "target_top1_prob": (0.0, 1 + _EPS),
+}
+# May be null (NaN) for finite logits on both sides: no logit above the error floor, a reference logit of exactly 0.
+_MAY_BE_NAN = {"mean_relative_error", "mean_relative_error_above_error_floor"}
+
+
+def _record_problem(record: dict, num_classes: int | None) -> str | None:
+    """Why a journaled accuracy record (verify's labelled run: image, label, both top-5s, reference_finite,
+    reference_cached, metrics as metrics.ImageMetrics) cannot be trusted, or None. Types, class ids within the model's
+    classes, every metric finite and within its range; a null metric (a NaN the JSON line could not hold) only where
+    a side's logits were not finite, and made NaN again here, as a fresh run holds it."""
+    from mobilevit_npu import metrics
+
+    top = num_classes if num_classes else math.inf
+
+    def class_id(value: Any, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value < top
+
+    if "error" in record:  # a skipped image is redone on resume (run drops it): only its shape matters
+        return None if isinstance(record["error"], str) else "an error record without its message"
+    label = record.get("label")
+    if not (isinstance(label, int) and not isinstance(label, bool) and label >= 0):  # the set's, not the model's
+        return f"label {label!r} is not a class id"
+    for side in ("reference_top5", "target_top5"):
+        top5 = record.get(side)
+        if not (isinstance(top5, list) and 1 <= len(top5) <= 5 and all(class_id(c) for c in top5)):
+            return f"{side} {top5!r} is not a list of class ids"
+    for flag in ("reference_finite", "reference_cached"):
+        if not isinstance(record.get(flag), bool):
+            return f"{flag} {record.get(flag)!r} is not true or false"
+    values = record.get("metrics")
+    fields = {f.name for f in dataclasses.fields(metrics.ImageMetrics)}
+    if not isinstance(values, dict) or set(values) != fields:
+        return "metrics without the fields of one image's metrics"
+    if values["image"] != record["image"]:
+        return f"metrics of {values['image']!r} in the record of {record['image']!r}"
+    for flag in ("top1_agree", "top1_near_tie", "target_finite"):
+        if not isinstance(values[flag], bool):
+            return f"metrics.{flag} {values[flag]!r} is not true or false"
+    finite = values["target_finite"] and record["reference_finite"]
+    for name, low in (("top1_reference", 0), ("top1_target", -1)):  # -1: a non-finite target has no top-1
+        if not class_id(values[name], low):
+            return f"metrics.{name} {values[name]!r} is not a class id"
+    if values["top1_agree"] != (values["target_finite"] and values["top1_reference"] == values["top1_target"]):
+        return "metrics.top1_agree contradicts top1_reference and top1_target"
+    count = values["logits_above_error_floor"]
+    if not (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= top):
+        return f"metrics.logits_above_error_floor {count!r} is not a count of logits"
+    for name, (low, high) in _METRIC_RANGES.items():
+        value = math.nan if values[name] is None else values[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"metrics.{name} {value!r} is not a number"
+        if not math.isfinite(value):
+            if finite and name not in _MAY_BE_NAN:
+                return f"metrics.{name} is {value} with finite logits on both sides"
+            values[name] = float(value)
+        elif not low <= value <= high:
+            return f"metrics.{name} {value!r} is outside {low:g}..{high:g}"
+    return None
+
+
+def record_checker(num_classes: int | None) -> Callable[[dict], str | None]:
+    """Journal(check=...) for verify's labelled run: _record_problem with the model's class count."""
+    return lambda record: _record_problem(record, num_classes)
+
+
 class Journal:
     """JSON lines per rank in `REPORT.parts/`; `meta.json` there says what run they belong to.
 
     Each line is versioned (JOURNAL_FORMAT) and holds the image file's sha256 beside its record, so a resume redoes
-    an image whose bytes changed under the same name. A line that does not parse, or is from another format, stops
-    the resume (UserError naming the file and line, and how to start afresh); only a torn last line (a crash mid-write:
-    no newline) is dropped, and cut off before new lines are appended. The main rank holds an exclusive lock
-    (fcntl.flock on `REPORT.json.lock`, kept as a file) for the run's life, so a second live run on the same REPORT is
-    refused instead of deleting this one's journal. `--resume` where the report exists and no journal does (a
-    finished run) is refused: nothing to continue, and the finished report stays as it is."""
+    an image whose bytes changed under the same name. A line that does not parse, is from another format, or whose
+    record `check` (a callable: why the record cannot be trusted, or None) refuses stops the resume (UserError naming
+    the file and line, and how to start afresh); only a torn last line (a crash mid-write: no newline) is dropped, and
+    cut off before new lines are appended. The main rank holds an exclusive lock (fcntl.flock on `REPORT.json.lock`,
+    kept as a file) for the run's life, so a second live run on the same REPORT is refused instead of deleting this
+    one's journal. `--resume` where the report exists and no journal does (a finished run) is refused: nothing to
+    continue, and the finished report stays as it is.
 
-    def __init__(self, report: str | Path, dist: distributed.Distributed, run_key: dict[str, Any], resume: bool):
+    The folder is made with JOURNAL_MARKER in it; a REPORT.parts that exists without the marker (a user's folder, a
+    link, a journal of an older version) is refused and left as it is, and only the tool's own files are ever deleted
+    from a marked one (a marked folder holding anything else is refused too)."""
+
+    def __init__(
+        self,
+        report: str | Path,
+        dist: distributed.Distributed,
+        run_key: dict[str, Any],
+        resume: bool,
+        check: Callable[[dict], str | None] | None = None,
+    ):
         self.report = Path(report)
         self.folder = journal_folder(report)
         self.dist = dist
+        self.check = check
         self.rank_of: dict[str, int] = {}  # image -> the rank whose file recorded it (per_rank_images after --resume)
         self.digest_of: dict[str, str | None] = {}  # image -> the sha256 its journal line recorded
         self.resumed = 0  # images taken from the journal instead of being redone (set by run)
@@ -450,10 +644,12 @@ class Journal:
 
     def _prepare(self, run_key: dict[str, Any], resume: bool) -> None:
         meta = self.folder / "meta.json"
-        if os.path.lexists(self.folder) and not self.folder.is_dir():
+        exists = os.path.lexists(self.folder)
+        if exists and (self.folder.is_symlink() or not self.folder.is_dir()):
+            kind = "a symbolic link" if self.folder.is_symlink() else "not a folder"
             raise UserError(
-                f"{self.folder} (the journal beside the report) exists and is not a folder; remove it or "
-                "give another REPORT path"
+                f"{self.folder} (the journal beside the report) exists and is {kind}; it is left as it is: remove "
+                "it or give another REPORT path"
             )
         afresh = f"run the same command without --resume (it deletes {self.folder} and starts afresh)"
         if resume and not meta.is_file() and self.report.is_file():
@@ -461,6 +657,22 @@ class Journal:
                 f"--resume: {self.report} is a finished run (no journal in {self.folder}); nothing to "
                 "resume and the report is left as it is. To redo it, run the same command without "
                 "--resume"
+            )
+        if exists and not _is_marked(self.folder):
+            raise UserError(
+                f"{self.folder} (where the journal beside the report goes) is a folder this tool did not make (no "
+                f"{JOURNAL_MARKER} in it; an older version's journal has none either): it is neither used nor "
+                "deleted; move it away or give another REPORT path"
+            )
+        try:
+            foreign = _foreign_entries(self.folder) if exists else []
+        except OSError as exc:
+            raise UserError(f"cannot read the --resume journal {self.folder}: {exc.strerror or exc}") from exc
+        if foreign:
+            raise UserError(
+                f"{self.folder} (the journal beside the report) holds files this tool did not write "
+                f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): it is neither used nor deleted; "
+                "move them away or give another REPORT path"
             )
         if resume and meta.is_file():
             previous = reports.read_json(meta, "the --resume journal's meta.json")
@@ -476,16 +688,18 @@ class Journal:
                 )
             return
         try:
-            if self.folder.exists():
-                shutil.rmtree(self.folder)
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if exists:
+                _remove_journal(self.folder)  # marked, and nothing but the tool's own files in it
+            self.folder.mkdir(parents=True)
+            (self.folder / JOURNAL_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
         except OSError as exc:
             raise UserError(f"cannot create the --resume journal {self.folder}: {exc.strerror or exc}") from exc
         reports.write_json_atomic(meta, {"format": JOURNAL_FORMAT, "key": self.key, "run": run_key})
 
     def done(self) -> dict[str, dict]:
-        """Every record of every rank's file so far, by image. A line that does not parse or has another format is a
-        UserError naming the file and line (the journal is not trusted); a torn last line from a crash is ignored."""
+        """Every record of every rank's file so far, by image. A line that does not parse, has another format or a
+        record `check` refuses is a UserError naming the file and line (the journal is not trusted); a torn last line
+        from a crash is ignored."""
         records: dict[str, dict] = {}
         for path in sorted(self.folder.glob("rank*.jsonl")):
             rank = int(path.stem[4:]) if path.stem[4:].isdigit() else 0
@@ -495,6 +709,9 @@ class Journal:
                 if not line.endswith("\n") and line_no == len(lines):
                     break  # a torn last line: the crash happened mid-write
                 entry = _parse_line(line)
+                if isinstance(entry, dict) and self.check is not None:
+                    problem = self.check(entry["record"])
+                    entry = entry if problem is None else problem
                 if isinstance(entry, str):
                     raise UserError(
                         f"--resume: {path}:{line_no}: {entry}; the journal cannot be trusted. Run the "
@@ -525,8 +742,11 @@ class Journal:
             with contextlib.suppress(OSError):  # a full disk already said so; closing must not say it again
                 self._fh.close()
         self.dist.barrier()
-        if remove and self.dist.is_main:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if remove and self.dist.is_main and _is_marked(self.folder):
+            try:
+                _remove_journal(self.folder)
+            except OSError as exc:  # something else was put there meanwhile: it stays, with the folder
+                logger.warning("the --resume journal %s was not removed: %s", self.folder, exc.strerror or exc)
         self._release()
 
     def _release(self) -> None:

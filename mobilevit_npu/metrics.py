@@ -1,8 +1,13 @@
 """Logit comparison: per-image metrics, named thresholds, the verdict, and the benchmark's agreement figure.
 
-Every metric is computed in float64 on the CPU. Verdict: INVALID when the reference cannot discriminate (non-finite
-logits, or logits with almost no spread, as with transformers' default init), so a check never passes trivially;
-otherwise FAIL when any threshold is missed; else PASS.
+Every metric is computed in float64 on the CPU. The verdict (`decide`, one rule for every path):
+- INVALID when the reference cannot judge: its logits are non-finite, or some image's logits have almost no spread
+  across the classes (transformers' default init gives ~0), so agreement would prove nothing; or the target is the
+  reference itself (`not_a_port_check`: CPU float32 eager against CPU float32 eager). Each reference check is a
+  property of one image's reference logits, so the rule is the same for 1 image or 50,000, with or without --dataset.
+- FAIL when the reference could judge and the target misses a threshold; also when the target's logits are NaN/Inf
+  while the reference's are finite (wrong whatever the reference's spread).
+- PASS otherwise.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ THRESHOLD_FLAGS = {  # accuracy_run.py's flag per threshold: what it bounds (its
     "top1_tie_margin": "a top-1 flip is forgiven as a near tie when the reference's probabilities of the two classes "
     "differ by less than this",
     "layer_min_cosine": "--layers: a module whose output cosine falls under this is divergent",
-    "min_reference_logit_std": "the reference's logits must spread at least this much (across classes and images), "
+    "min_reference_logit_std": "every image's reference logits must spread at least this much across the classes, "
     "else the verdict is INVALID",
 }
 THRESHOLD_REASONS = {
@@ -80,9 +85,10 @@ THRESHOLD_REASONS = {
     "top two classes are closer than the probability change the dtype is allowed anyway, either order is right.",
     "layer_min_cosine": "--layers only, no effect on the verdict: fp32 0.999 as above; fp16 0.995 and bf16 0.99, "
     "because intermediate outputs (attention probabilities above all) lose more cosine to rounding than the logits.",
-    "min_reference_logit_std": "0.1 for every dtype: trained classifiers spread their logits by ~2-4 across the "
-    "classes; transformers' default init gives 0 for this model, where any target 'agrees' with the reference. Below "
-    "0.1 the softmax is near uniform and the check cannot discriminate, so the verdict is INVALID.",
+    "min_reference_logit_std": "0.1 for every dtype, per image: trained classifiers spread their logits by ~2-4 "
+    "across the classes; transformers' default init gives 0 for this model, where any target 'agrees' with the "
+    "reference. Below 0.1 the softmax is near uniform and the check cannot discriminate, so the verdict is INVALID. "
+    "A property of each image's own logits, so it does not depend on how many images a run has.",
 }
 
 
@@ -138,7 +144,9 @@ class Aggregate:
     share_rel_err_below_0_001: float
     share_rel_err_below_0_005: float
     reference_logit_std_min: float
-    reference_logit_std_across_images: float | None  # mean over classes of the std across images (None: 1 image)
+    # mean over classes of the std across images, for information only (no check: it depends on how many images
+    # there are and how alike they are); None for one image, identical images or a streamed data set
+    reference_logit_std_across_images: float | None
     target_nonfinite_images: int
 
 
@@ -244,8 +252,8 @@ def compare_logits(
     """Compare [N, C] (or [C]) logits of reference and target, in float64 on the CPU, and give the verdict.
 
     `dtype` (fp32 | fp16 | bf16) is the target's: it picks the minimum-error floor and the default thresholds.
-    `distinct_inputs`: the N images differ, so reference logits that do not change across them mean the model ignores
-    its input (INVALID).
+    `distinct_inputs`: the N images differ, so the aggregate's reference_logit_std_across_images is worth giving
+    (information only: the verdict's reference checks are per image, see `judge`).
     """
     thresholds = thresholds or DEFAULT_THRESHOLDS[dtype]
     ref = ref_logits.detach().to("cpu", torch.float64).reshape(-1, ref_logits.shape[-1])
@@ -287,7 +295,7 @@ def judge(
     """The aggregate and the verdict from per-image metrics alone, so a streamed data set needs no logits kept.
 
     Every logit-level mean is exact (each image has the same number of logits); `cosine_all_logits` and the spread
-    across images need the logits themselves and are passed in when known.
+    across images (information only, no check) need the logits themselves and are passed in when known.
     """
     n = len(per_image)
     cutoff = MIN_ERROR_FLOOR[dtype]
@@ -327,27 +335,16 @@ def judge(
         target_nonfinite_images=sum(not m.target_finite for m in per_image),
     )
 
-    ref_finite = reference_finite
-    across = across_images
     min_std = thresholds.min_reference_logit_std
-    reference_checks = [
-        Check("reference_logits_finite", None, "reference logits are all finite", ref_finite),
+    reference_checks = [  # each a property of every image's own reference logits: no dependence on the image count
+        Check("reference_logits_finite", None, "reference logits are all finite", reference_finite),
         Check(
             "reference_logit_std_min",
             aggregate.reference_logit_std_min,
             f">= {min_std} (spread across classes, worst image)",
-            ref_finite and aggregate.reference_logit_std_min >= min_std,
+            reference_finite and aggregate.reference_logit_std_min >= min_std,
         ),
     ]
-    if across is not None:
-        reference_checks.append(
-            Check(
-                "reference_logit_std_across_images",
-                across,
-                f">= {min_std} (the logits must change with the input)",
-                ref_finite and across >= min_std,
-            )
-        )
     checks = [
         Check(
             "target_logits_finite",
@@ -374,18 +371,46 @@ def judge(
             aggregate.max_abs_prob_diff < thresholds.max_prob_diff,
         ),
     ]
+    verdict, reasons = decide(reference_checks, checks)
+    return Comparison(verdict, reasons, dtype, thresholds, per_image, aggregate, checks, reference_checks)
+
+
+SAME_AS_REFERENCE = "target_differs_from_reference"  # the reference check not_a_port_check adds
+
+
+def decide(reference_checks: list[Check], checks: list[Check]) -> tuple[str, list[str]]:
+    """The verdict and its reasons from the checks: the one rule every path (images, labelled sets, the skip budget,
+    a self-comparison) goes through.
+
+    INVALID when a reference check failed: the reference cannot judge, and the target's figures prove nothing either
+    way. One exception: NaN/Inf in the target while the reference's logits are finite is FAIL, since no reference is
+    needed to see that (a self-comparison stays INVALID: there the target is the reference). FAIL when a check
+    failed; else PASS."""
     failed_ref = [c for c in reference_checks if not c.passed]
     failed = [c for c in checks if not c.passed]
-    if failed_ref:
-        verdict = "INVALID"
-        reasons = [f"reference cannot discriminate: {_describe(c)}" for c in failed_ref]
-    elif failed:
-        verdict = "FAIL"
-        reasons = [_describe(c) for c in failed]
-    else:
-        verdict = "PASS"
-        reasons = []
-    return Comparison(verdict, reasons, dtype, thresholds, per_image, aggregate, checks, reference_checks)
+    # the NaN/Inf is the target's own: the reference's logits are finite and the target is not the reference itself
+    targets_own = all(c.passed for c in reference_checks if c.name in ("reference_logits_finite", SAME_AS_REFERENCE))
+    nonfinite_target = any(c.name == "target_logits_finite" for c in failed)
+    if failed_ref and not (nonfinite_target and targets_own):
+        return "INVALID", [_reference_reason(c) for c in failed_ref]
+    if failed:
+        return "FAIL", [_describe(c) for c in failed] + [_reference_reason(c) for c in failed_ref]
+    return "PASS", []
+
+
+def _reference_reason(check: Check) -> str:
+    if check.name == SAME_AS_REFERENCE:
+        return f"not a port check: {check.rule}"
+    return f"reference cannot discriminate: {_describe(check)}"
+
+
+def not_a_port_check(comparison: Comparison, what: str) -> Comparison:
+    """The verdict of a run whose target is the reference itself (`what` says so and names the flags that would make
+    it a port): INVALID, with a failed reference check naming why, whatever the figures say (they compare a
+    configuration with itself)."""
+    reference_checks = [*comparison.reference_checks, Check(SAME_AS_REFERENCE, None, what, False)]
+    verdict, reasons = decide(reference_checks, comparison.checks)
+    return dataclasses.replace(comparison, verdict=verdict, reasons=reasons, reference_checks=reference_checks)
 
 
 def _describe(check: Check) -> str:

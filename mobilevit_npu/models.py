@@ -1,4 +1,5 @@
-"""Model folders: resolve a path or hub id, fetch from the hub (HF_ENDPOINT honoured), load with transformers."""
+"""Model folders: resolve a path or hub id, fetch from the hub (HF_ENDPOINT honoured), load with transformers'
+AutoModelForImageClassification; the loaded model carries its family (mobilevit_npu.families)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu import devices, preprocessing, reports
+from mobilevit_npu import devices, families, preprocessing, reports
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.models")
@@ -36,6 +37,7 @@ class LoadedModel:
     preprocess: preprocessing.PreprocessConfig
     source: dict[str, Any]  # {"path": ..., "weights": file name, "sha256": ...} or {"synthetic": True, ...}
     id2label: dict[int, str]
+    family: families.Family | None = None  # set by finish() from the model's config
 
     @property
     def name(self) -> str:
@@ -43,9 +45,22 @@ class LoadedModel:
 
 
 def _weights_file(folder: Path) -> Path | None:
+    """The folder's weights file, None when it has none; a UserError when one of WEIGHT_FILES is there but is not a
+    regular file (a FIFO, a link to a device, a folder, a dangling link): said as such, from its stat alone (a FIFO
+    is never opened: that would wait for a writer)."""
     for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+        if os.path.lexists(candidate):
+            try:
+                preprocessing.require_regular_file(candidate)
+            except FileNotFoundError:
+                raise UserError(
+                    f"model folder: {candidate} is a link to {os.path.realpath(candidate)}, which does not exist"
+                ) from None
+            except OSError as exc:
+                raise UserError(f"model folder: {first_line(exc)}") from exc
     return None
 
 
@@ -174,15 +189,16 @@ def checkpoint_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 
 def shape_mismatches(folder: Path, weights: Path) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """(key, checkpoint shape, model shape) for every tensor whose shape differs from the model config.json builds."""
-    from transformers import MobileViTConfig, MobileViTForImageClassification
+    from transformers import AutoConfig, AutoModelForImageClassification
 
     found = checkpoint_shapes(weights)
     if not found:
         return []
     try:
-        config = MobileViTConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):  # shapes only: no memory, no init
-            expected = {k: tuple(v.shape) for k, v in MobileViTForImageClassification(config).state_dict().items()}
+            model = AutoModelForImageClassification.from_config(config)
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except Exception:  # noqa: BLE001 - a bad config.json is reported by from_pretrained itself
         return []
     return [(key, shape, expected[key]) for key, shape in found.items() if key in expected and expected[key] != shape]
@@ -216,8 +232,9 @@ def check_loaded_keys(info: dict[str, Any], weights: Path) -> None:
 
 
 def load_model(model_path: str, device: devices.Device | None = None, dtype: str = "fp32") -> LoadedModel:
-    """Load a MobileViTForImageClassification folder (or hub id) onto the device in eval mode."""
-    from transformers import MobileViTForImageClassification
+    """Load an image-classifier folder (or hub id) onto the device in eval mode, through
+    AutoModelForImageClassification (the class config.json's model_type and architectures name)."""
+    from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
     folder = resolve_model_folder(model_path)
@@ -228,15 +245,14 @@ def load_model(model_path: str, device: devices.Device | None = None, dtype: str
             except OSError as exc:
                 raise UserError(f"model folder: {first_line(exc)}") from exc
     config = reports.read_json(folder / "config.json", "config.json")
-    if config.get("model_type") != "mobilevit":
-        raise UserError(f"{folder} is not a MobileViT model (config.json model_type={config.get('model_type')!r})")
+    families.resolve(config, str(folder / "config.json"))  # one line for a folder that is no image classifier
     preprocess = preprocessing.PreprocessConfig.from_folder(folder)
     weights = _weights_file(folder)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # missing-key chatter is checked below instead
     hf_logging.disable_progress_bar()
     try:
-        model, info = MobileViTForImageClassification.from_pretrained(str(folder), output_loading_info=True)
+        model, info = AutoModelForImageClassification.from_pretrained(str(folder), output_loading_info=True)
     except Exception as exc:  # safetensors/pickle errors on corrupt or truncated files, shape mismatches
         raise UserError(f"could not load the weights in {weights}: {_load_failure(exc, folder, weights)}") from exc
     finally:
@@ -253,7 +269,8 @@ def finish(model, preprocess, source, device: devices.Device | None, dtype: str)
     if device is not None:
         model.to(device.torch)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
-    return LoadedModel(model=model, preprocess=preprocess, source=source, id2label=id2label)
+    family = families.resolve(model.config)
+    return LoadedModel(model=model, preprocess=preprocess, source=source, id2label=id2label, family=family)
 
 
 def load_named(named: Any, device: devices.Device | None, dtype: str = "fp32") -> LoadedModel:

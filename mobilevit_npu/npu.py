@@ -16,8 +16,23 @@ Where torch_npu says so (read from the real sources, cited by version and line i
   into an error naming the operator (`torch_npu/csrc/framework/utils/CpuFallbackUtils.h:16-33` on master; the
   strings are in those wheels' libtorch_npu.so, not in 2.5.1's).
 
+- op-plugin's own CPU kernels say "Warning: kernel [sinc] is not supported by NPU currently. Now this kernel is running
+  on CPU." (16 strings in each of the 2.5.1, 2.13.0 and 2.14.0 libtorch_npu.so; op-plugin @517f2e7d
+  `op_plugin/ops/aclops/{Complex,Gcd,IsNegInf,IsPosInf,Median,Polar,Sinc}KernelNpu.cpp`,
+  `op_plugin/ops/opapi/AdaptiveMaxPool3d{,Backward}KernelNpuOpApi.cpp`). Two routes: TORCH_NPU_WARN_ONCE (complex,
+  gcd, isneginf, isposinf, nanmedian, sinc) goes to fd 2 like the dispatcher's; TORCH_WARN_ONCE (PolarKernelNpu.cpp:23,
+  34, MedianKernelNpu.cpp:155, the AdaptiveMaxPool3d OpApi kernels) is c10's own warning, which torch hands to Python
+  as a `UserWarning` ("... (Triggered internally at ...)") when the operator was called from Python. op-plugin never
+  consults TORCH_NPU_FALLBACK_CPU_DISABLE (no CheckCpuFallbackAllowed in it): these run on the CPU whatever the switch.
+- c10 drops every WARNING line when TORCH_CPP_LOG_LEVEL is ERROR or FATAL (2 or 3, any case: torch
+  `c10/util/Logging.cpp` setLogLevelFlagFromEnv; torch's docs, "Debugging Environment Variables"), so the fd 2 route
+  is silenced by it too.
+
 `CpuFallbacks` therefore redirects file descriptor 2 into a pipe for the model work, reads it on a thread, records the
-operators those lines name and passes every other byte on to the real stderr at once.
+operators those lines name and passes every other byte on to the real stderr at once; and it takes the fallback
+`UserWarning`s off Python's warnings (shown always while it runs, whatever the filters), recording their operators.
+Python's warning filters are put back as they were when the block ends (torchair 2.13/2.14 calls
+`warnings.filterwarnings("once", ...)` for the whole process when it builds or compiles a graph).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ import select
 import subprocess
 import sys
 import threading
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +79,20 @@ FALLBACK_PATTERNS = (
         r"CPU"
     ),
 )
+# op-plugin's own CPU kernels, in every wheel (see the module docstring): "Warning: kernel [sinc] is not supported
+# by NPU currently. Now this kernel is running on CPU." ("currently.Now" for gcd.out), and without "kernel [...]"
+# for the AdaptiveMaxPool3d OpApi kernels ("adaptive_max_pool3d.out is not supported by NPU currently. ..."). The
+# name is an aten overload as op-plugin spells it; it is recorded as aten::<name>.
+KERNEL_PATTERN = re.compile(
+    r"(?:kernel \[(?P<kernel>[A-Za-z_][\w.]*)\]|(?P<bare>\b[A-Za-z_][\w.]*)) is not supported by NPU currently\.\s*"
+    r"Now this kernel is running on CPU"
+)
+# The start of every fallback message (Python's warning filters match a message from its start).
+WARNING_MESSAGE = (
+    r".*(?:is not currently supported on the NPU backend|is currently not supported on the NPU backend"
+    r"|need to be met the following conditions to run on the NPU backend|the operator will fall back to CPU"
+    r"|is not supported by NPU currently)"
+)
 # The error a gated fallback raises with TORCH_NPU_FALLBACK_CPU_DISABLE=1 (CpuFallbackUtils.h:23-32).
 REFUSED_PATTERN = re.compile(
     r"The operator '(?P<ops>[^']+)' would execute its main computation on CPU through .*?"
@@ -73,6 +103,8 @@ OPERATOR = re.compile(r"[A-Za-z_]\w*::\w+(?:\.\w+)?")
 
 SWITCH = "TORCH_NPU_FALLBACK_CPU_DISABLE"
 SILENCERS = ("TORCH_NPU_DISABLED_WARNING", "TORCH_NPU_WARNING_DISABLE")
+LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"  # c10: INFO/0, WARNING/1, ERROR/2, FATAL/3, case-insensitive
+QUIET_LOG_LEVELS = ("2", "3", "ERROR", "FATAL")
 
 OBSERVED = "observed"
 SILENCED = "silenced"
@@ -92,6 +124,10 @@ def fallback_operators(text: str) -> list[str]:
     for pattern in FALLBACK_PATTERNS:
         for match in pattern.finditer(text):
             found += [op for op in OPERATOR.findall(match.group("ops")) if op not in found]
+    for match in KERNEL_PATTERN.finditer(text):
+        op = f"aten::{match.group('kernel') or match.group('bare')}"
+        if op not in found:
+            found.append(op)
     return found
 
 
@@ -178,19 +214,72 @@ def arm_fallback_error(argv_flag: bool) -> str | None:
     return fallback_switch()
 
 
-def observability(device: devices.Device, environ: dict[str, str] | None = None) -> str:
-    """What torch_npu's fallback lines can tell in this process: observed, silenced, not observable on this rank, or not
-    an npu (OptionsManager::ShouldPrintWarning / GetRankId)."""
+def silencer(environ: dict[str, str] | None = None) -> str | None:
+    """The setting that keeps torch_npu's fd 2 fallback lines from being printed ("TORCH_NPU_DISABLED_WARNING=1",
+    "TORCH_CPP_LOG_LEVEL=ERROR"), or None: torch_npu's own switches (OptionsManager::ShouldPrintWarning: exactly 1) and
+    c10's log level, which drops WARNING lines at ERROR and FATAL."""
     env = os.environ if environ is None else environ
-    if device.type != "npu":
-        return NOT_NPU
     for name in SILENCERS:
         reads = name == SILENCERS[0] or installed_reads(name)
         if reads and _leading_int(env.get(name), 0) == 1:
-            return SILENCED
+            return f"{name}={env.get(name)}"
+    level = (env.get(LOG_LEVEL) or "").strip()
+    if level.upper() in QUIET_LOG_LEVELS:
+        return f"{LOG_LEVEL}={level}"
+    return None
+
+
+def observability(device: devices.Device, environ: dict[str, str] | None = None) -> str:
+    """What torch_npu's fallback lines can tell in this process: observed, silenced, not observable on this rank, or not
+    an npu (OptionsManager::ShouldPrintWarning / GetRankId, c10's TORCH_CPP_LOG_LEVEL)."""
+    env = os.environ if environ is None else environ
+    if device.type != "npu":
+        return NOT_NPU
+    if silencer(env) is not None:
+        return SILENCED
     if _leading_int(env.get("RANK"), -1) not in (0, -1):
         return OTHER_RANK
     return OBSERVED
+
+
+def added_filters(before: list) -> list[str]:
+    """The warning filters in force now that were not in `before`, as "action (Category)" strings."""
+    return [
+        f"{f[0]}" + (f" ({f[2].__name__})" if f[2] is not Warning else "") for f in warnings.filters if f not in before
+    ]
+
+
+class WarningTap:
+    """torch_npu's fallback messages that arrive as Python warnings (c10's TORCH_WARN_ONCE in op-plugin, handed to
+    Python by torch's PyWarningHandler): while it runs they are always shown to it, whatever the filters, and kept off
+    the console; `on_match(text)` gets each. Every other warning goes on as before. `stop()` puts the filters back."""
+
+    def __init__(self, on_match):
+        self.on_match = on_match
+        self._context = None
+
+    def start(self) -> WarningTap:
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.filterwarnings("always", message=WARNING_MESSAGE)
+        self.baseline = list(warnings.filters)  # what a filter added during the block is told apart from
+        previous = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if fallback_operators(text):
+                with contextlib.suppress(Exception):
+                    self.on_match(text)
+                return
+            previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        return self
+
+    def stop(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,6 +502,9 @@ class CpuFallbacks:
     def __init__(self, device: devices.Device):
         self.device = device
         self.status = observability(device)
+        self.silenced_by = silencer() if self.status == SILENCED else None
+        self._warnings: WarningTap | None = None
+        self.filters_restored: list[str] = []  # warning filters added during the block (torchair's "once"), undone
         self.error_switch = fallback_switch() if device.type == "npu" else None
         self._operators: set[str] = set()
         self.refused: list[str] = []  # operators refused under the switch (from the exception that ended the block)
@@ -435,12 +527,18 @@ class CpuFallbacks:
     def __enter__(self) -> CpuFallbacks:
         if self.status == OBSERVED and os.name == "posix":
             self._tap = StderrTap(self._line).start()
+        if self.status != NOT_NPU:  # c10's TORCH_WARN_ONCE reaches Python on every rank, whatever torch_npu's switches
+            self._warnings = WarningTap(self._line).start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._tap is not None:
             self._tap.stop()
             self._tap = None
+        if self._warnings is not None:
+            self.filters_restored = added_filters(self._warnings.baseline)
+            self._warnings.stop()
+            self._warnings = None
         if exc is not None:
             self.refused = refused_operators(str(exc))
 
@@ -459,29 +557,36 @@ class CpuFallbacks:
         if self.status == NOT_NPU:
             return None
         where = f"CPU fallbacks on {self.device}"
-        if self.status == SILENCED:
-            return f"{where}: not observable (torch_npu's warnings are silenced by TORCH_NPU_DISABLED_WARNING)"
-        if self.status == OTHER_RANK:
-            return f"{where}: not observable on this rank (torch_npu prints them on rank 0 only)"
         ops = self.operators
+        if self.status == SILENCED:
+            seen = f"; {len(ops)} seen as Python warnings: {', '.join(ops)}" if ops else ""
+            return f"{where}: not observable (torch_npu's warnings are silenced by {self.silenced_by}){seen}"
+        if self.status == OTHER_RANK:
+            seen = f"; {len(ops)} seen as Python warnings: {', '.join(ops)}" if ops else ""
+            return f"{where}: not observable on this rank (torch_npu prints them on rank 0 only){seen}"
         if not ops:
             return f"{where}: none seen (every operator ran on the NPU)"
         return f"{where}: {len(ops)} operator(s) ran on the CPU: {', '.join(ops)} (once per operator, not per call)"
 
     def fail_reason(self) -> str | None:
-        """--fail_on_cpu_fallback: the one-line reason the run fails, or None. Fallbacks seen fail it; so does a run
-        where nothing could be seen (silenced warnings and no error switch), since absence cannot be shown. Ranks other
-        than 0 leave the decision to rank 0, which runs the same operators."""
-        if self.status == NOT_NPU or self.status == OTHER_RANK:
+        """--fail_on_cpu_fallback: the one-line reason the run fails, or None. A fallback seen on any route fails it (a
+        refusal under the switch, an fd 2 line, a Python warning); so does a run that could not see its fallbacks
+        (silenced warnings), even with the switch armed: op-plugin's CPU kernels never consult it, so only their
+        warnings can show them. Ranks other than 0 leave the decision to rank 0, which runs the same operators."""
+        if self.status == NOT_NPU:
             return None
         if self.refused:
             return f"{', '.join(self.refused)} refused to fall back to the CPU ({self.error_switch or SWITCH + '=1'})"
         ops = self.operators
         if ops:
             return f"{len(ops)} operator(s) fell back to the CPU: {', '.join(ops)} (--fail_on_cpu_fallback)"
-        if self.status == SILENCED and self.error_switch is None:
+        if self.status == SILENCED:
+            if self.error_switch:
+                armed = f"; {SWITCH} gates only the dispatcher's fallback, not op-plugin's CPU kernels"
+            else:
+                armed = "" if installed_reads(SWITCH) else f" and this torch_npu has no {SWITCH}"
             return (
-                "CPU fallbacks cannot be checked: torch_npu's warnings are silenced (TORCH_NPU_DISABLED_WARNING) "
-                f"and this torch_npu has no {SWITCH} (--fail_on_cpu_fallback)"
+                f"CPU fallbacks cannot be checked: torch_npu's warnings are silenced ({self.silenced_by}){armed} "
+                "(--fail_on_cpu_fallback)"
             )
         return None

@@ -20,6 +20,8 @@ import importlib.util
 import io
 import logging
 import os
+import re
+import shlex
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mobilevit_npu import devices, execution, preprocessing
+from mobilevit_npu import devices, execution, families, preprocessing
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.onnx_export")
@@ -45,6 +47,12 @@ ATC_OPSET_SOURCE = (
 DEFAULT_OPSET = ATC_OPSETS[1]  # the newest ATC takes; the TorchScript exporter writes it for this model
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes 18 whatever it is asked for (torch 2.13, this model)
 SOC_PLACEHOLDER = "<SOC_VERSION>"  # never a valid ATC value: ATC refuses it until the user puts the chip's name in
+# ATC --soc_version names: those torch_npu knows (socVersionMap, torch_npu/csrc/core/npu/NpuVariables.cpp l.13-38,
+# Ascend/pytorch at 00acf37e: Ascend910PremiumA, Ascend910ProA, Ascend910A, Ascend910B, Ascend310P1-P4, Ascend910B1-B4,
+# Ascend910B2C, Ascend910B4-1, Ascend310B1-B4, Ascend910_9391 ...) are all "Ascend", three digits, then letters,
+# digits, "_" or "-": the pattern a --soc_version must match, so the printed command never holds shell syntax.
+SOC_VERSION_RE = re.compile(r"Ascend[0-9]{3}[A-Za-z0-9_-]{0,32}")
+SOC_VERSION_EXAMPLES = ("Ascend310P3", "Ascend910B4", "Ascend910_9391")
 DYNAMIC_BATCH_GEARS = (1, 2, 4, 8, 16, 32)  # ATC --dynamic_batch_size profiles for a dynamic-batch export
 
 # ATC --precision_mode (and the CANN execution provider's precision_mode) -> the dtype whose thresholds judge it.
@@ -219,6 +227,13 @@ def export_onnx(
     exporter is torch.onnx.export(dynamo=False): the default up to torch 2.8, still there (deprecated) in 2.13."""
     if importlib.util.find_spec("onnx") is None:
         raise UserError('the onnx package is not installed: pip install -e ".[bench]"')
+    try:
+        family = families.for_model(model)
+    except TypeError:  # a plain module (tests, fastpath's restatement): no family rules apply
+        family = None
+    if family is not None and family.onnx_refusal and opset < DYNAMO_MIN_OPSET:
+        raise UserError(f"{family.title} cannot be exported at opset {opset}: {family.onnx_refusal}")
+    restated = family.export_patch(model) if family is not None and family.export_patch else contextlib.nullcontext()
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise UserError(f"folder {path.parent} does not exist")
@@ -238,7 +253,7 @@ def export_onnx(
             problem = f"torch {torch.__version__} has no dynamo=True export"
         if problem is None:
             try:
-                with _quiet(captured), torch.no_grad():
+                with _quiet(captured), torch.no_grad(), restated:
                     _export(module, example, path, opset, dynamic_batch, dynamo=True)
                 got = file_opset(path)
                 if got != opset:
@@ -258,10 +273,12 @@ def export_onnx(
         why = "asked for with exporter='torchscript'"
     if ran == "torchscript":
         try:
-            with _quiet(captured), torch.no_grad():
+            with _quiet(captured), torch.no_grad(), restated:
                 _export(module, example, path, opset, dynamic_batch, dynamo=False)
         except Exception as exc:
-            raise UserError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)})") from exc
+            raise UserError(
+                f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}){_operator_hint(exc)}"
+            ) from exc
     return Exported(
         path,
         ran,
@@ -272,6 +289,20 @@ def export_onnx(
         time.perf_counter() - start,
         captured,
     )
+
+
+def _operator_hint(exc: Exception) -> str:
+    """For an operator the TorchScript exporter has no symbolic for at the asked opset (its UnsupportedOperatorError:
+    "Exporting the operator 'aten::col2im' to ONNX opset version 15 is not supported. Support for this operator was
+    added in version 18", torch/onnx/errors.py), the operator and opset in words, and what ATC takes."""
+    import re
+
+    found = re.search(r"operator '([\w:.]+)' to ONNX opset version (\d+).*?added in version (\d+)", str(exc), re.S)
+    if not found:
+        return ""
+    op, asked, needed = found.groups()
+    lo, hi = ATC_OPSETS
+    return f"; {op} needs opset {needed}, ATC takes {lo}-{hi} ({ATC_OPSET_SOURCE})"
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -302,11 +333,21 @@ def describe(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------- ATC / AIPP
 
 
+def check_soc_version(value: str) -> str:
+    """`value` when it is an Ascend SoC name (SOC_VERSION_RE), else a UserError (one line) naming examples."""
+    if not SOC_VERSION_RE.fullmatch(value):
+        raise UserError(
+            f'--soc_version {value!r} is not an Ascend SoC name ("Ascend", three digits, then letters, digits, _ '
+            f"or -: {', '.join(SOC_VERSION_EXAMPLES)}); give the chip's name as npu-smi info shows it"
+        )
+    return value
+
+
 def soc_version(flag: str | None) -> tuple[str, str]:
-    """(value, where it came from) for ATC's --soc_version: the flag, else the visible NPU's SoC name
-    (torch_npu.npu.get_device_name, i.e. aclrtGetSocName), else the placeholder, clearly marked."""
+    """(value, where it came from) for ATC's --soc_version: the flag (checked: check_soc_version), else the visible
+    NPU's SoC name (torch_npu.npu.get_device_name, i.e. aclrtGetSocName), else the placeholder, clearly marked."""
     if flag:
-        return flag, "--soc_version"
+        return check_soc_version(flag), "--soc_version"
     if importlib.util.find_spec("torch_npu") is None:
         return SOC_PLACEHOLDER, "no torch_npu here to ask; put in the chip's name (npu-smi info)"
     try:
@@ -319,42 +360,108 @@ def soc_version(flag: str | None) -> tuple[str, str]:
     return SOC_PLACEHOLDER, f"{reason}; put in the chip's name (npu-smi info)"
 
 
-def aipp_config(cfg: preprocessing.PreprocessConfig, source: str = "preprocessor_config.json") -> str:
-    """A static AIPP config (prototxt) doing on the NPU what the host's preprocessing does after the crop: the colour
-    order (RGB in, the model's BGR out via rbuv_swap_switch) and x rescale_factor (var_reci_chn; no mean, no min).
-    The host still decodes, resizes (shortest edge) and centre-crops: the resize depends on each image's aspect
-    ratio, and a static AIPP has one fixed source size, so its own crop stays off."""
-    scale = cfg.rescale_factor if cfg.do_rescale else 1.0
-    swap = "true" if cfg.do_flip_channel_order else "false"
+@dataclass(frozen=True)
+class PixelMap:
+    """What a processor does to a pixel after the resize and crop, read off the processor itself: model channel k is
+    `scale[k] * rgb[order[k]] + offset[k]` (order (0, 1, 2): RGB kept; (2, 1, 0): BGR), on a height x width crop."""
+
+    order: tuple[int, int, int]
+    scale: tuple[float, float, float]
+    offset: tuple[float, float, float]
+    height: int
+    width: int
+
+    @property
+    def swap(self) -> bool:
+        return self.order == (2, 1, 0)
+
+    def describe(self) -> str:
+        what = "swaps RGB to BGR and " if self.swap else ""
+        if all(o == 0 for o in self.offset) and len(set(self.scale)) == 1:
+            return f"{what}scales by {self.scale[0]:.10g}"
+        return f"{what}maps each channel k to scale_k * pixel + offset_k (the processor's rescale and mean/std)"
+
+
+_pixel_maps: dict[str, PixelMap] = {}
+
+
+def pixel_map(cfg: preprocessing.PreprocessConfig) -> PixelMap:
+    """pixel_map_of, once per preprocessing config (the .om runtime asks for every batch)."""
+    key = repr(cfg)
+    if key not in _pixel_maps:
+        _pixel_maps[key] = pixel_map_of(cfg)
+    return _pixel_maps[key]
+
+
+def pixel_map_of(cfg: preprocessing.PreprocessConfig) -> PixelMap:
+    """The processor's per-pixel arithmetic after the crop, measured through preprocessing.preprocess_image on solid
+    colours (a solid image stays solid through resize and crop), so it is whatever the restated processor does:
+    rescale (with EfficientNet's offset), mean/std (twice with its include_top), the channel order. UserError, one
+    line, where AIPP cannot do it: a crop size that depends on the image, channels mixed, or arithmetic that is not
+    per-channel affine."""
+    from PIL import Image
+
+    def out(rgb: tuple[int, int, int], size: tuple[int, int] = (400, 300)) -> np.ndarray:
+        return np.asarray(preprocessing.preprocess_image(Image.new("RGB", size, rgb), cfg), dtype=np.float64)
+
+    zero, full = out((0, 0, 0)), out((255, 255, 255))
+    if out((0, 0, 0), (300, 400)).shape != zero.shape:
+        raise UserError("AIPP needs one input size, and this processor's output size depends on the image's shape")
+    low, high = zero[:, zero.shape[1] // 2, zero.shape[2] // 2], full[:, full.shape[1] // 2, full.shape[2] // 2]
+    order = []
+    for k in range(3):
+        moved = [c for c in range(3) if out(tuple(255 if i == c else 0 for i in range(3)))[k].mean() != low[k]]
+        if len(moved) != 1:
+            raise UserError("AIPP cannot restate this processor: a model channel mixes the photo's channels")
+        order.append(moved[0])
+    scale = (high - low) / 255.0
+    mid = out((128, 128, 128))[:, zero.shape[1] // 2, zero.shape[2] // 2]
+    if not np.allclose(mid, low + 128 * scale, rtol=0, atol=1e-5) or np.any(scale <= 0):
+        raise UserError("AIPP cannot restate this processor: its pixel arithmetic is not (x - min) * scale per channel")
+    order_t = tuple(order)
+    if order_t not in ((0, 1, 2), (2, 1, 0)):
+        raise UserError(f"AIPP cannot restate the channel order {order_t} (only RGB, or BGR by rbuv_swap_switch)")
+    return PixelMap(order_t, tuple(float(v) for v in scale), tuple(float(v) for v in low), *zero.shape[1:])
+
+
+def aipp_config(cfg: preprocessing.PreprocessConfig, source: str = "preprocessor_config.json", title: str = "") -> str:
+    """A static AIPP config (prototxt) doing on the NPU what the host's preprocessing does after the crop, as
+    pixel_map reads it off the processor: the colour order (RGB in; the model's BGR via rbuv_swap_switch) and the
+    per-channel arithmetic: pixel_out = (pixel_in - mean_chn_i - min_chn_i) * var_reci_chn_i with mean_chn 0,
+    min_chn = -offset / scale (the processor's mean over its rescale) and var_reci_chn = scale (rescale / std).
+    The host still decodes, resizes and centre-crops: the resize depends on each image's aspect ratio, and a static
+    AIPP has one fixed source size, so its own crop stays off."""
+    m = pixel_map(cfg)
     lines = [
-        f"# AIPP for MobileViT, from {source}: shortest edge {cfg.shortest_edge}, crop {cfg.crop_width}x"
-        f"{cfg.crop_height}, x{scale:.10g}, {'RGB->BGR' if cfg.do_flip_channel_order else 'RGB kept'}, no mean/std.",
-        "# Feed the .om uint8 RGB, NHWC [N, 256, 256, 3], already resized and centre-cropped on the host.",
+        f"# AIPP for {title or 'MobileViT'}, from {source}: {m.width}x{m.height} crop; AIPP {m.describe()}.",
+        f"# Feed the .om uint8 RGB, NHWC [N, {m.height}, {m.width}, 3], resized and centre-cropped on the host.",
         "# pixel_out = (pixel_in - mean_chn_i - min_chn_i) * var_reci_chn_i, after the channel swap (CANN ATC guide).",
         "aipp_op {",
         "    aipp_mode: static",
         "    related_input_rank: 0",
         "    input_format: RGB888_U8",
-        f"    src_image_size_w: {cfg.crop_width}",
-        f"    src_image_size_h: {cfg.crop_height}",
+        f"    src_image_size_w: {m.width}",
+        f"    src_image_size_h: {m.height}",
         "    crop: false",
         "    csc_switch: false",
-        f"    rbuv_swap_switch: {swap}",
+        f"    rbuv_swap_switch: {'true' if m.swap else 'false'}",
     ]
     lines += [f"    mean_chn_{i}: 0" for i in range(3)]
-    lines += [f"    min_chn_{i}: 0.0" for i in range(3)]
-    lines += [f"    var_reci_chn_{i}: {scale!r}" for i in range(3)]
+    lines += [f"    min_chn_{i}: {(0.0 if m.offset[i] == 0 else -m.offset[i] / m.scale[i])!r}" for i in range(3)]
+    lines += [f"    var_reci_chn_{i}: {m.scale[i]!r}" for i in range(3)]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def aipp_host_input(pixels: torch.Tensor, cfg: preprocessing.PreprocessConfig) -> np.ndarray:
     """The .om-with-AIPP input for a batch the host preprocessed in full (float, model order, NCHW): back to uint8
-    RGB NHWC, exactly (the values are k * rescale_factor for whole k)."""
+    RGB NHWC, exactly (the values are offset + k * scale for whole k), through pixel_map's inverse."""
+    m = pixel_map(cfg)
     x = pixels.detach().to("cpu", torch.float64)
-    if cfg.do_rescale:
-        x = x / cfg.rescale_factor
-    if cfg.do_flip_channel_order:
+    scale = torch.tensor(m.scale, dtype=torch.float64).reshape(1, 3, 1, 1)
+    offset = torch.tensor(m.offset, dtype=torch.float64).reshape(1, 3, 1, 1)
+    x = (x - offset) / scale
+    if m.swap:
         x = x.flip(1)
     return np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
@@ -368,7 +475,9 @@ def atc_command(
     output: str | Path | None = None,
 ) -> str:
     """The ATC command that turns the ONNX file into an .om: framework 5 (ONNX), NCHW, the input's shape (a dynamic
-    batch as -1 with --dynamic_batch_size profiles), the SoC, an explicit --precision_mode and the AIPP config."""
+    batch as -1 with --dynamic_batch_size profiles), the SoC, an explicit --precision_mode and the AIPP config. Each
+    argument is shell-quoted (shlex.quote): pasted into a shell, the command is exactly these arguments, whatever
+    the paths hold (a space, a quote, a ';'), and the placeholder reaches ATC (which refuses it), not a redirection."""
     verdict_dtype(precision_mode)  # refuses unknown modes
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix("")
@@ -380,15 +489,11 @@ def atc_command(
         f"--model={onnx_path}",
         f"--output={output}",
         "--input_format=NCHW",
-        f'--input_shape="{INPUT_NAME}:{dims}"',
+        f"--input_shape={INPUT_NAME}:{dims}",
     ]
     if dynamic:
-        parts.append(f'--dynamic_batch_size="{",".join(str(g) for g in DYNAMIC_BATCH_GEARS)}"')
-    # the placeholder quoted, so a pasted command reaches ATC (which refuses it) instead of a shell redirection
-    parts += [
-        f"--soc_version='{soc}'" if soc == SOC_PLACEHOLDER else f"--soc_version={soc}",
-        f"--precision_mode={precision_mode}",
-    ]
+        parts.append(f"--dynamic_batch_size={','.join(str(g) for g in DYNAMIC_BATCH_GEARS)}")
+    parts += [f"--soc_version={soc}", f"--precision_mode={precision_mode}"]
     if aipp_path:
         parts.append(f"--insert_op_conf={aipp_path}")
-    return " ".join(parts)
+    return " ".join(shlex.quote(part) for part in parts)

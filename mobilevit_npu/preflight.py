@@ -16,9 +16,14 @@ Where each fact is read (formats from the real files; sources in docs/npu.md):
   The toolkit is $ASCEND_TOOLKIT_HOME, else $ASCEND_HOME_PATH, else <root>/ascend-toolkit/latest, else <root>/cann.
 - driver and firmware: <root>/driver/version.info (`Version=24.1.rc2`, `compatible_version_fw=[7.0.0,7.5.99]`) and
   <root>/firmware/version.info (`Version=7.5.0.1.129`).
-- set_env.sh: it exports ASCEND_TOOLKIT_HOME, ASCEND_HOME_PATH (= the toolkit), ASCEND_OPP_PATH (<toolkit>/opp) and
-  puts <toolkit>/lib64 on LD_LIBRARY_PATH; torch_npu refuses to import when ASCEND_HOME_PATH, its runtime/ or
-  compiler/, or ASCEND_OPP_PATH is missing (torch_npu/utils/npu_intercept.py `_cann_package_check`).
+- Every file is read only when it is a regular file of at most MAX_INFO_BYTES (a FIFO or a device link would hang or
+  fill memory); one that cannot be read (Ascend's non-root install leaves <root> mode 750 for its group) is a row with
+  the fix, not a traceback, and an `error` in the facts.
+- set_env.sh: <root>/cann/set_env.sh from CANN 8.5 on (the toolkit's own layout under <root>/cann), else
+  <root>/ascend-toolkit/set_env.sh. It exports ASCEND_TOOLKIT_HOME, ASCEND_HOME_PATH (= the toolkit),
+  ASCEND_OPP_PATH (<toolkit>/opp) and puts <toolkit>/lib64 on LD_LIBRARY_PATH; torch_npu refuses to import when
+  ASCEND_HOME_PATH, its runtime/ or compiler/, or ASCEND_OPP_PATH is missing (torch_npu/utils/npu_intercept.py
+  `_cann_package_check`).
 - HCCL: torch_npu's _C links libhccl.so (<toolkit>/lib64); torch_npu registers the "hccl" process-group backend for
   "npu" (`torch_npu/__init__.py` l.245 in 2.5.1, `_init/registry/distributed.py` l.37-44 in 2.13.0/2.14.0).
 """
@@ -31,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -104,8 +110,97 @@ PYTHONS = {
     "2.1.0": ("3.8", "3.9", "3.10", "3.11"),
     "1.11.0": ("3.7", "3.8", "3.9", "3.10"),
 }
-SET_ENV_HINT = "source {root}/ascend-toolkit/set_env.sh"
+SET_ENV_HINT = "source {script}"
 CPU_TORCH_HINT = "pip install torch=={torch} --index-url https://download.pytorch.org/whl/cpu"
+MAX_INFO_BYTES = 64 * 1024  # version.info, *_install.info, version.cfg: a few hundred bytes each
+MAX_SOURCE_BYTES = 1024 * 1024  # torchair's compiler_config.py
+# A version as the driver, firmware and CANN files write it: 24.1.rc2, 25.0.RC1.1, 7.5.0.1.129, 8.1.RC1
+VERSION = re.compile(r"^\d+\.\d+(?:\.[0-9A-Za-z]+)*$")
+PERMISSION_FIX = (
+    "run as the user the Ascend stack was installed for, or as a member of its group (Ascend's non-root install "
+    "leaves {root} readable by {group} only): sudo usermod -aG {group} $USER, then log in again"
+)
+
+
+def set_env_script(root: str = DEFAULT_ROOT, home: str | os.PathLike | None = None) -> str:
+    """The set_env.sh to source: CANN 8.5's <root>/cann/set_env.sh where that layout is installed (the script is there,
+    or the toolkit is <root>/cann), else <root>/ascend-toolkit/set_env.sh."""
+    cann = os.path.join(root, "cann")
+    toolkit = os.path.join(root, "ascend-toolkit", "set_env.sh")
+    in_cann = home is not None and (str(home) == cann or str(home).startswith(cann + os.sep))
+    if in_cann or os.path.exists(os.path.join(cann, "set_env.sh")) and not os.path.exists(toolkit):
+        return os.path.join(cann, "set_env.sh")
+    return toolkit
+
+
+def set_env_hint(root: str = DEFAULT_ROOT, home: str | os.PathLike | None = None) -> str:
+    """`source <the set_env.sh>`, as the fixes and the start-up errors name it."""
+    return SET_ENV_HINT.format(script=set_env_script(root, home))
+
+
+class Unreadable(Exception):
+    """A file the preflight cannot read: not a regular file, too large, or not permitted; `path` names it."""
+
+    def __init__(self, message: str, path: str | os.PathLike):
+        super().__init__(message)
+        self.path = str(path)
+
+
+def read_small(path: str | os.PathLike, limit: int = MAX_INFO_BYTES) -> str:
+    """The text of a small regular file; Unreadable (with why, in one line) otherwise. Never blocks on a FIFO."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise Unreadable(f"{path} is not a regular file", path)
+        if info.st_size > limit:
+            raise Unreadable(f"{path} is larger than {limit} bytes ({info.st_size})", path)
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except PermissionError as exc:
+        raise Unreadable(f"{path}: permission denied ({exc.strerror or exc})", path) from exc
+    except OSError as exc:
+        raise Unreadable(f"{path}: {exc.strerror or exc}", path) from exc
+    if len(data) > limit:
+        raise Unreadable(f"{path} is larger than {limit} bytes", path)
+    return data.decode("utf-8", "replace")
+
+
+def _exists(path: Path) -> bool | None:
+    """True / False, or None when it cannot be known (a folder on the way is not readable by this user)."""
+    try:
+        os.stat(path)
+        return True
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+
+
+def _group_of(root: str) -> str:
+    """The group that may read `root` (HwHiAiUser on a default install), as a name; "its group" when unknown."""
+    try:
+        import grp
+
+        return grp.getgrgid(os.stat(root).st_gid).gr_name
+    except (ImportError, KeyError, OSError):
+        return "its group"
+
+
+def permission_fix(root: str) -> str:
+    return PERMISSION_FIX.format(root=root, group=_group_of(root))
+
+
+def torch_for(package: str | None) -> str | None:
+    """The torch the pairing table builds this torch-npu package for (None when the table does not list it)."""
+    for listed, torch, _cann in PAIRINGS:
+        if listed == package:
+            return torch
+    return None
+
+
+def packages_for_torch(torch_release: str | None) -> list[str]:
+    """The torch-npu packages the table lists for torch X.Y.Z, newest CANN first, each with its CANN."""
+    return [f"{p} (CANN {c})" for p, t, c in PAIRINGS if torch_release and t == torch_release]
 
 
 def _release(version: str | None) -> str | None:
@@ -138,9 +233,10 @@ def cann_matches(installed: str, expected: str) -> bool:
 
 
 def _key_values(path: Path) -> dict[str, str]:
-    """key=value lines of an Ascend .info / .cfg file (comments and other lines skipped)."""
+    """key=value lines of an Ascend .info / .cfg file (comments and other lines skipped); Unreadable when the file is
+    not a small regular file this user may read."""
     values: dict[str, str] = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in read_small(path).splitlines():
         key, sep, value = line.partition("=")
         if sep and not line.lstrip().startswith("#"):
             values.setdefault(key.strip(), value.strip())
@@ -166,17 +262,26 @@ def _torch_facts() -> dict[str, Any] | None:
     elif local.startswith("rocm"):
         build = "rocm"
     elif not local:
-        from packaging.requirements import InvalidRequirement, Requirement
-
         for text in dist.requires or []:
-            try:
-                req = Requirement(text)
-            except InvalidRequirement:
-                continue
-            if req.name.lower().startswith("nvidia-") and (req.marker is None or req.marker.evaluate({"extra": ""})):
+            if _needs_nvidia(text):
                 build = "cuda"  # PyPI's default Linux x86_64 torch: CUDA wheels as dependencies, no local label
                 break
     return {"version": version, "build": build}
+
+
+def _needs_nvidia(text: str) -> bool:
+    """A Requires-Dist line naming an nvidia-* package outside any extra (packaging where installed; a bare Python has
+    only the standard library, so the line is read by hand there)."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        name = re.match(r"\s*([A-Za-z0-9_.-]+)", text)
+        return bool(name and name.group(1).lower().startswith("nvidia-") and "extra ==" not in text)
+    try:
+        req = Requirement(text)
+    except InvalidRequirement:
+        return False
+    return req.name.lower().startswith("nvidia-") and (req.marker is None or req.marker.evaluate({"extra": ""}))
 
 
 def _torch_npu_facts() -> dict[str, Any] | None:
@@ -202,9 +307,13 @@ def _torchair_facts(npu_facts: dict[str, Any] | None) -> dict[str, Any] | None:
     if not npu_facts or not npu_facts.get("folder"):
         return None
     config = Path(npu_facts["folder"]) / "dynamo" / "torchair" / "configs" / "compiler_config.py"
-    if not config.is_file():
+    if not _exists(config):
         return {"bundled": False, "modes": [], "read_from": None}
-    match = re.search(r"mode\s*=\s*OptionValue\(\s*\"[^\"]*\"\s*,\s*\[([^\]]*)\]", config.read_text(errors="replace"))
+    try:
+        text = read_small(config, MAX_SOURCE_BYTES)
+    except Unreadable as exc:
+        return {"bundled": True, "modes": [], "read_from": str(config), "error": str(exc)}
+    match = re.search(r"mode\s*=\s*OptionValue\(\s*\"[^\"]*\"\s*,\s*\[([^\]]*)\]", text)
     modes = re.findall(r"\"([^\"]+)\"", match.group(1)) if match else []
     return {"bundled": True, "modes": modes, "read_from": str(config)}
 
@@ -215,36 +324,52 @@ def toolkit_home(environ: dict[str, str], root: str) -> tuple[Path | None, str]:
         if environ.get(name):
             return Path(environ[name]), f"${name}"
     for candidate in (Path(root) / "ascend-toolkit" / "latest", Path(root) / "cann"):
-        if candidate.is_dir():
+        found = _exists(candidate)
+        if found is None:  # not readable by this user: named, so its row says so with the fix
+            return candidate, "default path (not readable)"
+        if found and candidate.is_dir():
             return candidate, "default path"
     return None, "not found"
 
 
 def cann_facts(home: Path | None) -> dict[str, Any] | None:
-    if home is None or not home.is_dir():
+    """The CANN version and the file it was read from; None when no toolkit is there; with `error` (and version None)
+    when a file is there that cannot be read."""
+    if home is None:
         return None
-    arch = platform.machine()
-    candidates = [home / f"{arch}-linux" / "ascend_toolkit_install.info"]
-    candidates += sorted(p for p in home.glob("*-linux/ascend_toolkit_install.info") if p not in candidates)
-    for info in candidates:
-        if info.is_file():
-            version = _key_values(info).get("version")
-            if version:
-                return {"version": version, "read_from": str(info)}
-    cfg = home / "version.cfg"
-    if cfg.is_file():
-        values = _key_values(cfg)
-        for key in ("toolkit_running_version", "runtime_running_version"):
-            match = re.match(r"\[[^:\]]*:([^\]]+)\]", values.get(key, ""))
-            if match:
-                return {"version": match.group(1).strip(), "read_from": f"{cfg} ({key})"}
+    try:
+        if not home.is_dir():
+            return None
+        arch = platform.machine()
+        candidates = [home / f"{arch}-linux" / "ascend_toolkit_install.info"]
+        candidates += sorted(p for p in home.glob("*-linux/ascend_toolkit_install.info") if p not in candidates)
+    except PermissionError as exc:
+        return {"version": None, "read_from": str(home), "error": f"{home}: permission denied ({exc.strerror})"}
+    try:
+        for info in candidates:
+            if _exists(info) is not False:
+                version = _key_values(info).get("version")
+                if version:
+                    return {"version": version, "read_from": str(info)}
+        cfg = home / "version.cfg"
+        if _exists(cfg) is not False:
+            values = _key_values(cfg)
+            for key in ("toolkit_running_version", "runtime_running_version"):
+                match = re.match(r"\[[^:\]]*:([^\]]+)\]", values.get(key, ""))
+                if match:
+                    return {"version": match.group(1).strip(), "read_from": f"{cfg} ({key})"}
+    except Unreadable as exc:
+        return {"version": None, "read_from": exc.path, "error": str(exc)}
     return None
 
 
 def _version_info(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    if _exists(path) is False:
         return None
-    values = _key_values(path)
+    try:
+        values = _key_values(path)
+    except Unreadable as exc:
+        return {"version": None, "read_from": str(path), "compatible_firmware": None, "error": str(exc)}
     version = values.get("Version") or values.get("package_version")
     return {"version": version, "read_from": str(path), "compatible_firmware": values.get("compatible_version_fw")}
 
@@ -285,7 +410,7 @@ def stack_facts(environ: dict[str, str] | None = None, root: str | None = None) 
             "ld_library_path_has_toolkit": bool(home) and any(_under(p, home) for p in _ld_paths(env)),
         },
         "visible_devices": env.get("ASCEND_RT_VISIBLE_DEVICES"),
-        "hccl": {"library": str(hccl) if hccl and hccl.exists() else None, "backend": "hccl"},
+        "hccl": {"library": str(hccl) if hccl and _exists(hccl) else None, "backend": "hccl"},
         "pairing_source": PAIRING_SOURCE,
     }
 
@@ -322,13 +447,14 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
     rows: list[Row] = []
     torch, npu = facts.get("torch"), facts.get("torch_npu")
     torch_release = _release(torch["version"]) if torch else None
-    npu_release = _release(npu["version"]) if npu else None
-    set_env_fix = SET_ENV_HINT.format(root=root)
+    npu_torch = torch_for(npu["version"]) if npu else None  # the torch the table pairs it with
+    set_env_fix = set_env_hint(root, facts.get("toolkit", {}).get("path"))
 
     pythons = PYTHONS.get(torch_release or "")
     py = ".".join(facts["python"].split(".")[:2])
     if pythons is None:
-        rows.append(Row("python", "unknown", facts["python"], fix=None, read_from=f"torch {torch_release} not listed"))
+        why = f"torch {torch_release} not listed" if torch_release else "no torch installed to check against"
+        rows.append(Row("python", "unknown", facts["python"], fix=None, read_from=why))
     elif py in pythons:
         rows.append(
             Row("python", "ok", facts["python"], read_from=f"torch {torch_release}: Python {', '.join(pythons)}")
@@ -346,9 +472,7 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         )
 
     if torch is None:
-        rows.append(
-            Row("torch", "missing", "-", fix=CPU_TORCH_HINT.format(torch=npu_release or "X.Y.Z"), blocking=True)
-        )
+        rows.append(Row("torch", "missing", "-", fix=_torch_fix(npu, npu_torch), blocking=True))
     elif npu and torch["build"] != "cpu":
         rows.append(
             Row(
@@ -356,7 +480,7 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
                 "mismatch",
                 f"{torch['version']} ({torch['build']} build)",
                 "torch METADATA",
-                fix=f"torch_npu refuses a {torch['build']} build: " + CPU_TORCH_HINT.format(torch=npu_release),
+                fix=f"torch_npu refuses a {torch['build']} build: " + _torch_fix(npu, npu_torch),
                 blocking=True,
             )
         )
@@ -364,15 +488,27 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         rows.append(Row("torch", "ok", f"{torch['version']} ({torch['build']} build)", "torch METADATA"))
 
     if npu is None:
-        fix = f"pip install torch-npu=={torch_release or 'X.Y.Z'} (the release built for your torch)"
+        listed = packages_for_torch(torch_release)
+        if listed:
+            fix = f"pip install torch-npu=={listed[-1].split()[0]} (the table pairs torch {torch_release} with " + (
+                f"torch-npu {', '.join(listed)})"
+            )
+        elif torch is None:
+            fix = "install torch first (the torch row), then the torch-npu the pairing table lists for it"
+        else:
+            fix = _no_listed_torch_npu(torch_release)
         rows.append(Row("torch_npu", "missing", "not installed", fix=fix, blocking=True))
     else:
         value = f"{npu['version']} (requires torch {npu['requires_torch'] or '?'})"
         if torch is not None and not pairs_with_torch(npu["version"], torch["version"]):
-            fix = (
-                f"torch_npu {npu['version']} is built for torch {npu_release}: pip install torch=={npu_release} "
-                f"(CPU build), or the torch-npu release for torch {torch_release}"
+            fixes = [_torch_fix(npu, npu_torch)]
+            listed = packages_for_torch(torch_release)
+            if listed:
+                fixes.append(f"or, for torch {torch_release}: torch-npu {', '.join(listed)}")
+            built = (
+                f"built for torch {npu_torch}, not {torch_release}" if npu_torch else f"not built for {torch_release}"
             )
+            fix = f"torch_npu {npu['version']} is {built}: " + "; ".join(fixes)
             rows.append(Row("torch_npu", "mismatch", value, "torch_npu METADATA", fix=fix, blocking=True))
         else:
             rows.append(Row("torch_npu", "ok", value, "torch_npu METADATA"))
@@ -390,7 +526,20 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
 
     cann = facts.get("cann")
     toolkit = facts["toolkit"]
-    if cann is None:
+    if cann is not None and cann.get("error"):
+        rows.append(
+            Row(
+                "CANN toolkit",
+                "mismatch",
+                f"unreadable: {cann['error']}",
+                cann["read_from"],
+                fix=permission_fix(root)
+                if "permission denied" in cann["error"]
+                else f"reinstall CANN: {cann['error']}",
+                blocking=True,
+            )
+        )
+    elif cann is None:
         rows.append(
             Row(
                 "CANN toolkit",
@@ -425,16 +574,14 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
             )
         else:
             others = [p for p, t, c in PAIRINGS if t == torch_release and cann_matches(cann["version"], c)]
-            alternative = (
-                f"torch-npu {' or '.join(others)}" if others else f"a torch-npu listed for CANN {cann['version']}"
-            )
+            alternative = f", or torch-npu {' or '.join(others)} (listed for CANN {cann['version']})" if others else ""
             rows.append(
                 Row(
                     "CANN toolkit",
                     "mismatch",
                     f"{cann['version']} (torch-npu {npu['version']} pairs with CANN {expected})",
                     cann["read_from"],
-                    fix=f"install CANN {expected}, or {alternative}",
+                    fix=f"install CANN {expected}{alternative}",
                 )
             )
 
@@ -442,12 +589,22 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
     if driver is None:
         fix = "install the Ascend NPU driver (npu-smi info should list the devices)"
         rows.append(Row("driver", "missing", "not found", f"{root}/driver/version.info", fix=fix, blocking=True))
+    elif driver.get("error"):
+        rows.append(_unreadable_row("driver", driver, root, blocking=True))
+    elif not VERSION.match(driver["version"] or ""):
+        fix = "reinstall the Ascend NPU driver (its version.info names no version)"
+        rows.append(Row("driver", "mismatch", _not_a_version(driver), driver["read_from"], fix=fix, blocking=True))
     else:
-        rows.append(Row("driver", "ok", driver["version"] or "?", driver["read_from"]))
+        rows.append(Row("driver", "ok", driver["version"], driver["read_from"]))
     if firmware is None:
         rows.append(
             Row("firmware", "missing", "not found", f"{root}/firmware/version.info", fix="install the NPU firmware")
         )
+    elif firmware.get("error"):
+        rows.append(_unreadable_row("firmware", firmware, root, blocking=False))
+    elif not VERSION.match(firmware["version"] or ""):
+        fix = "reinstall the NPU firmware (its version.info names no version)"
+        rows.append(Row("firmware", "mismatch", _not_a_version(firmware), firmware["read_from"], fix=fix))
     else:
         ok = _fw_in_range(firmware["version"], (driver or {}).get("compatible_firmware") or "")
         ranges = (driver or {}).get("compatible_firmware")
@@ -522,6 +679,42 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
     return rows
 
 
+def _torch_fix(npu: dict[str, Any] | None, npu_torch: str | None) -> str:
+    """How to install the torch this torch-npu pairs with: the table's torch, else what its METADATA requires (the table
+    does not list it), else a pair the table lists."""
+    if npu_torch:
+        return CPU_TORCH_HINT.format(torch=npu_torch)
+    if npu and npu.get("requires_torch"):
+        return (
+            f"torch-npu {npu['version']} is not in the pairing table; its METADATA requires torch "
+            f"{npu['requires_torch']}: install that CPU build (--index-url https://download.pytorch.org/whl/cpu)"
+        )
+    if npu:
+        return f"torch-npu {npu['version']} is not in the pairing table: install a torch-npu it lists, " + _a_pair()
+    return "install the CPU build of torch and the torch-npu it pairs with, " + _a_pair()
+
+
+def _a_pair() -> str:
+    package, torch, cann = PAIRINGS[0]
+    return f"e.g. torch {torch} + torch-npu {package} + CANN {cann} ({PAIRING_SOURCE.split(' (')[0]})"
+
+
+def _no_listed_torch_npu(torch_release: str | None) -> str:
+    return (
+        f"the pairing table lists no torch-npu for torch {torch_release or '?'}: install a pair it lists, " + _a_pair()
+    )
+
+
+def _not_a_version(found: dict[str, Any]) -> str:
+    return f"{found['version']!r} is not a version" if found["version"] else "no version in the file"
+
+
+def _unreadable_row(check_name: str, found: dict[str, Any], root: str, blocking: bool) -> Row:
+    error = found["error"]
+    fix = permission_fix(root) if "permission denied" in error else f"reinstall it: {error}"
+    return Row(check_name, "mismatch", f"unreadable: {error}", found["read_from"], fix=fix, blocking=blocking)
+
+
 def npu_smi(timeout: float = 20.0) -> Row:
     """`npu-smi info`, when the driver's tool is on PATH: the version it reports."""
     tool = shutil.which("npu-smi")
@@ -567,9 +760,12 @@ print(json.dumps(found))
 """
 
 
-def probe_import_torch(environ: dict[str, str], timeout: float = 300.0) -> Row:
+def probe_import_torch(environ: dict[str, str], timeout: float = 300.0, torch_installed: bool = True) -> Row:
     """`import torch` in a subprocess with `environ` (so torch's autoload imports torch_npu as in any script), through
-    mobilevit_npu.startup: its outcome, torch.version.cann as torch_npu set it, and the NPUs torch_npu counts."""
+    mobilevit_npu.startup: its outcome, torch.version.cann as torch_npu set it, and the NPUs torch_npu counts. Not run
+    where torch is not installed (the torch row says how to install it)."""
+    if not torch_installed:
+        return Row("import torch", "missing", "not run: torch is not installed (see the torch row)")
     from mobilevit_npu import PROJECT_DIR
 
     env = dict(environ)

@@ -1,12 +1,17 @@
 """msprobe (MindStudio Probe, `pip install mindstudio-probe`) as the layer-by-layer engine: both sides dumped with its
 `PrecisionDebugger` and compared by `msprobe compare`, the table Ascend's guides and support engineers read.
 
-    DIR/config.<rank>.json             the msprobe config.json this process dumped with (task, level, dump_path)
+    DIR/config.<rank>.reference.json   the msprobe config.json each side was dumped with (task, level, dump_path)
+    DIR/config.<rank>.target.json
     DIR/reference/step0/<rank>/        the CPU float32 eager reference: dump.json, stack.json, construct.json
     DIR/target/step0/<rank>/           the target (its device, dtype and mode), the same inputs
-    DIR/compare/[<rank>/]compare_result_*.csv   msprobe's table; compare.log its console output
+    DIR/compare/<rank>/compare_result_*.csv   msprobe's table; compare.log its console output
 
-<rank> is msprobe's own folder name: rank{N} under torchrun (torch.distributed initialised), else proc{pid}.
+<rank> is rank{N}, msprobe's own folder for a rank: the torchrun rank, else rank0 (the dump is started with rank_id=0;
+without a rank msprobe would write proc{pid}, core/dump/service.py:418-419, which its multi-rank commands do not read:
+`msprobe compare -da` lists `rank*` folders, core/compare/utils.py:916-917 check_and_return_dir_contents(..., 'rank'),
+and graph_visualize does the same). So every msprobe command runs on DIR/target/step0 and DIR/reference/step0 as they
+are, e.g. `msprobe compare -tp DIR/target/step0 -gp DIR/reference/step0 -o OUT -da`.
 
 What msprobe is and does, as read in mindstudio-probe 26.2.0 (site-packages/msprobe) and Ascend/msprobe's docs:
   - PrecisionDebugger is a process-wide singleton (core/dump/debugger/precision_debugger.py:26-38); its config
@@ -20,8 +25,12 @@ What msprobe is and does, as read in mindstudio-probe 26.2.0 (site-packages/mspr
     accuracy_compare/pytorch_accuracy_compare_instruct.md, "命令格式"); it writes compare_result_*.csv (--xlsx for
     .xlsx). Each row's Result is pass | warning | error, with Err_message saying why (core/compare/
     indicator_analysis/algorithm.py); a dtype that differs from the benchmark's is an error by itself
-    (DTypeErrChecker, algorithm.py:229-257), so a bfloat16 target against the float32 reference fails every tensor
-    row for that reason alone: those rows are counted apart (dtype_only), not hidden.
+    (DTypeErrChecker, algorithm.py:229-263), so a bfloat16 target against the float32 reference fails every tensor
+    row for that reason. Such a row is counted apart (dtype_only) only when its numbers are within what the dtype
+    explains: the project's --layers bound for the dtype (metrics.Thresholds.layer_min_cosine: 0.99 for bf16), as
+    msprobe's Cosine in tensor mode, or in statistics mode as the bound that cosine puts on relative L2 error,
+    sqrt(2 (1 - cosine)) (14 % for bf16), applied to NormRelativeErr and to the largest of |Max diff| and |Min diff|
+    against the benchmark's largest magnitude. A broken layer (37 % off) stays a failing row, and the first one.
   - Dynamo graphs of torch >= 2.7 are not dumped ("The dynamo scenario of PyTorch 2.7 and later versions is not
     supported": docs/en/dump/pytorch_data_dump_instruct.md, Constraints), so a compiled target is refused.
   - Paths may hold only letters, digits and _ . : / - (FileCheckConst.FILE_VALID_PATTERN, core/common/const.py:1060;
@@ -38,6 +47,7 @@ import importlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -51,7 +61,7 @@ from typing import Any, Optional
 import torch
 from packaging.version import InvalidVersion, Version
 
-from mobilevit_npu import models, reports
+from mobilevit_npu import metrics, models, reports
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.probe")
@@ -276,11 +286,17 @@ def _restore_apis(debugger) -> None:
         register.restore_all_api()
 
 
-def _rank_folder(rank: Optional[int]) -> str:
-    """msprobe's per-process folder (core/dump/service.py:418-419): rank{N} when torch.distributed is initialised."""
+def _rank_id(rank: Optional[int]) -> int:
+    """The rank the dump is started with: the caller's, else torch.distributed's, else 0 (a single process is rank 0,
+    so msprobe writes rank0/ rather than proc{pid}/, the layout its multi-rank commands read)."""
     if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
-    return f"rank{rank}" if rank is not None else f"proc{os.getpid()}"
+    return 0 if rank is None else int(rank)
+
+
+def _rank_folder(rank: Optional[int]) -> str:
+    """msprobe's per-rank folder (core/dump/service.py:418-419, `rank{N}` for a given rank_id)."""
+    return f"rank{_rank_id(rank)}"
 
 
 def _compare(target_json: Path, reference_json: Path, out: Path) -> Path:
@@ -332,12 +348,61 @@ def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def summarize(rows: list[dict[str, str]], dtypes_differ: bool) -> dict[str, Any]:
+def _number(text: Any) -> Optional[float]:
+    """A numeric cell ("0.25", "37.5%": 37.5), or None for N/A, empty and the like."""
+    text = str(text if text is not None else "").strip().rstrip("%")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def dtype_bound(dtype: Optional[str]) -> Optional[float]:
+    """The relative error (0..1) the dtype explains: sqrt(2 (1 - c)) for --layers' cosine bound c of the dtype (a
+    relative L2 error e gives cosine 1 - e^2/2 at most); None for a dtype without one."""
+    thresholds = metrics.DEFAULT_THRESHOLDS.get(dtype or "")
+    return math.sqrt(2 * (1 - thresholds.layer_min_cosine)) if thresholds else None
+
+
+def beyond_dtype(row: dict[str, str], dtype: Optional[str]) -> Optional[str]:
+    """Why a row's numbers are beyond what `dtype` explains (module docstring), or None when they are within: Cosine
+    under --layers' bound in tensor mode; else NormRelativeErr, or max(|Max diff|, |Min diff|) over max(|Bench max|,
+    |Bench min|), above dtype_bound. A row with none of these numbers (a non-tensor value) has nothing against it."""
+    bound = dtype_bound(dtype)
+    if bound is None:
+        return "no dtype bound"
+    name = models.dtype_name(dtype)
+    cosine = _number(row.get("Cosine"))
+    if cosine is not None:
+        least = metrics.DEFAULT_THRESHOLDS[dtype].layer_min_cosine
+        return None if cosine >= least else f"beyond {name}: cosine {cosine:.6f} < {least}"
+    found = []
+    norm = _number(row.get("NormRelativeErr"))
+    if norm is not None:
+        found.append(("L2 norm", norm / 100))
+    diffs = [abs(v) for v in (_number(row.get("Max diff")), _number(row.get("Min diff"))) if v is not None]
+    scale = [abs(v) for v in (_number(row.get("Bench max")), _number(row.get("Bench min"))) if v is not None]
+    if diffs and scale:
+        ratio = max(diffs) / max(scale) if max(scale) > 0 else (0.0 if max(diffs) == 0 else math.inf)
+        found.append(("max/min", ratio))
+    over = [f"{what} {value:.1%}" for what, value in found if value > bound]
+    return f"beyond {name}: {', '.join(over)} off (bound {bound:.0%})" if over else None
+
+
+def within_dtype(row: dict[str, str], dtype: Optional[str]) -> bool:
+    """Whether a row's numbers are within what `dtype` explains (beyond_dtype says nothing against them)."""
+    return beyond_dtype(row, dtype) is None
+
+
+def summarize(rows: list[dict[str, str]], dtypes_differ: bool, dtype: Optional[str] = None) -> dict[str, Any]:
     """Counts by Result, the dtype-only failures (when the sides' dtypes differ by design) and the first failing rows.
 
-    A row is dtype-only when msprobe's Result is error and its only error is DTYPE_MESSAGE: with the sides' dtypes
-    different by design, that row failed for that reason alone. A row with the dtype error and a warning (or another
-    error) stays among the failing ones, with all of msprobe's messages."""
+    A row is dtype-only when msprobe's Result is error, its only error is DTYPE_MESSAGE, and its numbers are within
+    what the target's `dtype` explains (within_dtype): that row failed for the dtype alone. msprobe's warnings on such
+    a row (an output's relative error ten times its input's: RelativeWarnChecker, algorithm.py:356-390) are rounding
+    the dtype explains too, judged by the same bound. A row with another error (NaN, shape, an output 50 % off), or
+    numbers beyond the dtype, stays among the failing ones, with all of msprobe's messages."""
     counts = Counter((row.get("Result") or "").strip() or "(empty)" for row in rows)
     dtype_only = 0
     failing: list[dict[str, str]] = []
@@ -348,19 +413,19 @@ def summarize(rows: list[dict[str, str]], dtypes_differ: bool) -> dict[str, Any]
             continue
         messages = _messages(row.get("Err_message", ""))
         errors = [m for m in messages if m.lower().startswith("error")]
-        others = [m for m in messages if not m.lower().startswith("error")]
         if (
             dtypes_differ
             and result.lower() == "error"
             and errors
-            and not others
             and all(m.endswith(DTYPE_MESSAGE) for m in errors)
+            and within_dtype(row, dtype)
         ):
             dtype_only += 1
             continue
         name = row.get("NPU Name", "")
         if len(failing) < FIRST_FAILING_KEPT:
-            failing.append({"name": name, "result": result, "message": "; ".join(messages)})
+            why = beyond_dtype(row, dtype) if dtypes_differ and dtype_bound(dtype) is not None else None
+            failing.append({"name": name, "result": result, "message": "; ".join(messages + ([why] if why else []))})
         if first_module is None:
             first_module = module_name(name)
     return {
@@ -416,17 +481,20 @@ def run(
     # copies and the caller's models stay as they were.
     reference_module, target_module = copy.deepcopy(reference_module), copy.deepcopy(target_module)
     reference_dump, target_dump = root / "reference", root / "target"
-    folder = _rank_folder(rank)
-    config_path = root / f"config.{folder}.json"  # one per process: ranks never write the same file
+    rank_id = _rank_id(rank)
+    folder = _rank_folder(rank_id)
+    # one per process and side (ranks never write the same file): each is the msprobe config that side was dumped with
+    reference_config = root / f"config.{folder}.reference.json"
+    target_config = root / f"config.{folder}.target.json"
     debugger = None
     try:
-        reports.write_json_atomic(config_path, _config(task, level, reference_dump))
-        debugger = _debugger(config_path)
-        _dump_side(debugger, reference_module, pixels, None, rank)
-        reports.write_json_atomic(config_path, _config(task, level, target_dump))
-        debugger = _debugger(config_path)
+        reports.write_json_atomic(reference_config, _config(task, level, reference_dump))
+        debugger = _debugger(reference_config)
+        _dump_side(debugger, reference_module, pixels, None, rank_id)
+        reports.write_json_atomic(target_config, _config(task, level, target_dump))
+        debugger = _debugger(target_config)
         target_input = to_target(pixels) if to_target else pixels.to(models.DTYPES[target_dtype])
-        _dump_side(debugger, target_module, target_input, autocast, rank)
+        _dump_side(debugger, target_module, target_input, autocast, rank_id)
     finally:
         if debugger is not None:
             _restore_apis(debugger)
@@ -435,10 +503,10 @@ def run(
     for path in (reference_json, target_json):
         if not path.is_file():
             raise RuntimeError(f"msprobe wrote no {path}")
-    compare_dir = root / "compare" / folder if folder.startswith("rank") else root / "compare"
-    table = _compare(target_json, reference_json, compare_dir)
+    table = _compare(target_json, reference_json, root / "compare" / folder)
     dtypes_differ = models.DTYPES[target_dtype] != torch.float32 or autocast is not None
-    summary = summarize(read_table(table), dtypes_differ)
+    dtype = target_dtype if target_dtype != "fp32" else ("bf16" if autocast else None)
+    summary = summarize(read_table(table), dtypes_differ, dtype)
     notes = []
     if level == "L1":
         notes.append("level L1 dumps torch APIs only: no module rows, so no first failing module")
@@ -453,8 +521,10 @@ def run(
             f"msprobe marks every tensor whose dtype differs from the benchmark's as error (\"{DTYPE_MESSAGE}"
             f'"); the target runs in {models.dtype_name(target_dtype)}'
             f"{' autocast' if autocast else ''} against the float32 reference by design, so the "
-            f"{summary['dtype_only']} row(s) failed for that reason alone are counted apart, and the "
-            f"failing rows listed are the others"
+            f"{summary['dtype_only']} row(s) failed for that reason alone (their error within what "
+            f"{models.dtype_name(dtype)} explains: {dtype_bound(dtype):.0%} relative, --layers' cosine "
+            f"{metrics.DEFAULT_THRESHOLDS[dtype].layer_min_cosine}) are counted apart, and the failing rows listed are "
+            f"the others"
         )
     section = {
         "version": version,

@@ -11,8 +11,8 @@ depend on and `digest` is the sha256 of the image file's bytes. The pixels depen
 config, the code that decodes and crops (its source), and the decoder (Pillow and its libjpeg: Pillow 13 changed the
 order of its resize passes for tall images, so the same JPEG gives other pixels under Pillow 12). The reference
 depends on `reference_key`: the digest of the weights actually loaded (models.weights_digest: a tensor left out of
-the checkpoint changes it), the model config, the pixels' key, the torch and transformers versions and the cache
-format. `<key[:32]>/key.json` says, for people, what the key was made of.
+the checkpoint changes it), the model config, its structure and code, the pixels' key, the torch and transformers
+versions and the cache format. `<key[:32]>/key.json` says, for people, what the key was made of.
 
 An entry is a magic line, a JSON header line (format, key, digest, versions, dtype and shape, the payload's sha256)
 and the array's raw bytes (logits as little-endian float32, the reference's own precision, so nothing is lost). A
@@ -97,8 +97,14 @@ def _pixel_code() -> str:
         preprocessing.to_rgb,
         preprocessing.crop_pixels,
         preprocessing.resize_shape,
+        preprocessing.resized_size,
         preprocessing.center_crop,
+        preprocessing.torchvision_resize,
+        preprocessing.torchvision_center_crop,
+        preprocessing._native_uint8,
         preprocessing.to_input,
+        preprocessing._input_table,
+        preprocessing._tv_normalize,
     )
     digest = hashlib.sha256()
     for function in functions:
@@ -118,6 +124,7 @@ def pixels_key(preprocess: preprocessing.PreprocessConfig) -> dict:
         "format": FORMAT,
         "preprocess": asdict(preprocess),
         "code_sha256": _pixel_code(),
+        "resize_kernel": preprocessing.resize_kernel(preprocess),  # torch's kernels for the torchvision backend
         "pillow": PIL.__version__,
         "libjpeg": _feature_version(features, "jpg"),  # the API version (6.2, 8.0) ...
         "libjpeg_turbo": _feature_version(features, "libjpeg_turbo"),  # ... and the decoder's own release
@@ -131,14 +138,96 @@ def _feature_version(features, name: str) -> str:
         return "unknown"
 
 
+# Attributes that name where a model came from, or what it has said, not what it computes: left out of every key, so
+# the same model copied to another folder keeps its cache entries.
+UNKEYED_ATTRIBUTES = ("name_or_path", "warnings_issued")
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """A model config as the keys see it: its to_dict() less the private fields ("_name_or_path", the attention
+    implementation chosen at load) and the transformers version that wrote it (the installed one is keyed apart)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in data.items() if not str(k).startswith("_") and k != "transformers_version"}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_digest(module: torch.nn.Module) -> str | None:
+    """sha256 over the config (config.json as loaded: hidden_act, eps, sizes...) of every module inside `module` that
+    holds one (a Hugging Face model and its parts), None when none does (a rebuilt fast model: its structure says it,
+    see structure_digest)."""
+    configs = []
+    for name, sub in module.named_modules():
+        config = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            configs.append([name, config_fields(config)])
+    return _digest(configs) if configs else None
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """An attribute as JSON: numbers, strings, sequences and dicts of them as they are; a dtype or device by name; a
+    config by its fields; a function by its qualified name; any other object by its type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth > 4:
+        return f"<{type(value).__qualname__}>"
+    if isinstance(value, (tuple, list)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a transformers config
+        return config_fields(value)
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"<{getattr(value, '__module__', '?')}.{value.__qualname__}>"
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def structure_digest(module: torch.nn.Module) -> str:
+    """sha256 over what a module computes besides its weights and its code: every submodule's name and class and its
+    public plain attributes (a convolution's stride and groups, a norm's eps, the number of heads, a residual switch,
+    a fast model's activation class). Two models of one code and one weights file whose config.json differs (only
+    hidden_act, say: SiLUActivation and GELUActivation live in one source file) differ here."""
+    parts = []
+    for name, sub in module.named_modules():
+        attributes = {
+            k: _plain(v)
+            for k, v in vars(sub).items()
+            if not k.startswith("_") and k not in UNKEYED_ATTRIBUTES and not isinstance(v, torch.Tensor)
+        }
+        parts.append([name, f"{type(sub).__module__}.{type(sub).__qualname__}", attributes])
+    return _digest(parts)
+
+
+def code_digest(module: torch.nn.Module) -> str:
+    """sha256 over the source files of every module class inside `module` (the wrapper, the fast path, transformers'
+    modeling file): a change in any of them changes what the module computes (and what export traces)."""
+    digest = hashlib.sha256()
+    files = set()
+    for sub in module.modules():
+        with contextlib.suppress(TypeError, OSError):
+            files.add(inspect.getfile(type(sub)))
+    for name in sorted(files):
+        with contextlib.suppress(OSError):
+            digest.update(Path(name).read_bytes())
+    return digest.hexdigest()
+
+
 def reference_key(model: torch.nn.Module, source: dict[str, Any], preprocess: preprocessing.PreprocessConfig) -> dict:
-    """What the reference logits depend on, besides the image bytes."""
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    """What the reference logits depend on, besides the image bytes: the weights loaded, the model's config, structure
+    and code, the preprocessing (the pixels' key), torch and transformers. Not the batch shape: the reference is
+    computed on whichever rows miss the cache, so one run already mixes batch shapes (CPU float32 eager, the same
+    logits up to float32 rounding)."""
+    config = model.config if hasattr(model, "config") else {}
     return {
         "format": FORMAT,
         "weights_sha256": models.weights_digest(model),  # the weights loaded, not the file
-        "model_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "model_config_sha256": _digest(config_fields(config)),
+        "structure_sha256": structure_digest(model),
+        "code_sha256": code_digest(model),
         "pixels": pixels_key(preprocess),
         **_versions(),
         "reference": "cpu float32 eager",
@@ -396,11 +485,17 @@ def open_cache(
 ) -> ReferenceCache | None:
     """The cache --reference_cache names: None for "off", the default folder for None, else that folder (an empty
     value is a UserError)."""
+    root = reference_root(spec)
+    return None if root is None else ReferenceCache(root, reference_key(model, source, preprocess))
+
+
+def reference_root(spec: str | None) -> Path | None:
+    """The folder --reference_cache names: None for "off", the default folder for None, else that folder (an empty
+    value is a UserError). The output guard checks it too."""
     spec = _spec(spec, "--reference_cache")
     if spec is not None and spec.strip().lower() == "off":
         return None
-    root = Path(spec).expanduser() if spec else default_root()
-    return ReferenceCache(root, reference_key(model, source, preprocess))
+    return Path(spec).expanduser() if spec else default_root()
 
 
 def pixel_cache_wanted(spec: str | None) -> bool:
@@ -410,8 +505,14 @@ def pixel_cache_wanted(spec: str | None) -> bool:
 def open_pixel_cache(spec: str | None, preprocess: preprocessing.PreprocessConfig) -> PixelCache | None:
     """The cache --pixel_cache names: None for None or "off", the default folder for "on", else that folder (an
     empty value is a UserError)."""
+    root = pixel_root(spec)
+    return None if root is None else PixelCache(root, pixels_key(preprocess))
+
+
+def pixel_root(spec: str | None) -> Path | None:
+    """The folder --pixel_cache names: None for None or "off", the default folder for "on", else that folder (an
+    empty value is a UserError). The output guard checks it too."""
     spec = _spec(spec, "--pixel_cache")
     if not pixel_cache_wanted(spec):
         return None
-    root = default_pixel_root() if spec.strip().lower() == "on" else Path(spec).expanduser()
-    return PixelCache(root, pixels_key(preprocess))
+    return default_pixel_root() if spec.strip().lower() == "on" else Path(spec).expanduser()

@@ -74,6 +74,13 @@ def file_identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:
     return os.path.realpath(path), inode
 
 
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, both through their symlinks (os.path.realpath: `a/../b`, a link
+    to the folder or into it all count). The output guard refuses an output that is, or is inside, an input folder."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
+
+
 def check_output_path(path: str | Path, what: str = "output") -> None:
     """Raise UserError (one line) now, before any model work, when `path` cannot take a report: a folder, a missing
     folder under a file, a folder that cannot be written; a device or FIFO must be writable."""
@@ -94,15 +101,18 @@ def check_output_path(path: str | Path, what: str = "output") -> None:
         raise UserError(f"{what} {path} cannot be written: no write permission in {folder}")
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` through a temp file in the same folder, fsync'd, then rename: readers see all of it or none.
+def write_text_atomic(path: str | Path, text: str | bytes) -> Path:
+    """Write `text` (UTF-8; bytes as they are, a PNG say) through a temp file in the same folder, fsync'd, then
+    rename: readers see all of it or none.
 
     Through a symlink, the link's target is replaced and the link kept. An existing non-regular file (character
-    device, FIFO, /dev/stdout) is written straight through, never replaced. A failure is a UserError naming the path."""
+    device, FIFO, /dev/stdout) is written straight through, never replaced. A failure is a UserError naming the path
+    (/dev/full: "No space left on device", raised when the written bytes are flushed)."""
     path = Path(path)
     try:
         if _is_stream(path):
-            with open(path, "a", encoding="utf-8") as fh:  # "a": /dev/stdout redirected to a file keeps what is there
+            # "a": /dev/stdout redirected to a file keeps what is there
+            with open(path, "ab") if isinstance(text, bytes) else open(path, "a", encoding="utf-8") as fh:
                 fh.write(text)
             return path
         target = Path(os.path.realpath(path)) if path.is_symlink() else path
@@ -112,7 +122,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def _replace(path: Path, text: str) -> None:
+def _replace(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)  # replacing a file keeps its permissions
@@ -122,7 +132,7 @@ def _replace(path: Path, text: str) -> None:
         mode = 0o666 & ~umask  # mkstemp makes it 0600; a report is as readable as any file the user writes
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -139,17 +149,61 @@ def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> Path:
     return write_text_atomic(path, "".join(json_line(record) for record in records))
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+# How many bytes each kind of input file may hold before it is refused unread (read_bounded): far above any real one
+# (a labelled report of 100,000 images is about 70 MB; ImageNet-22k's config.json, id2label included, about 1 MB; the
+# labels CSV of ImageNet's 50,000 validation images about 2 MB), far below what would exhaust memory when parsed.
+MAX_REPORT_BYTES = 512 * 2**20
+MAX_CONFIG_BYTES = 64 * 2**20  # config.json, preprocessor_config.json and the other JSON files the toolkit reads
+MAX_CSV_BYTES = 1024 * 2**20
+
+
+def read_bounded(path: str | Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of an input file, read only when it is a regular file of at most `max_bytes`; otherwise a UserError in
+    one line naming `what` and the path. Every file the toolkit reads goes through here: a FIFO is never opened (its
+    open blocks until a writer comes), a link to /dev/zero is never read (it never ends), a huge file is refused
+    before it is read into memory."""
+    from mobilevit_npu import preprocessing
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        preprocessing.require_regular_file(path)  # a stat: nothing is opened
+        # O_NONBLOCK: a FIFO put in its place after the stat opens at once instead of blocking; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file: refused before reading it")
+            if st.st_size > max_bytes:
+                raise UserError(_too_big(path, what, st.st_size, max_bytes))
+            data = fh.read(max_bytes + 1)
     except FileNotFoundError as exc:
-        raise UserError(f"{what} missing: {path}") from exc
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{what} is not valid JSON: {path} ({exc})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{what} is not a JSON object: {path}")
+        raise UserError(f"{what} {path} does not exist") from exc
+    except OSError as exc:
+        if exc.errno is None:  # require_regular_file's refusal, the path first: "X is a FIFO, not a regular file..."
+            raise UserError(f"{what} {first_line(exc)}") from exc
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or first_line(exc)}") from exc
+    if len(data) > max_bytes:  # grew while being read
+        raise UserError(_too_big(path, what, len(data), max_bytes))
     return data
+
+
+def _too_big(path: str | Path, what: str, size: int, max_bytes: int) -> str:
+    return (
+        f"{what} {path} holds {size:,} bytes, over the {max_bytes:,} such a file may hold: refused before reading "
+        "it (is it the right file?)"
+    )
+
+
+def read_json(path: Path, what: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON object from a file read through read_bounded (at most MAX_CONFIG_BYTES unless `max_bytes`); a UserError
+    (one line) for anything else."""
+    data = read_bounded(path, what, MAX_CONFIG_BYTES if max_bytes is None else max_bytes)
+    try:
+        parsed = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; nesting beyond the stack
+        raise UserError(f"{what} is not valid JSON: {path} ({first_line(exc) or type(exc).__name__})") from exc
+    if not isinstance(parsed, dict):
+        raise UserError(f"{what} is not a JSON object: {path}")
+    return parsed
 
 
 def header(tool: str, argv: Sequence[str], loaded: Any, environment: dict[str, Any]) -> dict[str, Any]:

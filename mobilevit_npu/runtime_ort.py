@@ -47,6 +47,14 @@ INSTALL_HINT = {
     "CUDAExecutionProvider": "pip install onnxruntime-gpu (instead of onnxruntime)",
     "CANNExecutionProvider": "pip install onnxruntime-cann (instead of onnxruntime) and source CANN's set_env.sh",
 }
+# Session config key: "1" makes session creation fail when any node is placed on the CPU EP (onnxruntime
+# include/onnxruntime/core/session/onnxruntime_session_options_config_keys.h kOrtSessionOptionsDisableCPUEPFallback;
+# the refusal "This session contains graph nodes that are assigned to the default CPU EP, but fallback to CPU EP has
+# been explicitly disabled by the user." is in core/session/inference_session.cc; both strings are in the installed
+# onnxruntime's pybind11 library). enable_fallback=0 stops the session-level retry on the CPU, not the placement of
+# single nodes the CANN provider does not take on the CPU EP: this stops that.
+DISABLE_CPU_EP_FALLBACK = "session.disable_cpu_ep_fallback"
+CPU_NODES_REFUSED = "fallback to CPU EP has been explicitly disabled"
 LAST_PRECISION_MODE_V1 = (1, 24)  # onnxruntime-cann 1.24.x takes precision_mode; later builds precision_mode_v2
 # precision_mode (ATC, onnxruntime-cann <= 1.24) -> precision_mode_v2 (onnxruntime main, ATC's --precision_mode_v2)
 PRECISION_MODE_V2 = {
@@ -183,7 +191,9 @@ def open_session(
 ) -> OrtSession:
     """The ONNX file in an ONNX Runtime session on the device's provider (the CPU by default): a provider absent from
     this build is a UserError with its install hint, a provider that fails is a UserError with its own message, never
-    a silent CPU run. Nodes the provider does not take run on the CPU provider listed after it (ordinary placement)."""
+    a silent CPU run. On CANN every node must run on the CANN provider (session.disable_cpu_ep_fallback=1): a graph
+    with nodes it does not take is a UserError saying so; on CUDA such nodes run on the CPU provider listed after it
+    (ordinary placement: onnxruntime keeps shape computations there)."""
     ort = _ort()
     device = device or devices.Device("cpu")
     mode = precision_mode or onnx_export.DEFAULT_PRECISION_MODE
@@ -202,10 +212,21 @@ def open_session(
         sess_options.inter_op_num_threads = 1
         # its workers otherwise busy-spin ~25 ms after each call and steal the CPU from whatever runs next
         sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if provider == "CANNExecutionProvider":
+        sess_options.add_session_config_entry(DISABLE_CPU_EP_FALLBACK, "1")
     chain = [(provider, options)] + ([] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"])
-    session = inference_session(path, chain, sess_options)
+    try:
+        session = inference_session(path, chain, sess_options)
+    except UserError as exc:
+        if CPU_NODES_REFUSED in str(exc):
+            raise UserError(
+                f"{exc} (some nodes of {path} have no CANN kernel and would run on the CPU: the toolkit refuses a "
+                "mixed run; use --runtime torch, or convert with ATC to an .om and use --runtime om)"
+            ) from exc
+        raise
     notes = []
     if provider == "CANNExecutionProvider":
+        notes.append(f"{DISABLE_CPU_EP_FALLBACK}=1: every node runs on the CANN provider")
         if "precision_mode_v2" in options:
             notes.append(f"onnxruntime {ort.__version__} names it precision_mode_v2: {options['precision_mode_v2']}")
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from mobilevit_npu import bench, devices, models, onnx_export, runtime_om, runtime_ort, targets
+from mobilevit_npu import bench, devices, models, onnx_export, reports, runtime_om, runtime_ort, targets
 from mobilevit_npu.distributed import local_rank
 from mobilevit_npu.errors import Unavailable, UserError
 
@@ -175,12 +174,23 @@ def sidecar_path(artefact: str | Path) -> Path:
     return Path(artefact).with_suffix(".json")
 
 
+def artefact_inputs(settings: RuntimeArgs) -> dict[str, Optional[str]]:
+    """The files an offline runtime reads, as the output guard (common.check_outputs) names them: the --onnx / --om
+    file and export_onnx.py's JSON beside it (sidecar_path), which a report written over it would destroy."""
+    named: dict[str, Optional[str]] = {}
+    for flag in ("onnx", "om"):
+        artefact = getattr(settings, flag, None)
+        named[f"--{flag}"] = artefact
+        named[f"--{flag}'s export JSON"] = str(sidecar_path(artefact)) if artefact else None
+    return named
+
+
 def sidecar(artefact: str | Path) -> dict[str, Any]:
     """export_onnx.py's JSON beside an .onnx/.om of the same stem ({} when absent or unreadable)."""
     candidate = sidecar_path(artefact)
-    try:
-        return json.loads(candidate.read_text(encoding="utf-8")) if candidate.is_file() else {}
-    except (OSError, ValueError):
+    try:  # reports.read_json: a regular file within the size bound of a config file, else a UserError
+        return reports.read_json(candidate, "the export JSON") if candidate.is_file() else {}
+    except UserError:
         return {}
 
 

@@ -5,8 +5,9 @@ then the kind's own fields. Writers build the dataclass of their kind and call `
 checks every field's presence and type against these definitions and refuses, in one line naming the file and the
 field, a missing or mistyped field, an unknown kind, a newer schema version, or (unless allowed) an unknown field.
 The sections shared with the computing modules are their own dataclasses (metrics.Thresholds, metrics.ImageMetrics,
-metrics.Aggregate, metrics.Check, metrics.Agreement, layerwise.LayerReport, timing.LatencyStats): one definition,
-used to compute and to read back. `document()` renders this module as the reference page docs/reports.md.
+metrics.Aggregate, metrics.Check, metrics.Agreement, layerwise.LayerReport, timing.LatencyStats, profiling.ModeProfile,
+baseline.BaselineSection): one definition, used to compute and to read back. `document()` renders this module as the
+reference page docs/reports.md.
 
 Kinds: `inference` (inference.py --image), `accuracy` (accuracy_run.py on images), `labelled` (accuracy_run.py on
 --dataset/--labels), `benchmark` (accuracy_run_perf.py, inference.py --benchmark, benchmarks/bench_peers.py) and
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
-from mobilevit_npu import layerwise, metrics, timing
+from mobilevit_npu import baseline as perf_baseline
+from mobilevit_npu import layerwise, metrics, profiling, timing
 from mobilevit_npu.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -310,6 +312,8 @@ class BenchmarkReport(Header):
     settings: dict[str, Any]  # iterations, warmup, batch_sizes, modes, dtype, end_to_end, how timing was done
     results: list[BenchResult]
     cpu_fallbacks: Optional[FallbackReport] = None
+    profile: Optional[profiling.ProfileSection] = None  # --profile DIR: where the time goes, per mode and batch size
+    baseline: Optional[perf_baseline.BaselineSection] = None  # --baseline OLD.json: the change since that run
 
 
 # ------------------------------------------------------------------------------------------------ onnx export
@@ -365,17 +369,31 @@ def to_json(report: Header) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+def read(path: str | Path) -> bytes:
+    """A report file's bytes: a regular file of at most reports.MAX_REPORT_BYTES (a FIFO or a link to /dev/zero is
+    refused before it is opened or read), else a UserError in one line."""
+    from mobilevit_npu import reports
+
+    return reports.read_bounded(path, "report", reports.MAX_REPORT_BYTES)
+
+
 def load(path: str | Path, allow_unknown: bool = False) -> Report:
     """Read and validate one report file; a ReportError (one line naming the file and the field) otherwise."""
-    path = Path(path)
+    return parse(read(path), str(path), allow_unknown)
+
+
+def parse(data: bytes, source: str, allow_unknown: bool = False) -> Report:
+    """A report file's bytes (as `read` returns them) parsed, validated against its kind and its figures checked
+    (check_figures); a ReportError naming `source` and the field otherwise."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError as exc:
-        raise ReportError(f"{path}: no such report") from exc
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ReportError(f"{path}: not a JSON report ({exc})") from exc
-    return validate(data, str(path), allow_unknown)
+        parsed = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
+        raise ReportError(
+            f"{source}: not a JSON report ({str(exc).splitlines()[0] if str(exc) else 'nested too deep'})"
+        ) from exc
+    report = validate(parsed, source, allow_unknown)
+    check_figures(report, source)
+    return report
 
 
 def validate(data: Any, source: str, allow_unknown: bool = False) -> Report:
@@ -575,6 +593,209 @@ def _parse(text: str, namespace: dict[str, Any]) -> Any:
         return obj
 
     return union()
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+# The range of every figure a report holds, by field name (a section's name first where a name is generic): a figure
+# outside it, or an infinity, is a hand-edited or corrupted report and is refused by `load` (check_figures). A null
+# (NaN) figure is allowed where a number may fail to exist (a target that produced NaN logits: a finding), and refused
+# where the verdict or the card relies on it (_required_finite). These are the one statement of the ranges.
+COSINE = (-1.0, 1.0)
+SHARE = (0.0, 1.0)  # shares of images or logits, probabilities and their differences (the card shows them as 0-100 %)
+AT_LEAST_0 = (0.0, math.inf)  # counts, sizes, errors, spreads, durations, rates
+FIGURE_RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(
+        ("cosine", "cosine_min", "cosine_mean", "cosine_all_logits", "min_cosine", "layer_min_cosine"), COSINE
+    ),
+    "LayerReport.threshold": COSINE,
+    **dict.fromkeys(
+        (
+            "top1_agreement",
+            "top1_agreement_outside_ties",
+            "top5_overlap",
+            "top5_overlap_mean",
+            "share_rel_err_below_0_001",
+            "share_rel_err_below_0_005",
+            "min_top1_agreement",
+            "max_abs_prob_diff",
+            "max_prob_diff",
+            "top1_tie_margin",
+            "top1_reference_margin",
+            "reference_top1_prob",
+            "target_top1_prob",
+            "probability",
+            "agreement_top1",
+            "DatasetSummary.reference",  # its top1 / top5 accuracies
+            "DatasetSummary.target",
+        ),
+        SHARE,
+    ),
+    **dict.fromkeys(
+        (
+            "images",
+            "top1_agree_count",
+            "top1_near_tie_flips",
+            "target_nonfinite_images",
+            "reference_nonfinite_images",
+            "logits_above_error_floor",
+            "SkipBudget.count",
+            "SkipBudget.of",
+            "SkipBudget.max_skipped",
+            "SkipBudget.allowed",
+            "DatasetSummary.skipped",
+            "resumed_images",
+            "per_rank_images",
+            "modules_compared",
+            "numel",
+            "batch_size",
+            "images_dumped",
+            "reference_cached",
+            "reference_computed",
+            "target_images",
+            "max_abs_logit_diff",
+            "max_abs_error",
+            "max_abs_diff",
+            "rmse",
+            "mean_relative_error",
+            "mean_relative_error_above_error_floor",
+            "min_error_floor",
+            "reference_logit_std",
+            "reference_logit_std_min",
+            "reference_logit_std_across_images",
+            "min_reference_logit_std",
+            "LatencyStats.mean",
+            "LatencyStats.p50",
+            "LatencyStats.p90",
+            "LatencyStats.p99",
+            "LatencyStats.min",
+            "LatencyStats.max",
+            "LatencyStats.stdev",
+            "samples_ms",
+            "throughput_images_per_s",
+            "compile_s",
+            "peak_memory_bytes",
+            "fraction_of_ceiling",
+            "ceiling_gflop_per_s",
+            "flop_per_image",
+            "elapsed_s",
+            "images_per_s",
+            "reference_images_per_s",
+            "target_images_per_s",
+            "target_images_per_s_after_first_batch",
+            "target_first_batch_s",
+            "reference_s",
+            "target_s",
+            "decode_wait_s",
+            "target_warmup_s",
+        ),
+        AT_LEAST_0,
+    ),
+}
+# Where a figure must be a finite number: always (thresholds, the skip budget, an `ok` benchmark row's timing), and in
+# a PASS verdict every figure it was judged on (the aggregate, each image, each check) except the relative errors,
+# which are infinite when a reference logit is exactly 0 and the target's is not.
+MAY_BE_INFINITE = ("mean_relative_error", "mean_relative_error_above_error_floor")
+
+
+def _figures(value: Any, where: str, name: str):
+    """(where, rule name, number) for every number in a typed report; the rule name is `Section.field` when the
+    table has it, else the field's name (list items and dict entries take their field's)."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        yield where, name, value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            qualified = f"{type(value).__name__}.{f.name}"
+            yield from _figures(
+                getattr(value, f.name), _where(where, f.name), qualified if qualified in FIGURE_RANGES else f.name
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _figures(item, _where(where, key), name if name in FIGURE_RANGES else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _figures(item, _where(where, i), name)
+
+
+def _required_finite(report: Any, where: str, name: str) -> bool:
+    if where.startswith(("thresholds.", "skipped.")):
+        return True
+    if isinstance(report, BenchmarkReport) and re.match(r"results\[\d+\]\.(latency_ms\.(?!stdev)|throughput)", where):
+        return report.results[int(where.split("[")[1].split("]")[0])].status == "ok"
+    return (
+        isinstance(report, AccuracyReport)
+        and report.verdict == "PASS"
+        and where.startswith(("aggregate.", "per_image[", "checks[", "reference_checks["))
+        and name not in MAY_BE_INFINITE
+    )
+
+
+_RULE = re.compile(r"\s*(>=|<=|<|>)\s*(-?[0-9][0-9.]*(?:[eE][-+]?[0-9]+)?)")
+_COMPARE = {">=": float.__ge__, "<=": float.__le__, "<": float.__lt__, ">": float.__gt__}
+CHECK_FIGURES = {"target_logits_finite": "target_nonfinite_images", "skipped_images": "count"}  # else aggregate.NAME
+
+
+def check_figures(report: Any, source: str) -> None:
+    """Refuse (ReportError, one line naming the file and the field) a report whose figures lie outside their range
+    (FIGURE_RANGES), are not finite where a number is required, or contradict its verdict: a PASS with a failed check;
+    a check that passed although its value fails its own rule; a check's value that is not the aggregate
+    figure it names; a benchmark row whose `exact` is not what its agreement says (metrics.is_exact)."""
+
+    def refuse(where: str, why: str) -> ReportError:
+        return ReportError(f"{source}: field `{where}` {why}")
+
+    for where, name, value in _figures(report, "", ""):
+        finite = math.isfinite(value)
+        if name in FIGURE_RANGES and finite:
+            lo, hi = FIGURE_RANGES[name]
+            if not lo <= value <= hi:
+                raise refuse(where, f"is {value!r}, outside its range [{lo:g}, {hi:g}]")
+        elif not finite and not math.isnan(value):
+            raise refuse(where, f"is {value!r}: a report's figures are finite (null where there was no number)")
+        if not finite and _required_finite(report, where, name):
+            raise refuse(where, "is not a finite number (null or NaN), and the verdict or the card relies on it")
+    if isinstance(report, AccuracyReport):
+        if report.verdict not in ("PASS", "FAIL", "INVALID"):
+            raise refuse("verdict", f"is {report.verdict!r}, not PASS, FAIL or INVALID")
+        for section in ("reference_checks", "checks"):
+            for i, check in enumerate(getattr(report, section)):
+                where = f"{section}[{i}]"
+                if report.verdict == "PASS" and not check.passed:
+                    raise refuse(f"{where}.passed", f"is false ({check.name} failed), and the verdict is PASS")
+                if check.value is None:
+                    continue
+                figure = CHECK_FIGURES.get(check.name, check.name)
+                holder = report.skipped if check.name == "skipped_images" else report.aggregate
+                named = getattr(holder, figure, None)
+                if isinstance(named, (int, float)) and not _same(float(named), check.value):
+                    shown = "skipped" if holder is report.skipped else "aggregate"
+                    raise refuse(f"{where}.value", f"is {check.value!r}, and `{shown}.{figure}` is {named!r}")
+                rule = _RULE.match(check.rule)  # a check may fail for more than its figure (a non-finite reference)
+                if rule and check.passed and not _COMPARE[rule.group(1)](float(check.value), float(rule.group(2))):
+                    raise refuse(
+                        f"{where}.passed", f"is true, but its value {check.value!r} fails its own rule {check.rule!r}"
+                    )
+        if report.skipped.count > report.skipped.of:
+            raise refuse("skipped.count", f"is {report.skipped.count}, more than the {report.skipped.of} images")
+        if report.aggregate.top1_agree_count > report.aggregate.images:
+            raise refuse("aggregate.top1_agree_count", f"is more than the {report.aggregate.images} images")
+    if isinstance(report, BenchmarkReport):
+        for i, res in enumerate(report.results):
+            if res.status == "ok" and (res.latency_ms is None or res.throughput_images_per_s is None):
+                raise refuse(f"results[{i}].latency_ms", "is null in a row whose status is ok")
+            if res.exact is not None and res.agreement is not None and res.exact != metrics.is_exact(res.agreement):
+                raise refuse(
+                    f"results[{i}].exact",
+                    f"is {str(res.exact).lower()}, and its agreement (cosine {res.agreement.cosine!r}, top-1 "
+                    f"{res.agreement.top1_agreement!r}) says {str(metrics.is_exact(res.agreement)).lower()}",
+                )
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
 
 
 # ------------------------------------------------------------------------------------------------ documentation

@@ -1,8 +1,11 @@
-"""Synthetic full-size weights with healthy activations, for machines without the real checkpoint.
+"""Synthetic weights with healthy activations, for machines without the real checkpoint, for any image-classifier
+family (mobilevit_npu.families): `--synthetic` is the full-size MobileViT-X-Small; build_synthetic_model and
+save_synthetic take any AutoModelForImageClassification config.
 
-transformers' random init draws BatchNorm scales near 0, so activations die (logits ~0, CPU-vs-device checks pass
-trivially, float denormals slow CPU inference ~5x). These weights have BatchNorm scale 1 and running statistics
-calibrated on real photos.
+transformers' random init draws BatchNorm scales near 0 for MobileViT, EfficientNet and MobileNetV2, so activations
+die (logits ~0, CPU-vs-device checks pass trivially, float denormals slow CPU inference ~5x). These weights have
+BatchNorm scale 1 and running statistics calibrated on real photos, and a head scaled so the logits spread as a
+trained model's do.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
-from mobilevit_npu import DATA_DIR, devices, models, preprocessing
+from mobilevit_npu import DATA_DIR, devices, families, models, preprocessing
 
 logger = logging.getLogger("mobilevit_npu.synthetic")
 
@@ -35,32 +38,50 @@ def x_small_config():
 def _calibration_batch(images: Iterable[str], cfg: preprocessing.PreprocessConfig) -> torch.Tensor:
     """The photos plus their mirror images and two shifted crops each: varied real statistics for BatchNorm."""
     tensors = []
+    edge = getattr(cfg, "shortest_edge", None)
     for path in images:
         image = preprocessing.load_image(path)
         tensors.append(torch.from_numpy(preprocessing.preprocess_image(image, cfg)))
         tensors.append(torch.from_numpy(preprocessing.preprocess_image(ImageOps.mirror(image), cfg)))
-        wide = preprocessing.PreprocessConfig(**{**dataclasses.asdict(cfg), "shortest_edge": cfg.shortest_edge + 64})
-        tensors.append(torch.from_numpy(preprocessing.preprocess_image(image, wide)))
-        tensors.append(torch.from_numpy(preprocessing.preprocess_image(ImageOps.flip(image), wide)))
+        if isinstance(edge, int) and cfg.do_center_crop and getattr(cfg, "crop_pct", None) is None:  # wider resize
+            wide, shown = dataclasses.replace(cfg, shortest_edge=edge + 64), image
+        else:  # a fixed-size resize: the centre 80 % of the photo instead
+            w, h = image.size
+            wide, shown = cfg, image.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+        tensors.append(torch.from_numpy(preprocessing.preprocess_image(shown, wide)))
+        tensors.append(torch.from_numpy(preprocessing.preprocess_image(ImageOps.flip(shown), wide)))
     return torch.stack(tensors)
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    """torch's norms and the families' own LayerNorm classes (ConvNeXt's ConvNextLayerNorm is no nn.LayerNorm)."""
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    return isinstance(module, norms) or type(module).__name__.endswith("LayerNorm")
 
 
 @torch.no_grad()
 def build_synthetic_model(
-    config=None, seed: int = 0, images: Sequence[str] | None = None, logit_std: float = 3.0
+    config=None,
+    seed: int = 0,
+    images: Sequence[str] | None = None,
+    logit_std: float = 3.0,
+    preprocess: preprocessing.PreprocessConfig | None = None,
 ) -> torch.nn.Module:
-    """A MobileViTForImageClassification whose activations are healthy, for machines without the real weights.
+    """An AutoModelForImageClassification (of `config`; the X-Small by default) whose activations are healthy, for
+    machines without the real weights.
 
     transformers' random init draws BatchNorm scales near 0, so activations die (logits ~0, float denormals make CPU
-    inference ~5x slower). Here: He-initialised convs and linears, BatchNorm/LayerNorm scale 1, BatchNorm running
-    statistics calibrated on real photos, and the classifier scaled so the logits spread (std `logit_std` across
-    classes) as a trained model's do. Deterministic for a given seed, config and photos.
+    inference ~5x slower). Here: He-initialised convs and linears, norm scale 1 (BatchNorm, LayerNorm, GroupNorm and
+    the families' own LayerNorms), layer scales (ConvNeXt's 1e-6) 0.5, BatchNorm running statistics calibrated on
+    real photos preprocessed by `preprocess` (the processor of the folder the weights are for; MobileViT's defaults
+    when None, which only fit MobileViT), and the head (families.head) scaled so the logits spread (std `logit_std`
+    across classes) as a trained model's do. Deterministic for a given seed, config, preprocessing and photos.
     """
-    from transformers import MobileViTForImageClassification
+    from transformers import AutoModelForImageClassification
 
     config = config or x_small_config()
     generator = torch.Generator().manual_seed(seed)
-    model = MobileViTForImageClassification(config).eval()
+    model = AutoModelForImageClassification.from_config(config).eval()
     for module in model.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             fan_in = module.weight[0].numel()
@@ -68,13 +89,17 @@ def build_synthetic_model(
             module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * gain / math.sqrt(fan_in))
             if module.bias is not None:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.02)
-        elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+        elif _is_norm(module) and getattr(module, "weight", None) is not None:
             module.weight.fill_(1.0)
-            module.bias.zero_()
-    batch = _calibration_batch(images or preprocessing.bundled_images(), preprocessing.PreprocessConfig())
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    for name, param in model.named_parameters():
+        if name.endswith("layer_scale_parameter"):  # ConvNeXt: 1e-6 at init would leave every block an identity
+            param.fill_(0.5)
+    batch = _calibration_batch(images or preprocessing.bundled_images(), preprocess or preprocessing.PreprocessConfig())
     calibrate_batchnorm(model, batch)
     logits = model(pixel_values=batch).logits
-    classifier = model.classifier
+    classifier = families.head(model)
     scale = logit_std / float(logits.std(dim=1).mean())
     classifier.weight.mul_(scale)
     classifier.bias.copy_(torch.randn(classifier.bias.shape, generator=generator) * 0.1 * logit_std)
@@ -104,6 +129,17 @@ def synthetic_model(device: devices.Device | None = None, dtype: str = "fp32", s
     source = {"synthetic": True, "name": f"synthetic mobilevit-x-small (seed {seed})", "seed": seed}
     preprocess = preprocessing.PreprocessConfig.from_folder(X_SMALL_DIR)
     return models.finish(model, preprocess, source, device, dtype)
+
+
+def save_synthetic(folder: str | Path, config, processor, seed: int = 0, images: Sequence[str] | None = None) -> Path:
+    """Any family's synthetic weights saved the real way: `processor` (a transformers image processor).save_pretrained,
+    the weights calibrated on photos preprocessed as that saved folder says, then the model's save_pretrained."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(str(folder))
+    preprocess = preprocessing.PreprocessConfig.from_folder(folder)
+    build_synthetic_model(config=config, seed=seed, images=images, preprocess=preprocess).save_pretrained(str(folder))
+    return folder
 
 
 def save_synthetic_model(folder: str | Path, seed: int = 0) -> Path:

@@ -36,6 +36,7 @@ class Side:
     device: devices.Device
     dtype: str
     mode: str
+    patched: bool = False  # prepare_target installed patches (tests break a layer this way): not the reference
 
     @property
     def label(self) -> str:
@@ -108,7 +109,9 @@ def prepare_target(
     if mode not in TWIN_MODES:
         hook_model = prepared.module
     verdict_dtype = "bf16" if mode == "bf16" else dtype  # bf16 autocast is judged with bfloat16's thresholds
-    return Side(prepared=prepared, hook_model=hook_model, device=device, dtype=verdict_dtype, mode=mode)
+    return Side(
+        prepared=prepared, hook_model=hook_model, device=device, dtype=verdict_dtype, mode=mode, patched=bool(patches)
+    )
 
 
 @dataclass

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from mobilevit_npu import (
+    compilers,
     devices,
     distributed,
     labelsets,
@@ -109,14 +112,25 @@ class Settings(runtimes.RuntimeSettings):
             "the journal lock": labelsets.lock_file(self.report) if self.labelled else None,
         }
 
+    def output_folders(self) -> dict[str, Optional[str | Path]]:
+        """Every folder the run writes into, for the output guard: none may be, or lie inside, the model folder or an
+        input. The caches where the user named them (a flag, or $MOBILEVIT_NPU_CACHE / $MOBILEVIT_NPU_COMPILE_CACHE)."""
+        named_cache = bool(self.reference_cache or os.environ.get(refcache.CACHE_ENV, "").strip())
+        return {
+            "the --resume journal": labelsets.journal_folder(self.report) if self.labelled else None,
+            "the reference cache": refcache.reference_root(self.reference_cache) if named_cache else None,
+            "--pixel_cache": refcache.pixel_root(self.pixel_cache) if self.labelled else None,
+            "the compile cache": compilers.named_compile_cache_dir() if self.runtime == "torch" else None,
+            "--msprobe": self.msprobe,
+        }
+
     def inputs(self) -> dict[str, Any]:
-        """Every file the run reads: no output may be one of them."""
+        """Every file the run reads: no output may be one of them (the --onnx / --om file's export JSON included)."""
         return {
             "--images": self.images,
             "--labels": self.labels,
             "--dataset": self.dataset,
-            "--onnx": self.onnx,
-            "--om": self.om,
+            **runtimes.artefact_inputs(self),
         }
 
 
@@ -181,6 +195,25 @@ def run(settings: Settings) -> Outcome:
         return outcome
     finally:
         dist.close()
+
+
+def self_comparison(settings: Settings, target) -> Optional[str]:
+    """Why the run is no port check, when its target is the reference itself: CPU float32 eager through torch
+    (what `python accuracy_run.py ./model report.json` compares on a machine with no accelerator), its model not
+    patched (tests break a layer in the target alone). None when the target differs in any of them. The text names
+    the flags that make a port."""
+    if settings.runtime != "torch" or getattr(target, "patched", False):
+        return None
+    if (target.device.type, target.dtype, target.mode) != ("cpu", "fp32", "eager"):
+        return None
+    dtypes = "|".join(d for d in models.DTYPES if d != "fp32")
+    modes = "|".join(m for m in targets.MODES if m not in ("eager", "npugraph"))  # npugraph: npu only
+    offline = "|".join(r for r in runtimes.RUNTIMES if r != "torch")
+    return (
+        "the target is the reference itself (cpu float32 eager, torch), so the run only shows that the CPU is "
+        f"deterministic; name the port to check: --device npu|cuda, --dtype {dtypes}, --target_mode {modes}, or "
+        f"--runtime {offline}"
+    )
 
 
 def with_fallbacks(comparison: metrics.Comparison, fallbacks: npu.CpuFallbacks, fail: bool) -> metrics.Comparison:
@@ -267,18 +300,20 @@ class _Run:
             self.target = runtimes.runtime_target(settings, self.loaded, self.example, distributed.local_rank())
         self.compared = f"{self.reference.label}  vs  {self.target.label}"
         self.notes: list[str] = []
-        if (
-            self.target.device.type == "cpu"
-            and settings.dtype == "fp32"
-            and settings.target_mode == "eager"
-            and settings.runtime == "torch"
-        ):
-            self.notes.append("the target is the reference configuration: this checks determinism only")
-            logger.warning(self.notes[-1])
+        self.same_as_reference = self_comparison(settings, self.target)
+        if self.same_as_reference:
+            logger.warning("not a port check: %s", self.same_as_reference)
         if settings.synthetic:
             self.notes.append(
                 "synthetic weights: the numbers say how the device treats a healthy X-Small, not ImageNet accuracy"
             )
+
+    def judged(self, comparison: metrics.Comparison) -> metrics.Comparison:
+        """The verdict as both paths (images, labelled sets) give it: a self-comparison is INVALID, whatever its
+        figures; --fail_on_cpu_fallback turns a PASS or FAIL into FAIL."""
+        if self.same_as_reference:
+            comparison = metrics.not_a_port_check(comparison, self.same_as_reference)
+        return with_fallbacks(comparison, self.fallbacks, self.s.fail_on_cpu_fallback)
 
     # ------------------------------------------------------------------------------------------ images
 
@@ -291,7 +326,7 @@ class _Run:
         if not items:
             raise UserError(f"none of the {len(sources)} image(s) could be read: {errors[0]['error']}")
         result = compare_images(self.loaded, self.target, items, self.thresholds, s.layers, s.reference_cache)
-        comparison = with_fallbacks(result.comparison, self.fallbacks, s.fail_on_cpu_fallback)
+        comparison = self.judged(result.comparison)
         budget = metrics.skip_budget(comparison, len(errors), len(sources), s.max_skipped)
         dumped = items[: s.msprobe_images or 1]  # --msprobe: the first batch (batch size 1: the first image)
         msprobe = self.msprobe(torch.cat([item.batch for item in dumped]), result.layers) if s.msprobe else None
@@ -327,13 +362,13 @@ class _Run:
         """The labelled set, streamed in batches and spread over ranks: both sides per batch, metrics per image."""
         s, dist, loaded, thresholds = self.s, self.dist, self.loaded, self.thresholds
         samples, unlabelled = self.samples, self.unlabelled
-        run_key = {  # what --resume checks, by name: a mismatch names the setting that differs
-            "model": models.weights_digest(loaded.model),  # the weights as loaded, not only the file
-            "target": self.compared,
-            "images": hashlib.sha256("\n".join(f"{x.image},{x.label}" for x in samples).encode()).hexdigest(),
-            "thresholds": dataclasses.asdict(thresholds),
-        }
-        journal = labelsets.Journal(s.report, dist, run_key, resume=s.resume)
+        journal = labelsets.Journal(
+            s.report,
+            dist,
+            self.journal_key(samples),
+            resume=s.resume,
+            check=labelsets.record_checker(getattr(getattr(loaded.model, "config", None), "num_labels", None)),
+        )
         cache = refcache.open_cache(s.reference_cache, loaded.model, loaded.source, loaded.preprocess)
         pixel_cache = refcache.open_pixel_cache(s.pixel_cache, loaded.preprocess)
         pair = targets.Pair(self.reference, self.target, cache)
@@ -405,7 +440,7 @@ class _Run:
         comparison = metrics.judge(
             per_image, verdict_dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
         )
-        comparison = with_fallbacks(comparison, self.fallbacks, s.fail_on_cpu_fallback)
+        comparison = self.judged(comparison)
         total = summary["images"] + summary["skipped"]
         budget = metrics.skip_budget(comparison, summary["skipped"], total, s.max_skipped)
         jsonl_path = s.images_file()
@@ -443,6 +478,36 @@ class _Run:
             report=report,
             msprobe=msprobe,
         )
+
+    def journal_key(self, samples: list[labelsets.Sample]) -> dict[str, Any]:
+        """What --resume checks, by name (a mismatch names the setting that differs): everything that changes a
+        journaled record. The weights as loaded, config.json (refcache.reference_key's digest: hidden_act...),
+        preprocessor_config.json as parsed, the pixel code and decoder, torch and transformers; the target (device,
+        dtype, mode, float32 precision, the offline runtime and the bytes of its --onnx / --om file); the image list
+        with its labels; the thresholds."""
+        s, loaded = self.s, self.loaded
+        ref = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)
+        artefact = {"onnxruntime": s.onnx, "om": s.om}.get(s.runtime)
+        return {
+            "model": ref["weights_sha256"],  # the weights as loaded, not only the file
+            "model_config": ref["model_config_sha256"],
+            "preprocessing": hashlib.sha256(json.dumps(ref["pixels"], sort_keys=True).encode()).hexdigest(),
+            "torch": ref["torch"],
+            "transformers": ref["transformers"],
+            "target": self.compared,
+            "device": str(self.target.device),
+            "dtype": s.dtype,
+            "target_mode": s.target_mode,
+            "verdict_dtype": s.verdict_dtype,
+            "allow_hf32": s.allow_hf32,
+            "jit_compile": s.jit_compile,
+            "runtime": s.runtime,
+            "runtime_file_sha256": refcache.file_digest(artefact) if artefact else None,
+            "precision_mode": s.precision_mode,
+            "cann_graph": s.cann_graph,
+            "images": hashlib.sha256("\n".join(f"{x.image},{x.label}" for x in samples).encode()).hexdigest(),
+            "thresholds": dataclasses.asdict(self.thresholds),
+        }
 
     # ------------------------------------------------------------------------------------------ msprobe
 

@@ -29,7 +29,8 @@ TINY_RUNS = {
         "accuracy_run",
         ["model", "accuracy_cl.json", "--device", "cpu", "--target_mode", "channels_last", "--reference_cache", "off"],
     ),
-    # a labelled set (labels.csv, written by make_reports), float32 eager against the reference: a PASS
+    # a labelled set (labels.csv, written by make_reports), float32 channels_last against the reference: a PASS
+    # (float32 eager would be the reference itself: INVALID)
     "labelled.json": (
         "accuracy_run",
         [
@@ -37,6 +38,8 @@ TINY_RUNS = {
             "labelled.json",
             "--device",
             "cpu",
+            "--target_mode",
+            "channels_last",
             "--labels",
             "labels.csv",
             "--batch_size",
@@ -71,7 +74,17 @@ TINY_RUNS = {
 SYNTHETIC_RUNS = {
     "synthetic_accuracy.json": (
         "accuracy_run",
-        ["model", "synthetic_accuracy.json", "--synthetic", "--device", "cpu", "--reference_cache", "off"],
+        [
+            "model",
+            "synthetic_accuracy.json",
+            "--synthetic",
+            "--device",
+            "cpu",
+            "--target_mode",
+            "channels_last",
+            "--reference_cache",
+            "off",
+        ],
     ),
     "synthetic_perf.json": (
         "accuracy_run_perf",

@@ -440,6 +440,9 @@ class Source:
             if found[0] == "module":
                 return self._module_ref(found[1])
             if found[0] == "from":
+                own = self.module(f"{found[1]}.{found[2]}") if found[1] == module.name else None
+                if own is not None:  # `from torch_npu import profiler` in torch_npu/__init__.py: its own submodule
+                    return Resolved("module", module=own)
                 return self.member(found[1], found[2], depth + 1)
             return self.evaluate(module, found[1], depth + 1)
         sub = self.module(f"{module.name}.{name}")

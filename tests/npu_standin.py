@@ -12,6 +12,13 @@ torch-npu 2.5.1 / 2.13.0 sources, see /work/shared/NPU_NOTES.md):
   (libc's write through ctypes), in c10's log format, never through Python's `warnings` (see `emit_c10_warning`);
   silenced by TORCH_NPU_DISABLED_WARNING=1 and on ranks other than 0/-1; from 2.13.0 on,
   TORCH_NPU_FALLBACK_CPU_DISABLE=1 turns the fallback into torch_npu's RuntimeError naming the operator;
+- `kernel_fallbacks` (KERNEL_WORDINGS keys) are op-plugin's own CPU kernels ("Warning: kernel [sinc] is not supported by
+  NPU currently. ..."), each said once per process on its real route: TORCH_NPU_WARN_ONCE to fd 2 as above,
+  TORCH_WARN_ONCE as a Python UserWarning "(Triggered internally at ...)", whatever the switches; c10's
+  TORCH_CPP_LOG_LEVEL=ERROR/FATAL silences the fd 2 lines (the dispatcher's too);
+- it exports npu_fusion_attention, which transformers 5.x imports from it once is_torch_npu_available() is True;
+  with `import_fails`, `import torch_npu` raises as without CANN; torchair 2.13+'s get_npu_backend calls
+  warnings.filterwarnings("once", category=UserWarning) for the whole process, as the real one does;
 - torch_npu/lib/libtorch_npu.so holds, as NUL-terminated strings, the names of the environment switches the imitated
   version reads (the project looks for them there, as in the real library);
 - torchair's CompilerConfig.mode accepts only the modes of the torchair being imitated (`torchair_modes`); its
@@ -38,6 +45,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import npu_profiler_standin
 import pytest
 import torch
 
@@ -63,6 +71,63 @@ WORDINGS = {
     "this operator will fallback to run on the CPU and may have performance implications. Please check your params.",
     "fallback switch": "CPU fallback is allowed because TORCH_NPU_FALLBACK_CPU_DISABLE=0. Since the NPU interface does "
     "not support operator 'aten::_sparse_csr_sum.dim_dtype', the operator will fall back to CPU.",
+}
+# op-plugin's own CPU kernels (16 strings in each of the 2.5.1, 2.13.0 and 2.14.0 libtorch_npu.so), each on its real
+# route: "fd2" is TORCH_NPU_WARN_ONCE (torch_npu's private handler: stderr, silenced like the dispatcher's line),
+# "python" is c10's TORCH_WARN_ONCE, which torch hands to Python as a UserWarning "... (Triggered internally at
+# FILE:LINE.)" when the operator was called from Python (torch's PyWarningHandler). Ascend/op-plugin @517f2e7d,
+# op_plugin/ops/.
+KERNEL_WORDINGS = {
+    "complex": ("Warning: kernel [complex] is not supported by NPU currently. Now this kernel is running on CPU.",
+                "fd2", "aclops/ComplexKernelNpu.cpp:21"),
+    "gcd.out": ("Warning: kernel [gcd.out] is not supported by NPU currently.Now this kernel is running on CPU.",
+                "fd2", "aclops/GcdKernelNpu.cpp:24"),
+    "isneginf": ("Warning: kernel [isneginf] is not supported by NPU currently. Now this kernel is running on CPU.",
+                 "fd2", "aclops/IsNegInfKernelNpu.cpp:25"),
+    "nanmedian": ("Warning: kernel [nanmedian] is not supported by NPU currently. Now this kernel is running on CPU.",
+                  "fd2", "aclops/MedianKernelNpu.cpp:146"),
+    "sinc": ("Warning: kernel [sinc] is not supported by NPU currently. Now this kernel is running on CPU.",
+             "fd2", "aclops/SincKernelNpu.cpp:22"),
+    "polar": ("Warning: kernel [polar] is not supported by NPU currently. Now this kernel is running on CPU.",
+              "python", "aclops/PolarKernelNpu.cpp:34"),
+    "nanmedian.dim": ("Warning: kernel [nanmedian.dim] is not supported by NPU currently. Now this kernel is running "
+                      "on CPU.", "python", "aclops/MedianKernelNpu.cpp:155"),
+    "adaptive_max_pool3d.out": ("adaptive_max_pool3d.out is not supported by NPU currently. Now this kernel is running "
+                                "on CPU.", "python", "opapi/AdaptiveMaxPool3dKernelNpuOpApi.cpp:39"),
+}  # fmt: skip
+# Every op-plugin string of the second family, as in each wheel's libtorch_npu.so (2.5.1, 2.13.0, 2.14.0: 16 each;
+# tests/test_npu_contract.py checks this list against them), with the operator each names (as aten::NAME).
+SECOND_FAMILY = {
+    "Warning: kernel [polar.out] is not supported by NPU currently. Now this kernel is running on CPU.": "polar.out",
+    "adaptive_max_pool3d_backward is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "adaptive_max_pool3d_backward"
+    ),
+    "Warning: kernel [isneginf] is not supported by NPU currently. Now this kernel is running on CPU.": "isneginf",
+    "adaptive_max_pool3d is not supported by NPU currently. Now this kernel is running on CPU.": "adaptive_max_pool3d",
+    "Warning: kernel [nanmedian.dim] is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "nanmedian.dim"
+    ),
+    "Warning: kernel [sinc] is not supported by NPU currently. Now this kernel is running on CPU.": "sinc",
+    "Warning: kernel [polar] is not supported by NPU currently. Now this kernel is running on CPU.": "polar",
+    "Warning: kernel [isposinf.out] is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "isposinf.out"
+    ),
+    "adaptive_max_pool3d_backward.grad_input is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "adaptive_max_pool3d_backward.grad_input"
+    ),
+    "Warning: kernel [gcd.out] is not supported by NPU currently.Now this kernel is running on CPU.": "gcd.out",
+    "adaptive_max_pool3d.out is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "adaptive_max_pool3d.out"
+    ),
+    "Warning: kernel [isposinf] is not supported by NPU currently. Now this kernel is running on CPU.": "isposinf",
+    "Warning: kernel [isneginf.out] is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "isneginf.out"
+    ),
+    "Warning: kernel [complex] is not supported by NPU currently. Now this kernel is running on CPU.": "complex",
+    "Warning: kernel [complex_out] is not supported by NPU currently. Now this kernel is running on CPU.": (
+        "complex_out"
+    ),
+    "Warning: kernel [nanmedian] is not supported by NPU currently. Now this kernel is running on CPU.": "nanmedian",
 }
 WORDING_OPERATORS = {
     "dispatcher": ["aten::_fused_adam_"],
@@ -116,6 +181,9 @@ import torch
 OPTIONS = json.loads((Path(__file__).parent / "standin.json").read_text())
 __version__ = OPTIONS["version"]
 CALLS = ["import torch_npu"]
+if OPTIONS["import_fails"]:  # torch_npu/__init__.py's `import torch_npu._C` without CANN's libraries
+    raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. "
+                      "Please run 'source set_env.sh' in the CANN installation path.")
 PATCHES = []  # (owner, name, previous value): the fixture puts them back
 _MISSING = object()
 FALLBACK_TEXT = OPTIONS["fallback_text"]
@@ -286,6 +354,21 @@ def _strtol(value, default):
     return sign * int(digits) if digits else 0
 
 
+def _c10_prints_warnings():
+    # c10/util/Logging.cpp setLogLevelFlagFromEnv: TORCH_CPP_LOG_LEVEL INFO/0 WARNING/1 ERROR/2 FATAL/3, any case; the
+    # MessageLogger drops WARNING lines below the level. Read once, at library load.
+    if "c10" not in _STATIC:
+        level = (os.environ.get("TORCH_CPP_LOG_LEVEL") or "").strip().upper()
+        _STATIC["c10"] = level not in ("2", "3", "ERROR", "FATAL")
+    return _STATIC["c10"]
+
+
+def npu_fusion_attention(query, key, value, head_num, input_layout, *args, **kwargs):
+    # exported by the real wheels (torch_npu/__init__.py: the op-plugin functions); transformers 5.x imports it
+    # (integrations/npu_flash_attention.py:21-22) once is_torch_npu_available() is True
+    raise NotImplementedError("stand-in: npu_fusion_attention is not imitated")
+
+
 def _should_print_warning():
     # OptionsManager.cpp:559-570 (2.5.1): TORCH_NPU_DISABLED_WARNING=1 silences; else only RANK unset (-1) or 0 prints.
     if "print" not in _STATIC:
@@ -313,8 +396,17 @@ def _fallback_hook(module, inputs):
                                "Device:0, RankID:-1) ERR01007 OPS feature not supported")
         if op not in _WARNED:
             _WARNED.add(op)
-            if _should_print_warning():
+            if _should_print_warning() and _c10_prints_warnings():
                 emit_c10_warning(FALLBACK_TEXT.format(op=op))
+    for name, (text, route, where) in OPTIONS["kernel_wordings"].items():
+        if name in _WARNED:  # TORCH_NPU_WARN_ONCE / TORCH_WARN_ONCE: a static per call site
+            continue
+        _WARNED.add(name)
+        if route == "python":  # c10::Warning through torch's PyWarningHandler: PyErr_WarnEx(UserWarning, msg, 1)
+            warnings.warn(f"{text} (Triggered internally at /op-plugin/op_plugin/ops/{where}.)", UserWarning,
+                          stacklevel=2)
+        elif _should_print_warning() and _c10_prints_warnings():
+            emit_c10_warning(text, function=name, where=where.split("/")[-1])
 
 
 def _wrap(owner, name, on_npu=None):
@@ -336,7 +428,7 @@ def _module_moved(args):
     if not getattr(module, "_standin_on_npu", False):
         CALLS.append(f"model moved to npu ({type(module).__name__})")
         object.__setattr__(module, "_standin_on_npu", True)
-        if OPTIONS["fallback_ops"]:
+        if OPTIONS["fallback_ops"] or OPTIONS["kernel_wordings"]:
             module.register_forward_pre_hook(_fallback_hook)
 
 
@@ -438,7 +530,13 @@ class CompilerConfig:
 
 
 def get_npu_backend(*, compiler_config=None, custom_decompositions={}):
+    import warnings
+
     config = compiler_config or CompilerConfig()
+    if torch_npu.OPTIONS["torchair_modes"] and "npugraph_ex" in torch_npu.OPTIONS["torchair_modes"]:
+        # 2.13.0/2.14.0: get_npu_backend -> _check_config_support (npu_fx_compiler.py:1053), which starts with
+        # warnings.filterwarnings("once", category=UserWarning) (configs/compiler_config.py:95), process-wide
+        warnings.filterwarnings("once", category=UserWarning)
     mode = config.mode.value
     torch_npu.CALLS.append(f"torchair backend mode={mode}")
 
@@ -483,6 +581,8 @@ torch_npu._patch(torch.jit, "script", _jit_script)
 """
 
 DEFAULTS = {
+    "kernel_fallbacks": [],  # KERNEL_WORDINGS keys: op-plugin's CPU kernels, each said once on its route at a forward
+    "import_fails": False,  # `import torch_npu` raises as the real one does without CANN (a failed _C load)
     "device_count": 2,
     "cann": "8.0.RC3",  # what get_cann_version(module="CANN") answers ("" as on CANN without aclsysGetCANNVersion)
     "torch_version_cann": None,  # torch.version.cann as torch_npu sets it; None: the same as "cann"
@@ -495,6 +595,7 @@ DEFAULTS = {
     "autoload_fails": False,
     "autoload": False,  # declare the torch.backends entry point (so `import torch` imports the stand-in) and succeed
 }
+DEFAULTS.update(npu_profiler_standin.DEFAULTS)  # torch_npu.profiler: profiler_fails, aicpu_ops
 
 
 def build(folder: Path, **options) -> Path:
@@ -503,6 +604,7 @@ def build(folder: Path, **options) -> Path:
     if unknown:
         raise TypeError(f"unknown stand-in options {sorted(unknown)}")
     settings = {**DEFAULTS, "version": torch.__version__.split("+")[0], **options, "fallback_text": FALLBACK_TEXT}
+    settings["kernel_wordings"] = {name: KERNEL_WORDINGS[name] for name in settings["kernel_fallbacks"]}
     if settings["torch_version_cann"] is None:
         settings["torch_version_cann"] = settings["cann"] or "not known"
     from packaging.version import Version
@@ -524,6 +626,7 @@ def build(folder: Path, **options) -> Path:
         "torch_npu/contrib/transfer_to_npu.py": _TRANSFER,
         "torch_npu/dynamo/__init__.py": _DYNAMO,
         "torch_npu/dynamo/torchair/__init__.py": _TORCHAIR,
+        **npu_profiler_standin.files(),  # torch_npu.profiler (tests/npu_profiler_standin.py)
     }
     if settings["autoload_fails"] or settings["autoload"]:
         info = f"torch_npu-{settings['version']}.dist-info"

@@ -177,8 +177,11 @@ def labelled_set(tmp_path):
     return root
 
 
+PORT = ["--target_mode", "channels_last"]  # a CPU port check (float32 eager against itself is INVALID)
+
+
 def labelled(model_dir, root, report, *extra):
-    return [str(model_dir), str(report), "--dataset", str(root), "--device", "cpu", "--batch_size", "2", *extra]
+    return [str(model_dir), str(report), "--dataset", str(root), "--device", "cpu", "--batch_size", "2", *PORT, *extra]
 
 
 def test_thin_image_in_a_dataset_with_a_worker_is_a_record(tiny_model_dir, labelled_set, tmp_path, capsys):
@@ -356,7 +359,7 @@ def test_inference_output_to_dev_full_is_one_line(tiny_model_dir, capsys):
 
 def run_acc(tmp_path, model_dir, *extra):
     report = tmp_path / "report.json"
-    rc = accuracy_run.main([str(model_dir), str(report), "--device", "cpu", *extra])
+    rc = accuracy_run.main([str(model_dir), str(report), "--device", "cpu", *PORT, *extra])
     return rc, (read_json(report) if report.exists() else None)
 
 
@@ -423,9 +426,11 @@ def test_unmatched_glob_and_empty_folder_are_errors(tiny_model_dir, tmp_path, ca
 
 def test_dataset_with_an_identical_cpu_target_says_determinism_only(tiny_model_dir, labelled_set, tmp_path, caplog):
     report = tmp_path / "r.json"
-    assert accuracy_run.main(labelled(tiny_model_dir, labelled_set, report, "--workers", "0")) == 0
-    assert any("determinism" in note for note in read_json(report)["notes"])
-    assert "determinism only" in caplog.text
+    argv = [str(tiny_model_dir), str(report), "--dataset", str(labelled_set), "--device", "cpu", "--workers", "0"]
+    assert accuracy_run.main(argv) == 1  # not a port check: INVALID, as through --images
+    assert read_json(report)["verdict"] == "INVALID"
+    assert "deterministic" in read_json(report)["verdict_reasons"][0]
+    assert "not a port check" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -713,6 +718,7 @@ def test_labels_row_naming_dev_zero_is_skipped_not_hashed_forever(tiny_model_dir
         "1",
         "--max_skipped",
         "1",
+        *PORT,
     ]
     done = subprocess.run(
         cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -763,6 +769,7 @@ def test_labelled_batch_is_bounded_by_the_images(tiny_model_dir, labelled_set, t
         "1000000000",
         "--workers",
         "0",
+        *PORT,
     ]
     assert accuracy_run.main(argv) == 0, capsys.readouterr().err
     assert read_json(report)["dataset"]["images"] == 4
@@ -892,7 +899,7 @@ def labels_run(model_dir, tmp_path, text: str | bytes, *extra) -> tuple[int, Pat
     labels = tmp_path / "labels.csv"
     labels.write_bytes(text if isinstance(text, bytes) else text.encode())
     report = tmp_path / "r.json"
-    argv = [str(model_dir), str(report), "--labels", str(labels), "--device", "cpu", "--workers", "0", *extra]
+    argv = [str(model_dir), str(report), "--labels", str(labels), "--device", "cpu", "--workers", "0", *PORT, *extra]
     return accuracy_run.main(argv), report
 
 
@@ -949,6 +956,7 @@ def test_reference_cache_that_is_a_file_is_said_once(tiny_model_dir, tmp_path, c
         str(cache),
         "--images",
         *PHOTOS[:3],
+        *PORT,
     ]
     assert accuracy_run.main(argv) == 0
     warnings = [r.getMessage() for r in caplog.records if "reference cache" in r.getMessage()]
@@ -983,6 +991,7 @@ def test_cache_entries_get_the_users_umask(tiny_model_dir, tmp_path):
             str(cache),
             "--images",
             CHELSEA,
+            *PORT,
         ]
         assert accuracy_run.main(argv) == 0
     finally:

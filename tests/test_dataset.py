@@ -253,6 +253,8 @@ def labelled_args(model_dir, root, report, *extra):
         "system",
         "--max_skipped",
         "1",
+        "--target_mode",  # a CPU port check: float32 eager against itself is INVALID
+        "channels_last",
         *extra,
     ]  # the set holds one broken file
 
@@ -265,7 +267,7 @@ def test_accuracy_on_a_labelled_folder(tiny_model_dir, labelled_set, tmp_path, c
     data = read_json(report)["dataset"]
     assert data["images"] == 5 and data["skipped"] == 1 and data["per_rank_images"] == [6]
     assert data["agreement_top1"] == 1.0 and data["disagreements"] == []
-    assert data["reference"] == data["target"]  # an identical CPU target
+    assert data["reference"] == data["target"]  # channels_last: the same classes as the reference
     records = [json.loads(line) for line in (tmp_path / "report.images.jsonl").read_text().splitlines()]
     assert sum("error" not in r for r in records) == 5  # per-class counts live in the per-image records
     assert read_json(report)["errors"][0]["image"].endswith("broken.png")
@@ -295,6 +297,8 @@ def test_labels_csv_run(tiny_model_dir, tmp_path):
                 "cpu",
                 "--workers",
                 "0",
+                "--target_mode",
+                "channels_last",
             ]
         )
         == 0

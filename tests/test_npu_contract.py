@@ -178,3 +178,108 @@ def test_npu_reads_the_switches_from_the_real_library(real_source, real_library,
     monkeypatch.delitem(__import__("sys").modules, "torch_npu", raising=False)
     assert npu.installed_reads(npu.SWITCH) == (real_source.version != "2.5.1")
     assert npu.installed_reads("TORCH_NPU_DISABLED_WARNING")
+
+
+# --- issue 31: the second fallback family, the routes, the switches, the stack read without a profiler ---------------
+
+SECOND_FAMILY_MARK = b" is not supported by NPU currently."
+
+
+def _library_strings(library: bytes, mark: bytes) -> set[str]:
+    """Every NUL-terminated string constant of the library that holds `mark`."""
+    found = set()
+    start = library.find(mark)
+    while start >= 0:
+        begin = library.rfind(b"\0", 0, start) + 1
+        end = library.find(b"\0", start)
+        found.add(library[begin:end].decode("utf-8", "replace"))
+        start = library.find(mark, end)
+    return found
+
+
+def test_every_second_family_wording_is_known_and_parsed(real_library):
+    """op-plugin's own CPU kernels: each wheel's library holds exactly the 16 strings the round-two tests list, and
+    npu.fallback_operators names the operator of each (as printed, with c10's "Warning: " in front)."""
+    SECOND_FAMILY = standin.SECOND_FAMILY
+    strings = _library_strings(real_library, SECOND_FAMILY_MARK)
+    assert strings == set(SECOND_FAMILY), strings ^ set(SECOND_FAMILY)
+    for text in strings:
+        assert npu.fallback_operators(f"Warning: {text}") == [f"aten::{SECOND_FAMILY[text]}"], text
+    for text, _route, _where in standin.KERNEL_WORDINGS.values():  # the stand-in prints real strings
+        assert text in strings
+
+
+def test_the_switches_the_project_reads_are_the_libraries(real_source, real_library):
+    """The silencers npu.py honours are strings of the library (TORCH_NPU_WARNING_DISABLE from 2.13.0); the fallback
+    switch is not consulted by op-plugin (its kernels are not gated: no CheckCpuFallbackAllowed near them)."""
+    for name in npu.SILENCERS:
+        assert (name.encode() + b"\0" in real_library) == (name == npu.SILENCERS[0] or real_source.version != "2.5.1")
+
+
+def test_npu_fusion_attention_is_exported_as_the_standin_does(real_source, real_library):
+    """transformers 5.x imports npu_fusion_attention from torch_npu: each wheel registers the npu:: op whose schema
+    starts with (query, key, value, head_num, input_layout) and exports torch.ops.npu's ops as torch_npu attributes
+    (2.5.1 torch_npu/__init__.py `for name in dir(torch.ops.npu)`; 2.13.0/2.14.0 _init/core/_exports.py)."""
+    assert b"\0npu_fusion_attention(Tensor query, Tensor key, Tensor value, int head_num, str input_layout" in (
+        real_library
+    )
+    docs = real_source.files["torch_npu._op_plugin_docs"].read_text(encoding="utf-8")
+    assert '"npu_fusion_attention"' in docs
+    import inspect
+
+    params = list(inspect.signature(_standin_npu_fusion_attention()).parameters)[:5]
+    assert params == ["query", "key", "value", "head_num", "input_layout"]
+
+
+def _standin_npu_fusion_attention():
+    namespace: dict = {}
+    source = standin._INIT
+    start = source.index("def npu_fusion_attention(")
+    end = source.index("\n\n\n", start)
+    exec(source[start:end], namespace)  # the stand-in's definition alone
+    return namespace["npu_fusion_attention"]
+
+
+def test_torchair_adds_a_once_filter_where_the_standin_does(real_source):
+    """torchair 2.13.0/2.14.0: get_npu_backend -> _check_config_support -> warnings.filterwarnings("once", UserWarning)
+    (configs/compiler_config.py:95); 2.5.1's has none. The stand-in does it from 2.13.0 on."""
+    import ast
+
+    tree = ast.parse(real_source.files["torchair.configs.compiler_config"].read_text(encoding="utf-8"))
+    once = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "attr", None) == "filterwarnings"
+        and node.args
+        and getattr(node.args[0], "value", None) == "once"
+    ]
+    assert bool(once) == (real_source.version != "2.5.1")
+    assert ('warnings.filterwarnings("once", category=UserWarning)' in standin._TORCHAIR) is True
+
+
+def test_the_stack_facts_read_the_real_wheels_metadata_and_torchair(real_source, tmp_path, monkeypatch):
+    """preflight.stack_facts, without importing anything (no profiler, no CANN): the wheel's own METADATA and
+    torchair's compiler_config.py, unpacked as pip installs them."""
+    import zipfile
+
+    from mobilevit_npu import preflight
+
+    site = tmp_path / "site"
+    with zipfile.ZipFile(real_source.wheel) as zf:
+        for name in zf.namelist():
+            if name.endswith(".dist-info/METADATA") or name in (
+                "torch_npu/__init__.py",
+                "torch_npu/dynamo/torchair/configs/compiler_config.py",
+            ):
+                zf.extract(name, site)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(__import__("sys").modules, "torch_npu", raising=False)
+    facts = preflight.stack_facts({}, str(tmp_path / "no-ascend"))
+    assert facts["torch_npu"]["version"] == real_source.version
+    assert facts["torch_npu"]["requires_torch"].lstrip("=").startswith(real_source.version)
+    modes = facts["torchair"]["modes"]
+    assert "max-autotune" in modes and ("npugraph_ex" in modes) == (real_source.version != "2.5.1")
+    rows = {r.check: r for r in preflight.check(facts, str(tmp_path / "no-ascend"))}
+    listed = preflight.expected_cann(real_source.version)
+    assert (rows["CANN toolkit"].status == "missing") and (listed is None) == (real_source.version != "2.5.1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -133,7 +134,8 @@ def test_dynamic_batch_export_runs_any_batch(tiny_onnx, tiny_model_dir):
         assert got.shape == want.shape == (n, 10)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     cmd = data["atc"]["command"]
-    assert '--input_shape="pixel_values:-1,3,256,256"' in cmd and '--dynamic_batch_size="1,2,4,8,16,32"' in cmd
+    words = shlex.split(cmd)
+    assert "--input_shape=pixel_values:-1,3,256,256" in words and "--dynamic_batch_size=1,2,4,8,16,32" in words
 
 
 def test_the_exports_check_is_the_verification_of_that_file(tiny_onnx, tiny_model_dir, tmp_path):
@@ -308,17 +310,18 @@ def test_atc_command_as_the_cann_guide_specifies():
         "--model=out/m.onnx",
         "--output=out/m",
         "--input_format=NCHW",
-        '--input_shape="pixel_values:1,3,256,256"',
+        "--input_shape=pixel_values:1,3,256,256",
         "--soc_version=Ascend910B4",
         "--precision_mode=must_keep_origin_dtype",
     ]
     with_aipp = onnx_export.atc_command("m.onnx", [4, 3, 256, 256], "Ascend310P3", "force_fp16", "m.aipp.cfg")
     assert with_aipp.endswith("--precision_mode=force_fp16 --insert_op_conf=m.aipp.cfg")
-    assert '"pixel_values:4,3,256,256"' in with_aipp
+    assert "--input_shape=pixel_values:4,3,256,256" in shlex.split(with_aipp)
     placeholder = onnx_export.atc_command(
         "m.onnx", [1, 3, 256, 256], onnx_export.SOC_PLACEHOLDER, "must_keep_origin_dtype"
     )
-    assert "--soc_version='<SOC_VERSION>'" in placeholder  # quoted: no shell redirection when pasted
+    assert "'--soc_version=<SOC_VERSION>'" in placeholder  # quoted: no shell redirection when pasted
+    assert "--soc_version=<SOC_VERSION>" in shlex.split(placeholder)
     assert set(onnx_export.PRECISION_MODES) <= ATC_PRECISION_MODES
     with pytest.raises(Exception, match="unknown precision mode"):
         onnx_export.atc_command("m.onnx", [1, 3, 256, 256], "Ascend910B4", "fp32")

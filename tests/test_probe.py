@@ -48,9 +48,9 @@ def test_fp32_against_bf16_names_the_modules_and_counts_dtype_rows_apart(tiny, t
     target = copy.deepcopy(model).to(torch.bfloat16)
     section = probe.run(tmp_path / "m", model, target, items[0].batch, "bf16")
     files = _dump_files(tmp_path / "m")
-    assert files["reference"] == files["target"] == [f"proc{os.getpid()}"]
+    assert files["reference"] == files["target"] == ["rank0"]  # msprobe's own rank layout, as -da reads it
     table = Path(section["compare_table"])
-    assert table.parent == tmp_path / "m" / "compare" and table.suffix == ".csv"
+    assert table.parent == tmp_path / "m" / "compare" / "rank0" and table.suffix == ".csv"
     rows = probe.read_table(table)
     assert sum(section["counts"].values()) == len(rows)
     assert {"NPU Name", "Bench Name", "NPU Dtype", "Bench Dtype", "Result", "Err_message"} <= set(rows[0])
@@ -202,7 +202,7 @@ def test_accuracy_run_msprobe_writes_the_table_and_keeps_the_verdict(tiny_model_
     assert lines[-2].startswith("msprobe ") and "table " in lines[-2]
     report = schema.load(probed)  # the validating reader: the section is the schema's
     section = report.msprobe
-    assert Path(section.compare_table).is_file() and Path(section.compare_table).parent == out / "compare"
+    assert Path(section.compare_table).is_file() and Path(section.compare_table).parent == out / "compare" / "rank0"
     assert read_json(plain)["verdict"] == read_json(probed)["verdict"]
     assert read_json(plain)["aggregate"] == read_json(probed)["aggregate"]
     assert section.counts["error"] >= section.dtype_only > 0 and section.images_dumped == 1
@@ -264,7 +264,7 @@ def test_accuracy_run_on_a_labelled_set_dumps_the_first_batch(tiny_model_dir, tm
     table = probe.read_table(section.compare_table)
     shapes = {r["NPU Tensor Shape"] for r in table if r["NPU Name"] == "Functional.conv2d.0.forward.input.0"}
     assert shapes == {"[2, 3, 256, 256]"}  # one forward over the batch
-    assert _dump_files(out) == {"reference": [f"proc{os.getpid()}"], "target": [f"proc{os.getpid()}"]}
+    assert _dump_files(out) == {"reference": ["rank0"], "target": ["rank0"]}
 
 
 @pytest.mark.slow
@@ -307,3 +307,46 @@ def test_two_ranks_under_torchrun_give_one_dump_per_rank(tiny_model_dir, tmp_pat
     section = read_json(report)["msprobe"]
     assert Path(section["compare_table"]).parent == out / "compare" / "rank0"
     assert section["images_dumped"] == 1 and "ranks" in section["note"]
+
+
+def _msprobe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real msprobe command line, as a user runs it on the dumps."""
+    code = "import sys; from msprobe.msprobe import main; sys.exit(main())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def test_a_broken_layer_in_a_bf16_target_is_the_first_failing_module_and_msprobe_commands_read_the_dumps(
+    tiny, tmp_path
+):
+    """Issue 31: bf16 against the float32 reference, one convolution's weights flipped in the target. The rows the
+    dtype explains are counted apart; the broken convolution's are not, so it is the first failing module. The dumps
+    are in msprobe's own rank layout, so `msprobe compare -da` finds the first difference and graph_visualize builds
+    its graph on them as they are; both sides' configs are kept."""
+    loaded, items = tiny
+    model = loaded.model
+    target = copy.deepcopy(model).to(torch.bfloat16)
+    broken = next(n for n, m in target.named_modules() if n.startswith(NOISY) and isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        target.get_submodule(broken).weight.neg_()
+    out = tmp_path / "m"
+    section = probe.run(out, model, target, items[0].batch, "bf16")
+    assert section["first_failing_module"] == broken, section["first_failing"]
+    assert section["dtype_only"] > 0 and "14%" in section["dtype_note"]
+    assert "beyond bfloat16" in section["first_failing"][0]["message"]
+    for side in ("reference", "target"):
+        config = json.loads((out / f"config.rank0.{side}.json").read_text())
+        assert config["dump_path"] == str(out / side) and config["level"] == "mix"
+    # msprobe's first-difference analysis on the dumps as written
+    done = _msprobe("compare", "-tp", str(out / "target" / "step0"), "-gp", str(out / "reference" / "step0"),
+                    "-o", str(tmp_path / "da"), "-da")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    found = sorted((tmp_path / "da").glob("diff_analyze_*.json"))
+    assert found, (done.stdout + done.stderr)[-2000:]
+    first = json.loads(found[-1].read_text())["rank_0"][0]
+    assert first["op_name"].startswith("Functional.conv2d."), first["op_name"]  # the broken convolution's call
+    done = _msprobe("graph_visualize", "-tp", str(out / "target" / "step0"), "-gp", str(out / "reference" / "step0"),
+                    "-o", str(tmp_path / "graph"))  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list((tmp_path / "graph").glob("*.vis.db"))
