@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
-from mobilevit_npu import devices, models, refcache, timing
+from mobilevit_npu import devices, models, refcache, reports, timing
 from mobilevit_npu.errors import Unavailable, first_line
 
 logger = logging.getLogger("mobilevit_npu.compilers")
@@ -246,7 +246,7 @@ def _load_cached(package: Path, meta_path: Path, key: str, example: torch.Tensor
     if not (package.is_file() and meta_path.is_file()):
         return None
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(reports.read_bounded(meta_path, "compile cache entry", reports.MAX_CONFIG_BYTES))
         if meta.get("key") != key or meta.get("sha256") != models.sha256_file(package):
             raise ValueError("checksum or key mismatch")
         runner = torch._inductor.aoti_load_package(str(package))

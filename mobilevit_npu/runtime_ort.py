@@ -128,7 +128,11 @@ def inference_session(path: str | Path, providers: Providers, sess_options=None)
         with contextlib.redirect_stdout(printed):
             session = ort.InferenceSession(str(path), sess_options, providers=list(providers), enable_fallback=0)
     except Exception as exc:  # the provider's own error (onnxruntime raises several classes, not all RuntimeError)
-        raise UserError(f"onnxruntime could not open {path} on {wanted}: {first_line(exc)}") from exc
+        # a build that ignores enable_fallback printed the provider's error and retried on the CPU; that retry's error
+        # (on CANN: the CPU EP refused, "Conflicting session configuration") is not the cause: name the provider's
+        found = _EP_ERROR.search(printed.getvalue())
+        why = found.group("error").strip() if found else first_line(exc)
+        raise UserError(f"onnxruntime could not open {path} on {wanted}: {why}") from exc
     finally:
         text = printed.getvalue()
         if text and not _EP_ERROR.search(text):
@@ -212,9 +216,15 @@ def open_session(
         sess_options.inter_op_num_threads = 1
         # its workers otherwise busy-spin ~25 ms after each call and steal the CPU from whatever runs next
         sess_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    chain = [(provider, options)]
     if provider == "CANNExecutionProvider":
+        # The CPU EP stays implicit: with the fallback disabled, an explicitly listed CPU EP is itself refused
+        # ("Conflicting session configuration", onnxruntime/core/session/inference_session.cc, InferenceSession::
+        # Initialize, `if (!execution_providers_.GetCpuProviderWasImplicitlyAdded())`), and any node the implicit
+        # one would take is refused too ("...graph nodes that are assigned to the default CPU EP...").
         sess_options.add_session_config_entry(DISABLE_CPU_EP_FALLBACK, "1")
-    chain = [(provider, options)] + ([] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"])
+    elif provider != "CPUExecutionProvider":
+        chain.append("CPUExecutionProvider")
     try:
         session = inference_session(path, chain, sess_options)
     except UserError as exc:

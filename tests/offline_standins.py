@@ -71,6 +71,31 @@ def _name(entry) -> str:
     return entry if isinstance(entry, str) else entry[0]
 
 
+DISABLE_CPU_EP_FALLBACK = "session.disable_cpu_ep_fallback"  # onnxruntime_session_options_config_keys.h
+
+
+def _without_config_entry(options, key: str):
+    """A copy of SessionOptions (the fields runtime_ort sets) without one config entry."""
+    import onnxruntime
+
+    copy = onnxruntime.SessionOptions()
+    copy.graph_optimization_level = options.graph_optimization_level
+    copy.intra_op_num_threads = options.intra_op_num_threads
+    copy.inter_op_num_threads = options.inter_op_num_threads
+    value = _entry(options, "session.intra_op.allow_spinning")
+    if value is not None and key != "session.intra_op.allow_spinning":
+        copy.add_session_config_entry("session.intra_op.allow_spinning", value)
+    return copy
+
+
+def _entry(options, key: str):
+    """A session config entry's value, None when never set (onnxruntime raises for those)."""
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:
+        return None
+
+
 def cann_onnxruntime(
     real_ort,
     available=(CANN, "CPUExecutionProvider"),
@@ -102,7 +127,20 @@ def cann_onnxruntime(
                     raise RuntimeError(f'Unknown provider option: "{key}".')
             if fail:
                 raise RuntimeError(fail)
+            options = self._sess_options
+            if options is not None and _entry(options, DISABLE_CPU_EP_FALLBACK) == "1":
+                # onnxruntime/core/session/inference_session.cc (InferenceSession::Initialize): with the CPU EP
+                # fallback disabled, an explicitly added CPU EP is refused; the stand-in's CANN provider takes every
+                # node, so the real session underneath (which is the CPU EP) runs without the entry
+                if "CPUExecutionProvider" in names:
+                    raise RuntimeError(
+                        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Conflicting session configuration: explicitly "
+                        "added the CPU EP to the session, but also disabled fallback to the CPU EP via session "
+                        "configuration options."
+                    )
+                self._sess_options = _without_config_entry(options, DISABLE_CPU_EP_FALLBACK)
             super()._create_inference_session(["CPUExecutionProvider"], None, disabled_optimizers)
+            self._sess_options = options
             self._providers = [n for n in names if n in available]  # what the real session reports it has
 
     return types.SimpleNamespace(

@@ -32,9 +32,8 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
     reason='onnx / onnxruntime not installed (pip install -e ".[bench]")',
 )
-CHAIN = [
+CHAIN = [  # the CPU EP is never listed beside CANN: with its fallback disabled, onnxruntime refuses an explicit one
     ("CANNExecutionProvider", {"device_id": "0", "precision_mode": "must_keep_origin_dtype", "enable_cann_graph": "1"}),
-    "CPUExecutionProvider",
 ]
 
 
@@ -233,7 +232,6 @@ def test_cann_provider_gets_its_options_and_the_run_is_judged_on_it(
             "CANNExecutionProvider",
             {"device_id": "1", "precision_mode": "must_keep_origin_dtype", "enable_cann_graph": "1"},
         ),
-        "CPUExecutionProvider",
     ]
     assert report["target"] == {**report["target"], "device": "npu:1", "mode": "onnxruntime CANNExecutionProvider"}
     runtime = report["runtime"]
@@ -269,3 +267,12 @@ def test_a_later_cann_build_gets_precision_mode_v2_up_front(tmp_path, tiny_model
     (providers,) = cann.calls
     assert providers[0][1] == {"device_id": "0", "precision_mode_v2": "origin", "enable_cann_graph": "1"}
     assert report["runtime"]["provider_options"]["precision_mode_v2"] == "origin"
+
+
+def test_the_real_onnxruntime_refuses_an_explicit_cpu_ep_when_its_fallback_is_disabled(tiny_onnx, real_ort):
+    """Why the CANN chain lists no CPU EP, and what the stand-in reproduces: the installed onnxruntime itself refuses a
+    session that names the CPU EP while session.disable_cpu_ep_fallback is 1 (inference_session.cc, Initialize)."""
+    options = real_ort.SessionOptions()
+    options.add_session_config_entry(runtime_ort.DISABLE_CPU_EP_FALLBACK, "1")
+    with pytest.raises(Exception, match="Conflicting session configuration: explicitly added the CPU EP"):
+        real_ort.InferenceSession(str(tiny_onnx), options, providers=["CPUExecutionProvider"])
