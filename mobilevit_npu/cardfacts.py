@@ -218,8 +218,14 @@ def read_model(folder: Path, ident: tuple[str, str], first: Source) -> ModelFact
                 f"{weights} (sha256 {digest}) and {first.path} (weights sha256 {ident[1]}) are different "
                 "weights: pass the folder the reports measured with --model_path"
             )
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = AutoModelForImageClassification.from_config(CONFIG_MAPPING[config["model_type"]].from_dict(config))
+    model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = AutoModelForImageClassification.from_config(model_config)
+    except (RuntimeError, NotImplementedError):
+        # an __init__ that reads a tensor's value cannot run on meta (transformers 4.47.1's Swin: its drop-path
+        # schedule calls .item(), modeling_swin.py:827): built for real, once, for its parameter count
+        model = AutoModelForImageClassification.from_config(model_config)
     parameters = sum(p.numel() for p in model.parameters())
     return ModelFacts(folder, config, preprocessor, parameters, PreprocessConfig.from_dict(preprocessor), family)
 
