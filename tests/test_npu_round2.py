@@ -21,6 +21,13 @@ from npu_standin import npu_standin_fixture  # noqa: F401  (the npu_standin fixt
 import preflight as preflight_script
 from mobilevit_npu import compilers, devices, models, npu, preflight, runtime_ort
 
+# transformers 5 imports torch_npu when it loads a model (npu_fusion_attention, integrations/npu_flash_attention.py);
+# 4.47.1, the Ascend stack's, has no such integration and never imports torch_npu on that path
+TRANSFORMERS_IMPORTS_TORCH_NPU = pytest.mark.skipif(
+    int(__import__("transformers").__version__.split(".")[0]) < 5,
+    reason="transformers < 5 has no npu_flash_attention integration: it does not import torch_npu to load a model",
+)
+
 NPU = devices.Device("npu", 0)
 
 SECOND_FAMILY = standin.SECOND_FAMILY
@@ -132,6 +139,7 @@ def test_filters_added_during_the_model_work_are_put_back(monkeypatch):
 # --- the stand-in in the real order ---------------------------------------------------------------------------------
 
 
+@TRANSFORMERS_IMPORTS_TORCH_NPU
 def test_torch_autoloads_the_standin_before_transformers_imports_npu_fusion_attention(tmp_path):
     """On an Ascend host `import torch` loads torch_npu (its torch.backends entry point) before transformers, which
     then imports npu_fusion_attention from it (transformers/integrations/npu_flash_attention.py:21-22)."""
@@ -149,6 +157,7 @@ def test_torch_autoloads_the_standin_before_transformers_imports_npu_fusion_atte
     assert out.stdout.split() == ["True", "True"]
 
 
+@TRANSFORMERS_IMPORTS_TORCH_NPU
 def test_a_torch_npu_failing_when_transformers_imports_it_is_one_line(tmp_path, tiny_model_dir):
     """Autoload off (TORCH_DEVICE_BACKEND_AUTOLOAD=0): transformers' unguarded import of torch_npu, when it loads the
     model, is the first; a torch_npu that fails there is one line naming the fix, exit 2."""
