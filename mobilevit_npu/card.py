@@ -1010,10 +1010,6 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _stem(path: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem)
-
-
 def render_plots(facts: Facts, assets: str) -> tuple[dict[str, dict[str, str]], dict[str, bytes]]:
     """({report path: {"latency"|"layers": link relative to the card}}, {link: PNG bytes}): the latency plot of every
     benchmark (bench.latency_figure, the benchmark's own plot) and the per-layer cosine of every --layers run."""
@@ -1037,7 +1033,7 @@ def render_plots(facts: Facts, assets: str) -> tuple[dict[str, dict[str, str]], 
         ]
         if not any(r["samples_ms"] for r in results):
             continue
-        link = f"{assets}/latency-{_stem(s.path)}.png"
+        link = f"{assets}/latency-{reports.file_stem(Path(s.path).stem)}.png"
         where = f"{s.report.device} ({s.report.environment.device_name})"
         files[link] = _png(bench.latency_figure(results, where))
         links.setdefault(s.path, {})["latency"] = link
@@ -1045,14 +1041,14 @@ def render_plots(facts: Facts, assets: str) -> tuple[dict[str, dict[str, str]], 
         if prof is not None and any(p.status == "ok" and p.step_ms for p in prof.results):
             from mobilevit_npu import profiling
 
-            link = f"{assets}/profile-{_stem(s.path)}.png"
+            link = f"{assets}/profile-{reports.file_stem(Path(s.path).stem)}.png"
             files[link] = _png(profiling.class_figure(prof.results, where))
             links[s.path]["profile"] = link
     for s in facts.accuracy:
         layers = layer_facts(s)
         if layers is None or not layers.curve:
             continue
-        link = f"{assets}/layers-{_stem(s.path)}.png"
+        link = f"{assets}/layers-{reports.file_stem(Path(s.path).stem)}.png"
         r = s.report
         title = (
             f"{r.reference.device} {r.reference.dtype} {r.reference.mode} vs {r.target.device} {r.target.dtype} "

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mobilevit_npu import devices, timing
+from mobilevit_npu import devices, reports, timing
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.profiling")
@@ -172,7 +172,7 @@ def check_profile_dir(path: str, model_dir: Optional[str] = None) -> None:
 
 
 def _stem(mode: str, batch_size: int) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{mode}-batch{batch_size}")
+    return reports.file_stem(f"{mode}-batch{batch_size}")
 
 
 # ------------------------------------------------------------------------------------------------ the profiler

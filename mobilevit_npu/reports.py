@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import subprocess
 import tempfile
@@ -61,6 +62,12 @@ def _is_stream(path: Path) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def file_stem(text: str) -> str:
+    """`text` as a file-name stem: each run of characters outside [A-Za-z0-9_.-] becomes one '-' (plot and trace
+    names made from report paths and mode names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
 
 def file_identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:
