@@ -28,12 +28,13 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-
-import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
+from typing import TYPE_CHECKING
 
 import common
-from mobilevit_npu import labelsets, layerwise, metrics, npu, probe, refcache, runtimes, targets, verify
-from mobilevit_npu.verify import fmt
+from mobilevit_npu import flags, modes, thresholds
+
+if TYPE_CHECKING:  # the run's modules import torch: imported by _main, after the parser (--help stays torch-free)
+    from mobilevit_npu import layerwise, metrics, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,17 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "report", metavar="REPORT.json", type=common.json_path, help="where to write the JSON report (atomically)"
     )
+    _add_target_args(parser)
+    flags.add_runtime_args(parser)
+    _add_input_args(parser)
+    _add_labelled_args(parser)
+    _add_comparison_args(parser)
+    _add_speed_args(parser)
+    flags.add_msprobe_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _add_target_args(parser: argparse.ArgumentParser) -> None:
+    """The target: device, dtype, mode and the device's float32 and fallback policies."""
     target = common.add_device_args(parser)
     common.add_dtype_arg(target, "the target's precision (the reference is always CPU float32)")
     target.add_argument(
         "--target_mode",
         "--target-mode",
-        choices=targets.MODES,
+        choices=modes.names(verify=True),
         default="eager",
-        help="how the target runs, built exactly as accuracy_run_perf.py's mode of that name: eager; channels_last "
-        "(NHWC; not on npu); compiled (inductor + freezing on CPU, CUDA graphs on CUDA, torchair GE graph on NPU); "
-        "fast (fastpath's exact restatement, compiled); bf16 (bfloat16 autocast over fast, judged with bf16's "
-        "thresholds); npugraph (npu only: torchair aclgraph)",
+        help="how the target runs, built exactly as accuracy_run_perf.py's mode of that name: "
+        + modes.help_text(verify=True),
     )
     target.add_argument(
         "--allow_hf32",
@@ -70,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="npu: an operator that fell back to the CPU (torch_npu's warning) makes the verdict FAIL; without it "
         "the fallbacks are listed beside the verdict and in the report",
     )
-    runtimes.add_runtime_args(parser)
+
+
+def _add_input_args(parser: argparse.ArgumentParser) -> None:
+    """The photos (or files) compared, and how many may be skipped."""
     inputs = parser.add_argument_group("input")
     common.add_image_args(inputs, "default: the sample photos bundled with the package")
     inputs.add_argument(
@@ -83,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "or a fraction of all images such as 0.1",
     )
     common.add_image_limit_args(inputs)
+
+
+def _add_labelled_args(parser: argparse.ArgumentParser) -> None:
+    """A labelled set (--dataset / --labels) and how it is streamed."""
     labelled = parser.add_argument_group(
         "labelled set (ImageNet accuracy of reference and target; spreads over ranks under torchrun)"
     )
@@ -119,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     labelled.add_argument(
         "--limit", type=common.int_at_least(1), default=None, help="only the first N images of the set (a quick look)"
     )
+
+
+def _add_comparison_args(parser: argparse.ArgumentParser) -> None:
+    """--layers and the thresholds, each with its defaults per dtype."""
     check = parser.add_argument_group("comparison (defaults depend on --dtype; their reasons: docs/accuracy.md)")
     check.add_argument(
         "--layers",
@@ -126,15 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also compare every module's output (forward hooks, names as in the state dict) and name the first "
         "divergent one, the first to produce NaN/Inf and the five worst",
     )
-    for name, text in metrics.THRESHOLD_FLAGS.items():
+    for name, text in thresholds.THRESHOLD_FLAGS.items():
         check.add_argument(
             f"--{name}",
             f"--{name.replace('_', '-')}",
             type=float,
             default=argparse.SUPPRESS,
             metavar="X",
-            help=f"{text}; {metrics.defaults_text(name)}",
+            help=f"{text}; {thresholds.defaults_text(name)}",
         )
+
+
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """The caches and the allocator."""
     run = parser.add_argument_group("speed")
     run.add_argument(
         "--reference_cache",
@@ -143,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR|off",
         default=None,
         help=f"where the CPU float32 reference logits are cached per image content, so later runs (another target, "
-        f"another rank) compute only the target; off: neither read nor write it (default: {refcache.default_root()}, "
-        f"i.e. ${refcache.CACHE_ENV} or $XDG_CACHE_HOME/mobilevit-npu or ~/.cache/mobilevit-npu, then /reference)",
+        f"another rank) compute only the target; off: neither read nor write it (default: {flags.default_root()}, "
+        f"i.e. ${flags.CACHE_ENV} or $XDG_CACHE_HOME/mobilevit-npu or ~/.cache/mobilevit-npu, then /reference)",
     )
     run.add_argument(
         "--pixel_cache",
@@ -154,27 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --dataset/--labels: keep each image's decoded, resized and cropped pixels (196 KB per 256x256 "
         "image) per image content, so later runs over the same set read them instead of decoding the JPEGs again "
-        f"(3-5 ms per image on one core); on: in {refcache.default_pixel_root()} (default: off)",
+        f"(3-5 ms per image on one core); on: in {flags.default_pixel_root()} (default: off)",
     )
     common.add_allocator_arg(run)
-    probe.add_args(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
+
+
+def cut(text: str, width: int) -> str:
+    """`text` in at most `width` characters: cut short with "..." at its end, never silently."""
+    return text if len(text) <= width else f"{text[: max(width - 3, 1)]}..."
 
 
 def format_console(
     comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str, id2label
 ) -> str:
-    lines = [f"compared: {compared}", "(== same top-1, ~= a near-tie flip, != a flip)", ""]
+    from mobilevit_npu.verify import fmt
+
+    lines = [f"compared: {compared}", "(== same top-1, ~= a near-tie flip, != a flip; ... a name cut short)", ""]
     width = min(max(len(Path(m.image).name) for m in comparison.per_image), 40)
     lines.append(f"{'image':<{width}}  {'cosine':>10}  {'top1 ref -> target':<34}  {'max|dp|':>8}  {'max|dlogit|':>11}")
     for m in comparison.per_image:
-        ref_label = id2label.get(m.top1_reference, str(m.top1_reference))[:14]
-        tgt_label = id2label.get(m.top1_target, str(m.top1_target))[:14] if m.target_finite else "NaN"
+        ref_label = cut(id2label.get(m.top1_reference, str(m.top1_reference)), 15)
+        tgt_label = cut(id2label.get(m.top1_target, str(m.top1_target)), 15) if m.target_finite else "NaN"
         sign = "==" if m.top1_agree else ("~=" if m.top1_near_tie else "!=")
         top1 = f"{ref_label} {sign} {tgt_label}"
         lines.append(
-            f"{Path(m.image).name[:width]:<{width}}  {fmt(m.cosine):>10}  {top1:<34}  "
+            f"{cut(Path(m.image).name, width):<{width}}  {fmt(m.cosine):>10}  {top1:<34}  "
             f"{fmt(m.max_abs_prob_diff, '.4f'):>8}  {fmt(m.max_abs_logit_diff, '.4g'):>11}"
         )
     a = comparison.aggregate
@@ -189,6 +220,7 @@ def format_console(
         f"{fmt(a.mean_relative_error_above_error_floor, '.4g')}); rel err < 0.1%: "
         f"{fmt(a.share_rel_err_below_0_001, '.1%')}, < 0.5%: {fmt(a.share_rel_err_below_0_005, '.1%')}; "
         f"reference logit std {fmt(a.reference_logit_std_min, '.3g')}",
+        f"  (relative errors are {thresholds.RELATIVE_ERROR_NOT_JUDGED})",
     ]
     if layers is not None:
         lines += [
@@ -196,13 +228,11 @@ def format_console(
             f"layers: {layers.modules_compared} module outputs compared (threshold cosine {layers.threshold})",
         ]
         for label, row in (("first divergent", layers.first_divergent), ("first NaN/Inf", layers.first_nonfinite)):
-            text = "none" if row is None else f"{row['name']}  (cosine {fmt(row['cosine_min'])})"
+            text = "none" if row is None else f"{row.name}  (cosine {fmt(row.cosine_min)})"
             lines.append(f"  {label + ':':<16} {text}")
         lines.append(f"  {'five worst:':<16} {'cosine':>10}  {'max abs err':>11}  module")
         for row in layers.worst:
-            lines.append(
-                f"  {'':<16} {fmt(row['cosine_min']):>10}  {fmt(row['max_abs_error'], '.4g'):>11}  {row['name']}"
-            )
+            lines.append(f"  {'':<16} {fmt(row.cosine_min):>10}  {fmt(row.max_abs_error, '.4g'):>11}  {row.name}")
         if layers.note:
             lines.append(f"  note: {layers.note}")
     return "\n".join(lines)
@@ -211,6 +241,8 @@ def format_console(
 def verdict_line(
     comparison: metrics.Comparison, layers: layerwise.LayerReport | None, compared: str, skipped: dict | None = None
 ) -> str:
+    from mobilevit_npu.verify import fmt
+
     a = comparison.aggregate
     summary = (
         f"cosine min {fmt(a.cosine_min)}, top-1 {a.top1_agree_count}/{a.images}"
@@ -225,7 +257,7 @@ def verdict_line(
     if layers is not None and comparison.verdict == "FAIL":
         row = layers.first_nonfinite or layers.first_divergent
         if row:
-            where = f"; first {'NaN/Inf' if layers.first_nonfinite else 'divergent'} layer: {row['name']}"
+            where = f"; first {'NaN/Inf' if layers.first_nonfinite else 'divergent'} layer: {row.name}"
     if comparison.verdict == "INVALID":  # the reason first: the figures below it prove nothing either way
         return f"VERDICT: INVALID ({'; '.join(comparison.reasons)})  {compared}: {summary}"
     return f"VERDICT: {comparison.verdict}  {compared}: {summary}{why}{where}"
@@ -235,7 +267,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the arguments (no model loaded yet); usage errors exit 2 through parser.error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = {k: getattr(args, k, None) for k in metrics.THRESHOLD_FLAGS}
+    given = {k: getattr(args, k, None) for k in thresholds.THRESHOLD_FLAGS}
     bad = [f"--{k} {v}" for k, v in given.items() if v is not None and not math.isfinite(v)]
     if bad:
         parser.error(f"thresholds must be finite numbers: {', '.join(bad)}")
@@ -244,25 +276,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace, argv) -> verify.Settings:
     """The command line resolved once into the run's settings: each flag by its own name."""
+    from mobilevit_npu import verify
+
     values = vars(args)
     names = {f.name for f in dataclasses.fields(verify.Settings)}
     return verify.Settings(
         **{k: v for k, v in values.items() if k in names},
         argv=list(sys.argv[1:] if argv is None else argv),
-        threshold_overrides={k: values.get(k) for k in metrics.THRESHOLD_FLAGS},
+        threshold_overrides={k: values.get(k) for k in thresholds.THRESHOLD_FLAGS},
     )
 
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    import mobilevit_npu.startup  # noqa: F401, I001  (first: imports torch; a failed torch_npu autoload is one line)
+    from mobilevit_npu import bounds, npu, probe, verify
+
     common.setup_logging(args.verbose)
     npu.arm_fallback_error(args.fail_on_cpu_fallback)  # before torch_npu's first fallback (startup.py covers argv)
-    if args.workers is not None and args.workers > labelsets.max_workers():
+    if args.workers is not None and args.workers > bounds.max_workers():
         print(
-            f"note: --workers {args.workers} lowered to {labelsets.max_workers()}, the cores of this machine",
+            f"note: --workers {args.workers} lowered to {bounds.max_workers()}, the cores of this machine",
             file=sys.stderr,
         )
-        args.workers = labelsets.max_workers()
+        args.workers = bounds.max_workers()
     settings = settings_from(args, argv)
     verify.check(settings)
     common.check_outputs(

@@ -6,12 +6,8 @@ Examples:
     python accuracy_run_perf.py ./model 100 e2e.json --modes eager,fast --end_to_end --plot latency.png
     python accuracy_run_perf.py ./model 20 perf.json --synthetic --modes eager,fast --profile prof --baseline old.json
 
-Modes (comma list, or `all` = every mode this device offers): eager, channels_last, compiled (inductor +
-weight freezing on CPU, built ahead of time by AOTInductor and kept in the compile cache; CUDA graphs on CUDA; torchair
-GE graph on NPU), fast (an exact restatement of the model, channels-last, compiled; on CPU with autotuned GEMMs and
-the small 1x1 convolutions as linears), bf16 (fast under bfloat16 autocast; not exact, its agreement says by how much),
-npugraph (npu only: torchair's reduce-overhead mode, aclgraph). On npu the report lists the operators that fell back
-to the CPU (cpu_fallbacks).
+Modes (comma list, or `all` = every mode this device offers): see --modes below. On npu the report lists the
+operators that fell back to the CPU (cpu_fallbacks).
 
 Timing: the device is synchronized before every clock read; `--warmup` calls per mode are excluded; modes are
 interleaved round-robin in one process so their ratios hold on a busy machine; every sample goes into the report.
@@ -34,23 +30,9 @@ import argparse
 import logging
 import sys
 
-import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
-
 import common
-from mobilevit_npu import baseline as perf_baseline
-from mobilevit_npu import (
-    bench,
-    compilers,
-    devices,
-    execution,
-    labelsets,
-    malloc,
-    models,
-    npu,
-    profiling,
-    reports,
-    runtimes,
-)
+from mobilevit_npu import flags
+from mobilevit_npu import modes as mode_registry
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.perf")
@@ -71,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--modes",
         default="eager",
-        help=f"comma list of {', '.join(execution.MODES)}, or all (every mode available on the device)",
+        help="comma list of modes, or all (every mode available on the device): "
+        + mode_registry.help_text(benchmark=True),
     )
     common.add_dtype_arg(group, "precision of the weights and inputs in every mode (agreement is always vs fp32)")
     common.add_synthetic_args(group, "MODEL_PATH")
@@ -100,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_allocator_arg(group)
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_device_args(parser)
-    runtimes.add_runtime_args(parser)
+    flags.add_runtime_args(parser)
     return parser
 
 
@@ -108,15 +91,21 @@ def parse_modes(text: str) -> list[str]:
     modes = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not modes:
         raise UserError("--modes is empty")
-    unknown = [m for m in modes if m != "all" and m not in execution.MODES]
+    known = mode_registry.names(benchmark=True)
+    unknown = [m for m in modes if m != "all" and m not in known]
     if unknown:
-        raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(execution.MODES)}, all")
+        raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(known)}, all")
     return modes
 
 
 def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import mobilevit_npu.startup  # noqa: F401, I001  (first: imports torch; a failed torch_npu autoload is one line)
+    from mobilevit_npu import baseline as perf_baseline
+    from mobilevit_npu import bench, compilers, devices, execution, malloc, models, npu, profiling, reports
+    from mobilevit_npu import bounds, runtimes
+
     common.setup_logging(args.verbose)
     modes = parse_modes(args.modes)
     offline_settings = runtimes.RuntimeSettings.pick(vars(args))
@@ -131,16 +120,16 @@ def _main(argv) -> int:
     )
     if args.profile:
         profiling.check_profile_dir(args.profile, None if args.synthetic else args.model_path)
-    old = perf_baseline.load(args.baseline) if args.baseline else None  # a bad file: one line, before any work
-    torch_device = args.device if args.runtime == "torch" else "cpu"  # an offline runtime has its own device
+    old = perf_baseline.load_baseline(args.baseline) if args.baseline else None  # a bad file: one line, before any work
+    torch_device = runtimes.torch_device_spec(args.runtime, args.device)  # an offline runtime has its own device
     device = devices.resolve_device(torch_device, jit_compile=args.jit_compile)
     if "all" in modes:
         modes = execution.available_modes(device)
     allocator = malloc.select(args.allocator)  # after every argument is checked: mallopt cannot be undone
-    with npu.CpuFallbacks(device) as fallbacks:  # npu: operators that ran on the CPU, with counts
+    with npu.CpuFallbacks(device) as fallbacks:  # npu: each operator that ran on the CPU, once (not call counts)
         loaded = models.load_named(args, device, "fp32")  # the reference; the benchmark casts a copy for --dtype
         for size in args.batch_sizes:  # photos are cycled: memory bounds a batch, refused before it is allocated
-            labelsets.bounded_batch(size, 0, loaded.preprocess, device, "--batch_sizes")
+            bounds.bounded_batch(size, 0, loaded.preprocess, device, "--batch_sizes")
         # Before the run: its load average is the start's. The device's float32 defaults (HF32 convs on npu, TF32 on
         # cuda) are left as they are, as in production, and recorded here.
         environment = devices.environment(device, allocator)
@@ -193,7 +182,7 @@ def _main(argv) -> int:
     if profile is not None:
         print(profiling.format_profile(profile))
     if compared is not None:
-        print(perf_baseline.format_table(compared))
+        print(perf_baseline.format_change(compared))
     if fallbacks.line():
         print(fallbacks.line())
     print(f"report: {args.report}")

@@ -11,42 +11,66 @@ import argparse
 import logging
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Sequence
 from typing import Union
 
-from mobilevit_npu import preprocessing, reports
+from mobilevit_npu import flags
 from mobilevit_npu.errors import UserError
-from mobilevit_npu.models import DEFAULT_MODEL_DIR, DTYPES, HUB_MODEL_ID
+from mobilevit_npu.flags import int_at_least  # noqa: F401  (the kit's argparse types: common.int_at_least)
+
+# This module imports nothing that imports torch (the package's heavy modules are imported inside the functions that
+# need them), so a script's --help builds its parser in a fraction of a second: tests/test_first_hour.py checks it.
 
 logger = logging.getLogger("mobilevit_npu")
 
+SAYS_DEFAULT = re.compile(r"\(default|default:|default by|by default")  # a help that already says its default
+LONG_CHOICES = 30  # characters: a longer list of choices is shown once, in the help, and by name in the usage
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help text, and the script docstring kept as written."""
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The script docstring kept as written, and every option said once:
+    - its default appended as "(default: X)" unless its help already says what happens by default, or there is
+      nothing to say (no value: None, False, suppressed);
+    - both spellings of a flag before one metavar (`--top_k, --top-k TOP_K`), not the metavar after each;
+    - a long list of choices by name in the usage (`--precision_mode MODE`) and listed once, in its help;
+    - a one-line usage (`prog [options] MODEL_PATH REPORT.json`): the options are listed below it, once."""
+
+    def add_usage(self, usage, actions, groups, prefix=None):
+        if usage is None:
+            positionals = [self._format_args(a, self._get_default_metavar_for_positional(a)) for a in actions]
+            usage = " ".join(
+                ["%(prog)s [options]"] + [text for a, text in zip(actions, positionals) if not a.option_strings]
+            )
+        super().add_usage(usage, actions, groups, prefix)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if SAYS_DEFAULT.search(text) or action.required or nothing:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):
+        if action.metavar is None and action.choices is not None and len(",".join(action.choices)) > LONG_CHOICES:
+            action.metavar = action.dest.upper()
+            if not all(choice in (action.help or "") for choice in action.choices):
+                action.help = f"{action.help or ''}; one of: {', '.join(action.choices)}"
+        return super()._metavar_formatter(action, default_metavar)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
 
 
 def script_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A script's parser: its docstring's first paragraph as the description, the rest (examples...) as the epilog."""
     summary, _, rest = doc.strip().partition("\n\n")
     return argparse.ArgumentParser(prog=prog, description=summary, epilog=rest, formatter_class=HelpFormatter)
-
-
-def int_at_least(minimum: int):
-    """An argparse type: a whole number >= minimum, with a usage error (exit 2) otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
 
 
 # torch's seed range (torch/random.py manual_seed, l.49-58 in torch 2.13: "[-0x8000_0000_0000_0000,
@@ -123,21 +147,21 @@ def add_device_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def add_dtype_arg(group: argparse._ArgumentGroup, help_text: str = "precision of the model on the device") -> None:
-    group.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help=help_text)
+    group.add_argument("--dtype", choices=sorted(flags.DTYPE_NAMES), default="fp32", help=help_text)
 
 
 def add_model_args(parser: argparse.ArgumentParser, positional: bool = False) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("model")
     help_text = (
         "Hugging Face model folder (config.json, model.safetensors or pytorch_model.bin, preprocessor_config.json) "
-        f"or a hub id such as {HUB_MODEL_ID}. When the default folder holds no weights they are fetched from the "
-        "hub (HF_ENDPOINT is honoured, so a mirror works)."
+        f"or a hub id such as {flags.HUB_MODEL_ID}. When the default folder holds no weights they are fetched from "
+        "the hub (HF_ENDPOINT is honoured, so a mirror works; offline, --synthetic needs no weights)."
     )
     if positional:
-        group.add_argument("model_path", type=nonempty_path, help=help_text)
+        group.add_argument("model_path", metavar="MODEL_PATH", type=nonempty_path, help=help_text)
     else:
         group.add_argument(
-            "--model_path", "--model-path", type=nonempty_path, default=DEFAULT_MODEL_DIR, help=help_text
+            "--model_path", "--model-path", type=nonempty_path, default=flags.DEFAULT_MODEL_DIR, help=help_text
         )
     return group
 
@@ -171,7 +195,7 @@ def add_image_limit_args(group: argparse._ArgumentGroup) -> None:
         "--max_image_pixels",
         "--max-image-pixels",
         type=int_at_least(1),
-        default=preprocessing.MAX_IMAGE_PIXELS,
+        default=flags.MAX_IMAGE_PIXELS,
         metavar="N",
         help="refuse (as a per-image error, before decoding) an image with more pixels than this, decoded or after "
         "the resize to the shortest edge (PIL's decompression-bomb guard, 179M decoded pixels, stays on)",
@@ -180,7 +204,7 @@ def add_image_limit_args(group: argparse._ArgumentGroup) -> None:
         "--max_aspect_ratio",
         "--max-aspect-ratio",
         type=float_at_least(1.0),
-        default=preprocessing.MAX_ASPECT_RATIO,
+        default=flags.MAX_ASPECT_RATIO,
         metavar="R",
         help="refuse an image whose long side is more than R times its short side (a 1x40000 strip would resize "
         "to 288 x 11,520,000 pixels)",
@@ -242,6 +266,8 @@ def check_outputs(
     "--msprobe": path, ...}; None skipped): each is refused when it is, or lies inside, the model folder or an input
     folder, or is an input or output file by another name (reports.is_within, reports.file_identity).
     Streams (/dev/null, /dev/stdout, FIFOs) are never compared: writing there destroys nothing."""
+    from mobilevit_npu import reports  # numpy, no torch: preflight.py's --json check imports no torch
+
     named = [(what, os.fspath(path)) for what, path in outputs.items() if path is not None]
     for what, path in named:
         if not path.strip():
@@ -262,6 +288,8 @@ def check_outputs(
             if same(ident, other_ident):
                 raise UserError(f"{what} {path} and {other_what} {other} are the same file; give them different paths")
     input_folders: list[tuple[str, str]] = []
+    if inputs:
+        from mobilevit_npu import preprocessing  # imports torch; only for a run that reads inputs
     for in_what, value in (inputs or {}).items():
         specs = [spec for spec in _as_list(value) if spec and not preprocessing.is_url(spec)]
         input_folders += [(f"input {in_what}", spec) for spec in specs if os.path.isdir(spec)]

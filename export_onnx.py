@@ -29,34 +29,22 @@ Exit codes: 0 PASS; 1 FAIL or INVALID; 2 usage, model, image, output or export e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-
-import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 import common
-from mobilevit_npu import (
-    devices,
-    labelsets,
-    metrics,
-    models,
-    onnx_export,
-    preprocessing,
-    reports,
-    runtime_ort,
-    runtimes,
-    schema,
-    verify,
-)
+from mobilevit_npu import flags
 from mobilevit_npu.errors import UserError
+
+if TYPE_CHECKING:  # these import torch: _main imports them after the parser, so --help stays torch-free
+    from mobilevit_npu import models
 
 logger = logging.getLogger("mobilevit_npu.export_onnx")
 AIPP_FIRST_LINE = "# AIPP for "  # then the family: "# AIPP for MobileViT, from ..."
@@ -76,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "output", metavar="OUT.onnx", type=onnx_path, help="the ONNX file to write (OUT.json and OUT.aipp.cfg beside)"
     )
     export = parser.add_argument_group("export")
-    lo, hi = onnx_export.ATC_OPSETS
+    lo, hi = flags.ATC_OPSETS
     export.add_argument(
         "--opset",
         type=common.int_at_least(7),
-        default=onnx_export.DEFAULT_OPSET,
-        help=f"ONNX opset; ATC documents {lo}-{hi} ({onnx_export.ATC_OPSET_SOURCE}); another is "
+        default=flags.DEFAULT_OPSET,
+        help=f"ONNX opset; ATC documents {lo}-{hi} ({flags.ATC_OPSET_SOURCE}); another is "
         "written with a warning. Below 18 the TorchScript exporter runs (the current one writes 18+ "
         "for this model)",
     )
@@ -112,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     atc.add_argument(
         "--precision_mode",
         "--precision-mode",
-        choices=sorted(onnx_export.PRECISION_MODES),
-        default=onnx_export.DEFAULT_PRECISION_MODE,
-        help="ATC --precision_mode, always written out (ATC's own default is force_fp16): "
-        "must_keep_origin_dtype keeps fp32 for an fp32 verdict; a lowering mode is judged with fp16 "
-        "(or bf16) thresholds",
+        choices=sorted(flags.PRECISION_MODES),
+        default=flags.DEFAULT_PRECISION_MODE,
+        metavar="MODE",
+        help=f"ATC --precision_mode, one of {', '.join(sorted(flags.PRECISION_MODES))}; always written out (ATC's "
+        "own default would be force_fp16); the default keeps every operator in fp32, for an fp32 verdict; a "
+        "lowering mode is judged with fp16 (or bf16) thresholds",
     )
     atc.add_argument(
         "--aipp",
@@ -135,7 +124,10 @@ def _fmt_shape(entry: dict) -> str:
 
 def _check_opset(opset: int) -> bool:
     """UserError for an opset this torch cannot export; a warning naming ATC's range outside it. True when inside."""
+    import torch
     from torch.onnx import _constants  # torch's own bounds (private, present from torch 1.13 to 2.13)
+
+    from mobilevit_npu import onnx_export
 
     top = getattr(_constants, "ONNX_MAX_OPSET", None)
     if top is not None and opset > top:
@@ -159,6 +151,8 @@ def _check_opset(opset: int) -> bool:
 def _written_by_an_export_of(path: Path, out: Path) -> bool:
     """Whether an existing OUT.json / OUT.aipp.cfg is this script's, from an earlier export of the same OUT.onnx (which
     a new export may replace), not some other file that happens to have the name."""
+    from mobilevit_npu import reports
+
     try:  # read_bounded: a FIFO or a link to /dev/zero at OUT.json is not ours, and is never opened or read
         text = reports.read_bounded(path, "the file beside the ONNX", reports.MAX_CONFIG_BYTES).decode("utf-8")
         if path.suffix == ".cfg":
@@ -202,6 +196,8 @@ def _check(path: Path, loaded: models.LoadedModel, sources: list[str] | None):
     """The file through ONNX Runtime on the CPU (the runtimes' session opener) as the target side, judged against the
     CPU float32 torch model over the photos by the verification's own comparison (verify.compare_images), at fp32
     thresholds: (comparison, image names, session)."""
+    from mobilevit_npu import devices, metrics, preprocessing, runtime_ort, runtimes, verify
+
     session = runtime_ort.open_session(path)
     side = runtimes.ort_side(session, session.prepared(), devices.Device("cpu"), loaded.model, {"model": str(path)})
     items, skipped = preprocessing.read_images(sources or preprocessing.bundled_images(), loaded.preprocess)
@@ -213,13 +209,23 @@ def _check(path: Path, loaded: models.LoadedModel, sources: list[str] | None):
     return result.comparison, [item.source for item in items], session
 
 
-def _main(argv) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    common.setup_logging(args.verbose)
+@dataclass
+class _Plan:
+    """What the command line asks, checked before any model work: the three outputs and the photos."""
+
+    out: Path
+    json_path: Path
+    aipp_path: Optional[Path]
+    sources: Optional[list[str]]
+    opset_in_range: bool = True
+
+
+def _plan(args) -> _Plan:
+    """Every check that needs no model: the SoC name, the folder, onnx and onnxruntime, the outputs, the opset."""
+    from mobilevit_npu import onnx_export, preprocessing, runtimes
+
     out = Path(args.output)
-    json_path = runtimes.sidecar_path(out)
-    aipp_path = out.with_suffix(".aipp.cfg") if args.aipp else None
+    plan = _Plan(out, runtimes.sidecar_path(out), out.with_suffix(".aipp.cfg") if args.aipp else None, None)
     if args.soc_version:  # before any work: it goes into the printed command
         onnx_export.check_soc_version(args.soc_version)
     if not out.parent.is_dir():
@@ -227,69 +233,66 @@ def _main(argv) -> int:
     for package in ("onnx", "onnxruntime"):
         if not _installed(package):
             raise UserError(f'{package} is not installed: pip install -e ".[bench]"')
-    sources = preprocessing.expand_images(args.images) if args.images else None
-    _check_outputs(args, out, json_path, aipp_path, sources)
-    in_range = _check_opset(args.opset)
-    loaded = models.load_named(args, devices.Device("cpu"), "fp32")
+    plan.sources = preprocessing.expand_images(args.images) if args.images else None
+    _check_outputs(args, out, plan.json_path, plan.aipp_path, plan.sources)
+    plan.opset_in_range = _check_opset(args.opset)
+    return plan
+
+
+def _export_and_check(args, plan: _Plan, loaded: models.LoadedModel):
+    """The ONNX written under a temporary name, checked by ONNX Runtime, then renamed into place: (export, its
+    description, comparison, image names, session)."""
+    from mobilevit_npu import atomic, onnx_export
+
     cfg = loaded.preprocess
-    if args.aipp:
-        onnx_export.pixel_map(cfg)  # an AIPP this processor cannot have is refused before anything is written
-    if not args.dynamic_batch:  # the traced example: memory bounds it, refused before it is allocated
-        labelsets.bounded_batch(args.batch_size, 0, cfg, devices.Device("cpu"))
-
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        exported = onnx_export.export_onnx(
-            loaded.model,
-            tmp,
-            opset=args.opset,
-            batch_size=args.batch_size,
-            dynamic_batch=args.dynamic_batch,
-            exporter=args.exporter,
-            image_size=(cfg.crop_height, cfg.crop_width),
-        )
-        print(exported.summary())
-        for line in exported.captured if args.verbose else []:
-            print(f"  exporter: {line}")
-        described = onnx_export.describe(tmp)
-        comparison, names, session = _check(tmp, loaded, sources)
-        os.replace(tmp, out)
+    try:  # the one atomic writer (mobilevit_npu.atomic): exported and checked under a temp name, then renamed
+        with atomic.staged(plan.out) as tmp:
+            exported = onnx_export.export_onnx(
+                loaded.model,
+                tmp,
+                opset=args.opset,
+                batch_size=args.batch_size,
+                dynamic_batch=args.dynamic_batch,
+                exporter=args.exporter,
+                image_size=(cfg.crop_height, cfg.crop_width),
+            )
+            print(exported.summary())
+            for line in exported.captured if args.verbose else []:
+                print(f"  exporter: {line}")
+            described = onnx_export.describe(tmp)
+            comparison, names, session = _check(tmp, loaded, plan.sources)
     except OSError as exc:  # the disk filled or the folder changed under the export: one line, nothing left behind
-        raise UserError(f"could not write {out}: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    exported.path = out
+        raise UserError(f"could not write {plan.out}: {exc.strerror or exc}") from exc
+    exported.path = plan.out
+    return exported, described, comparison, names, session
 
-    soc, soc_source = onnx_export.soc_version(args.soc_version)
-    if aipp_path:
-        title = loaded.family.title if loaded.family else ""
-        reports.write_text_atomic(aipp_path, onnx_export.aipp_config(cfg, title=title))
-    command = onnx_export.atc_command(out, described["inputs"][0]["shape"], soc, args.precision_mode, aipp_path)
-    lowered = onnx_export.verdict_dtype(args.precision_mode)
 
-    a = comparison.aggregate
-    figures = (
-        f"cosine min {a.cosine_min:.6f}, top-1 {a.top1_agree_count}/{a.images}, max|dp| "
-        f"{a.max_abs_prob_diff:.3g}, max|dlogit| {a.max_abs_logit_diff:.3g}"
-    )
+def _om_input(args, cfg, described: dict) -> str:
+    """What the .om takes: uint8 pixels through AIPP, or the preprocessed float32 tensor."""
+    from mobilevit_npu import onnx_export
+
     if args.aipp:
-        om_input = (
+        return (
             f"uint8 RGB NHWC [N, {cfg.crop_height}, {cfg.crop_width}, 3]: decode, resize and centre-crop as "
             f"preprocessor_config.json says on the host; AIPP {onnx_export.pixel_map(cfg).describe()}"
         )
-    else:
-        om_input = f"float32 NCHW {described['inputs'][0]['shape']}, preprocessed on the host as for the torch model"
-    lo, hi = onnx_export.ATC_OPSETS
-    report = schema.OnnxExportReport(
-        **reports.header(
+    return f"float32 NCHW {described['inputs'][0]['shape']}, preprocessed on the host as for the torch model"
+
+
+def _report(args, argv, plan: _Plan, loaded, exported, described: dict, comparison, names, session, atc: dict):
+    """The export report (OUT.json), through the schema's definition."""
+    from mobilevit_npu import devices, models, schema
+
+    a = comparison.aggregate
+    return schema.OnnxExportReport(
+        **schema.header(
             "export_onnx.py", sys.argv[1:] if argv is None else argv, loaded, devices.environment(devices.Device("cpu"))
         ),
         weights_sha256=models.weights_digest(loaded.model),
         onnx={
-            "path": str(out),
-            "sha256": models.sha256_file(out),
-            "bytes": out.stat().st_size,
+            "path": str(plan.out),
+            "sha256": models.sha256_file(plan.out),
+            "bytes": plan.out.stat().st_size,
             "exporter": exported.exporter,
             "exporter_why": exported.why,
             "export_s": round(exported.seconds, 3),
@@ -310,44 +313,82 @@ def _main(argv) -> int:
             max_abs_logit_diff=a.max_abs_logit_diff,
         ),
         verdict=comparison.verdict,
-        atc={
-            "command": command,
-            "soc_version": soc,
-            "soc_version_source": soc_source,
-            "precision_mode": args.precision_mode,
-            "judge_with": lowered,
-            "aipp_config": str(aipp_path) if aipp_path else None,
-            "om_input": om_input,
-            "onnx_opsets": [lo, hi],
-            "onnx_opsets_source": onnx_export.ATC_OPSET_SOURCE,
-            "opset_in_range": in_range,
-        },
+        atc=atc,
     )
-    reports.write_report(json_path, report)
 
+
+def _print_atc(args, plan: _Plan, described: dict, atc: dict) -> None:
+    """The ATC command to paste on the Ascend host, and the notes that go with it."""
+    from mobilevit_npu import onnx_export
+
+    lo, hi = flags.ATC_OPSETS
+    print("ATC, on the Ascend host (CANN's set_env.sh sourced):")
+    print(f"  {atc['command']}")
+    if not plan.opset_in_range:
+        print(f"  note: opset {described['opset']} is outside {lo}-{hi}, the opsets ATC documents for ONNX")
+    if atc["soc_version"] == onnx_export.SOC_PLACEHOLDER:
+        print(f"  note: --soc_version={atc['soc_version']} is a PLACEHOLDER ({atc['soc_version_source']})")
+    if atc["judge_with"] != "fp32":
+        print(
+            f"  note: --precision_mode {args.precision_mode} lowers operators: judge the .om with {atc['judge_with']} "
+            "thresholds (accuracy_run.py --runtime om reads the mode from the JSON)"
+        )
+    if plan.aipp_path:
+        print(f"  AIPP: {plan.aipp_path}; the .om then takes {atc['om_input']}")
+    print(
+        f"  then: python accuracy_run.py MODEL_PATH report.json --runtime om --om {plan.out.with_suffix('.om')} "
+        "--device npu:0"
+    )
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    import mobilevit_npu.startup  # noqa: F401, I001  (first: imports torch; a failed torch_npu autoload is one line)
+    from mobilevit_npu import bounds, devices, models, onnx_export, reports
+
+    common.setup_logging(args.verbose)
+    plan = _plan(args)
+    loaded = models.load_named(args, devices.Device("cpu"), "fp32")
+    cfg = loaded.preprocess
+    if args.aipp:
+        onnx_export.pixel_map(cfg)  # an AIPP this processor cannot have is refused before anything is written
+    if not args.dynamic_batch:  # the traced example: memory bounds it, refused before it is allocated
+        bounds.bounded_batch(args.batch_size, 0, cfg, devices.Device("cpu"))
+    exported, described, comparison, names, session = _export_and_check(args, plan, loaded)
+
+    soc, soc_source = onnx_export.soc_version(args.soc_version)
+    if plan.aipp_path:
+        title = loaded.family.title if loaded.family else ""
+        reports.write_text_atomic(plan.aipp_path, onnx_export.aipp_config(cfg, title=title))
+    shape = described["inputs"][0]["shape"]
+    atc: dict[str, Any] = {
+        "command": onnx_export.atc_command(plan.out, shape, soc, args.precision_mode, plan.aipp_path),
+        "soc_version": soc,
+        "soc_version_source": soc_source,
+        "precision_mode": args.precision_mode,
+        "judge_with": onnx_export.verdict_dtype(args.precision_mode),
+        "aipp_config": str(plan.aipp_path) if plan.aipp_path else None,
+        "om_input": _om_input(args, cfg, described),
+        "onnx_opsets": list(flags.ATC_OPSETS),
+        "onnx_opsets_source": flags.ATC_OPSET_SOURCE,
+        "opset_in_range": plan.opset_in_range,
+    }
+    report = _report(args, argv, plan, loaded, exported, described, comparison, names, session, atc)
+    reports.write_report(plan.json_path, report)
+
+    a = comparison.aggregate
+    figures = (
+        f"cosine min {a.cosine_min:.6f}, top-1 {a.top1_agree_count}/{a.images}, max|dp| "
+        f"{a.max_abs_prob_diff:.3g}, max|dlogit| {a.max_abs_logit_diff:.3g}"
+    )
+    out = plan.out
     print(
         f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {_fmt_shape(described['inputs'][0])} -> "
         f"{_fmt_shape(described['outputs'][0])}, opset {described['opset']}"
     )
     print(f"check: onnxruntime {session.version} CPU vs CPU float32 torch on {a.images} photo(s): {figures}")
-    print("ATC, on the Ascend host (CANN's set_env.sh sourced):")
-    print(f"  {command}")
-    if not in_range:
-        print(f"  note: opset {described['opset']} is outside {lo}-{hi}, the opsets ATC documents for ONNX")
-    if soc == onnx_export.SOC_PLACEHOLDER:
-        print(f"  note: --soc_version={soc} is a PLACEHOLDER ({soc_source})")
-    if lowered != "fp32":
-        print(
-            f"  note: --precision_mode {args.precision_mode} lowers operators: judge the .om with {lowered} "
-            "thresholds (accuracy_run.py --runtime om reads the mode from the JSON)"
-        )
-    if aipp_path:
-        print(f"  AIPP: {aipp_path}; the .om then takes {om_input}")
-    print(
-        f"  then: python accuracy_run.py MODEL_PATH report.json --runtime om --om {out.with_suffix('.om')} "
-        "--device npu:0"
-    )
-    print(f"wrote {json_path}")
+    _print_atc(args, plan, described, atc)
+    print(f"wrote {plan.json_path}")
     why = f" ({'; '.join(comparison.reasons)})" if comparison.reasons else ""
     print(f"VERDICT: {comparison.verdict}  onnxruntime CPU {out.name} vs cpu float32 eager: {figures}{why}")
     return 0 if comparison.verdict == "PASS" else 1

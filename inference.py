@@ -8,34 +8,20 @@ Examples:
 
 Prints, per image, the top-k ImageNet classes (rank, class id, label, probability) and the preprocessing and model time.
 --output writes the same as JSON. Exit codes: 0 all images done; 1 some images failed (the rest are still reported);
-2 usage, model or device error.
+2 usage, model or device error, or no image could be read (each one's error is listed; --output still lists them).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
-
-import torch
+from typing import TYPE_CHECKING
 
 import common
-from mobilevit_npu import (
-    bench,
-    devices,
-    distributed,
-    labelsets,
-    malloc,
-    models,
-    npu,
-    preprocessing,
-    profiling,
-    reports,
-    schema,
-    timing,
-)
 from mobilevit_npu.errors import UserError
+
+if TYPE_CHECKING:  # these import torch: _main imports them after the parser, so --help stays torch-free
+    from mobilevit_npu import devices, distributed, models, npu, preprocessing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@torch.inference_mode()
 def classify(
     loaded: models.LoadedModel, device: devices.Device, items: list[preprocessing.Decoded], top_k: int, batch_size: int
 ) -> list[dict]:
     """Forward the images in batches; each result carries its top-k and the timing of its batch."""
+    import torch
+
+    with torch.inference_mode():
+        return _classify(loaded, device, items, top_k, batch_size)
+
+
+def _classify(loaded, device, items, top_k: int, batch_size: int) -> list[dict]:
+    import torch
+
+    from mobilevit_npu import timing
+
     model = loaded.model
     dtype = next(model.parameters()).dtype
     k = min(top_k, len(loaded.id2label))
@@ -127,7 +123,9 @@ def benchmark(
     args, argv, loaded: models.LoadedModel, device: devices.Device, allocator: dict, fallbacks: npu.CpuFallbacks
 ) -> int:
     """The model card's --benchmark: eager latency on the device, through the shared benchmark code."""
-    labelsets.bounded_batch(args.batch_size, 0, loaded.preprocess, device)  # photos are cycled: memory is the bound
+    from mobilevit_npu import bench, bounds, devices, preprocessing, profiling, reports
+
+    bounds.bounded_batch(args.batch_size, 0, loaded.preprocess, device)  # photos are cycled: memory is the bound
     environment = devices.environment(device, allocator)
     images = preprocessing.expand_images(args.images) if args.images else None
     settings = {
@@ -169,6 +167,9 @@ def _main(argv=None) -> int:
         parser.error("give --image PATH [PATH ...] (or --benchmark)")
     if args.profile and not args.benchmark:
         parser.error("--profile goes with --benchmark")
+    import mobilevit_npu.startup  # noqa: F401, I001  (first: imports torch; a failed torch_npu autoload is one line)
+    from mobilevit_npu import distributed, malloc, npu, preprocessing, profiling
+
     if args.profile:
         profiling.check_profile_dir(args.profile, None if args.synthetic else args.model_path)
     common.setup_logging(args.verbose)
@@ -192,6 +193,8 @@ def _main(argv=None) -> int:
 def _run(
     args, argv, dist: distributed.Distributed, device: devices.Device, allocator: dict, fallbacks: npu.CpuFallbacks
 ) -> int:
+    from mobilevit_npu import bounds, devices, models, preprocessing
+
     if args.benchmark and dist.enabled:  # every rank would time its own device and write the same --output
         raise UserError("--benchmark times one device: run it without torchrun, --device npu:N picks which")
     if args.benchmark:  # float32 weights: the benchmark casts a copy for --dtype and checks it against them
@@ -204,7 +207,7 @@ def _run(
     # Under torchrun each rank takes every world_size-th image (distributed.shard, the policy of labelled sets too);
     # rank 0 gathers, puts them back in order, prints, writes one report.
     mine = dist.shard(sources)
-    batch_size = labelsets.bounded_batch(args.batch_size, len(mine), loaded.preprocess, device)
+    batch_size = bounds.bounded_batch(args.batch_size, len(mine), loaded.preprocess, device)
     items, failed = preprocessing.read_images(mine, loaded.preprocess)
     results = classify(loaded, device, items, args.top_k, batch_size) if items else []
     parts = dist.gather((in_input_order(mine, results, failed), len(mine)))
@@ -246,13 +249,18 @@ def in_input_order(sources: list[str], results: list[dict], failed: list[dict]) 
 def write_inference_report(
     args, argv, loaded, device, dist, parts, results: list[dict], failed: list[dict], allocator: dict, fallbacks
 ) -> None:
+    from mobilevit_npu import devices, reports, schema
+
     report = schema.InferenceReport(
-        **reports.header("inference.py", argv, loaded, devices.environment(device, allocator)),
+        **schema.header("inference.py", argv, loaded, devices.environment(device, allocator)),
         device=str(device) if not dist.enabled else device.type,
         dtype=args.dtype,
-        results=results,
-        errors=failed,
-        cpu_fallbacks=fallbacks.summary(),
+        results=[
+            schema.Classified(**{**r, "predictions": [schema.Prediction(**p) for p in r["predictions"]]})
+            for r in results
+        ],
+        errors=[schema.typed(schema.ImageError, e) for e in failed],
+        cpu_fallbacks=schema.typed(schema.FallbackReport, fallbacks.summary()),
         per_rank_images=[part[1] for part in parts] if dist.enabled else None,
     )
     reports.write_report(args.output, report)

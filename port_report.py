@@ -38,10 +38,8 @@ import os
 import sys
 from pathlib import Path
 
-import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
-
 import common
-from mobilevit_npu import card, cardfacts, reports
+from mobilevit_npu import flags
 
 
 def build_parser():
@@ -68,7 +66,7 @@ def build_parser():
     )
     parser.add_argument(
         "--assets",
-        default=card.ASSETS_DIR,
+        default=flags.CARD_ASSETS_DIR,
         metavar="DIR",
         help="folder for the card's PNGs, relative to the card's folder (linked relatively)",
     )
@@ -93,6 +91,9 @@ def build_parser():
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import mobilevit_npu.startup  # noqa: F401, I001  (first: imports torch; a failed torch_npu autoload is one line)
+    from mobilevit_npu import card, cardfacts, reports  # after the parser: --help stays torch-free
+
     common.setup_logging(args.verbose)
     if os.path.isabs(args.assets) or ".." in Path(args.assets).parts:
         print("error: --assets must be a folder inside the card's folder (a relative path without ..)", file=sys.stderr)
@@ -105,7 +106,14 @@ def _main(argv=None) -> int:
     for model_dir in model_dirs:
         common.check_outputs({"--output": args.output}, inputs, model_dir=model_dir)
     try:
-        built = card.build_card(args.reports, args.lang, args.model_path, args.allow_unknown_fields, args.assets)
+        built = card.build_card(
+            args.reports,
+            args.lang,
+            args.model_path,
+            args.allow_unknown_fields,
+            args.assets,
+            card_argv=card_command(args),
+        )
     except card.CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -119,6 +127,17 @@ def _main(argv=None) -> int:
     shown = f" and {len(built.files)} plot(s) in {folder / args.assets}" if built.files else ""
     print(f"wrote {args.output} ({args.lang}, from {len(args.reports)} report(s)){shown}")
     return 0
+
+
+def card_command(args) -> list[str]:
+    """This command as the card's Reproduce block shows it: the reports and the output always, then every option not
+    at its default (one spelling, whatever the user typed)."""
+    parser = build_parser()
+    argv = [*args.reports, "--output", args.output]
+    for flag in ("lang", "assets", "model_path"):
+        if getattr(args, flag) != parser.get_default(flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    return argv + (["--allow_unknown_fields"] if args.allow_unknown_fields else [])
 
 
 def main(argv=None) -> int:

@@ -22,25 +22,18 @@ import json
 import os
 import sys
 
-from mobilevit_npu import preflight
+from mobilevit_npu import atomic, preflight
 from mobilevit_npu.errors import UserError
 
-# This script must run on a bare Python (no torch, no numpy: its torch row says so and how to install it), so the
-# command-line kit (common, which imports torch) is used only where it imports. This process must not load torch_npu
-# either (the subprocess row does, as every script would): torch's autoload is off while common imports torch, and the
-# caller's setting is back right after (torch reads it only during its import).
-_CALLER_AUTOLOAD = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD")
-os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+# This script must run on a bare Python (no torch, no numpy: its torch row says so and how to install it), and this
+# process never imports torch (nor, through torch's autoload, torch_npu: the subprocess row does, as every script
+# would). The command-line kit imports no torch; its output guard needs reports, which needs numpy: used where it
+# imports.
 try:
     import common
     from mobilevit_npu import reports
-except Exception:  # torch, numpy or transformers absent or broken: the preflight's own rows say what
+except Exception:  # numpy absent or broken: the preflight's own rows say what
     common = reports = None
-finally:
-    if _CALLER_AUTOLOAD is None:
-        del os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"]
-    else:
-        os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = _CALLER_AUTOLOAD
 
 
 def _folder(text: str) -> str:
@@ -88,14 +81,9 @@ def _write_json(path: str, data: dict) -> None:
     if reports is not None:
         reports.write_json_atomic(path, data)
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, path)
+    try:  # the one atomic writer: standard library only, so it is here on a bare Python too
+        atomic.write(path, json.dumps(data, indent=2) + "\n")
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise UserError(f"--json {path}: {exc.strerror or exc}") from None
 
 
@@ -104,13 +92,13 @@ def _main(argv=None) -> int:
     _check_json(args.json)
     env = dict(os.environ)
     facts = preflight.stack_facts(env, args.ascend_root)
-    rows = preflight.check(facts, args.ascend_root)
+    rows = preflight.stack_rows(facts, args.ascend_root)
     if not args.skip_import_check:
         rows.append(preflight.npu_smi())
         rows.append(preflight.probe_import_torch(env, torch_installed=facts.get("torch") is not None))
     code, reason = preflight.verdict(rows)
     print(f"Ascend stack preflight (pairings: {preflight.PAIRING_SOURCE})")
-    print(preflight.format_table(rows))
+    print(preflight.format_rows(rows))
     print(f"result: exit {code}: {reason}")
     if args.json:
         _write_json(args.json, preflight.as_dict(rows, code, reason, facts))

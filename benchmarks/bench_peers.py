@@ -4,9 +4,11 @@ Examples:
     python -m benchmarks.bench_peers --synthetic --iterations 50 --batch_sizes 1,32 --output peers.json
     python -m benchmarks.bench_peers --model_path ./model --iterations 100 --modes eager,fast --peers openvino
 
-The peers run through the benchmark's own loop (mobilevit_npu.bench.run_benchmark, as extra runners): the same
-warm-up, interleaving, synchronized timing, agreement with eager float32, peak memory, roofline and result schema as
-accuracy_run_perf.py, whose report format --output writes.
+The peers are the runtimes the registry marks as peers (mobilevit_npu.runtime_registry), each built through the
+runtimes' one interface (mobilevit_npu.runtimes.Runtime.peer). They run through the benchmark's own loop
+(mobilevit_npu.bench.run_benchmark, as extra runners): the same warm-up, interleaving, synchronized timing, agreement
+with eager float32, peak memory, roofline and result schema as accuracy_run_perf.py, whose report format --output
+writes.
 
 ONNX Runtime and OpenVINO are optional benchmark dependencies (the `bench` extra); a peer that is not installed
 is skipped with a warning. The model is exported at a static batch size by mobilevit_npu.onnx_export (export_onnx.py's
@@ -20,7 +22,6 @@ exact), the LATENCY hint and as many inference threads as torch uses.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import logging
 import sys
@@ -29,15 +30,13 @@ from pathlib import Path
 
 import mobilevit_npu.startup  # noqa: F401  (first: imports torch; a failed torch_npu autoload is one line)
 
-import torch
-
 import common
-from mobilevit_npu import bench, devices, execution, malloc, models, onnx_export, reports, runtime_ort
-from mobilevit_npu.errors import Unavailable, UserError
+from mobilevit_npu import bench, devices, malloc, models, reports, runtime_registry, runtimes
+from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.peers")
 
-PEERS = ("onnxruntime", "openvino")
+PEERS = runtime_registry.peers()  # as at import (the tests' parameters); _main reads the registry itself
 
 
 def build_parser():
@@ -51,47 +50,20 @@ def build_parser():
         "--batch_sizes", "--batch-sizes", type=common.batch_sizes, default="1,32", help="comma list of batch sizes"
     )
     group.add_argument("--modes", default="eager,fast", help="torch modes to run beside the peers")
-    group.add_argument("--peers", default="onnxruntime,openvino", help="peers to run beside torch (those installed)")
+    group.add_argument(
+        "--peers",
+        default=",".join(runtime_registry.peers()),
+        help="comma list of the registry's peers to run beside torch (those installed)",
+    )
     group.add_argument("--output", metavar="FILE.json", help="write the report (accuracy_run_perf.py's format) here")
     common.add_allocator_arg(group)
     return parser
 
 
-def _onnxruntime(path: Path, threads: int):
-    """ONNX Runtime on the CPU through mobilevit_npu.runtime_ort (the session accuracy_run.py's --runtime opens)."""
-    return runtime_ort.open_session(path, devices.Device("cpu"), threads=threads).run
-
-
-def _openvino(path: Path, threads: int):
-    import openvino as ov
-
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
-    return lambda feed: request.infer({"pixel_values": feed})[0]
-
-
 def peer_builder(name: str, workdir: Path) -> bench.Builder:
-    """A bench.Builder for one peer: export at the batch's shape, open the runtime, return a Prepared."""
-    make = {"onnxruntime": _onnxruntime, "openvino": _openvino}[name]
-
-    def build(model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> execution.Prepared:
-        if device.type != "cpu" or dtype != "fp32":
-            raise Unavailable(f"{name} is benchmarked on the CPU in fp32 only")
-        exported = onnx_export.export_onnx(  # the same export as export_onnx.py, at the batch's static shape
-            model,
-            workdir / f"mobilevit_b{batch.shape[0]}.onnx",
-            batch_size=int(batch.shape[0]),
-            image_size=(int(batch.shape[2]), int(batch.shape[3])),
-        )
-        run = make(exported.path, torch.get_num_threads())
-        version = importlib.import_module(name).__version__
-        return execution.Prepared(
-            call=lambda feed: torch.from_numpy(run(feed)),
-            to_input=lambda x: x.to(torch.float32).contiguous().numpy(),
-            notes=[f"{name} {version}, ONNX opset {exported.opset} ({exported.exporter} exporter), fp32"],
-        )
-
-    return build
+    """A bench.Builder for one peer: the registry's runtime (mobilevit_npu.runtime_registry) through its one interface,
+    Runtime.peer: export at the batch's shape, open the runtime on the CPU, return a Prepared."""
+    return runtimes.implementation(name, offered=False).peer(workdir)
 
 
 def _main(argv) -> int:
@@ -99,10 +71,13 @@ def _main(argv) -> int:
     common.setup_logging()
     common.check_outputs({"--output": args.output})
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = sorted(set(peers) - set(PEERS))
+    known = runtime_registry.peers()  # the registry's, now
+    unknown = sorted(set(peers) - set(known))
     if unknown:
-        raise UserError(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(PEERS)}")
-    missing = [p for p in peers if importlib.util.find_spec(p) is None]
+        raise UserError(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    missing = [
+        p for p in peers if importlib.util.find_spec(runtime_registry.get(p, offered=False).package or p) is None
+    ]
     if missing:
         logger.warning('not installed, skipped: %s (pip install -e ".[bench]")', ", ".join(missing))
         peers = [p for p in peers if p not in missing]

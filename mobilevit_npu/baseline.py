@@ -141,7 +141,7 @@ def compare(old_results: list[Any], new_results: list[Any]) -> list[BaselineRow]
     return rows
 
 
-def load(path: str) -> tuple[Any, str]:
+def load_baseline(path: str) -> tuple[Any, str]:
     """The baseline benchmark report (schema.load: one line on a bad file) and its sha256."""
     from mobilevit_npu import schema
 
@@ -163,7 +163,7 @@ def section(path: str, report: Any, digest: str, new_results: list[Any]) -> Base
     )
 
 
-def format_table(sec: BaselineSection) -> str:
+def format_change(sec: BaselineSection) -> str:
     """The change table for the console."""
     header = (
         f"{'mode':<14}{'batch':>6}{'old p50':>10}{'new p50':>10}{'change':>9}{'old img/s':>11}{'new img/s':>11}"

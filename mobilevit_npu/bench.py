@@ -15,12 +15,13 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
 from mobilevit_npu import devices, execution, flops, metrics, models, preprocessing, profiling, reports, schema, timing
+from mobilevit_npu import modes as mode_registry
 from mobilevit_npu.errors import Unavailable, UserError
 
 Builder = Callable[[torch.nn.Module, devices.Device, str, torch.Tensor], execution.Prepared]
@@ -57,27 +58,27 @@ def _end_to_end_call(
     return run
 
 
-def _result(mode: str, batch_size: int, dtype: str, end_to_end: bool, **extra) -> dict[str, Any]:
-    base = {
-        "mode": mode,
-        "batch_size": batch_size,
-        "dtype": "bf16 autocast" if mode == "bf16" else dtype,
-        "end_to_end": end_to_end,
-        "status": "ok",
-        "reason": None,
-        "latency_ms": None,
-        "throughput_images_per_s": None,
-        "samples_ms": [],
-        "compile_s": None,
-        "compile_cache": None,  # "hit" | "miss" | "off" for artefacts with a disk cache (AOTInductor), else null
-        "peak_memory_bytes": None,
-        "agreement": None,
-        "exact": None,
-        "roofline": None,
-        "notes": [],
-    }
-    base.update(extra)
-    return base
+def _result(mode: str, batch_size: int, dtype: str, end_to_end: bool, **extra) -> schema.BenchResult:
+    """A row of the report (schema.BenchResult): `extra` sets its other fields (a name it lacks is a TypeError)."""
+    row = schema.BenchResult(
+        mode=mode,
+        batch_size=batch_size,
+        dtype=mode_registry.REGISTRY[mode].bench_dtype(dtype) if mode in mode_registry.REGISTRY else dtype,
+        end_to_end=end_to_end,
+        status="ok",
+        reason=None,
+        latency_ms=None,
+        throughput_images_per_s=None,
+        samples_ms=[],
+        compile_s=None,
+        compile_cache=None,
+        peak_memory_bytes=None,
+        agreement=None,
+        exact=None,
+        roofline=None,
+        notes=[],
+    )
+    return replace(row, **extra)
 
 
 @torch.no_grad()
@@ -111,9 +112,10 @@ def run_benchmark(
     """
     if iterations < 1 or warmup < 0:
         raise ValueError("iterations must be >= 1 and warmup >= 0")
-    unknown = [m for m in modes if m not in execution.MODES]
+    known = mode_registry.names(benchmark=True)
+    unknown = [m for m in modes if m not in known]
     if unknown:
-        raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(execution.MODES)}")
+        raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     paths = list(images) if images is not None else preprocessing.bundled_images()
     reference_model = loaded.model.eval()
     if next(reference_model.parameters()).dtype != torch.float32:
@@ -128,7 +130,7 @@ def run_benchmark(
         reference = [reference_model(pixel_values=b.to(device.torch)).logits.float().cpu() for b in batches]
         flop = flops.model_flop(reference_model, batches[0][:1].to(device.torch)) if measure_roofline else None
         ready: dict[str, execution.Prepared] = {}
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[str, schema.BenchResult] = {}
         for mode, build in builders.items():
             logger.info("preparing %s at batch %d", mode, batch_size)
             try:
@@ -146,7 +148,7 @@ def run_benchmark(
                 end_to_end,
                 compile_s=prepared.compile_s,
                 compile_cache=prepared.compile_cache,
-                agreement=asdict(agreement),
+                agreement=agreement,
                 exact=metrics.is_exact(agreement),
                 notes=list(prepared.notes),
             )
@@ -163,14 +165,16 @@ def run_benchmark(
                 call()
             devices.reset_peak_memory(device)
             timing.timed_call(call, device)
-            rows[mode]["peak_memory_bytes"] = devices.peak_memory_bytes(device)
+            rows[mode] = replace(rows[mode], peak_memory_bytes=devices.peak_memory_bytes(device))
         samples = timing.interleaved_samples(calls, iterations, device, f"batch {batch_size}", progress)
         for mode in calls:
             stats = timing.latency_stats(samples[mode])
-            compute_dtype = torch.bfloat16 if mode == "bf16" else torch_dtype
+            declared = mode_registry.REGISTRY.get(mode)  # None for a runner (ONNX Runtime, OpenVINO...)
+            compute_dtype = models.DTYPES[declared.judged_by(dtype)] if declared else torch_dtype
             ceiling = flops.matmul_ceiling(device, compute_dtype) if flop else None
-            rows[mode].update(
-                latency_ms=asdict(stats),
+            rows[mode] = replace(
+                rows[mode],
+                latency_ms=stats,
                 samples_ms=samples[mode],
                 throughput_images_per_s=batch_size * 1000.0 / stats.p50,  # the statistic shown beside it
                 roofline=flops.roofline(flop, batch_size, stats.p50, ceiling),
@@ -179,7 +183,7 @@ def run_benchmark(
             for mode, call in calls.items():
                 logger.info("profiling %s at batch %d", mode, batch_size)
                 profiler.profile(call, mode, batch_size)
-        results.extend(rows[mode] for mode in builders)
+        results.extend(asdict(rows[mode]) for mode in builders)  # the rows as their JSON objects
     return results
 
 
@@ -190,26 +194,28 @@ def build_report(
     device: devices.Device,
     results: list[dict[str, Any]],
     settings: dict[str, Any],
-    environment: dict[str, Any],
+    environment: schema.Environment,
     cpu_fallbacks: dict[str, Any] | None = None,
     profile: profiling.ProfileSection | None = None,
     baseline: Any = None,
 ) -> schema.BenchmarkReport:
-    """The report of a run (schema.BenchmarkReport): the shared header, then how it ran and every result."""
-    how = {
-        "interleaved": True,
-        "percentiles": "linear interpolation between closest ranks",
-        "synchronized": "the device is synchronized before every clock read",
-        "throughput": "batch_size / p50 latency: the same statistic as the latency shown beside it",
-        "exact": f"agreement with eager float32 on the same photos: cosine >= {metrics.EXACT_COSINE} and the same "
+    """The report of a run (schema.BenchmarkReport): the shared header, then how it ran (`settings`: what the command
+    line asked for, by schema.BenchSettings' field names) and every result (run_benchmark's rows)."""
+    how = schema.BenchSettings(
+        **settings,
+        interleaved=True,
+        percentiles="linear interpolation between closest ranks",
+        synchronized="the device is synchronized before every clock read",
+        throughput="batch_size / p50 latency: the same statistic as the latency shown beside it",
+        exact=f"agreement with eager float32 on the same photos: cosine >= {metrics.EXACT_COSINE} and the same "
         "top-1 for every image; not bit-exactness",
-    }
+    )
     return schema.BenchmarkReport(
-        **reports.header(tool, argv, loaded, environment),
+        **schema.header(tool, argv, loaded, environment),
         device=str(device),
-        settings={**settings, **how},
-        results=results,
-        cpu_fallbacks=cpu_fallbacks,
+        settings=how,
+        results=[schema.typed(schema.BenchResult, r) for r in results],
+        cpu_fallbacks=schema.typed(schema.FallbackReport, cpu_fallbacks),
         profile=profile,
         baseline=baseline,
     )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mobilevit_npu import PROJECT_DIR, models, reports, schema, synthetic
+from mobilevit_npu import PROJECT_DIR, metrics, models, reports, schema, synthetic
 from mobilevit_npu.errors import UserError
 
 CARD_KINDS = ("accuracy", "labelled", "benchmark")
@@ -262,9 +262,9 @@ class LayerFacts:
     threshold: float
     compared: int
     below: int  # modules whose worst-image cosine is under the threshold
-    first: Optional[dict[str, Any]]  # first divergent module (execution order): name, cosine_min, ...
+    first: Optional[Any]  # first divergent module (execution order): layerwise.LayerRow
     worst: Optional[Any]  # the module with the lowest cosine (layerwise.LayerStat)
-    first_nonfinite: Optional[dict[str, Any]]
+    first_nonfinite: Optional[Any]  # layerwise.LayerRow
     curve: list[tuple[int, float]]  # (execution order, cosine_min) of every module compared
 
 
@@ -276,11 +276,7 @@ def layer_facts(source: Source) -> Optional[LayerFacts]:
     finite = [m for m in modules if not math.isnan(m.cosine_min)]
     below = sum(1 for m in modules if math.isnan(m.cosine_min) or m.cosine_min < layers.threshold)
     worst = min(finite, key=lambda m: m.cosine_min) if finite else None
-    first = layers.first_divergent
-    if first is not None:
-        for key in ("name", "cosine_min", "max_abs_error", "worst_image"):
-            if key not in first:
-                raise CardError(f"{source.path}: field `layers.first_divergent.{key}` is missing")
+    first = layers.first_divergent  # a typed layerwise.LayerRow: schema.load checked its fields
     return LayerFacts(
         threshold=layers.threshold,
         compared=layers.modules_compared,
@@ -308,9 +304,47 @@ def ceilings(source: Source) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     for res in source.report.results:
         roof = res.roofline
-        if res.status == "ok" and roof is not None:
-            out.setdefault(res.dtype, (float(roof["ceiling_gflop_per_s"]), float(roof["flop_per_image"])))
+        if res.status == "ok" and roof is not None and roof.ceiling_gflop_per_s is not None:
+            out.setdefault(res.dtype, (float(roof.ceiling_gflop_per_s), float(roof.flop_per_image)))
     return out
+
+
+@dataclass
+class Origin:
+    """Where the measured weights came from, as the reports record it (schema.ModelSource): the hub (`hub_id`, and
+    the commit when known), a local folder (its path as the runs gave it, the file and its sha256), or synthetic."""
+
+    kind: str  # "hub" | "local" | "synthetic"
+    folder: Optional[str] = None  # model_source.path, as recorded
+    file: Optional[str] = None  # the weights file's name
+    sha256: Optional[str] = None
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    seed: Optional[str] = None
+
+
+def weights_origin(sources: list[Source], ident: tuple[str, str]) -> Origin:
+    """The weights' origin: a hub checkpoint only where a report says so (model_source.hub_id, models.hub_origin);
+    the reports measured the same bytes (check_one_model), so one report that downloaded them names them for all."""
+    if ident[0] == "synthetic":
+        return Origin("synthetic", seed=ident[1])
+    first = sources[0].report.model_source
+    hub = next((s.report.model_source for s in sources if getattr(s.report.model_source, "hub_id", None)), None)
+    return Origin(
+        "hub" if hub is not None else "local",
+        folder=first.path,
+        file=first.weights or "model.safetensors",
+        sha256=ident[1],
+        hub_id=hub.hub_id if hub is not None else None,
+        revision=hub.revision if hub is not None else None,
+    )
+
+
+def short_commit(commit: str) -> str:
+    """A commit as the card lists it beside others: 12 hex digits, its `+dirty` mark kept (a dirty and a clean
+    checkout of one commit are different code)."""
+    dirty = commit.endswith("+dirty")
+    return commit.removesuffix("+dirty")[:12] + ("+dirty" if dirty else "")
 
 
 @dataclass
@@ -323,6 +357,8 @@ class Facts:
     synthetic: bool
     platforms: list[str]
     port_result: bool
+    origin: Origin = field(default_factory=lambda: Origin("local"))
+    card_argv: Optional[list[str]] = None  # port_report.py's own arguments, for the Reproduce block
 
     @property
     def accuracy(self) -> list[Source]:
@@ -338,8 +374,89 @@ def gather(paths: list[str], model_path: Optional[str] = None, allow_unknown: bo
     ident = check_one_model(sources)
     model = read_model(model_folder(sources, model_path), ident, sources[0])
     return Facts(
-        sources, model, ident, bool(sources[0].report.synthetic), target_platforms(sources), is_port_result(sources)
+        sources,
+        model,
+        ident,
+        bool(sources[0].report.synthetic),
+        target_platforms(sources),
+        is_port_result(sources),
+        weights_origin(sources, ident),
     )
+
+
+# ------------------------------------------------------------------------------------------------------ refusals
+
+
+def refuse_untellable(facts: Facts, described_checks: set[str]) -> None:
+    """Reports schema.load accepts that the card still cannot tell truly, refused (CardError) before anything is
+    written: a check the card's templates do not describe (`described_checks`: the names with a rule in every
+    language), a verdict no failed check explains, a benchmark with no measured row or whose images/s are not one
+    latency statistic, an agreement threshold this code does not use, and a config.json without a field the model
+    section shows."""
+    for s in facts.accuracy:
+        r = s.report
+        for check in [*r.checks, *r.reference_checks]:
+            if check.name not in described_checks:
+                raise CardError(
+                    f"{s.path}: field `checks` has a check {check.name!r} the card cannot describe "
+                    "(a newer report: update mobilevit-npu)"
+                )
+        failed = [c for c in [*r.reference_checks, *r.checks] if not c.passed]
+        fb = r.cpu_fallbacks
+        fallback = r.verdict == "FAIL" and fb is not None and bool(fb.operators)
+        if r.verdict != "PASS" and not failed and not fallback:
+            raise CardError(f"{s.path}: field `verdict` is {r.verdict} with no failed check: the card cannot say why")
+    for s in facts.benchmarks:
+        benchmark_statistic(s)
+        said = s.report.settings.exact
+        if said is not None and f">= {metrics.EXACT_COSINE}" not in said:
+            raise CardError(
+                f"{s.path}: field `settings.exact` ({said!r}) names another agreement threshold than "
+                f"this code's cosine >= {metrics.EXACT_COSINE}; use the version that wrote it"
+            )
+    m = facts.model
+    for key in m.family.card_keys:  # the family's shape fields; a generic family's only where config.json has them
+        if key not in m.config and m.family.known:
+            raise CardError(f"{m.folder / 'config.json'}: field `{key}` is missing, and the model section needs it")
+
+
+def benchmark_statistic(source: Source) -> str:
+    """The one latency statistic ('p50' or 'mean') every measured row's images/s comes from; a benchmark with no
+    measured row, or whose rows disagree or match neither, is refused."""
+    ok = [(i, res) for i, res in enumerate(source.report.results) if res.status == "ok"]
+    if not ok:
+        raise CardError(f"{source.path}: field `results` has no mode with status ok; the card has no latency to show")
+    stats = {throughput_statistic(res) for _, res in ok}
+    if len(stats) != 1 or None in stats:
+        bad = next(i for i, res in ok if throughput_statistic(res) is None) if None in stats else ok[0][0]
+        raise CardError(
+            f"{source.path}: field `results[{bad}].throughput_images_per_s` is not the batch size over one "
+            "latency statistic (p50 or mean) like the other rows; the card cannot say what it is"
+        )
+    return stats.pop()
+
+
+def overloaded(source: Source) -> Optional[tuple[float, int]]:
+    """(1-minute load average, CPU cores) when the run started on a machine with more runnable work than cores: its
+    timings, and a ceiling measured then, are of a contended machine. None otherwise (or when not recorded)."""
+    env = source.report.environment
+    load, cores = env.load_average, env.cpu_count
+    if load and cores and load[0] > cores:
+        return float(load[0]), int(cores)
+    return None
+
+
+def over_ceiling(source: Source) -> list[Any]:
+    """The measured rows of a benchmark whose share of the matmul ceiling is over 1: the ceiling was measured too low
+    for them (one dense matmul, timed once at the start), never the hardware outrun."""
+    return [
+        res
+        for res in source.report.results
+        if res.status == "ok"
+        and res.roofline is not None
+        and res.roofline.fraction_of_ceiling is not None
+        and res.roofline.fraction_of_ceiling > 1
+    ]
 
 
 def command(source: Source) -> str:

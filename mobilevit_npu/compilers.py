@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
-from mobilevit_npu import devices, models, refcache, reports, timing
+from mobilevit_npu import atomic, devices, models, refcache, reports, timing
 from mobilevit_npu.errors import Unavailable, first_line
 
 logger = logging.getLogger("mobilevit_npu.compilers")
@@ -324,29 +324,17 @@ def _cache_write_error(root: Path, exc: OSError) -> str:
 
 
 def _store_package(built: Path, root: Path, package: Path, meta_path: Path, meta: dict[str, Any]) -> None:
-    """Copy a built package and its meta into the cache folder atomically (a temp name in the same folder, then a
-    rename), the package first: a reader of the old meta with the new package sees a checksum mismatch. Cache files
-    get the user's umask (mkstemp would make them 0600). OSError on any failure, nothing half-written left."""
-    root.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    for source_bytes, target in ((None, package), (json.dumps(meta, indent=2).encode(), meta_path)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(root))
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if source_bytes is None:
-                    with open(built, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                else:
-                    out.write(source_bytes)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    """Copy a built package and its meta into the cache folder through the one atomic writer (mobilevit_npu.atomic: a
+    temp name in the same folder, fsync'd, then a rename; cache files get the user's umask), the package first: a
+    reader of the old meta with the new package sees a checksum mismatch. OSError on any failure, nothing
+    half-written left."""
+
+    def copy(out) -> None:
+        with open(built, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+    atomic.write(package, copy)
+    atomic.write(meta_path, json.dumps(meta, indent=2).encode())
 
 
 def _aoti_build(module: Forward, example: torch.Tensor, package_path: str, configs: dict[str, Any]) -> Forward:

@@ -18,11 +18,14 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mobilevit_npu.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from mobilevit_npu import schema
 
 logger = logging.getLogger("mobilevit_npu.devices")
 
@@ -121,7 +124,7 @@ TRANSFER_WATCH = (
 _transfer_to_npu: dict[str, Any] | None = None
 
 
-def _resolve(dotted: str) -> Any:
+def _attribute_at(dotted: str) -> Any:
     obj: Any = sys.modules.get("torch")
     for part in dotted.split(".")[1:]:
         obj = getattr(obj, part, None) if obj is not None else None
@@ -135,13 +138,13 @@ def apply_transfer_to_npu() -> dict[str, Any]:
     global _transfer_to_npu
     if _transfer_to_npu is not None and "torch_npu.contrib.transfer_to_npu" in sys.modules:
         return _transfer_to_npu
-    before = {name: _resolve(name) for name in TRANSFER_WATCH}
+    before = {name: _attribute_at(name) for name in TRANSFER_WATCH}
     filters_before = list(warnings.filters)
     with warnings.catch_warnings():
         importlib.import_module("torch_npu.contrib.transfer_to_npu")
         added = [f for f in warnings.filters if f not in filters_before]
     _transfer_to_npu = {
-        "patched": [name for name in TRANSFER_WATCH if _resolve(name) is not before[name]],
+        "patched": [name for name in TRANSFER_WATCH if _attribute_at(name) is not before[name]],
         "warnings_filters_restored": [
             f"{f[0]}" + (f" ({f[2].__name__})" if f[2] is not Warning else "") for f in added
         ],
@@ -350,39 +353,40 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def environment(device: Device, allocator: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What every report carries about where it ran: device, versions, threads, allocator, load."""
+def environment(device: Device, allocator: dict[str, Any] | None = None) -> schema.Environment:
+    """What every report carries about where it ran: device, versions, threads, allocator, load (schema.Environment)."""
     import transformers
 
-    from mobilevit_npu import malloc
+    from mobilevit_npu import malloc, schema
 
     torch_npu = sys.modules.get("torch_npu")
-    env = {
-        "device": str(device),
-        "device_name": device_name(device),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_npu": getattr(torch_npu, "__version__", None) if torch_npu else package_version("torch_npu"),
-        "torch_npu_mismatch": torch_npu_pairing()["mismatch"],
-        "cann": cann_version(),
-        "fp32_precision": fp32_precision(device),
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "mkldnn": bool(torch.backends.mkldnn.is_available()),
-        "cpu_bf16": cpu_bf16_supported() if device.type == "cpu" else None,
-        "allocator": allocator or malloc.current(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "pillow": package_version("pillow"),  # decoding and resizing are part of what a port run checks
-    }
-    if device.type == "npu" or torch_npu is not None or package_version("torch_npu") or package_version("torch-npu"):
-        env["ascend"] = ascend_environment()
-    return env
+    ascend = (
+        device.type == "npu" or torch_npu is not None or package_version("torch_npu") or package_version("torch-npu")
+    )
+    return schema.Environment(
+        device=str(device),
+        device_name=device_name(device),
+        cpu=cpu_name(),
+        cpu_count=os.cpu_count(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        torch_npu=getattr(torch_npu, "__version__", None) if torch_npu else package_version("torch_npu"),
+        torch_npu_mismatch=torch_npu_pairing()["mismatch"],
+        cann=cann_version(),
+        fp32_precision=fp32_precision(device),
+        cuda=torch.version.cuda if device.type == "cuda" else None,
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+        mkldnn=bool(torch.backends.mkldnn.is_available()),
+        cpu_bf16=cpu_bf16_supported() if device.type == "cpu" else None,
+        allocator=allocator or malloc.current(),
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        pillow=package_version("pillow"),  # decoding and resizing are part of what a port run checks
+        ascend=ascend_environment() if ascend else None,
+    )
 
 
 def ascend_environment() -> dict[str, Any]:

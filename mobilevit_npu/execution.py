@@ -1,4 +1,5 @@
-"""Execution modes: the ways the model can run, each built once per batch shape into a `Prepared` call.
+"""Execution modes: the ways the model can run, each declared once in modes.REGISTRY and built here, once per batch
+shape, into a `Prepared` call.
 
     eager          the Hugging Face model as loaded
     channels_last  the same model and input in channels-last memory (not on NPU: no channels-last kernels there)
@@ -6,14 +7,14 @@
                    (the same inductor with freezing, ahead of time, so the package is cached on disk)
     fast           fastpath.FastMobileViT (BatchNorm folded, fused QKV + SDPA, channels-last unfold/fold), compiled as
                    `compiled` is (CPU: AOTInductor, else torch.compile with the C++ wrapper)
-    bf16           `fast` under bfloat16 autocast, compiled as `fast`. Not exact: reported with its agreement cost.
-                   For a family without the fast path, the Hugging Face model under bfloat16 autocast, compiled.
+    bf16, fp16     `fast` under bfloat16 / float16 autocast, compiled as `fast`. Not exact: reported with its agreement
+                   cost. For a family without the fast path, the Hugging Face model under autocast, compiled.
     npugraph       npu only: the Hugging Face model compiled by torchair in mode="reduce-overhead" (aclgraph, the NPU's
                    analogue of CUDA graphs); unavailable where the installed torchair lacks the mode
 
-On npu, `fast` (and bf16) whose graph torchair cannot convert (torchair 7.0.0 has no converter for the flash SDPA)
-falls back to the same model with its attention spelt out (matmul, softmax, matmul), else runs uncompiled; the notes
-say which ran.
+On npu, `fast` (and the autocast modes) whose graph torchair cannot convert (torchair 7.0.0 has no converter for the
+flash SDPA) falls back to the same model with its attention spelt out (matmul, softmax, matmul), else runs uncompiled;
+the notes say which ran.
 
 `fast` is MobileViT's (families.Family.fast_path); other families get `compiled` as their fastest exact mode, and
 `fast` is unavailable for them with a reason that says so.
@@ -29,13 +30,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mobilevit_npu import compilers, devices, families, fastpath, models
+from mobilevit_npu import compilers, devices, families, fastpath, models, modes
 from mobilevit_npu.errors import Unavailable, first_line
 
 logger = logging.getLogger("mobilevit_npu.execution")
 
 
-MODES = ("eager", "channels_last", "compiled", "fast", "bf16", "npugraph")
+MODES = modes.names()  # the registry's, in its order (mobilevit_npu/modes.py)
 # `fast` on CPU: inductor's GEMM autotuning, with the 1x1 convolutions of maps up to this many pixels (batch x height
 # x width) as linears, so that they are GEMMs it can tune and fuse. Measured on the 2-core Xeon VM, interleaved runs:
 # batch 1 p50 18.5 ms against 19.5 with every 1x1 as a linear and 18.1 -> 16.7 against none (OpenVINO 19.6, 17.9);
@@ -58,14 +59,7 @@ class Prepared:
 
 def available_modes(device: devices.Device) -> list[str]:
     """The modes `all` expands to on this device."""
-    modes = list(MODES)
-    if device.type == "npu":
-        modes.remove("channels_last")
-    else:
-        modes.remove("npugraph")
-    if device.type == "mps" or (device.type == "cpu" and not devices.cpu_bf16_supported()):
-        modes.remove("bf16")
-    return modes
+    return modes.available(device)
 
 
 class Logits(torch.nn.Module):
@@ -81,20 +75,29 @@ class Logits(torch.nn.Module):
 
 
 class Autocast(torch.nn.Module):
-    """`inner` under bfloat16 autocast on `device_type`, logits returned in float32."""
+    """`inner` under autocast to `autocast_dtype` (bf16 | fp16) on `device_type`, logits returned in float32. The
+    dtype is a public attribute, so the compile cache's structure digest keys on it (refcache.structure_digest)."""
 
-    def __init__(self, inner: torch.nn.Module, device_type: str) -> None:
+    def __init__(self, inner: torch.nn.Module, device_type: str, autocast_dtype: str = "bf16") -> None:
         super().__init__()
         self.inner = inner
         self.device_type = device_type
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=self.device_type, dtype=models.DTYPES[self.autocast_dtype]):
             return self.inner(x).float()
 
 
-def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> Prepared:
-    """Build one mode for one batch shape; the first (compiling) call and its time are part of this."""
+def _prepare(name: str, model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor) -> Prepared:
+    """Build one mode for one batch shape from its declaration (modes.Mode); the first (compiling) call and its time
+    are part of this."""
+    mode = modes.REGISTRY.get(name)
+    if mode is None:
+        raise Unavailable(f"unknown mode {name!r}")
+    refused = mode.refusal(device, dtype)
+    if refused:
+        raise Unavailable(refused)
     torch_dtype = models.DTYPES[dtype]
 
     def plain(x: torch.Tensor) -> torch.Tensor:
@@ -103,46 +106,33 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
     def channels_last(x: torch.Tensor) -> torch.Tensor:
         return x.to(device.torch, torch_dtype).contiguous(memory_format=torch.channels_last)
 
-    if mode == "eager":
-        return Prepared(Logits(model), plain, module=model)
-    if mode == "channels_last":
-        if device.type == "npu":
-            raise Unavailable("NPU has no channels-last kernels (torch_npu converts to its own formats)")
+    if not mode.compiled and mode.channels_last:
         cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         return Prepared(Logits(cl_model), channels_last, module=cl_model)
-
-    if mode == "bf16":
-        if dtype != "fp32":
-            raise Unavailable("bf16 is autocast over float32 weights: run it with --dtype fp32")
-        if device.type == "mps":
-            raise Unavailable("bf16 autocast is not benchmarked on MPS")
-        if device.type == "cpu" and not devices.cpu_bf16_supported():
-            raise Unavailable("this CPU has no native bfloat16 (oneDNN reports none)")
-
-    if mode == "npugraph" and device.type != "npu":
-        raise Unavailable("npugraph is torchair's reduce-overhead (aclgraph) mode: npu only")
+    if not mode.compiled:
+        return Prepared(Logits(model), plain, module=model)
 
     notes: list[str] = []
     module: torch.nn.Module = model
-    aoti = mode in ("compiled", "fast", "bf16") and device.type == "cpu" and compilers.aoti_available()
-    autotune = aoti and mode == "fast"
-    family = families.for_model(model) if mode in ("fast", "bf16") else None
-    if mode == "fast" and not family.fast_path:
+    aoti = device.type == "cpu" and compilers.aoti_available()
+    autotune = aoti and mode.autotune
+    family = families.for_model(model) if mode.model == "fast" else None
+    if mode.model == "fast" and not mode.autocast and not family.fast_path:
         raise Unavailable(family.fast_unavailable())
-    if mode in ("compiled", "npugraph"):
+    if mode.model == "hf":
         fn, to_input = Logits(model), plain
-    elif mode == "bf16" and not family.fast_path:  # autocast over the model itself, compiled as `compiled` is
-        fn, to_input, autotune = Autocast(Logits(model), device.type), plain, False
-        notes.append(f"bfloat16 autocast over the {family.title} model (no fast path): not exact, see agreement")
-    elif mode in ("fast", "bf16"):
+    elif not family.fast_path:  # autocast over the model itself, compiled as `compiled` is
+        fn, to_input, autotune = Autocast(Logits(model), device.type, mode.autocast), plain, False
+        notes.append(f"{mode.text()} over the {family.title} model (no fast path): not exact, see agreement")
+    else:
         use_cl = device.type != "npu"
         fast = module = fastpath.build_fast_model(
             model, channels_last=use_cl, linear_max_pixels=FAST_LINEAR_MAX_PIXELS if autotune else None
         )
         to_input = channels_last if use_cl else plain
-        if mode == "bf16":
-            fn = Autocast(fast, device.type)
-            notes.append("bfloat16 autocast: not exact, see agreement")
+        if mode.autocast:
+            fn = Autocast(fast, device.type, mode.autocast)
+            notes.append(f"{mode.text()}: not exact, see agreement")
         else:
             fn = fast
         notes.append(
@@ -150,8 +140,6 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
             + (" in channels-last memory" if use_cl else "")
             + (f", 1x1 convolutions of <= {FAST_LINEAR_MAX_PIXELS} pixels as linears" if autotune else "")
         )
-    else:
-        raise Unavailable(f"unknown mode {mode!r}")
 
     x = to_input(batch)
     if aoti:
@@ -160,19 +148,19 @@ def _prepare(mode: str, model: torch.nn.Module, device: devices.Device, dtype: s
             return Prepared(runner, to_input, compile_s, notes + built, module=module, compile_cache=cached)
         except Exception as exc:  # an export or AOT build this torch cannot do: torch.compile below still can
             first = first_line(exc)
-            logger.warning("AOTInductor failed for %s (%s: %s); using torch.compile", mode, type(exc).__name__, first)
+            logger.warning("AOTInductor failed for %s (%s: %s); using torch.compile", name, type(exc).__name__, first)
             notes.append(f"AOTInductor failed ({type(exc).__name__}: {first}); torch.compile instead")
-    name = f"mobilevit_{mode}_b{batch.shape[0]}"
-    graph = {"npu_mode": "reduce-overhead"} if mode == "npugraph" else {}  # else compile_for's default: GE graph
+    graph_name = f"mobilevit_{name}_b{batch.shape[0]}"
+    graph = {"npu_mode": mode.npu_graph} if mode.npu_graph else {}  # else compile_for's default: GE graph
     try:
         compiled, compile_s, built = compilers.compile_for(
-            fn, device, name, x, cpp_wrapper=mode in ("fast", "bf16"), **graph
+            fn, device, graph_name, x, cpp_wrapper=mode.model == "fast", **graph
         )
     except Unavailable as exc:
-        if mode in ("compiled", "npugraph"):
+        if mode.model == "hf":
             raise
         if device.type == "npu" and isinstance(module, fastpath.FastMobileViT):
-            return _fast_without_sdpa(mode, model, device, fn, module, to_input, x, notes, exc, name)
+            return _fast_without_sdpa(mode, model, device, fn, module, to_input, x, notes, exc, graph_name)
         notes.append(f"not compiled: {exc}")
         return Prepared(fn, to_input, None, notes, module=module)
     return Prepared(compiled, to_input, compile_s, notes + built, module=module)
@@ -183,14 +171,14 @@ def _fast_without_sdpa(mode, model, device, fn, fast, to_input, x, notes, exc, n
     the attention spelt out, compiled; else `fast` uncompiled. The notes say which one ran."""
     notes = notes + [f"torchair could not compile fast with scaled_dot_product_attention ({exc})"]
     math_fast = fastpath.build_fast_model(model, channels_last=False, math_attention=True)
-    math_fn = Autocast(math_fast, device.type) if mode == "bf16" else math_fast
+    math_fn = Autocast(math_fast, device.type, mode.autocast) if mode.autocast else math_fast
     try:
         compiled, compile_s, built = compilers.compile_for(math_fn, device, f"{name}_math", x)
     except Unavailable as again:
-        logger.warning("%s runs uncompiled on %s: %s", mode, device, again)
+        logger.warning("%s runs uncompiled on %s: %s", mode.name, device, again)
         notes.append(f"fell back to fast uncompiled (math attention did not compile either: {again})")
         return Prepared(fn, to_input, None, notes, module=fast)
-    logger.warning("%s on %s: compiled with math attention instead of SDPA", mode, device)
+    logger.warning("%s on %s: compiled with math attention instead of SDPA", mode.name, device)
     notes.append("fell back to math attention (matmul-softmax-matmul), compiled by torchair")
     return Prepared(compiled, to_input, compile_s, notes + built, module=math_fast)
 

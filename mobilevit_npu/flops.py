@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -57,16 +59,27 @@ def matmul_ceiling(device: devices.Device, dtype: torch.dtype, repeats: int = 3)
     return _ceilings[key]
 
 
-def roofline(flop_per_image: int | None, batch_size: int, p50_ms: float, ceiling: float | None) -> dict | None:
+@dataclass
+class Roofline:
+    """A benchmark row's distance from the device's matmul ceiling (flops.roofline)."""
+
+    flop_per_image: int  # by torch's FLOP counter: convolutions and matmuls
+    achieved_gflop_per_s: float  # at the p50 latency
+    ceiling_gflop_per_s: Optional[float]  # the measured matmul ceiling in the mode's compute dtype
+    fraction_of_ceiling: Optional[float]
+    floor_ms: Optional[float]  # the time the work would take at the ceiling
+
+
+def roofline(flop_per_image: int | None, batch_size: int, p50_ms: float, ceiling: float | None) -> Roofline | None:
     """Achieved FLOP/s at p50, the ceiling, the fraction of it, and the time the work would take at the ceiling."""
     if not flop_per_image or p50_ms <= 0:
         return None
     flop = flop_per_image * batch_size
     achieved = flop / (p50_ms / 1000.0)
-    return {
-        "flop_per_image": flop_per_image,
-        "achieved_gflop_per_s": achieved / 1e9,
-        "ceiling_gflop_per_s": ceiling / 1e9 if ceiling else None,
-        "fraction_of_ceiling": achieved / ceiling if ceiling else None,
-        "floor_ms": flop / ceiling * 1000.0 if ceiling else None,
-    }
+    return Roofline(
+        flop_per_image=flop_per_image,
+        achieved_gflop_per_s=achieved / 1e9,
+        ceiling_gflop_per_s=ceiling / 1e9 if ceiling else None,
+        fraction_of_ceiling=achieved / ceiling if ceiling else None,
+        floor_ms=flop / ceiling * 1000.0 if ceiling else None,
+    )

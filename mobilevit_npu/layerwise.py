@@ -8,8 +8,8 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
 
 import torch
 
@@ -54,12 +54,30 @@ class LayerStat:
 
 
 @dataclass
+class LayerRow:
+    """One module named by `layers` (first_divergent, first_nonfinite, worst): its LayerStat, in short."""
+
+    name: str  # as in named_modules; "name#2" for a module's second call in one forward
+    order: int  # position in execution order
+    cosine_min: float  # its worst image's cosine against the reference's output (NaN: non-finite or shapes differ)
+    max_abs_error: float
+    worst_image: Optional[str]  # the image with that cosine
+    target_nonfinite_images: int  # images whose output held NaN/Inf on the target
+
+    @classmethod
+    def of(cls, stat: LayerStat) -> LayerRow:
+        return cls(**{f.name: getattr(stat, f.name) for f in fields(cls)})
+
+
+@dataclass
 class LayerReport:
-    threshold: float
+    """--layers: the module-by-module comparison (layerwise.LayerComparator)."""
+
+    threshold: float  # a module below this cosine diverges
     modules_compared: int
-    first_divergent: dict | None
-    first_nonfinite: dict | None
-    worst: list[dict]
+    first_divergent: Optional[LayerRow]  # in execution order
+    first_nonfinite: Optional[LayerRow]  # the first to produce NaN/Inf where the reference did not
+    worst: list[LayerRow]  # the five lowest cosines
     modules: list[LayerStat]
     missing_in_target: list[str] = field(default_factory=list)
     note: str = ""
@@ -160,16 +178,7 @@ class LayerComparator:
 
     def report(self) -> LayerReport:
         modules = sorted(self.stats.values(), key=lambda s: s.order)
-
-        def row(stat: LayerStat) -> dict:
-            return {
-                "name": stat.name,
-                "order": stat.order,
-                "cosine_min": stat.cosine_min,
-                "max_abs_error": stat.max_abs_error,
-                "worst_image": stat.worst_image,
-                "target_nonfinite_images": stat.target_nonfinite_images,
-            }
+        row = LayerRow.of
 
         def bad(stat: LayerStat) -> bool:
             return math.isnan(stat.cosine_min) or stat.cosine_min < self.threshold or stat.target_nonfinite_images > 0

@@ -14,16 +14,15 @@ from typing import Any
 
 import torch
 
-from mobilevit_npu import devices, families, preprocessing, reports
+from mobilevit_npu import devices, families, flags, preprocessing, reports
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.models")
 
 
-DEFAULT_MODEL_DIR = "./model"
-HUB_MODEL_ID = "apple/mobilevit-x-small"
+DEFAULT_MODEL_DIR, HUB_MODEL_ID = flags.DEFAULT_MODEL_DIR, flags.HUB_MODEL_ID  # torch-free for --help
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(flags.DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))  # names: flags (--help)
 
 
 def dtype_name(dtype: str) -> str:
@@ -73,12 +72,37 @@ def download_command(repo_id: str, folder: str) -> str:
     return f"HF_ENDPOINT=https://hf-mirror.com {cli} {repo_id} --local-dir {folder}"
 
 
+def hub_offline() -> str | None:
+    """The setting that puts huggingface_hub in offline mode ("HF_HUB_OFFLINE=1"), or None: its constants.py reads
+    HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE, true for 1/ON/YES/TRUE (huggingface_hub 0.26.0 constants.py:129, 2.4.0
+    :194), once at its import; read here the same way, at call time."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:
+            return f"{name}={value}" if value.upper() in ("1", "ON", "YES", "TRUE") else None
+    return None
+
+
+def _cannot_fetch(repo_id: str, why: str, shown_as: str) -> UserError:
+    offline = hub_offline()
+    where = f"{offline} keeps huggingface_hub offline, and its cache holds no {repo_id}" if offline else why
+    return UserError(
+        f"could not download {repo_id}: {where}. Fetch the weights where the hub is reachable, then pass the folder: "
+        f"{download_command(repo_id, shown_as)}; or run without weights: --synthetic (synthetic weights, real latency, "
+        "meaningless predictions)"
+    )
+
+
 def fetch_from_hub(repo_id: str, folder: Path | None = None, shown_as: str = DEFAULT_MODEL_DIR) -> Path:
-    """Download a checkpoint with huggingface_hub (HF_ENDPOINT honoured). Offline: UserError with the command."""
+    """Download a checkpoint with huggingface_hub (HF_ENDPOINT honoured). Offline: UserError with the command and
+    --synthetic."""
     from huggingface_hub import snapshot_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    logger.info("fetching %s from %s", repo_id, endpoint or "https://huggingface.co")
+    if hub_offline():
+        logger.info("looking for %s in huggingface_hub's cache (%s: no download)", repo_id, hub_offline())
+    else:
+        logger.info("fetching %s from %s", repo_id, endpoint or "https://huggingface.co")
     hub_logger = logging.getLogger("huggingface_hub")
     hub_level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # offline it warns, then hands back the local folder: handled below
@@ -90,18 +114,13 @@ def fetch_from_hub(repo_id: str, folder: Path | None = None, shown_as: str = DEF
             allow_patterns=["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"],
         )
     except Exception as exc:  # network errors, 404s and offline mode all land here
-        raise UserError(
-            f"could not download {repo_id} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            f"Fetch the weights by hand, then pass the folder: {download_command(repo_id, shown_as)}"
-        ) from exc
+        why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        raise _cannot_fetch(repo_id, why, shown_as) from exc
     finally:
         hub_logger.setLevel(hub_level)
     path = Path(path)
     if _weights_file(path) is None:  # offline, huggingface_hub hands back the existing folder instead of failing
-        raise UserError(
-            f"could not download {repo_id}: the hub is unreachable or holds no {' or '.join(WEIGHT_FILES)}. "
-            f"Fetch the weights by hand, then pass the folder: {download_command(repo_id, shown_as)}"
-        )
+        raise _cannot_fetch(repo_id, f"the hub is unreachable or holds no {' or '.join(WEIGHT_FILES)}", shown_as)
     return path
 
 
@@ -129,22 +148,59 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def hub_snapshot(folder: str | Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder in the hub cache (huggingface_hub 2.4.0's `models--ORG--NAME/snapshots/COMMIT`:
+    file_download.py:747-755 `repo_folder_name`, _snapshot_download.py:429), else None."""
+    parts = Path(os.path.abspath(folder)).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--") :].replace("--", "/", 1), parts[-1]
+    return None
+
+
+def hub_origin(folder: Path, weights: Path, sha256: str, fetched: str | None = None) -> dict[str, str | None]:
+    """Where the weights came from, for the report's model_source: {"hub_id", "revision"} when they are the hub's,
+    {} for a local folder. A folder in the hub cache (huggingface_hub's `models--ORG--NAME/snapshots/COMMIT` layout,
+    file_download.py `repo_folder_name`) names both; a folder this run downloaded into (`fetched`: the repo id) names
+    the commit in huggingface_hub's local-dir metadata (`.cache/huggingface/download/FILE.metadata`: commit, etag,
+    time; huggingface_hub 2.4.0 _local_folder.py:36-45 and 296-320), trusted only when its etag, the sha256 of an
+    LFS file, is the file's. Read here, never written: nothing is claimed that the folder does not show."""
+    snapshot = hub_snapshot(folder)
+    if snapshot is not None:
+        return {"hub_id": snapshot[0], "revision": snapshot[1]}
+    if fetched is None:
+        return {}
+    revision = None
+    metadata = Path(folder) / ".cache" / "huggingface" / "download" / f"{weights.name}.metadata"
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+        if len(lines) >= 2 and lines[1].strip() == sha256:
+            revision = lines[0].strip() or None
+    except (OSError, UnicodeDecodeError):
+        pass
+    return {"hub_id": fetched, "revision": revision}
+
+
 def resolve_model_folder(model_path: str) -> Path:
     """The local folder to load: the path itself, or a hub download for a hub id / the empty default folder."""
+    return _local_folder(model_path)[0]
+
+
+def _local_folder(model_path: str) -> tuple[Path, str | None]:
+    """(the local folder to load, the hub id when this call downloaded it into that folder, else None)."""
     path = Path(model_path).expanduser()
     if path.is_dir():
         if _weights_file(path) is None:
             if os.path.normpath(model_path) == os.path.normpath(DEFAULT_MODEL_DIR):
-                return fetch_from_hub(HUB_MODEL_ID, path, shown_as=model_path)
+                return fetch_from_hub(HUB_MODEL_ID, path, shown_as=model_path), HUB_MODEL_ID
             raise UserError(
                 f"{path} holds no weights ({' or '.join(WEIGHT_FILES)}). "
                 f"Fetch them with: {download_command(HUB_MODEL_ID, str(path))}"
             )
-        return path
+        return path, None
     if path.exists():
         raise UserError(f"{path} is a file; --model_path takes a model folder or a hub id")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model_path) and not model_path.startswith((".", "/")):
-        return fetch_from_hub(model_path)
+        return fetch_from_hub(model_path), model_path
     where = ""
     if os.path.normpath(model_path) == os.path.normpath(DEFAULT_MODEL_DIR):
         where = f" in {os.getcwd()} (the default is relative to the working folder)"
@@ -237,7 +293,7 @@ def load_model(model_path: str, device: devices.Device | None = None, dtype: str
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
-    folder = resolve_model_folder(model_path)
+    folder, fetched = _local_folder(model_path)
     for name in ("config.json", "preprocessor_config.json", *WEIGHT_FILES):
         if os.path.lexists(folder / name):
             try:
@@ -259,7 +315,9 @@ def load_model(model_path: str, device: devices.Device | None = None, dtype: str
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     check_loaded_keys(info, weights)
-    source = {"path": str(folder), "weights": weights.name, "sha256": sha256_file(weights)}
+    digest = sha256_file(weights)
+    source = {"path": str(folder), "weights": weights.name, "sha256": digest}
+    source.update(hub_origin(folder, weights, digest, fetched))
     return finish(model, preprocess, source, device, dtype)
 
 

@@ -543,14 +543,20 @@ class CpuFallbacks:
             self.refused = refused_operators(str(exc))
 
     def summary(self) -> dict[str, Any]:
-        """The report's `cpu_fallbacks` section."""
-        return {
-            "device": str(self.device),
-            "status": self.status,
-            "operators": self.operators,
-            "note": NOTE,
-            "error_switch": self.error_switch,
-        }
+        """The report's `cpu_fallbacks` section (schema.FallbackReport), as a dict: the report's writer types it."""
+        from dataclasses import asdict
+
+        from mobilevit_npu import schema
+
+        return asdict(
+            schema.FallbackReport(
+                device=str(self.device),
+                status=self.status,
+                operators=self.operators,
+                note=NOTE,
+                error_switch=self.error_switch,
+            )
+        )
 
     def line(self) -> str | None:
         """One console line (None off npu)."""

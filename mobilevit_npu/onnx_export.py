@@ -35,16 +35,18 @@ import torch
 
 from mobilevit_npu import devices, execution, families, preprocessing
 from mobilevit_npu.errors import UserError, first_line
+from mobilevit_npu.flags import (  # noqa: F401  (re-exported: onnx_export.PRECISION_MODES, ...)
+    ATC_OPSET_SOURCE,
+    ATC_OPSETS,
+    DEFAULT_OPSET,
+    DEFAULT_PRECISION_MODE,
+    PRECISION_MODES,
+)
 
 logger = logging.getLogger("mobilevit_npu.onnx_export")
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-ATC_OPSETS = (11, 15)  # the ONNX opsets ATC documents for --framework=5 (CANN 8.0.0; see the module docstring)
-ATC_OPSET_SOURCE = (
-    "CANN 8.0.0 ATC guide, --framework (atlasatcparam_16_0014): ONNX models with ai.onnx operators of opsets v11 to v15"
-)
-DEFAULT_OPSET = ATC_OPSETS[1]  # the newest ATC takes; the TorchScript exporter writes it for this model
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter writes 18 whatever it is asked for (torch 2.13, this model)
 SOC_PLACEHOLDER = "<SOC_VERSION>"  # never a valid ATC value: ATC refuses it until the user puts the chip's name in
 # ATC --soc_version names: those torch_npu knows (socVersionMap, torch_npu/csrc/core/npu/NpuVariables.cpp l.13-38,
@@ -54,22 +56,8 @@ SOC_PLACEHOLDER = "<SOC_VERSION>"  # never a valid ATC value: ATC refuses it unt
 SOC_VERSION_RE = re.compile(r"Ascend[0-9]{3}[A-Za-z0-9_-]{0,32}")
 SOC_VERSION_EXAMPLES = ("Ascend310P3", "Ascend910B4", "Ascend910_9391")
 DYNAMIC_BATCH_GEARS = (1, 2, 4, 8, 16, 32)  # ATC --dynamic_batch_size profiles for a dynamic-batch export
-
-# ATC --precision_mode (and the CANN execution provider's precision_mode) -> the dtype whose thresholds judge it.
-# must_keep_origin_dtype keeps the fp32 graph in fp32; force_fp32 (= cube_fp16in_fp32out) lets matrix operators take
-# float16 inputs; the others lower some or all operators to float16 / bfloat16.
-PRECISION_MODES = {
-    "must_keep_origin_dtype": "fp32",
-    "force_fp32": "fp16",
-    "cube_fp16in_fp32out": "fp16",
-    "allow_fp32_to_fp16": "fp16",
-    "allow_mix_precision": "fp16",
-    "allow_mix_precision_fp16": "fp16",
-    "force_fp16": "fp16",
-    "allow_mix_precision_bf16": "bf16",
-    "allow_fp32_to_bf16": "bf16",
-}
-DEFAULT_PRECISION_MODE = "must_keep_origin_dtype"  # the only mode that keeps every fp32 operator in fp32
+# PRECISION_MODES (ATC --precision_mode -> the dtype whose thresholds judge it), ATC_OPSETS and DEFAULT_OPSET are
+# declared in flags, torch-free, so --help lists them without importing torch.
 
 
 def verdict_dtype(precision_mode: str) -> str:

@@ -2,7 +2,7 @@
 whether the pieces pair as Ascend documents.
 
 `stack_facts()` is cheap (package metadata, a few small files, environment variables; no subprocess) and goes into
-every report's `environment.ascend` where torch_npu is present. `check()` turns facts into rows (ok / mismatch /
+every report's `environment.ascend` where torch_npu is present. `stack_rows()` turns facts into rows (ok / mismatch /
 missing / unknown, each with the fix); `probe_import_torch()` runs `import torch` in a subprocess (torch's autoload
 then imports torch_npu, as in every script) and `npu_smi()` asks the driver's tool: only the preflight script does
 those two.
@@ -41,7 +41,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_ROOT = "/usr/local/Ascend"
 PAIRING_SOURCE = (
@@ -442,14 +442,51 @@ def _fw_in_range(firmware: str, ranges: str) -> bool | None:
     return any(parts(low) <= parts(firmware) <= parts(high) for low, high in pairs)
 
 
-def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
-    """The table's rows for `facts` (stack_facts), without the two subprocess rows."""
-    rows: list[Row] = []
-    torch, npu = facts.get("torch"), facts.get("torch_npu")
-    torch_release = _release(torch["version"]) if torch else None
-    npu_torch = torch_for(npu["version"]) if npu else None  # the torch the table pairs it with
-    set_env_fix = set_env_hint(root, facts.get("toolkit", {}).get("path"))
+class _Basics(NamedTuple):
+    """What several rows read: the torch and torch_npu facts, torch's release, the torch torch_npu pairs with, and
+    the command that sources CANN's environment here."""
 
+    torch: dict[str, Any] | None
+    npu: dict[str, Any] | None
+    torch_release: str | None
+    npu_torch: str | None
+    set_env_fix: str
+
+
+def _basics(facts: dict[str, Any], root: str) -> _Basics:
+    torch, npu = facts.get("torch"), facts.get("torch_npu")
+    return _Basics(
+        torch,
+        npu,
+        _release(torch["version"]) if torch else None,
+        torch_for(npu["version"]) if npu else None,  # the torch the table pairs it with
+        set_env_hint(root, facts.get("toolkit", {}).get("path")),
+    )
+
+
+def stack_rows(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
+    """The table's rows for `facts` (stack_facts), without the two subprocess rows."""
+    basics = _basics(facts, root)
+    rows: list[Row] = []
+    for rows_of in (
+        _python_rows,
+        _torch_rows,
+        _torch_npu_rows,
+        _torchair_rows,
+        _cann_rows,
+        _driver_rows,
+        _set_env_rows,
+        _visible_rows,
+        _hccl_rows,
+    ):
+        rows += rows_of(facts, root, basics)
+    return rows
+
+
+def _python_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """Python against the versions the installed torch release supports."""
+    rows: list[Row] = []
+    torch_release = b.torch_release
     pythons = PYTHONS.get(torch_release or "")
     py = ".".join(facts["python"].split(".")[:2])
     if pythons is None:
@@ -470,7 +507,13 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
                 blocking=True,
             )
         )
+    return rows
 
+
+def _torch_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """torch: present, and a CPU build where torch_npu is installed."""
+    rows: list[Row] = []
+    torch, npu, npu_torch = b.torch, b.npu, b.npu_torch
     if torch is None:
         rows.append(Row("torch", "missing", "-", fix=_torch_fix(npu, npu_torch), blocking=True))
     elif npu and torch["build"] != "cpu":
@@ -486,7 +529,13 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         )
     else:
         rows.append(Row("torch", "ok", f"{torch['version']} ({torch['build']} build)", "torch METADATA"))
+    return rows
 
+
+def _torch_npu_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """torch_npu: present, and built for the installed torch."""
+    rows: list[Row] = []
+    torch, npu, torch_release, npu_torch = b.torch, b.npu, b.torch_release, b.npu_torch
     if npu is None:
         listed = packages_for_torch(torch_release)
         if listed:
@@ -512,7 +561,13 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
             rows.append(Row("torch_npu", "mismatch", value, "torch_npu METADATA", fix=fix, blocking=True))
         else:
             rows.append(Row("torch_npu", "ok", value, "torch_npu METADATA"))
+    return rows
 
+
+def _torchair_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """torchair, bundled inside torch_npu."""
+    rows: list[Row] = []
+    npu = b.npu
     air = facts.get("torchair")
     if npu is not None:
         if air and air["bundled"]:
@@ -523,7 +578,13 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
             rows.append(
                 Row("torchair", "missing", "not in torch_npu", fix="reinstall torch-npu (torchair ships inside it)")
             )
+    return rows
 
+
+def _cann_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """The CANN toolkit: readable, and the version the torch_npu pairs with."""
+    rows: list[Row] = []
+    npu, torch_release, set_env_fix = b.npu, b.torch_release, b.set_env_fix
     cann = facts.get("cann")
     toolkit = facts["toolkit"]
     if cann is not None and cann.get("error"):
@@ -584,7 +645,12 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
                     fix=f"install CANN {expected}{alternative}",
                 )
             )
+    return rows
 
+
+def _driver_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """The NPU driver and firmware: present, readable, and the firmware in the driver's range."""
+    rows: list[Row] = []
     driver, firmware = facts.get("driver"), facts.get("firmware")
     if driver is None:
         fix = "install the Ascend NPU driver (npu-smi info should list the devices)"
@@ -621,7 +687,13 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         else:
             status = "ok" if ok else "unknown"
             rows.append(Row("firmware", status, firmware["version"] or "?", firmware["read_from"]))
+    return rows
 
+
+def _set_env_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """Whether CANN's set_env.sh was sourced, and points at something."""
+    rows: list[Row] = []
+    set_env_fix = b.set_env_fix
     se = facts["set_env"]
     missing_vars = [n for n in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH", "ASCEND_OPP_PATH") if not se.get(n)]
     absent = [f"{n}={se[n]}" for n in ("ASCEND_HOME_PATH", "ASCEND_OPP_PATH") if se.get(n) and not Path(se[n]).exists()]
@@ -642,7 +714,12 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
         )
     else:
         rows.append(Row("set_env.sh", "ok", f"sourced (ASCEND_HOME_PATH={se['ASCEND_HOME_PATH']})"))
+    return rows
 
+
+def _visible_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """ASCEND_RT_VISIBLE_DEVICES: unset, or logical ids in ascending order."""
+    rows: list[Row] = []
     visible = facts.get("visible_devices")
     if visible is None:
         rows.append(Row("visible devices", "ok", "all (ASCEND_RT_VISIBLE_DEVICES unset)"))
@@ -660,8 +737,14 @@ def check(facts: dict[str, Any], root: str = DEFAULT_ROOT) -> list[Row]:
                     fix="logical ids, ascending, separated by commas only (e.g. 0,1,3)",
                 )
             )
+    return rows
 
-    hccl = facts["hccl"]
+
+def _hccl_rows(facts: dict[str, Any], root: str, b: _Basics) -> list[Row]:
+    """HCCL (torchrun's backend): libhccl.so found."""
+    rows: list[Row] = []
+    set_env_fix = b.set_env_fix
+    hccl, toolkit = facts["hccl"], facts["toolkit"]
     if hccl["library"]:
         rows.append(Row("HCCL (torchrun)", "ok", f"backend {hccl['backend']!r}", hccl["library"]))
     else:
@@ -818,7 +901,7 @@ def verdict(rows: list[Row]) -> tuple[int, str]:
     )
 
 
-def format_table(rows: list[Row]) -> str:
+def format_rows(rows: list[Row]) -> str:
     width = max(len(r.check) for r in rows)
     lines = [f"{'check':<{width}}  {'status':<8}  value  [read from]", f"{'-' * width}  {'-' * 8}  {'-' * 40}"]
     for r in rows:

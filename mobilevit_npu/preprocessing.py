@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from mobilevit_npu import DATA_DIR, reports
+from mobilevit_npu import DATA_DIR, flags, reports
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.preprocessing")
@@ -46,9 +46,8 @@ URL_MAX_BYTES = 50 * 1024 * 1024
 
 # Bounds on what one image may cost before PIL allocates it (--max_image_pixels, --max_aspect_ratio). A 1x40000 PNG of
 # 239 bytes resized to shortest edge 288 would be 288 x 11,520,000 pixels: refused from its header instead.
-MAX_IMAGE_PIXELS = 2**27  # 134M: a 108 MP phone photo fits; decoded and resized sizes alike (PIL's own guard,
-# which refuses over 2 x Image.MAX_IMAGE_PIXELS = 179M decoded pixels, stays on above it)
-MAX_ASPECT_RATIO = 32.0  # 32:1 (wider than any phone panorama); resized that is 288 x 9216 pixels
+# The image limits (their reasons beside them) are declared in flags, torch-free: --help shows them.
+MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO = flags.MAX_IMAGE_PIXELS, flags.MAX_ASPECT_RATIO
 
 
 # ------------------------------------------------------------------------------------------- the image processors

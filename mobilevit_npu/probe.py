@@ -20,7 +20,8 @@ What msprobe is and does, as read in mindstudio-probe 26.2.0 (site-packages/mspr
     pytorch/dump/debugger/precision_debugger.py:190-227): the same call switches this process's dumps from
     DIR/reference to DIR/target, and lets a later run use another DIR, task or level.
   - L1 and mix wrap torch's APIs (torch.Tensor, torch, torch.nn.functional, torch._VF: pytorch/dump/api_dump/
-    api_register.py:48-55) for the whole process; run() restores them when it is done (api_registry.py:241).
+    api_register.py:48-55) for the whole process; dump_and_compare() restores them when it is done
+    (api_registry.py:241).
   - `msprobe compare -tp TARGET -gp GOLDEN -o OUT` is the documented comparison (docs/zh/user_guide/
     accuracy_compare/pytorch_accuracy_compare_instruct.md, "命令格式"); it writes compare_result_*.csv (--xlsx for
     .xlsx). Each row's Result is pass | warning | error, with Err_message saying why (core/compare/
@@ -39,10 +40,10 @@ What msprobe is and does, as read in mindstudio-probe 26.2.0 (site-packages/mspr
 
 from __future__ import annotations
 
-import argparse
 import ast
 import copy
 import csv
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -61,19 +62,16 @@ from typing import Any, Optional
 import torch
 from packaging.version import InvalidVersion, Version
 
-from mobilevit_npu import metrics, models, reports
+from mobilevit_npu import atomic, flags, metrics, models, modes, reports
 from mobilevit_npu.errors import UserError, first_line
+from mobilevit_npu.profiling import number_cell
 
 logger = logging.getLogger("mobilevit_npu.probe")
 
-LEVELS = ("L0", "L1", "mix")
-TASKS = ("statistics", "tensor")
-INSTALL = 'pip install -e ".[msprobe]" (or pip install mindstudio-probe)'
+LEVELS = flags.MSPROBE_LEVELS
+TASKS = flags.MSPROBE_TASKS
+INSTALL = flags.MSPROBE_INSTALL
 MIN_VERSION = "26.1.0"  # the oldest release tried (docs/msprobe.md, versions tried)
-# Modes whose target is an eager module msprobe can hook. bf16 (fastpath compiled under autocast) is dumped through
-# its eager twin under the same autocast, as --layers watches it (targets.TWIN_MODES).
-DUMPABLE_MODES = ("eager", "channels_last", "bf16")
-COMPILED_MODES = ("compiled", "fast", "npugraph")
 DTYPE_MESSAGE = "The dtype of NPU and Bench are inconsistent."  # algorithm.py DTypeErrChecker.err_msg
 PATH_PATTERN = re.compile(r"^[a-zA-Z0-9_.:/-]+$")  # msprobe's FileCheckConst.FILE_VALID_PATTERN
 FIRST_FAILING_KEPT = 10
@@ -84,56 +82,7 @@ MODULE_ROW = re.compile(
 )
 
 
-def add_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> argparse._ArgumentGroup:
-    """--msprobe DIR and its level, task and image bound, in their own group."""
-    if isinstance(parser, argparse.ArgumentParser):
-        group = parser.add_argument_group("msprobe (MindStudio Probe, Ascend's accuracy tool; docs/msprobe.md)")
-    else:
-        group = parser
-    group.add_argument(
-        "--msprobe",
-        metavar="DIR",
-        default=None,
-        help="also dump the reference (CPU float32 eager) and the target with msprobe's PrecisionDebugger on the same "
-        "images into DIR/reference and DIR/target, and write msprobe compare's table under DIR/compare; the report "
-        "gets its counts by result and first failing rows. Eager, channels_last and bf16 targets; needs "
-        "mindstudio-probe: " + INSTALL,
-    )
-    group.add_argument(
-        "--msprobe_level",
-        "--msprobe-level",
-        choices=LEVELS,
-        default="mix",
-        help="what msprobe dumps: L0 modules, L1 torch APIs, mix both",
-    )
-    group.add_argument(
-        "--msprobe_task",
-        "--msprobe-task",
-        choices=TASKS,
-        default="statistics",
-        help="statistics: max, min, mean and L2 norm of every tensor (small); tensor: the tensors themselves too "
-        "(large: see docs/msprobe.md for sizes per image)",
-    )
-    group.add_argument(
-        "--msprobe_images",
-        "--msprobe-images",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="dump the first N images (default: the first batch: --batch_size images with --dataset/--labels, each "
-        "rank its own; else the first image)",
-    )
-    return group
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+add_args = flags.add_msprobe_args  # --msprobe and its options: declared torch-free, for --help
 
 
 def _import_msprobe():
@@ -146,7 +95,7 @@ def _import_msprobe():
 
 def msprobe_version() -> str:
     """The installed mindstudio-probe's version; UserError (with the install command) when it is absent, broken or
-    older than MIN_VERSION (8.x does not import under numpy 2, and lacks the config objects run() uses)."""
+    older than MIN_VERSION (8.x does not import under numpy 2, and lacks the config objects dump_and_compare() uses)."""
     try:
         _import_msprobe()
     except ImportError as exc:
@@ -174,21 +123,25 @@ def msprobe_version() -> str:
     return version
 
 
-def check(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:
+def check_dumpable(mode: str, runtime: str = "torch", out_dir: str | os.PathLike | None = None) -> str:
     """Refuse, before any work, what msprobe cannot dump; returns msprobe's version. One-line UserErrors."""
     if runtime != "torch":
         raise UserError(
             f"--msprobe dumps torch modules and APIs; --runtime {runtime} runs its own graph (ONNX "
             f"Runtime or an ATC .om), with nothing for msprobe's PrecisionDebugger to hook"
         )
-    if mode in COMPILED_MODES:
+    # modes.Mode.msprobe: an eager module msprobe can hook, or (an autocast mode: fastpath compiled under autocast)
+    # its eager twin under the same autocast, as --layers watches it (modes.Mode.twin)
+    dumpable = modes.msprobe_names()
+    declared = modes.REGISTRY.get(mode)
+    if declared is not None and declared.compiled and not declared.msprobe:
         why = "msprobe: dynamo graphs of torch >= 2.7 are not dumped"
         raise UserError(
             f"--msprobe cannot dump --target_mode {mode}: a compiled graph has no module or API calls "
-            f"to hook ({why}); use eager, channels_last or bf16"
+            f"to hook ({why}); use {modes.spoken(dumpable)}"
         )
-    if mode not in DUMPABLE_MODES:
-        raise UserError(f"--msprobe dumps eager targets ({', '.join(DUMPABLE_MODES)}), not --target_mode {mode}")
+    if mode not in dumpable:
+        raise UserError(f"--msprobe dumps eager targets ({', '.join(dumpable)}), not --target_mode {mode}")
     if out_dir is not None:
         check_out_dir(out_dir)
     return msprobe_version()
@@ -267,12 +220,18 @@ def _debugger(config_path: Path):
 
 @torch.no_grad()
 def _dump_side(
-    debugger, module: torch.nn.Module, pixels: torch.Tensor, autocast: Optional[str], rank: Optional[int]
+    debugger,
+    module: torch.nn.Module,
+    pixels: torch.Tensor,
+    autocast: Optional[str],
+    rank: Optional[int],
+    autocast_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """One forward of `module` (a Hugging Face model, called as model(pixel_values=...)) between start and stop."""
+    """One forward of `module` (a Hugging Face model, called as model(pixel_values=...)) between start and stop, under
+    autocast to `autocast_dtype` on device type `autocast` when given."""
     debugger.start(model=module, rank_id=rank)  # rank_id: msprobe's own, else it asks torch.distributed
     try:
-        with torch.autocast(device_type=autocast, dtype=torch.bfloat16) if autocast else nullcontext():
+        with torch.autocast(device_type=autocast, dtype=autocast_dtype) if autocast else nullcontext():
             module(pixel_values=pixels)
     finally:
         debugger.stop()
@@ -315,7 +274,7 @@ def _compare(target_json: Path, reference_json: Path, out: Path) -> Path:
         str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    (out / "compare.log").write_text(done.stdout + done.stderr, encoding="utf-8")
+    atomic.write(out / "compare.log", done.stdout + done.stderr)
     tables = sorted(out.glob("compare_result_*.csv"))
     if done.returncode != 0 or not tables:
         tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
@@ -348,16 +307,6 @@ def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _number(text: Any) -> Optional[float]:
-    """A numeric cell ("0.25", "37.5%": 37.5), or None for N/A, empty and the like."""
-    text = str(text if text is not None else "").strip().rstrip("%")
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def dtype_bound(dtype: Optional[str]) -> Optional[float]:
     """The relative error (0..1) the dtype explains: sqrt(2 (1 - c)) for --layers' cosine bound c of the dtype (a
     relative L2 error e gives cosine 1 - e^2/2 at most); None for a dtype without one."""
@@ -373,16 +322,16 @@ def beyond_dtype(row: dict[str, str], dtype: Optional[str]) -> Optional[str]:
     if bound is None:
         return "no dtype bound"
     name = models.dtype_name(dtype)
-    cosine = _number(row.get("Cosine"))
+    cosine = number_cell(row.get("Cosine"))
     if cosine is not None:
         least = metrics.DEFAULT_THRESHOLDS[dtype].layer_min_cosine
         return None if cosine >= least else f"beyond {name}: cosine {cosine:.6f} < {least}"
     found = []
-    norm = _number(row.get("NormRelativeErr"))
+    norm = number_cell(row.get("NormRelativeErr"))
     if norm is not None:
         found.append(("L2 norm", norm / 100))
-    diffs = [abs(v) for v in (_number(row.get("Max diff")), _number(row.get("Min diff"))) if v is not None]
-    scale = [abs(v) for v in (_number(row.get("Bench max")), _number(row.get("Bench min"))) if v is not None]
+    diffs = [abs(v) for v in (number_cell(row.get("Max diff")), number_cell(row.get("Min diff"))) if v is not None]
+    scale = [abs(v) for v in (number_cell(row.get("Bench max")), number_cell(row.get("Bench min"))) if v is not None]
     if diffs and scale:
         ratio = max(diffs) / max(scale) if max(scale) > 0 else (0.0 if max(diffs) == 0 else math.inf)
         found.append(("max/min", ratio))
@@ -395,7 +344,7 @@ def within_dtype(row: dict[str, str], dtype: Optional[str]) -> bool:
     return beyond_dtype(row, dtype) is None
 
 
-def summarize(rows: list[dict[str, str]], dtypes_differ: bool, dtype: Optional[str] = None) -> dict[str, Any]:
+def summarize_compare(rows: list[dict[str, str]], dtypes_differ: bool, dtype: Optional[str] = None) -> dict[str, Any]:
     """Counts by Result, the dtype-only failures (when the sides' dtypes differ by design) and the first failing rows.
 
     A row is dtype-only when msprobe's Result is error, its only error is DTYPE_MESSAGE, and its numbers are within
@@ -449,7 +398,7 @@ def with_project(section: dict[str, Any], project_first_divergent: Optional[str]
     return section
 
 
-def run(
+def dump_and_compare(
     out_dir: str | os.PathLike,
     reference_module: torch.nn.Module,
     target_module: torch.nn.Module,
@@ -494,7 +443,9 @@ def run(
         reports.write_json_atomic(target_config, _config(task, level, target_dump))
         debugger = _debugger(target_config)
         target_input = to_target(pixels) if to_target else pixels.to(models.DTYPES[target_dtype])
-        _dump_side(debugger, target_module, target_input, autocast, rank_id)
+        # under autocast the target's dtype is the autocast dtype (targets.Side.dtype: modes.Mode.judged_by)
+        autocast_dtype = models.DTYPES[target_dtype] if target_dtype != "fp32" else torch.bfloat16
+        _dump_side(debugger, target_module, target_input, autocast, rank_id, autocast_dtype)
     finally:
         if debugger is not None:
             _restore_apis(debugger)
@@ -506,13 +457,14 @@ def run(
     table = _compare(target_json, reference_json, root / "compare" / folder)
     dtypes_differ = models.DTYPES[target_dtype] != torch.float32 or autocast is not None
     dtype = target_dtype if target_dtype != "fp32" else ("bf16" if autocast else None)
-    summary = summarize(read_table(table), dtypes_differ, dtype)
+    summary = summarize_compare(read_table(table), dtypes_differ, dtype)
     notes = []
     if level == "L1":
         notes.append("level L1 dumps torch APIs only: no module rows, so no first failing module")
     if autocast:
         notes.append(
-            "the bf16 target's eager twin was dumped under the same bfloat16 autocast (its compiled graph "
+            f"the {dtype} target's eager twin was dumped under the same {models.dtype_name(dtype)} autocast (its "
+            "compiled graph "
             "has no modules to hook)"
         )
     dtype_note = None
@@ -526,24 +478,26 @@ def run(
             f"{metrics.DEFAULT_THRESHOLDS[dtype].layer_min_cosine}) are counted apart, and the failing rows listed are "
             f"the others"
         )
-    section = {
-        "version": version,
-        "level": level,
-        "task": task,
-        "images_dumped": int(pixels.shape[0]),
-        "reference_dump": str(reference_dump),
-        "target_dump": str(target_dump),
-        "compare_table": str(table),
-        "counts": summary["counts"],
-        "dtype_only": summary["dtype_only"],
-        "dtype_note": dtype_note,
-        "first_failing": summary["first_failing"],
-        "first_failing_module": summary["first_failing_module"],
-        "project_first_divergent": None,
-        "agree": None,
-        "note": "; ".join(notes) or None,
-    }
-    return with_project(section, project_first_divergent)
+    from mobilevit_npu import schema  # the report's msprobe section, defined once there
+
+    section = schema.Msprobe(
+        version=version,
+        level=level,
+        task=task,
+        images_dumped=int(pixels.shape[0]),
+        reference_dump=str(reference_dump),
+        target_dump=str(target_dump),
+        compare_table=str(table),
+        counts=summary["counts"],
+        dtype_only=summary["dtype_only"],
+        dtype_note=dtype_note,
+        first_failing=summary["first_failing"],
+        first_failing_module=summary["first_failing_module"],
+        project_first_divergent=None,
+        agree=None,
+        note="; ".join(notes) or None,
+    )
+    return with_project(dataclasses.asdict(section), project_first_divergent)
 
 
 def run_sides(
@@ -557,9 +511,10 @@ def run_sides(
     rank: Optional[int] = None,
     project_first_divergent: Optional[str] = None,
 ) -> dict[str, Any]:
-    """run() for two targets.Side: the reference's model, and the target's hooked module (its eager twin for bf16,
-    under the same autocast) fed through the target's own input conversion (dtype, device, layout)."""
-    return run(
+    """dump_and_compare() for two targets.Side: the reference's model, and the target's hooked module (its eager twin
+    for an autocast mode, under the same autocast) fed through the target's own input conversion (dtype, device,
+    layout)."""
+    return dump_and_compare(
         out_dir,
         reference.hook_model,
         target.hook_model,
@@ -568,7 +523,7 @@ def run_sides(
         level,
         task,
         to_target=target.prepared.to_input,
-        autocast=target.device.type if target.mode == "bf16" else None,
+        autocast=target.device.type if modes.get(target.mode).autocast else None,
         images=images,
         rank=rank,
         project_first_divergent=project_first_divergent,

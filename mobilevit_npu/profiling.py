@@ -22,6 +22,7 @@ import csv
 import glob
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -249,7 +250,7 @@ class Profiler:
                 "(Python, module calls, dispatch, the profiler's own overhead)"
             )
         split = _split(basis, busy, step)
-        result = summarize(mode, batch_size, self.steps, step, ops, split, trace)
+        result = profile_from_ops(mode, batch_size, self.steps, step, ops, split, trace)
         if not device_side and busy < 0.5 * step:
             # AOTInductor's generated kernels and its direct oneDNN/MKL calls do not pass the dispatcher, so
             # torch.profiler records no operator for them: their time is in the step, outside every operator.
@@ -347,7 +348,7 @@ def _split(basis: str, busy: float, step: float) -> HostDevice:
     return HostDevice(basis, busy, step - busy, (step - busy) / step if step > 0 else 0.0)
 
 
-def summarize(
+def profile_from_ops(
     mode: str,
     batch_size: int,
     steps: int,
@@ -421,11 +422,20 @@ def read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def _number(text: Any) -> float:
+def number_cell(text: Any) -> Optional[float]:
+    """A numeric cell of an Ascend tool's CSV ("0.25", "37.5%": 37.5), or None for N/A, empty, NaN and the like
+    (the profiler's CSVs here, msprobe's compare table in probe)."""
+    text = str(text if text is not None else "").strip().rstrip("%")
     try:
-        return float(str(text).strip())
+        value = float(text)
     except ValueError:
-        return 0.0
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _number(text: Any) -> float:
+    """A duration or count cell: number_cell, 0 where the cell holds none."""
+    return number_cell(text) or 0.0
 
 
 def core_type(text: str) -> str:
@@ -550,7 +560,7 @@ def summarize_npu(
         hf32_eligible=sorted(kd["hf32"]),
         cpu_fallbacks=fallback_costs(os.path.join(output, "operator_details.csv"), fallbacks or [], kd["steps"]),
     )
-    return summarize(
+    return profile_from_ops(
         mode, batch_size, steps, step_ms, kd["ops"], split, os.path.dirname(output), kd["cores"], kd["hf32"], npu
     )
 

@@ -34,8 +34,6 @@ import json
 import logging
 import marshal
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,31 +43,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from mobilevit_npu import models, preprocessing
+from mobilevit_npu import atomic, flags, models, preprocessing
 from mobilevit_npu.errors import UserError
 
 logger = logging.getLogger("mobilevit_npu.refcache")
 
 FORMAT = 2  # 2: entries give dtype and shape; keys cover the decoder (Pillow, libjpeg) and the pixel code
 MAGIC = b"MVCACHE2\n"
-CACHE_ENV = "MOBILEVIT_NPU_CACHE"  # overrides the user cache folder for every cache of this project
-
-
-def user_cache_dir() -> Path:
-    """The project's cache folder: $MOBILEVIT_NPU_CACHE, else $XDG_CACHE_HOME/mobilevit-npu, else
-    ~/.cache/mobilevit-npu."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mobilevit-npu"
-
-
-def default_root() -> Path:
-    return user_cache_dir() / "reference"
-
-
-def default_pixel_root() -> Path:
-    return user_cache_dir() / "pixels"
+# The cache folders' names and defaults: in flags (torch-free: --help shows them without importing torch).
+CACHE_ENV, user_cache_dir, default_root, default_pixel_root = (
+    flags.CACHE_ENV,
+    flags.user_cache_dir,
+    flags.default_root,
+    flags.default_pixel_root,
+)
 
 
 def file_digest(source: str) -> str | None:
@@ -381,18 +368,9 @@ class EntryCache:
 
     @staticmethod
     def _write_atomic(path: Path, data: bytes) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a team cache must be readable as the user says
-            os.replace(tmp, path)  # atomic: readers see the old entry or the whole new one
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        """Through the one atomic writer (mobilevit_npu.atomic): readers see the old entry or the whole new one, a new
+        entry gets the umask's mode (a team cache stays readable as the user says). OSError on failure."""
+        return atomic.write(path, data)
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
@@ -465,12 +443,6 @@ class PixelCache(EntryCache):
         self.stats.computed += 1
         self.put_array(digest, array)
         return array
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _spec(spec: str | None, flag: str) -> str | None:

@@ -1,8 +1,8 @@
-"""Reports: JSON-safe conversion and atomic writers (temp file + fsync + rename: never half a report)."""
+"""Reports: JSON-safe conversion and the report writers (through mobilevit_npu.atomic, the one atomic writer: temp file
++ fsync + rename, never half a report)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -13,13 +13,13 @@ import os
 import re
 import stat
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mobilevit_npu import atomic
 from mobilevit_npu.errors import UserError, first_line
 
 logger = logging.getLogger("mobilevit_npu.reports")
@@ -50,18 +50,6 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 def json_line(obj: Any) -> str:
     """One JSON-lines record (strict JSON: NaN and infinities become null), newline included."""
     return json.dumps(json_safe(obj), allow_nan=False) + "\n"
-
-
-def _is_stream(path: Path) -> bool:
-    """An existing path that is not a regular file or a folder (character device such as /dev/null or /dev/full, FIFO,
-    socket), or one under /dev or /proc (/dev/stdout, /proc/self/fd/N): written through, never replaced."""
-    if os.path.abspath(path).startswith(("/dev/", "/proc/")) and os.path.exists(path):
-        return True
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def file_stem(text: str) -> str:
@@ -95,7 +83,7 @@ def check_output_path(path: str | Path, what: str = "output") -> None:
     path = Path(path)
     if not text or text.endswith(("/", os.sep)) or path.is_dir():
         raise UserError(f"{what} {text or repr(text)} is a folder, not a file")
-    if _is_stream(path):
+    if atomic.is_stream(path):  # written through, never replaced: it need only be writable
         if path.exists() and not os.access(path, os.W_OK):
             raise UserError(f"{what} {path} is not writable")
         return
@@ -109,46 +97,11 @@ def check_output_path(path: str | Path, what: str = "output") -> None:
 
 
 def write_text_atomic(path: str | Path, text: str | bytes) -> Path:
-    """Write `text` (UTF-8; bytes as they are, a PNG say) through a temp file in the same folder, fsync'd, then
-    rename: readers see all of it or none.
-
-    Through a symlink, the link's target is replaced and the link kept. An existing non-regular file (character
-    device, FIFO, /dev/stdout) is written straight through, never replaced. A failure is a UserError naming the path
+    """Write `text` (UTF-8; bytes as they are, a PNG say) through the one atomic writer (mobilevit_npu.atomic: a temp
+    file in the same folder, fsync'd, renamed; a new file gets the umask's mode, a replaced one keeps its own; through
+    a symlink the target is replaced; a device or FIFO is written through). A failure is a UserError naming the path
     (/dev/full: "No space left on device", raised when the written bytes are flushed)."""
-    path = Path(path)
-    try:
-        if _is_stream(path):
-            # "a": /dev/stdout redirected to a file keeps what is there
-            with open(path, "ab") if isinstance(text, bytes) else open(path, "a", encoding="utf-8") as fh:
-                fh.write(text)
-            return path
-        target = Path(os.path.realpath(path)) if path.is_symlink() else path
-        _replace(target, text)
-    except OSError as exc:
-        raise UserError(f"could not write {path}: {exc.strerror or first_line(exc)}") from exc
-    return path
-
-
-def _replace(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)  # replacing a file keeps its permissions
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask  # mkstemp makes it 0600; a report is as readable as any file the user writes
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") if isinstance(text, bytes) else os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    return atomic.write_output(path, text)
 
 
 def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> Path:
@@ -213,20 +166,6 @@ def read_json(path: Path, what: str, max_bytes: int | None = None) -> dict[str, 
     return parsed
 
 
-def header(tool: str, argv: Sequence[str], loaded: Any, environment: dict[str, Any]) -> dict[str, Any]:
-    """The fields every report starts with (schema.Header), spelt the same everywhere: which script and arguments made
-    it, which weights (models.LoadedModel.source: path, file and sha256, or the synthetic seed), where it ran, and
-    which commit and packages."""
-    return {
-        "tool": tool,
-        "argv": list(argv),
-        "model_source": {"name": loaded.name, **loaded.source},
-        "synthetic": bool(loaded.source.get("synthetic")),
-        "environment": environment,
-        "provenance": provenance(),
-    }
-
-
 def write_report(path: str | Path, report: Any) -> Path:
     """A typed report (a schema kind), checked against its definition, written atomically."""
     from mobilevit_npu import schema
@@ -249,7 +188,7 @@ PROVENANCE_PACKAGES = (
 
 
 @functools.lru_cache(maxsize=1)
-def provenance() -> dict[str, Any]:
+def provenance() -> Any:  # schema.Provenance
     """The project's git commit ("+dirty" with uncommitted changes, "not a git checkout" for an installed copy) and a
     sha256 over every installed distribution's name and version, so two reports can be told to come from one setup."""
     import importlib.metadata
@@ -284,8 +223,8 @@ def provenance() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {
-        "commit": commit,
-        "packages_sha256": hashlib.sha256("\n".join(installed).encode()).hexdigest(),
-        "packages": versions,
-    }
+    from mobilevit_npu import schema
+
+    return schema.Provenance(
+        commit=commit, packages_sha256=hashlib.sha256("\n".join(installed).encode()).hexdigest(), packages=versions
+    )

@@ -1,13 +1,14 @@
 """The report format, defined once: every report the scripts write, as typed structures, and the one reader.
 
 Each report is a JSON object with `schema_version` and `kind` first, then the header every kind shares (`Header`),
-then the kind's own fields. Writers build the dataclass of their kind and call `to_json`; readers call `load`, which
+then the kind's own fields. Writers build the dataclass of their kind, sections included, and call `to_json` (the
+dataclass is what gets serialised, so a writer cannot write a field these definitions lack); readers call `load`, which
 checks every field's presence and type against these definitions and refuses, in one line naming the file and the
-field, a missing or mistyped field, an unknown kind, a newer schema version, or (unless allowed) an unknown field.
-The sections shared with the computing modules are their own dataclasses (metrics.Thresholds, metrics.ImageMetrics,
-metrics.Aggregate, metrics.Check, metrics.Agreement, layerwise.LayerReport, timing.LatencyStats, profiling.ModeProfile,
-baseline.BaselineSection): one definition, used to compute and to read back. `document()` renders this module as the
-reference page docs/reports.md.
+field, a missing or mistyped field, an unknown kind, a schema version not in CHANGES, or (unless allowed) an unknown
+field. The sections shared with the computing modules are their own dataclasses (metrics.Thresholds,
+metrics.ImageMetrics, metrics.Aggregate, metrics.Check, metrics.Agreement, layerwise.LayerReport, layerwise.LayerRow,
+flops.Roofline, timing.LatencyStats, profiling.ModeProfile, baseline.BaselineSection): one definition, used to compute
+and to read back. `document()` renders this module as the reference page docs/reports.md.
 
 Kinds: `inference` (inference.py --image), `accuracy` (accuracy_run.py on images), `labelled` (accuracy_run.py on
 --dataset/--labels), `benchmark` (accuracy_run_perf.py, inference.py --benchmark, benchmarks/bench_peers.py) and
@@ -27,10 +28,21 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 from mobilevit_npu import baseline as perf_baseline
-from mobilevit_npu import layerwise, metrics, profiling, timing
+from mobilevit_npu import flops, layerwise, metrics, profiling, timing
 from mobilevit_npu.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# What each schema version changed: the reader reads every version listed here (an older one upgraded by `_upgrade`)
+# and refuses any other in one line. docs/reports.md lists them.
+CHANGES: dict[int, str] = {
+    1: "the first versioned format",
+    2: "typed sections: the benchmark's `settings` (`BenchSettings`), each result's `roofline` (`Roofline`) and the "
+    "layer rows of `layers` (`LayerRow`: first_divergent, first_nonfinite, worst) have fixed fields; every section is "
+    "written whole, an optional field it lacks as null (`environment.ascend` off Ascend, `model_source.path` of "
+    "synthetic weights, the labelled-set fields of an images run's `speed`); the header gains `preprocessing` (the "
+    "image processor and the transformers backend the run's pixels matched: null when a version 1 report is read)",
+}
 
 
 class ReportError(UserError):
@@ -51,6 +63,8 @@ class ModelSource:
     weights: Optional[str] = None  # the weights file's name in the folder
     sha256: Optional[str] = None  # of the weights file
     weights_digest: Optional[str] = None  # of the weights as loaded (models.weights_digest): names, dtypes, bytes
+    hub_id: Optional[str] = None  # the hub repository the weights came from (models.hub_origin); null: a local folder
+    revision: Optional[str] = None  # the hub commit of the weights file, when known (models.hub_origin)
 
 
 @dataclass
@@ -110,8 +124,24 @@ class ImageError:
 
 
 @dataclass
+class Preprocessing:
+    """How the images became the model's input (preprocessing.PreprocessConfig), as the run matched it."""
+
+    processor: str  # the image-processor class restated (transformers' name, without the backend suffix)
+    backend: str  # pil | torchvision: the AutoImageProcessor backend whose pixels the run matched
+    pipeline: str  # PreprocessConfig.describe(): resize, crop, rescale, normalize, channel order
+
+    @classmethod
+    def of(cls, cfg: Any) -> Optional[Preprocessing]:
+        """The section for a preprocessing.PreprocessConfig (None for a model loaded without one)."""
+        if cfg is None:
+            return None
+        return cls(processor=cfg.processor, backend=cfg.backend, pipeline=cfg.describe())
+
+
+@dataclass
 class Header:
-    """The fields every report starts with, spelt the same everywhere (reports.header)."""
+    """The fields every report starts with, spelt the same everywhere (header())."""
 
     KIND: ClassVar[str] = ""
     tool: str  # the script that wrote it
@@ -120,6 +150,26 @@ class Header:
     synthetic: bool  # synthetic weights: a measurement of the stack, not of Apple's model
     environment: Environment
     provenance: Provenance
+    preprocessing: Optional[Preprocessing]  # null only in a report read from schema_version 1
+
+
+def header(tool: str, argv: Any, loaded: Any, environment: Environment) -> dict[str, Any]:
+    """The header's fields, for a kind's constructor (`Kind(**header(...), ...)`): which script and arguments made it,
+    which weights (models.LoadedModel.source: path, file and sha256, or the synthetic seed), where it ran, which
+    commit and packages, and how its images became the model's input."""
+    from mobilevit_npu import reports
+
+    source = ModelSource(**{"name": loaded.name, **loaded.source})  # a source that names itself (synthetic) wins
+    made = Header(
+        tool=tool,
+        argv=list(argv),
+        model_source=source,
+        synthetic=source.synthetic,
+        environment=environment,
+        provenance=reports.provenance(),
+        preprocessing=Preprocessing.of(getattr(loaded, "preprocess", None)),
+    )
+    return {f.name: getattr(made, f.name) for f in dataclasses.fields(Header)}
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -162,7 +212,7 @@ class SideInfo:
 
     device: str
     dtype: str  # float32 | float16 | bfloat16
-    mode: str  # an execution mode (execution.MODES), or the offline runtime's name
+    mode: str  # an execution mode (modes.REGISTRY), or the offline runtime's name
     label: str = ""  # as the console and the card name it: "cpu bfloat16 eager", "onnxruntime CPUExecutionProvider"
     notes: list[str] = field(default_factory=list)
 
@@ -286,7 +336,7 @@ class BenchResult:
 
     mode: str  # an execution mode or a peer runtime (onnxruntime, openvino, om)
     batch_size: int
-    dtype: str  # fp32 | fp16 | bf16 | "bf16 autocast"
+    dtype: str  # fp32 | fp16 | bf16, or an autocast mode's "bf16 autocast" | "fp16 autocast"
     end_to_end: bool
     status: str  # ok | unavailable
     reason: Optional[str]
@@ -298,9 +348,28 @@ class BenchResult:
     peak_memory_bytes: Optional[int]
     agreement: Optional[metrics.Agreement]  # against eager float32 on the same photos
     exact: Optional[bool]  # agreement: cosine >= metrics.EXACT_COSINE and the same top-1 (not bit-exactness)
-    roofline: Optional[dict[str, Any]]
+    roofline: Optional[flops.Roofline]
     notes: list[str]
     compute_ms: Optional[dict[str, Any]] = None  # .om: NPU compute time without host copies
+
+
+@dataclass
+class BenchSettings:
+    """How a benchmark ran (bench.build_report): what the command line asked for, and how the timing was done."""
+
+    iterations: int  # timed calls per mode and batch size
+    warmup: int  # untimed calls first
+    batch_sizes: list[int]
+    modes: list[str]
+    dtype: str  # the weights' dtype: fp32 | fp16 | bf16
+    end_to_end: bool  # decode + preprocess + copies + forward, or the forward alone
+    interleaved: bool  # the modes take turns within each batch size
+    percentiles: str  # how the percentiles are computed
+    synchronized: str  # how the clock reads are made honest
+    throughput: str  # which statistic the images/s come from
+    exact: str  # what `exact` means
+    runtime: Optional[dict[str, Any]] = None  # accuracy_run_perf.py: the runtime (torch, or the offline one's facts)
+    peers: Optional[list[str]] = None  # benchmarks/bench_peers.py: the peer runtimes asked for
 
 
 @dataclass
@@ -309,7 +378,7 @@ class BenchmarkReport(Header):
 
     KIND: ClassVar[str] = "benchmark"
     device: str
-    settings: dict[str, Any]  # iterations, warmup, batch_sizes, modes, dtype, end_to_end, how timing was done
+    settings: BenchSettings
     results: list[BenchResult]
     cpu_fallbacks: Optional[FallbackReport] = None
     profile: Optional[profiling.ProfileSection] = None  # --profile DIR: where the time goes, per mode and batch size
@@ -409,13 +478,32 @@ def validate(data: Any, source: str, allow_unknown: bool = False) -> Report:
         raise ReportError(
             f"{source}: schema_version {version} is newer than this code reads ({SCHEMA_VERSION}): update mobilevit-npu"
         )
-    if version < 1:
+    if version not in CHANGES:
         raise ReportError(f"{source}: field `schema_version` {version} is not a version this code knows")
     kind = data.get("kind")
     if kind not in KINDS:
         raise ReportError(f"{source}: field `kind` {kind!r} is not a report kind ({', '.join(KINDS)})")
-    body = {k: v for k, v in data.items() if k not in ("schema_version", "kind")}
+    body = _upgrade({k: v for k, v in data.items() if k not in ("schema_version", "kind")}, version)
     return _convert(body, KINDS[kind], source, "", allow_unknown)
+
+
+def _upgrade(body: dict[str, Any], version: int) -> dict[str, Any]:
+    """A report body of an older schema version as the current definitions read it (CHANGES says what changed).
+    Version 1's settings, roofline and layer rows were written with the fields their sections now fix, so they are
+    checked as those sections; it had no `preprocessing`, which reads as null."""
+    if version < 2:
+        body = {**body, "preprocessing": body.get("preprocessing")}
+    return body
+
+
+def typed(tp: type, value: Any, source: str = "a section being written") -> Any:
+    """`value` (a section as a computing module returns it: a dict of JSON-able values, or already a `tp`) as the
+    typed section `tp`, checked as the reader checks it: a key the section lacks is refused (a ReportError)."""
+    from mobilevit_npu import reports
+
+    if isinstance(value, tp) or value is None:
+        return value
+    return _convert(reports.json_safe(value), tp, source, tp.__name__, allow_unknown=False)
 
 
 def _json_type(value: Any) -> str:
@@ -877,6 +965,13 @@ def document() -> str:
         f"Current `schema_version`: **{SCHEMA_VERSION}**. Every report starts with `schema_version` and `kind`, then "
         "the header, then its kind's fields. A number written as `null` was not finite (NaN or infinity): JSON has no "
         "NaN, and a NaN in a report is a finding, not a value to hide.",
+        "",
+        "## Versions",
+        "",
+        "The reader reads every version below (an older report as the current definitions, with what it lacked as "
+        "null) and refuses any other in one line.",
+        "",
+        *[f"- **{version}**: {change}" for version, change in CHANGES.items()],
         "",
         "## Header (every kind)",
         "",

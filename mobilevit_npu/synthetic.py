@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import ImageOps
 
-from mobilevit_npu import DATA_DIR, devices, families, models, preprocessing
+from mobilevit_npu import DATA_DIR, atomic, devices, families, models, preprocessing
 
 logger = logging.getLogger("mobilevit_npu.synthetic")
 
@@ -72,7 +72,8 @@ def build_synthetic_model(
 
     transformers' random init draws BatchNorm scales near 0, so activations die (logits ~0, float denormals make CPU
     inference ~5x slower). Here: He-initialised convs and linears, norm scale 1 (BatchNorm, LayerNorm, GroupNorm and
-    the families' own LayerNorms), layer scales (ConvNeXt's 1e-6) 0.5, BatchNorm running statistics calibrated on
+    the families' own LayerNorms), the residual branches the family damps (families.Family.synthetic_damping:
+    MobileViTV2's) scaled down, layer scales (ConvNeXt's 1e-6) 0.5, BatchNorm running statistics calibrated on
     real photos preprocessed by `preprocess` (the processor of the folder the weights are for; MobileViT's defaults
     when None, which only fit MobileViT), and the head (families.head) scaled so the logits spread (std `logit_std`
     across classes) as a trained model's do. Deterministic for a given seed, config, preprocessing and photos.
@@ -93,6 +94,11 @@ def build_synthetic_model(
             module.weight.fill_(1.0)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+    damping = families.resolve(model.config).synthetic_damping
+    for name, module in model.named_modules():
+        factor = next((f for suffix, f in damping.items() if name.endswith(suffix)), None)
+        if factor is not None:
+            module.weight.mul_(factor)
     for name, param in model.named_parameters():
         if name.endswith("layer_scale_parameter"):  # ConvNeXt: 1e-6 at init would leave every block an identity
             param.fill_(0.5)
@@ -147,5 +153,5 @@ def save_synthetic_model(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     build_synthetic_model(seed=seed).save_pretrained(str(folder))
     src = X_SMALL_DIR / "preprocessor_config.json"
-    (folder / "preprocessor_config.json").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    atomic.write(folder / "preprocessor_config.json", src.read_bytes())
     return folder

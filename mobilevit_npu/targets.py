@@ -10,20 +10,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from mobilevit_npu import devices, execution, layerwise, metrics, models, preprocessing, refcache
+from mobilevit_npu import devices, execution, layerwise, metrics, models, modes, preprocessing, refcache
 from mobilevit_npu.errors import Unavailable, UserError
 
 logger = logging.getLogger("mobilevit_npu.targets")
 
 
-MODES = execution.MODES  # every mode the benchmark times can be verified, built by the same builder
-# Modes whose module tree is not the model's (a graph, or fastpath's restatement): --layers hooks an eager twin.
-TWIN_MODES = ("compiled", "npugraph", "fast", "bf16")
+MODES = modes.names(verify=True)  # as at import; the live list is modes.names(verify=True), the registry's
 Patch = Callable[[torch.nn.Module], Any]  # installs something on a model (a forward hook, say) before it runs
 
 
@@ -40,9 +38,7 @@ class Side:
 
     @property
     def label(self) -> str:
-        if self.mode == "bf16":
-            return f"{self.device} bfloat16 autocast (bf16 mode: fast model, float32 weights)"
-        return f"{self.device} {models.dtype_name(self.dtype)} {self.mode}"
+        return modes.get(self.mode).side_label(self.device, self.dtype)
 
     @property
     def notes(self) -> list[str]:
@@ -53,8 +49,9 @@ class Side:
         """Logits (float64, CPU) of the shared float32 CPU batch, cast to this side's dtype and layout. With
         `on_hook_model`, through the eager twin that --layers watches instead."""
         x = self.prepared.to_input(pixels)
-        if on_hook_model and self.mode == "bf16":  # the eager twin under the same autocast as the bf16 mode
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+        autocast = modes.get(self.mode).autocast
+        if on_hook_model and autocast:  # the eager twin under the same autocast as the mode
+            with torch.autocast(device_type=self.device.type, dtype=models.DTYPES[autocast]):
                 out = self.hook_model(pixel_values=x).logits.float()
         elif on_hook_model:
             out = self.hook_model(pixel_values=x).logits
@@ -85,20 +82,21 @@ def prepare_target(
     own execution.prepare_mode (a compiled target is the very code path the benchmark times). `example` is a batch
     of the shape to compile for. `patches` are installed on the target model first (tests perturb it this way).
     `layers`: the run will watch every layer (--layers), so a compiled target also gets an eager twin to hook."""
-    if mode not in MODES:
-        raise UserError(f"unknown target mode {mode!r}: use {', '.join(MODES)}")
-    if mode == "channels_last" and device.type == "npu":  # refused before the model is copied to the device
-        raise UserError(
-            '--target_mode channels_last cannot run on npu: NPU tensors refuse channels-last memory ("Only '
-            'c10::MemoryFormat::Contiguous is supported for creating a npu tensor"); use eager, compiled or npugraph'
-        )
+    known = modes.names(verify=True)
+    if mode not in known:
+        raise UserError(f"unknown target mode {mode!r}: use {', '.join(known)}")
+    declared = modes.get(mode)
+    refused = declared.device_refusal(device)
+    if refused:  # refused before the model is copied to the device
+        usable = [m for m in known if modes.get(m).device_refusal(device) is None]
+        raise UserError(f"--target_mode {mode} cannot run on {device}: {refused}; use {modes.spoken(usable)}")
     model = copy.deepcopy(reference).eval()
     model.to(dtype=models.DTYPES[dtype])
     model.to(device.torch)
     for patch in patches:
         patch(model)
     hook_model = model
-    if mode in TWIN_MODES and layers:
+    if declared.twin and layers:
         # Layer hooks would break a compiled graph into pieces, and fastpath's restatement has other modules, so
         # --layers watches an eager twin instead.
         hook_model = copy.deepcopy(model)
@@ -106,9 +104,9 @@ def prepare_target(
         prepared = execution.prepare_mode(mode, model, device, dtype, example)
     except Unavailable as exc:
         raise UserError(f"--target_mode {mode} cannot run on {device}: {exc}") from exc
-    if mode not in TWIN_MODES:
+    if not declared.twin:
         hook_model = prepared.module
-    verdict_dtype = "bf16" if mode == "bf16" else dtype  # bf16 autocast is judged with bfloat16's thresholds
+    verdict_dtype = declared.judged_by(dtype)  # an autocast mode is judged with its autocast dtype's thresholds
     return Side(
         prepared=prepared, hook_model=hook_model, device=device, dtype=verdict_dtype, mode=mode, patched=bool(patches)
     )
@@ -215,19 +213,24 @@ class Pair:
                     self.cache.put(digest, row)
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "concurrent": self.concurrent,
-            "reference_cached": self.cached,
-            "reference_computed": self.computed,
-            "reference_images_per_s": self.reference_timing.images_per_s,
-            "target_images_per_s": self.target_timing.images_per_s,
-            "target_images_per_s_after_first_batch": self.target_timing.steady_images_per_s,
-            "target_first_batch_s": round(self.target_timing.first_seconds, 3),
-            "target_images": self.target_timing.images,
-            "reference_s": round(self.reference_timing.seconds, 3),
-            "target_s": round(self.target_timing.seconds, 3),
-            "cache": self.cache.summary() if self.cache is not None else None,
-        }
+        """The report's `speed` section (schema.Speed) as a dict: the console and merge_speeds read it by key."""
+        from mobilevit_npu import schema
+
+        return asdict(
+            schema.Speed(
+                concurrent=self.concurrent,
+                reference_cached=self.cached,
+                reference_computed=self.computed,
+                reference_images_per_s=self.reference_timing.images_per_s,
+                target_images_per_s=self.target_timing.images_per_s,
+                target_images_per_s_after_first_batch=self.target_timing.steady_images_per_s,
+                target_first_batch_s=round(self.target_timing.first_seconds, 3),
+                target_images=self.target_timing.images,
+                reference_s=round(self.reference_timing.seconds, 3),
+                target_s=round(self.target_timing.seconds, 3),
+                cache=self.cache.summary() if self.cache is not None else None,
+            )
+        )
 
     def close(self) -> None:
         if self._pool is not None:
@@ -246,6 +249,7 @@ def compare_sides(
     """Both sides over every image, one at a time; with `layers`, the module-by-module comparison as they go (the
     reference is then always computed, since its layers are watched). `pair` (with its reference cache) runs the
     sides otherwise; `digests` are the images' content hashes, the cache's keys."""
+    declared = modes.REGISTRY.get(target.mode)  # None for an offline runtime's side
     comparator = None
     if layers:
         comparator = layerwise.LayerComparator(reference.hook_model, target.hook_model, thresholds.layer_min_cosine)
@@ -265,7 +269,7 @@ def compare_sides(
             pair.record(ref_rows[-1], digest)
             comparator.begin(item.source, "target")
             tgt_rows.append(pair._target(item.batch))
-            if target.mode in TWIN_MODES:  # no hooks in a graph or in fastpath's modules: the eager twin
+            if declared and declared.twin:  # no hooks in a graph or in fastpath's modules: the eager twin
                 target.logits(item.batch, on_hook_model=True)
             comparator.end_image()
     finally:
@@ -283,10 +287,10 @@ def compare_sides(
         distinct_inputs=distinct,
     )
     layer_report = comparator.report() if comparator else None
-    if layer_report and target.mode in TWIN_MODES:
+    if layer_report and declared and declared.twin:
         layer_report.note = (
             f"layers compared on an eager twin of the {target.mode} target (the same weights"
-            f"{', under the same bfloat16 autocast' if target.mode == 'bf16' else ''}): hooks would split a compiled "
+            f"{', under the same ' + declared.text() if declared.autocast else ''}): hooks would split a compiled "
             "graph, and fastpath's restatement has other modules"
         )
     return comparison, layer_report
@@ -309,22 +313,25 @@ def merge_speeds(speeds: list[dict], workers: int) -> dict[str, Any]:
     keys = ("reference_cached", "reference_computed", "target_images", "reference_s", "target_s")
     totals = {k: sum(s[k] for s in speeds) for k in keys}
     waits = [s["decode_wait_s"] for s in speeds if s.get("decode_wait_s") is not None]
-    return {
-        "concurrent": speeds[0]["concurrent"],
-        "decode_workers": workers,
+    from mobilevit_npu import schema  # the section's fields, defined once there
+
+    merged = schema.Speed(
+        concurrent=speeds[0]["concurrent"],
+        decode_workers=workers,
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
         # per side: its images over its own busy seconds, summed over ranks
-        "reference_images_per_s": round(totals["reference_computed"] / totals["reference_s"], 3)
+        reference_images_per_s=round(totals["reference_computed"] / totals["reference_s"], 3)
         if totals["reference_computed"] and totals["reference_s"] > 0
         else None,
-        "target_images_per_s": round(totals["target_images"] / totals["target_s"], 3)
+        target_images_per_s=round(totals["target_images"] / totals["target_s"], 3)
         if totals["target_images"] and totals["target_s"] > 0
         else None,
         # rank 0's target after its first batch (start-up excluded, as a benchmark's warm-up is), and that first batch
-        "target_images_per_s_after_first_batch": speeds[0]["target_images_per_s_after_first_batch"],
-        "target_first_batch_s": speeds[0]["target_first_batch_s"],
+        target_images_per_s_after_first_batch=speeds[0]["target_images_per_s_after_first_batch"],
+        target_first_batch_s=speeds[0]["target_first_batch_s"],
         # seconds the ranks waited for decoded batches, summed (the first batch's decoding included)
-        "decode_wait_s": round(sum(waits), 3) if waits else None,
-        "cache": _merge_caches([s["cache"] for s in speeds]),
-        "pixel_cache": _merge_caches([s.get("pixel_cache") for s in speeds]),
-    }
+        decode_wait_s=round(sum(waits), 3) if waits else None,
+        cache=_merge_caches([s["cache"] for s in speeds]),
+        pixel_cache=_merge_caches([s.get("pixel_cache") for s in speeds]),
+    )
+    return asdict(merged)

@@ -30,17 +30,18 @@ from mobilevit_npu import (
     malloc,
     metrics,
     models,
+    modes,
     npu,
     preprocessing,
     probe,
     refcache,
     reports,
+    runtime_registry,
     runtimes,
     schema,
     targets,
 )
 from mobilevit_npu.errors import UserError
-from mobilevit_npu.models import dtype_name
 
 logger = logging.getLogger("mobilevit_npu.verify")
 
@@ -86,16 +87,16 @@ class Settings(runtimes.RuntimeSettings):
 
     @property
     def verdict_dtype(self) -> str:
-        """The dtype whose thresholds judge the target: --dtype, bf16 for the bf16 (autocast) mode, and for an
-        offline runtime the precision its mode calls for."""
+        """The dtype whose thresholds judge the target: --dtype, an autocast mode's dtype (modes.Mode.judged_by), and
+        for an offline runtime the precision its mode calls for."""
         if self.runtime != "torch":
             return runtimes.planned_verdict_dtype(self, distributed.local_rank())
-        return "bf16" if self.target_mode == "bf16" else self.dtype
+        return modes.get(self.target_mode).judged_by(self.dtype)
 
     @property
     def weights_dtype(self) -> str:
-        """The dtype the target's weights are cast to: float32 under bf16 autocast."""
-        return "fp32" if self.target_mode == "bf16" else self.dtype
+        """The dtype the target's weights are cast to: float32 under an autocast mode (modes.Mode.weights)."""
+        return modes.get(self.target_mode).weights(self.dtype)
 
     def thresholds(self) -> metrics.Thresholds:
         return metrics.Thresholds.for_dtype(self.verdict_dtype, **self.threshold_overrides)
@@ -137,17 +138,19 @@ class Settings(runtimes.RuntimeSettings):
 def check(settings: Settings) -> None:
     """Flag combinations that cannot work, refused before any model work (UserError: one line, exit 2)."""
     runtimes.check_runtime_args(settings)
-    if settings.target_mode not in targets.MODES:
-        raise UserError(f"unknown --target_mode {settings.target_mode}: use {', '.join(targets.MODES)}")
-    if settings.target_mode == "bf16" and settings.dtype not in ("fp32", "bf16"):
-        raise UserError("--target_mode bf16 is bfloat16 autocast over the float32 weights: leave --dtype at fp32")
+    known = modes.names(verify=True)
+    if settings.target_mode not in known:
+        raise UserError(f"unknown --target_mode {settings.target_mode}: use {', '.join(known)}")
+    mode = modes.get(settings.target_mode)
+    if mode.autocast and settings.dtype not in ("fp32", mode.autocast):
+        raise UserError(f"--target_mode {mode.name} is {mode.text()} over the float32 weights: leave --dtype at fp32")
     pixel_cache = refcache.pixel_cache_wanted(settings.pixel_cache)
     if not settings.labelled and (settings.resume or settings.limit or pixel_cache):
         raise UserError("--resume, --limit and --pixel_cache go with --dataset or --labels")
     if settings.labelled and (settings.images or settings.layers):
         raise UserError("--images and --layers do not go with --dataset/--labels")
     if settings.msprobe:  # a mode or runtime msprobe cannot dump, msprobe absent, a used or unusable folder
-        probe.check(settings.target_mode, settings.runtime, settings.msprobe)
+        probe.check_dumpable(settings.target_mode, settings.runtime, settings.msprobe)
 
 
 @dataclass
@@ -178,13 +181,14 @@ def run(settings: Settings) -> Outcome:
     """The whole verification: device, target, images or labelled set, verdict, report written."""
     check(settings)
     allocator_info = malloc.select(settings.allocator)  # before the first large tensor: batches reuse their blocks
-    torch_device = settings.device if settings.runtime == "torch" else "cpu"  # an offline runtime has its own
+    torch_device = runtimes.torch_device_spec(settings.runtime, settings.device)  # an offline runtime has its own
     dist, device = distributed.setup(torch_device, jit_compile=settings.jit_compile)
     try:
         if dist.enabled and not settings.labelled:
             raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
-        if settings.target_mode == "npugraph" and device.type != "npu":
-            raise UserError(f"--target_mode npugraph is torchair's aclgraph mode: npu only, not {device}")
+        refused = modes.get(settings.target_mode).device_refusal(device) if settings.runtime == "torch" else None
+        if refused:
+            raise UserError(f"--target_mode {settings.target_mode} cannot run on {device}: {refused}")
         if settings.verdict_dtype == "fp32" and device.type in ("npu", "cuda") and not settings.allow_hf32:
             state = devices.set_fp32_reduced_precision(device, False)  # fp32 means fp32: HF32 / TF32 off
             logger.info("float32 on %s: %s", device, state)
@@ -207,11 +211,11 @@ def self_comparison(settings: Settings, target) -> Optional[str]:
     if (target.device.type, target.dtype, target.mode) != ("cpu", "fp32", "eager"):
         return None
     dtypes = "|".join(d for d in models.DTYPES if d != "fp32")
-    modes = "|".join(m for m in targets.MODES if m not in ("eager", "npugraph"))  # npugraph: npu only
-    offline = "|".join(r for r in runtimes.RUNTIMES if r != "torch")
+    ports = "|".join(m for m in modes.names(verify=True) if m != "eager" and not modes.get(m).only_on)
+    offline = "|".join(r for r in runtime_registry.names() if r != "torch")
     return (
         "the target is the reference itself (cpu float32 eager, torch), so the run only shows that the CPU is "
-        f"deterministic; name the port to check: --device npu|cuda, --dtype {dtypes}, --target_mode {modes}, or "
+        f"deterministic; name the port to check: --device npu|cuda, --dtype {dtypes}, --target_mode {ports}, or "
         f"--runtime {offline}"
     )
 
@@ -287,17 +291,8 @@ class _Run:
             labelsets.bounded_batch(settings.batch_size, len(self.samples), cfg, device) if settings.labelled else 1
         )
         self.example = torch.zeros(self.batch_size, 3, cfg.crop_height, cfg.crop_width)  # what the target is built for
-        if settings.runtime == "torch":
-            self.target = targets.prepare_target(
-                self.loaded.model,
-                device,
-                settings.weights_dtype,
-                settings.target_mode,
-                self.example,
-                layers=settings.layers,
-            )
-        else:
-            self.target = runtimes.runtime_target(settings, self.loaded, self.example, distributed.local_rank())
+        # the registry's runtime builds it (torch: settings.weights_dtype in target_mode on `device`)
+        self.target = runtimes.runtime_target(settings, self.loaded, self.example, distributed.local_rank(), device)
         self.compared = f"{self.reference.label}  vs  {self.target.label}"
         self.notes: list[str] = []
         self.same_as_reference = self_comparison(settings, self.target)
@@ -326,33 +321,18 @@ class _Run:
         if not items:
             raise UserError(f"none of the {len(sources)} image(s) could be read: {errors[0]['error']}")
         result = compare_images(self.loaded, self.target, items, self.thresholds, s.layers, s.reference_cache)
-        comparison = self.judged(result.comparison)
-        budget = metrics.skip_budget(comparison, len(errors), len(sources), s.max_skipped)
         dumped = items[: s.msprobe_images or 1]  # --msprobe: the first batch (batch size 1: the first image)
         msprobe = self.msprobe(torch.cat([item.batch for item in dumped]), result.layers) if s.msprobe else None
-        report = self.report(
-            comparison,
+        return self.finish(
+            result.comparison,
+            errors,
+            len(sources),
             input=f"the same float32 CPU tensor per image (preprocessed once); the target casts it to "
             f"{self.target_dtype_text} on {self.target.device}; batch size 1",
-            per_image=comparison.per_image,
-            errors=errors,
+            per_image=None,
             layers=result.layers,
             notes=self.notes,
-            skipped=budget,
             speed=result.speed,
-            msprobe=msprobe,
-        )
-        reports.write_report(s.report, report)
-        return Outcome(
-            comparison,
-            self.compared,
-            result.layers,
-            result.speed,
-            budget,
-            errors,
-            id2label=self.loaded.id2label,
-            written=[s.report],
-            report=report,
             msprobe=msprobe,
         )
 
@@ -397,7 +377,7 @@ class _Run:
         waits: list[float] = []
         start = time.perf_counter()
         try:
-            records, per_rank = labelsets.run(
+            records, per_rank = labelsets.run_shards(
                 samples,
                 loaded.preprocess,
                 process,
@@ -440,44 +420,28 @@ class _Run:
         comparison = metrics.judge(
             per_image, verdict_dtype, thresholds, reference_finite=all(r["reference_finite"] for r in done)
         )
-        comparison = self.judged(comparison)
-        total = summary["images"] + summary["skipped"]
-        budget = metrics.skip_budget(comparison, summary["skipped"], total, s.max_skipped)
         jsonl_path = s.images_file()
         reports.write_jsonl_atomic(jsonl_path, records)
         worst = sorted(per_image, key=lambda m: m.cosine if not math.isnan(m.cosine) else -2.0)[:WORST_KEPT]
         errors = summary.pop("skipped_images")
         summary.pop("per_class", None)  # in the JSON-lines file's records; a thousand classes would drown the report
-        report = self.report(
+        outcome = self.finish(
             comparison,
+            errors,
+            summary["images"] + summary["skipped"],
             input=f"labelled set {s.labels or s.dataset}: the same float32 CPU batch for both sides; the target "
             f"casts it to {self.target_dtype_text}; batch size {self.batch_size}; {dist.world_size} rank(s)",
             per_image=worst,
-            errors=errors,
             layers=None,
             notes=[*self.notes, f"per_image: the {WORST_KEPT} lowest-cosine images; every image is in {jsonl_path}"],
-            skipped=budget,
             speed=speed,
             dataset=summary,
             images_file=str(jsonl_path),
             target_device=self.target.device.type if dist.enabled else None,
             msprobe=msprobe,
         )
-        reports.write_report(s.report, report)
         journal.close(remove=True)
-        return Outcome(
-            comparison,
-            self.compared,
-            None,
-            speed,
-            budget,
-            errors,
-            dataset=summary,
-            id2label=loaded.id2label,
-            written=[s.report, str(jsonl_path)],
-            report=report,
-            msprobe=msprobe,
-        )
+        return outcome
 
     def journal_key(self, samples: list[labelsets.Sample]) -> dict[str, Any]:
         """What --resume checks, by name (a mismatch names the setting that differs): everything that changes a
@@ -487,7 +451,8 @@ class _Run:
         with its labels; the thresholds."""
         s, loaded = self.s, self.loaded
         ref = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)
-        artefact = {"onnxruntime": s.onnx, "om": s.om}.get(s.runtime)
+        entry = runtime_registry.get(s.runtime)
+        artefact = getattr(s, entry.artefact) if entry.artefact else None
         return {
             "model": ref["weights_sha256"],  # the weights as loaded, not only the file
             "model_config": ref["model_config_sha256"],
@@ -515,7 +480,7 @@ class _Run:
         """--msprobe: both sides dumped by msprobe on `pixels` and compared (probe.py), after the verdict's own
         comparison (which it cannot change); --layers' first divergent module beside msprobe's first failing one."""
         s = self.s
-        first = layers.first_divergent["name"] if layers is not None and layers.first_divergent else None
+        first = layers.first_divergent.name if layers is not None and layers.first_divergent else None
         rank = self.dist.rank if self.dist.enabled else None
         return probe.run_sides(
             s.msprobe,
@@ -546,9 +511,54 @@ class _Run:
 
     @property
     def target_dtype_text(self) -> str:
-        if self.s.target_mode == "bf16":
-            return "float32 (bfloat16 autocast inside the model)"
-        return dtype_name(self.s.weights_dtype)
+        return modes.get(self.s.target_mode).weights_text(self.s.weights_dtype)
+
+    def finish(
+        self,
+        comparison: metrics.Comparison,
+        errors: list[dict[str, str]],
+        total: int,
+        *,
+        per_image: Optional[list[metrics.ImageMetrics]],
+        speed: dict[str, Any],
+        dataset: Optional[dict[str, Any]] = None,
+        images_file: Optional[str] = None,
+        msprobe: Optional[dict[str, Any]] = None,
+        **sections: Any,
+    ) -> Outcome:
+        """The tail both paths (images, labelled sets) share: the verdict judged (`judged`), `errors` of `total`
+        inputs held against --max_skipped, the report built and written, and the Outcome for the console.
+        `per_image` None keeps every image's figures; `sections` (input, layers, notes, ...) go to `report()`."""
+        s = self.s
+        comparison = self.judged(comparison)
+        budget = metrics.skip_budget(comparison, len(errors), total, s.max_skipped)
+        labelled = {"dataset": dataset, "images_file": images_file} if s.labelled else {}
+        made = self.report(
+            comparison,
+            per_image=comparison.per_image if per_image is None else per_image,
+            errors=errors,
+            skipped=budget,
+            speed=speed,
+            msprobe=msprobe,
+            **labelled,
+            **sections,
+        )
+        reports.write_report(s.report, made)
+        layers = sections.get("layers")
+        written = [s.report, *([images_file] if images_file else [])]
+        return Outcome(
+            comparison,
+            self.compared,
+            layers,
+            speed,
+            budget,
+            errors,
+            dataset=dataset,
+            id2label=self.loaded.id2label,
+            written=written,
+            report=made,
+            msprobe=msprobe,
+        )
 
     def report(
         self,
@@ -566,14 +576,17 @@ class _Run:
         target_device: str | None = None,
         msprobe: dict | None = None,
     ) -> schema.AccuracyReport:
-        """The report: the shared header, the verdict and everything it rests on."""
+        """The report, every section typed (schema.typed checks the computing modules' dicts as the reader would):
+        the shared header, the verdict and everything it rests on."""
         s, target = self.s, self.target
         kind = schema.LabelledReport if s.labelled else schema.AccuracyReport
-        extra = {"dataset": dataset, "images_file": images_file} if s.labelled else {}
-        fallbacks = self.fallbacks.summary()
+        extra = (
+            {"dataset": schema.typed(schema.DatasetSummary, dataset), "images_file": images_file} if s.labelled else {}
+        )
+        fallbacks = schema.typed(schema.FallbackReport, self.fallbacks.summary())
         environment = devices.environment(target.device, self.allocator_info)
         return kind(
-            **reports.header("accuracy_run.py", s.argv, self.loaded, environment),
+            **schema.header("accuracy_run.py", s.argv, self.loaded, environment),
             reference_environment=devices.environment(self.reference.device, self.allocator_info),
             verdict=comparison.verdict,
             verdict_reasons=comparison.reasons,
@@ -581,7 +594,7 @@ class _Run:
             reference=schema.SideInfo("cpu", "float32", "eager", self.reference.label),
             target=schema.SideInfo(
                 target_device or getattr(target, "where", "") or str(target.device),
-                "bfloat16 autocast" if s.target_mode == "bf16" else dtype_name(target.dtype),
+                modes.get(s.target_mode).side_dtype(target.dtype),
                 target.mode,
                 target.label,
                 target.notes,
@@ -594,13 +607,13 @@ class _Run:
             reference_checks=comparison.reference_checks,
             aggregate=comparison.aggregate,
             per_image=per_image,
-            errors=errors,
-            skipped=skipped,
+            errors=[schema.typed(schema.ImageError, e) for e in errors],
+            skipped=schema.typed(schema.SkipBudget, skipped),
             layers=layers,
             notes=notes,
-            speed=speed,
+            speed=schema.typed(schema.Speed, speed),
             cpu_fallbacks=fallbacks,
-            msprobe=schema.Msprobe(**msprobe) if msprobe else None,
+            msprobe=schema.typed(schema.Msprobe, msprobe or None),
             **extra,
         )
 

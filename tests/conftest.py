@@ -10,12 +10,54 @@ from pathlib import Path
 
 # The suite builds into a temp folder of its own (every process it starts inherits it), never into the user's shared
 # /tmp/torchinductor_<user>, and removes it at the end (pytest_sessionfinish). Set before torch is imported.
-_SUITE_TMP = tempfile.mkdtemp(prefix="mobilevit-npu-tests-")
+# The folder is named for this process: a run killed before its end (a timeout, ^C twice) leaves its folder behind,
+# and the next run removes it once that process is gone.
+_SUITE_PREFIX = "mobilevit-npu-tests-"
+
+
+def _remove_folders_of_dead_runs() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{_SUITE_PREFIX}*-*"):
+        pid = folder.name[len(_SUITE_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # that run is over: its folder is an orphan
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive (another user's process: EPERM): not ours to touch
+            pass
+
+
+_remove_folders_of_dead_runs()
+_SUITE_TMP = tempfile.mkdtemp(prefix=f"{_SUITE_PREFIX}{os.getpid()}-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SUITE_TMP, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_SUITE_TMP, "triton")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def _inductor_defaults_into_the_suite_folder() -> None:
+    """What inductor keeps in /tmp/torchinductor_<user> whatever TORCHINDUCTOR_CACHE_DIR says goes to the suite's
+    folder too: AOTInductor's precompiled headers (~140 MB each; torch 2.13 _inductor/codecache.py:3539-3543, "we
+    explicitly use default_cache_dir here because these headers need to be global") and the on-disk caches that call
+    runtime_utils.default_cache_dir (_inductor/cache.py:417, runtime/caching/implementations.py:207)."""
+    import importlib
+
+    inductor = os.path.join(_SUITE_TMP, "inductor")
+    for name in ("runtime.cache_dir_utils", "runtime.runtime_utils", "codecache"):
+        try:
+            module = importlib.import_module(f"torch._inductor.{name}")
+        except ImportError:  # an older torch without that module
+            continue
+        if hasattr(module, "default_cache_dir"):
+            module.default_cache_dir = lambda: inductor
+        if hasattr(module, "_HEADER_DIR"):
+            module._HEADER_DIR = os.path.join(inductor, "precompiled_headers")
+            module._HEADER_LOCK_DIR = os.path.join(module._HEADER_DIR, "locks")
+
+
+_inductor_defaults_into_the_suite_folder()
 
 from mobilevit_npu import compilers, refcache, synthetic  # noqa: E402
 
@@ -38,11 +80,13 @@ def private_caches(tmp_path_factory, monkeypatch):
     monkeypatch.delenv(compilers.COMPILE_CACHE_ENV, raising=False)
 
 
-def tiny_config(num_labels: int = 10):
+def tiny_config(num_labels: int = 10, image_size: int = 256, **extra):
+    """The tiny MobileViT config (every stage, 2 heads, narrow): the one declaration the fixtures and the family matrix
+    (tests/test_families.py, at image_size 64) build from."""
     from transformers import MobileViTConfig
 
     return MobileViTConfig(
-        image_size=256,
+        image_size=image_size,
         patch_size=2,
         hidden_sizes=[16, 24, 32],
         neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
@@ -51,6 +95,7 @@ def tiny_config(num_labels: int = 10):
         expand_ratio=2.0,
         id2label={i: f"class {i}" for i in range(num_labels)},
         label2id={f"class {i}": i for i in range(num_labels)},
+        **extra,
     )
 
 
@@ -89,6 +134,67 @@ def model_copy(tmp_path, tiny_model_dir) -> Path:
     dest = tmp_path / "model"
     shutil.copytree(tiny_model_dir, dest)
     return dest
+
+
+def make_labelled_set(root: Path, photos=PHOTOS, classes: int = 3) -> Path:
+    """A labelled set as accuracy_run --dataset reads it: photo i in the class-index folder root/<i % classes>
+    (the tiny model has 10 classes). The one builder every labelled-set test uses."""
+    for i, photo in enumerate(photos):
+        (root / str(i % classes)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, root / str(i % classes))
+    return root
+
+
+def labelled_argv(model_dir, report, dataset, *extra: str) -> list[str]:
+    """accuracy_run's argv for a labelled-set run on the CPU in this process: batches of 2, no worker processes, the
+    system allocator (mallopt is process-wide); `extra` adds the flags a test is about."""
+    common = ["--device", "cpu", "--batch_size", "2", "--workers", "0", "--allocator", "system"]
+    return [str(model_dir), str(report), "--dataset", str(dataset), *common, *extra]
+
+
+# The tiny model's compiled modes, built once per session (each AOTInductor build costs 30-200 s on 2 cores): what
+# the benchmark builds at batch 1, the batch accuracy_run's image targets are built for, so a target run over a copy
+# of this compile cache loads the very package the benchmark built and measured (the same compilers.aoti_key).
+COMPILED_RUN = "compiled.json"
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny(tmp_path_factory, tiny_model_dir):
+    """accuracy_run_perf.py run once (the script, in this process) on a copy of the tiny model with --modes compiled,
+    fast (and bf16 where this CPU runs it) at batch 1 into a compile cache of its own: every build is a real one (a
+    miss). Returns (the folder holding model/, the report and compile_cache/; {mode: the report's result})."""
+    import accuracy_run_perf
+    from mobilevit_npu import devices, execution
+
+    folder = tmp_path_factory.mktemp("compiled_tiny")
+    shutil.copytree(tiny_model_dir, folder / "model")
+    modes = [m for m in ("compiled", "fast", "bf16") if m in execution.available_modes(devices.Device("cpu"))]
+    argv = ["model", "2", COMPILED_RUN, "--device", "cpu", "--modes", ",".join(modes), "--batch_sizes", "1"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(refcache.CACHE_ENV, str(folder / "cache"))
+        mp.setenv(compilers.COMPILE_CACHE_ENV, str(folder / "compile_cache"))
+        mp.chdir(folder)
+        execution._cache.clear()  # built here, not taken from this process's in-memory cache
+        try:
+            code = accuracy_run_perf.main([*argv, "--warmup", "0", "--allocator", "system"])
+        finally:
+            execution._cache.clear()
+    assert code == 0, f"accuracy_run_perf.py {' '.join(argv)} exited {code}"
+    return folder, {r["mode"]: r for r in read_json(folder / COMPILED_RUN)["results"]}
+
+
+@pytest.fixture
+def tiny_compile_cache(tmp_path, compiled_tiny, monkeypatch) -> Path:
+    """A private copy of compiled_tiny's compile cache, made this test's compile cache ($MOBILEVIT_NPU_COMPILE_CACHE):
+    a compiled target of the tiny model at batch 1 loads the benchmark's build instead of building it again."""
+    from mobilevit_npu import execution
+
+    cache, built = tmp_path / "compile_cache", compiled_tiny[0] / "compile_cache"
+    if built.is_dir():  # absent where torch has no AOTInductor (torch.compile's builds are not kept on disk)
+        shutil.copytree(built, cache)
+    monkeypatch.setenv(compilers.COMPILE_CACHE_ENV, str(cache))
+    execution._cache.clear()
+    return cache
 
 
 def read_json(path) -> dict:

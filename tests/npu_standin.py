@@ -1,5 +1,5 @@
 """A stand-in torch_npu package that behaves like the real one where it matters to this project (read from the real
-torch-npu 2.5.1 / 2.13.0 sources, see /work/shared/NPU_NOTES.md):
+torch-npu 2.5.1 / 2.13.0 sources, cited per behaviour below and in docs/npu.md):
 
 - `import torch_npu` registers torch.npu (the npu module, with the real functions' signatures) and the lazy `torchair`
   placeholder (torch_npu.dynamo._LazyTorchair): `import torchair` always succeeds; a broken torchair raises

@@ -96,7 +96,7 @@ def add_noise_in_forward(module_name: str, scale: float = 1.0, seed: int = 0) ->
             noisy = base.add(first, base.to(base.new_tensor(first, noise), first.device, first.dtype))
             return _replace_first_tensor(output, noisy)  # a new tensor: an output aliasing the input stays intact
 
-        # a bound method, so that a deep copy of the model (probe.run dumps copies) calls its own copy's forward
+        # a bound method, so that a deep copy of the model (probe.dump_and_compare dumps copies) calls its own forward
         module.forward = types.MethodType(noisy_forward, module)
         return module
 

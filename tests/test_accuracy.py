@@ -141,7 +141,7 @@ def test_layer_comparator_handles_repeated_calls_and_tuples():
     comparator.close()
     report = comparator.report()
     assert [s.name for s in report.modules] == ["shared", "shared#2", "pair"]
-    assert report.first_divergent["name"] == "shared"
+    assert report.first_divergent.name == "shared"
     assert report.missing_in_target == []
     assert not ref.shared._forward_hooks  # close() removed the hooks
 
@@ -208,9 +208,13 @@ def test_compiled_target_is_built_as_the_benchmark_builds_its_compiled_mode(tiny
 
 
 @pytest.mark.slow
-def test_compiled_target_report_names_the_benchmark_compile_settings(tmp_path, tiny_model_dir):
+def test_compiled_target_report_names_the_benchmark_compile_settings(tmp_path, tiny_model_dir, tiny_compile_cache):
+    """Over a copy of the compile cache accuracy_run_perf.py filled (conftest.compiled_tiny), the compiled target is
+    the benchmark's own package (a hit: the same compilers.aoti_key), and its report names the benchmark's build."""
     rc, report = run(tmp_path, tiny_model_dir, "--images", PHOTOS[0], "--target_mode", "compiled")
     assert rc == 0 and report["verdict"] == "PASS"
+    if compilers.aoti_available():
+        assert any("compile cache hit" in note for note in report["target"]["notes"]), report["target"]["notes"]
     build = (
         "AOTInductor: torch.export + aoti_compile_and_package, freezing"
         if compilers.aoti_available()

@@ -174,7 +174,7 @@ def test_synthetic_card_is_marked_and_publishes_no_results(synthetic_set):
     assert "synthetic-weights" in meta["tags"] and "CPU" in meta["tags"]
     assert "model-index" not in meta and "datasets" not in meta
     loaded = ModelCard.load("MODEL_CARD.md")
-    assert loaded.data.license == "other" and loaded.data.base_model == "apple/mobilevit-x-small"
+    assert loaded.data.license == "other" and loaded.data.base_model is None  # synthetic: no hub checkpoint
     assert loaded.data.eval_results is None
     assert "# synthetic weights (seed 0): nothing to download" in en
     # the X-Small's architecture: its published figures, cited, in both languages
@@ -206,7 +206,7 @@ def test_reproduce_block_prints_commit_packages_and_commands(tiny_set):
     assert "python accuracy_run.py model accuracy_bf16.json --device cpu --dtype bf16" in section
     assert "python accuracy_run_perf.py model 3 perf.json" in section
     assert (
-        "python port_report.py accuracy_bf16.json accuracy_cl.json labelled.json perf.json --output MODEL_CARD.md"
+        "python port_report.py accuracy_bf16.json accuracy_cl.json labelled.json perf.json --output card.md"
         in section
     )
 
@@ -560,16 +560,19 @@ def test_committed_card_is_current(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compile_cache_hit_is_shown_as_a_load(tiny_set, monkeypatch, tmp_path):
-    """Two runs of the compiled mode over one compile cache: the first compiles (a miss), the second loads."""
+def test_a_compile_cache_hit_is_shown_as_a_load(tiny_set, tiny_compile_cache, compiled_tiny):
+    """Two runs of the compiled mode over one compile cache: the first compiles (a miss: the session's
+    accuracy_run_perf.py run of the tiny model, conftest.compiled_tiny, whose cache this test's is a copy of), the
+    second loads."""
+    import shutil
+
     from card_fixtures import make_reports
+    from conftest import COMPILED_RUN
 
-    from mobilevit_npu import compilers
-
-    monkeypatch.setenv(compilers.COMPILE_CACHE_ENV, str(tmp_path / "compile_cache"))
+    shutil.copy(compiled_tiny[0] / COMPILED_RUN, tiny_set / "first.json")
     argv = ["--device", "cpu", "--modes", "compiled", "--batch_sizes", "1", "--warmup", "0"]
-    runs = {name: ("accuracy_run_perf", ["model", "2", name, *argv]) for name in ("first.json", "second.json")}
-    make_reports(tiny_set, None, runs)
+    make_reports(tiny_set, None, {"second.json": ("accuracy_run_perf", ["model", "2", "second.json", *argv])})
+    runs = ("first.json", "second.json")
     assert [load(n)["results"][0]["compile_cache"] for n in runs] == ["miss", "hit"]
     _, en = halves(write_card(["accuracy_cl.json", "first.json", "second.json"]))
     first, second = en.split("### Benchmark on")[1:3]

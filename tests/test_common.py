@@ -106,7 +106,7 @@ def test_backend_helpers_go_to_torch_npu(fake_torch_npu):
     assert devices.peak_memory_bytes(device) == 1234
     assert devices.device_name(device) == "Ascend910B4"
     env = devices.environment(device)
-    assert (env["torch_npu"], env["cann"], env["device_name"]) == ("2.5.1.fake", "8.0.RC2", "Ascend910B4")
+    assert (env.torch_npu, env.cann, env.device_name) == ("2.5.1.fake", "8.0.RC2", "Ascend910B4")
     log = sys.modules["torch_npu"].CALLS
     assert ("synchronize", 0) in log and ("reset_peak_memory_stats", 0) in log and ("max_memory_allocated", 0) in log
 
@@ -389,7 +389,7 @@ def test_run_main_turns_user_errors_into_exit_2(capsys):
 
 
 def test_environment_names_versions():
-    env = devices.environment(devices.Device("cpu"))
+    env = dataclasses.asdict(devices.environment(devices.Device("cpu")))  # a typed schema.Environment
     assert env["torch"] == torch.__version__ and env["transformers"] and env["cpu_count"] >= 1
     assert env["torch_npu"] is None and env["cann"] is None
     assert json.loads(json.dumps(env, allow_nan=False)) == env  # strict JSON, nothing lost

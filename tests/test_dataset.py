@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PHOTOS, ROOT, read_json
+from conftest import PHOTOS, ROOT, labelled_argv, make_labelled_set, read_json
 
 from mobilevit_npu import distributed, errors, labelsets, preprocessing, refcache, targets
 
@@ -153,7 +153,7 @@ def test_run_journals_and_resumes(tmp_path):
     calls: list[str] = []
     journal = labelsets.Journal(report, dist, key, resume=False)
     cfg = preprocessing.PreprocessConfig()
-    records, per_rank = labelsets.run(samples[:3], cfg, fake_process(calls), dist, 2, 0, journal)
+    records, per_rank = labelsets.run_shards(samples[:3], cfg, fake_process(calls), dist, 2, 0, journal)
     journal.close(remove=False)
     assert len(records) == 3 and per_rank == [3]
     lines = (tmp_path / "report.json.parts" / "rank0.jsonl").read_text().splitlines()
@@ -168,7 +168,7 @@ def test_run_journals_and_resumes(tmp_path):
 
     calls.clear()
     journal = labelsets.Journal(report, dist, key, resume=True)
-    records, per_rank = labelsets.run(samples, cfg, fake_process(calls), dist, 2, 0, journal)
+    records, per_rank = labelsets.run_shards(samples, cfg, fake_process(calls), dist, 2, 0, journal)
     journal.close(remove=True)
     assert calls == [s.image for s in samples[3:]]  # finished images are not redone
     assert [r["image"] for r in records] == [s.image for s in samples] and per_rank == [5]  # resumed ones too
@@ -229,34 +229,14 @@ def test_inference_under_torchrun_matches_one_process(tiny_model_dir, tmp_path, 
 @pytest.fixture
 def labelled_set(tmp_path):
     """The photos as a 5-class set in index folders (the tiny model has 10 classes), plus one broken file."""
-    root = tmp_path / "set"
-    for i, photo in enumerate(PHOTOS):
-        (root / str(i % 3)).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, root / str(i % 3))
+    root = make_labelled_set(tmp_path / "set")
     (root / "2" / "broken.png").write_text("not a png")
     return root
 
 
 def labelled_args(model_dir, root, report, *extra):
-    return [
-        str(model_dir),
-        str(report),
-        "--dataset",
-        str(root),
-        "--device",
-        "cpu",
-        "--batch_size",
-        "2",
-        "--workers",
-        "0",
-        "--allocator",
-        "system",
-        "--max_skipped",
-        "1",
-        "--target_mode",  # a CPU port check: float32 eager against itself is INVALID
-        "channels_last",
-        *extra,
-    ]  # the set holds one broken file
+    # a CPU port check (float32 eager against itself is INVALID); the set holds one broken file
+    return labelled_argv(model_dir, report, root, "--max_skipped", "1", "--target_mode", "channels_last", *extra)
 
 
 def test_accuracy_on_a_labelled_folder(tiny_model_dir, labelled_set, tmp_path, capsys):

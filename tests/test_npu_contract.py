@@ -280,6 +280,6 @@ def test_the_stack_facts_read_the_real_wheels_metadata_and_torchair(real_source,
     assert facts["torch_npu"]["requires_torch"].lstrip("=").startswith(real_source.version)
     modes = facts["torchair"]["modes"]
     assert "max-autotune" in modes and ("npugraph_ex" in modes) == (real_source.version != "2.5.1")
-    rows = {r.check: r for r in preflight.check(facts, str(tmp_path / "no-ascend"))}
+    rows = {r.check: r for r in preflight.stack_rows(facts, str(tmp_path / "no-ascend"))}
     listed = preflight.expected_cann(real_source.version)
     assert (rows["CANN toolkit"].status == "missing") and (listed is None) == (real_source.version != "2.5.1")

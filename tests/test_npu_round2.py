@@ -246,7 +246,7 @@ def test_a_fifo_version_file_is_not_read(tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "firmware" / "version.info")  # a read would block forever
     facts = preflight.stack_facts({}, str(tmp_path))
     assert "not a regular file" in facts["firmware"]["error"]
-    rows = {r.check: r for r in preflight.check(facts, str(tmp_path))}
+    rows = {r.check: r for r in preflight.stack_rows(facts, str(tmp_path))}
     assert rows["firmware"].status == "mismatch"
 
 
@@ -263,7 +263,7 @@ def test_an_oversized_version_file_is_refused(tmp_path, monkeypatch):
 def test_a_garbage_driver_version_is_not_ok(tmp_path, monkeypatch, version):
     _clean_env(monkeypatch)
     _stack(tmp_path, driver=f"Version={version}\n")
-    rows = {r.check: r for r in preflight.check(preflight.stack_facts({}, str(tmp_path)), str(tmp_path))}
+    rows = {r.check: r for r in preflight.stack_rows(preflight.stack_facts({}, str(tmp_path)), str(tmp_path))}
     assert rows["driver"].status == "mismatch" and rows["driver"].blocking
 
 
@@ -276,7 +276,7 @@ def test_cann_85_layout_names_its_own_set_env(tmp_path, monkeypatch):
     (cann / "set_env.sh").write_text("# CANN 8.5\n")
     facts = preflight.stack_facts({}, str(tmp_path))
     assert facts["cann"]["version"] == "8.5.0"
-    rows = {r.check: r for r in preflight.check(facts, str(tmp_path))}
+    rows = {r.check: r for r in preflight.stack_rows(facts, str(tmp_path))}
     assert rows["set_env.sh"].fix == f"source {cann}/set_env.sh"
     assert "ascend-toolkit" not in rows["HCCL (torchrun)"].fix
 
@@ -289,7 +289,7 @@ def _facts(torch_version, npu_version, requires=None):
 
 
 def _fixes(facts) -> str:
-    return "\n".join(r.fix or "" for r in preflight.check(facts, "/nonexistent-ascend-root"))
+    return "\n".join(r.fix or "" for r in preflight.stack_rows(facts, "/nonexistent-ascend-root"))
 
 
 def test_suggestions_come_from_the_pairing_table_only():

@@ -212,13 +212,13 @@ def test_the_pairing_table_holds_the_readme_stack():
 
 def test_stack_facts_go_into_the_environment_where_torch_npu_is_installed(tmp_path, monkeypatch):
     cpu = devices.Device("cpu")
-    assert "ascend" not in devices.environment(cpu)  # this CPU box: the report is as before
+    assert devices.environment(cpu).ascend is None  # this CPU box: no Ascend stack in the report
     monkeypatch.syspath_prepend(
         str(fake_site(tmp_path / "site", torch="2.13.0+cpu", npu="2.13.0", requires="torch==2.13.0.*"))
     )
     toolkit = fake_ascend(tmp_path / "Ascend", cann="8.2.RC1")
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(toolkit))
-    ascend = devices.environment(cpu)["ascend"]
+    ascend = devices.environment(cpu).ascend
     assert ascend["torch_npu"]["version"] == "2.13.0" and ascend["torch_npu"]["requires_torch"] == "==2.13.0.*"
     assert ascend["cann"]["version"] == "8.2.RC1" and ascend["toolkit"]["found_by"] == "$ASCEND_TOOLKIT_HOME"
     assert ascend["cann_in_use"] == {"version": "8.2.RC1", "read_from": ascend["cann"]["read_from"]}

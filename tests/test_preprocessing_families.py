@@ -4,7 +4,6 @@ every family, MobileViT-X-Small byte-identical to before, and bad or unrestated 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,19 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
-def _photos() -> list[str]:
-    """The bundled photos and the shared ones, each distinct photo once (the two folders may hold the same files)."""
-    seen, out = set(), []
-    for folder in (preprocessing.BUNDLED_IMAGES_DIR, Path("/work/shared/data/images")):
-        for path in preprocessing.expand_images([str(folder)]) if folder.is_dir() else []:
-            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-            if digest not in seen:
-                seen.add(digest)
-                out.append(path)
-    return out
-
-
-PHOTOS = _photos()
+PHOTOS = preprocessing.expand_images([str(preprocessing.BUNDLED_IMAGES_DIR)])  # the photos the package ships
 
 # family -> (image-processor class, kwargs over its defaults, model_type written to config.json or None). With a
 # model_type the saved preprocessor_config.json loses its image_processor_type, so the class is found from the model

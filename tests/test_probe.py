@@ -6,14 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PHOTOS, ROOT, read_json
+from conftest import PHOTOS, ROOT, labelled_argv, make_labelled_set, read_json
 from perturb import add_noise_in_forward
 
 from mobilevit_npu import devices, metrics, models, preprocessing, probe, schema, targets
@@ -46,7 +45,7 @@ def test_fp32_against_bf16_names_the_modules_and_counts_dtype_rows_apart(tiny, t
     loaded, items = tiny
     model = loaded.model
     target = copy.deepcopy(model).to(torch.bfloat16)
-    section = probe.run(tmp_path / "m", model, target, items[0].batch, "bf16")
+    section = probe.dump_and_compare(tmp_path / "m", model, target, items[0].batch, "bf16")
     files = _dump_files(tmp_path / "m")
     assert files["reference"] == files["target"] == ["rank0"]  # msprobe's own rank layout, as -da reads it
     table = Path(section["compare_table"])
@@ -87,7 +86,7 @@ def test_noise_in_one_module_is_msprobes_first_failing_module_and_layers_agree(t
     )
     thresholds = metrics.Thresholds.for_dtype("fp32")
     _, layers = targets.compare_sides(reference, target, items[:1], thresholds, layers=True)
-    assert layers.first_divergent["name"] == NOISY  # the project's own --layers
+    assert layers.first_divergent.name == NOISY  # the project's own --layers
     pixels = items[0].batch
     section = probe.run_sides(
         tmp_path / "m",
@@ -96,7 +95,7 @@ def test_noise_in_one_module_is_msprobes_first_failing_module_and_layers_agree(t
         pixels,
         "mix",
         "statistics",
-        project_first_divergent=layers.first_divergent["name"],
+        project_first_divergent=layers.first_divergent.name,
     )
     assert section["first_failing_module"] == NOISY
     assert probe.module_name(section["first_failing"][0]["name"]) == NOISY  # nothing before it fails, API rows either
@@ -130,14 +129,14 @@ def test_msprobe_names_map_to_the_projects():
 @pytest.mark.parametrize("mode", ["compiled", "fast", "npugraph"])
 def test_compiled_modes_are_refused(mode):
     with pytest.raises(UserError, match="dynamo graphs of torch >= 2.7") as info:
-        probe.check(mode)
+        probe.check_dumpable(mode)
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "om"])
 def test_offline_runtimes_are_refused(runtime):
     with pytest.raises(UserError, match=f"--runtime {runtime}"):
-        probe.check("eager", runtime)
+        probe.check_dumpable("eager", runtime)
 
 
 def test_missing_msprobe_is_one_line_with_the_install_command(monkeypatch):
@@ -146,7 +145,7 @@ def test_missing_msprobe_is_one_line_with_the_install_command(monkeypatch):
 
     monkeypatch.setattr(probe, "_import_msprobe", absent)
     with pytest.raises(UserError) as info:
-        probe.check("eager")
+        probe.check_dumpable("eager")
     message = str(info.value)
     assert "\n" not in message and 'pip install -e ".[msprobe]"' in message and "mindstudio-probe" in message
 
@@ -154,9 +153,9 @@ def test_missing_msprobe_is_one_line_with_the_install_command(monkeypatch):
 def test_a_release_older_than_the_oldest_tried_is_refused(monkeypatch):
     monkeypatch.setattr(probe.importlib.metadata, "version", lambda name: "8.3.3")
     with pytest.raises(UserError, match=f"mindstudio-probe >= {probe.MIN_VERSION}.*not 8.3.3"):
-        probe.check("eager")
+        probe.check_dumpable("eager")
     monkeypatch.setattr(probe.importlib.metadata, "version", lambda name: "26.1.0.post1")
-    assert probe.check("eager") == "26.1.0.post1"
+    assert probe.check_dumpable("eager") == "26.1.0.post1"
 
 
 def test_folder_refusals(tmp_path):
@@ -227,37 +226,15 @@ def test_accuracy_run_refuses_before_any_work(tiny_model_dir, tmp_path, capsys, 
 
 
 def _labelled_set(tmp_path) -> Path:
-    root = tmp_path / "set"
-    for i, photo in enumerate(PHOTOS[:4]):
-        (root / str(i % 2)).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, root / str(i % 2))
-    return root
+    return make_labelled_set(tmp_path / "set", PHOTOS[:4], classes=2)
 
 
 def test_accuracy_run_on_a_labelled_set_dumps_the_first_batch(tiny_model_dir, tmp_path):
     import accuracy_run
 
     out, report = tmp_path / "out", tmp_path / "r.json"
-    args = [
-        str(tiny_model_dir),
-        str(report),
-        "--dataset",
-        str(_labelled_set(tmp_path)),
-        "--device",
-        "cpu",
-        "--dtype",
-        "bf16",
-        "--batch_size",
-        "2",
-        "--workers",
-        "0",
-        "--allocator",
-        "system",
-        "--reference_cache",
-        "off",
-        "--msprobe",
-        str(out),
-    ]
+    extra = ["--dtype", "bf16", "--reference_cache", "off", "--msprobe", str(out)]
+    args = labelled_argv(tiny_model_dir, report, _labelled_set(tmp_path), *extra)
     assert accuracy_run.main(args) in (0, 1)
     section = schema.load(report).msprobe
     assert section.images_dumped == 2  # the first batch, not the whole set
@@ -331,7 +308,7 @@ def test_a_broken_layer_in_a_bf16_target_is_the_first_failing_module_and_msprobe
     with torch.no_grad():
         target.get_submodule(broken).weight.neg_()
     out = tmp_path / "m"
-    section = probe.run(out, model, target, items[0].batch, "bf16")
+    section = probe.dump_and_compare(out, model, target, items[0].batch, "bf16")
     assert section["first_failing_module"] == broken, section["first_failing"]
     assert section["dtype_only"] > 0 and "14%" in section["dtype_note"]
     assert "beyond bfloat16" in section["first_failing"][0]["message"]

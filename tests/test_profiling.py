@@ -300,6 +300,7 @@ def _benchmark_json(section) -> dict:
         "argv": [],
         "model_source": {"name": "m"},
         "synthetic": False,
+        "preprocessing": None,
         "environment": {f.name: None for f in schema.dataclasses.fields(schema.Environment)}
         | {
             "device": "npu:0",
@@ -317,7 +318,9 @@ def _benchmark_json(section) -> dict:
         },
         "provenance": {"commit": "c", "packages_sha256": "0", "packages": {}},
         "device": "npu:0",
-        "settings": {},
+        "settings": {"iterations": 1, "warmup": 0, "batch_sizes": [1], "modes": ["eager"], "dtype": "fp32"}
+        | {key: "x" for key in ("percentiles", "synchronized", "throughput", "exact")}
+        | {"end_to_end": False, "interleaved": True},
         "results": [],
         "profile": reports.json_safe(section),
     }

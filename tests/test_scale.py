@@ -21,7 +21,7 @@ from conftest import PHOTOS, ROOT, read_json
 from torch._dynamo.utils import counters
 
 import accuracy_run
-from mobilevit_npu import compilers, devices, execution, labelsets, preprocessing, refcache, targets
+from mobilevit_npu import atomic, compilers, devices, execution, labelsets, preprocessing, refcache, targets
 
 # --------------------------------------------------------------------------------------------------------------------
 # refcache: entries, corruption, staleness, concurrency
@@ -654,7 +654,7 @@ def test_compile_cache_on_a_full_disk_falls_back_with_one_line(monkeypatch, tmp_
     private temp folder and only copied into the cache; the copy's OSError falls back to the built runner."""
     root = tmp_path / "compiled"
     monkeypatch.setenv(compilers.COMPILE_CACHE_ENV, str(root))
-    real_package, real_mkstemp = torch._inductor.aoti_compile_and_package, compilers.tempfile.mkstemp
+    real_package, real_temp = torch._inductor.aoti_compile_and_package, atomic._temp_beside
 
     def package(program, package_path=None, **kwargs):
         if package_path and str(package_path).startswith(str(root)):
@@ -664,13 +664,13 @@ def test_compile_cache_on_a_full_disk_falls_back_with_one_line(monkeypatch, tmp_
             )
         return real_package(program, package_path=package_path, **kwargs)
 
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir and str(dir).startswith(str(root)):
-            raise _enospc(dir)
-        return real_mkstemp(*args, dir=dir, **kwargs)
+    def temp_beside(target):  # the one atomic writer's temp file (mobilevit_npu.atomic)
+        if str(target).startswith(str(root)):
+            raise _enospc(target.parent)
+        return real_temp(target)
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", package)
-    monkeypatch.setattr(compilers.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomic, "_temp_beside", temp_beside)
     cpu, module, x = devices.Device("cpu"), Small().eval(), torch.rand(1, 3, 8, 8)
     runner, _, notes, state = compilers.build_aoti(module, cpu, x)
     assert state == "off" and torch.allclose(runner(x), module(x), atol=1e-6)

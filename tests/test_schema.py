@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from card_fixtures import tiny_reports  # noqa: F401  (a session fixture: the scripts' own reports)
-from conftest import PHOTOS, ROOT
+from conftest import PHOTOS, ROOT, labelled_argv, make_labelled_set
 
 import accuracy_run
 import port_report
@@ -40,31 +40,9 @@ def test_every_writer_writes_a_versioned_report_of_its_kind(tiny_reports):  # no
 
 
 def test_a_labelled_run_writes_the_labelled_kind(tmp_path, tiny_model_dir):
-    dataset = tmp_path / "set"
-    for label, photo in enumerate(PHOTOS[:3]):
-        (dataset / str(label)).mkdir(parents=True)
-        (dataset / str(label) / Path(photo).name).write_bytes(Path(photo).read_bytes())
+    dataset = make_labelled_set(tmp_path / "set", PHOTOS[:3])
     out = tmp_path / "r.json"
-    code = accuracy_run.main(
-        [
-            str(tiny_model_dir),
-            str(out),
-            "--dataset",
-            str(dataset),
-            "--device",
-            "cpu",
-            "--dtype",
-            "bf16",
-            "--batch_size",
-            "2",
-            "--workers",
-            "0",
-            "--allocator",
-            "system",
-            "--reference_cache",
-            "off",
-        ]
-    )
+    code = accuracy_run.main(labelled_argv(tiny_model_dir, out, dataset, "--dtype", "bf16", "--reference_cache", "off"))
     assert code in (0, 1)
     report = schema.load(out)
     assert isinstance(report, schema.LabelledReport) and report.dataset.images == 3

@@ -92,14 +92,17 @@ def test_compile_key_names_the_cpp_compiler_and_python():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not compilers.aoti_available(), reason="the CPU's compiled target is cached as an AOTI package")
-def test_compiled_target_after_only_hidden_act_changed_is_built_again_and_passes(model_copy, tmp_path, capsys):
-    """The issue's repro, script-level: a compiled target of the silu model fills the compile cache; change only
-    config.json's hidden_act to gelu and the compiled target must be the gelu model's (it loaded the silu build and
-    FAILed, cosine 0.23)."""
+def test_compiled_target_after_only_hidden_act_changed_is_built_again_and_passes(
+    model_copy, tmp_path, tiny_compile_cache, capsys
+):
+    """The issue's repro, script-level: the compile cache holds the silu model's compiled build (conftest.compiled_tiny:
+    the benchmark's, which a compiled target of this very folder loads); change only config.json's hidden_act to gelu
+    and the compiled target must be the gelu model's (it loaded the silu build and FAILed, cosine 0.23)."""
     report = tmp_path / "r.json"
     argv = [str(model_copy), str(report), "--device", "cpu", "--target_mode", "compiled", "--images", PHOTOS[0]]
     first = accuracy_run.main(argv + ["--reference_cache", "off"])
     assert first in (0, 1) and read_json(report)["checks"]
+    assert "compile cache hit" in " ".join(read_json(report)["target"]["notes"])  # the silu build is in the cache
     set_config(model_copy, hidden_act="gelu")
     rc = accuracy_run.main(argv + ["--reference_cache", "off"])
     data = read_json(report)
@@ -184,7 +187,7 @@ def test_card_png_on_a_full_disk_is_one_line(tiny_model_dir, tmp_path, monkeypat
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
     import port_report
-    from mobilevit_npu import reports
+    from mobilevit_npu import atomic
 
     work = tmp_path / "work"
     model = shutil.copytree(tiny_model_dir, work / "model")
@@ -193,16 +196,16 @@ def test_card_png_on_a_full_disk_is_one_line(tiny_model_dir, tmp_path, monkeypat
     assert accuracy_run.main([str(model), str(acc), "--target_mode", "channels_last", *common_args]) in (0, 1)
     assert accuracy_run_perf.main([str(model), "2", str(perf), "--warmup", "0", "--modes", "eager", *SYSTEM]) in (0, 1)
     capsys.readouterr()
-    real_mkstemp = reports.tempfile.mkstemp
+    real_temp = atomic._temp_beside
 
-    def full_disk(*args, dir=None, suffix="", prefix="", **kwargs):
-        fd, name = real_mkstemp(*args, dir=dir, suffix=suffix, prefix=prefix, **kwargs)
-        if ".png." in prefix:  # a PNG's temp file: its bytes go nowhere
+    def full_disk(target):
+        fd, name = real_temp(target)
+        if target.suffix == ".png":  # a PNG's temp file: its bytes go nowhere
             os.close(fd)
             fd = os.open("/dev/full", os.O_WRONLY)
         return fd, name
 
-    monkeypatch.setattr(reports.tempfile, "mkstemp", full_disk)
+    monkeypatch.setattr(atomic, "_temp_beside", full_disk)
     card_path = work / "card.md"
     rc = port_report.main([str(acc), str(perf), "--output", str(card_path)])
     line = error_line(capsys.readouterr().err)

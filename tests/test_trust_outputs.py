@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PHOTOS
+from conftest import PHOTOS, labelled_argv, make_labelled_set
 from offline_standins import tiny_onnx  # noqa: F401  (a pytest fixture: the tiny model exported by export_onnx.py)
 
 import accuracy_run
@@ -39,34 +39,13 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
-def make_set(root: Path) -> Path:
-    """The photos as a labelled set in class-index folders (the tiny model has 10 classes)."""
-    for i, photo in enumerate(PHOTOS):
-        (root / str(i % 3)).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, root / str(i % 3))
-    return root
+make_set = make_labelled_set  # the photos as a labelled set in class-index folders (the tiny model has 10 classes)
 
 
 def labelled(model_dir, report, dataset, *extra) -> list[str]:
-    return [
-        str(model_dir),
-        str(report),
-        "--dataset",
-        str(dataset),
-        "--device",
-        "cpu",
-        "--batch_size",
-        "2",
-        "--workers",
-        "0",
-        "--allocator",
-        "system",
-        "--reference_cache",
-        "off",
-        "--target_mode",
-        "channels_last",  # not the reference itself: a port check that can PASS
-        *extra,
-    ]
+    # channels_last: not the reference itself, a port check that can PASS
+    port = ["--target_mode", "channels_last"]
+    return labelled_argv(model_dir, report, dataset, "--reference_cache", "off", *port, *extra)
 
 
 def one_line_refusal(capsys, *needles: str) -> str:

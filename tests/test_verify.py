@@ -9,7 +9,7 @@ import pytest
 from conftest import PHOTOS, read_json
 
 import accuracy_run
-from mobilevit_npu import devices, execution, metrics, models, targets, verify
+from mobilevit_npu import compilers, devices, execution, metrics, models, targets, verify
 from mobilevit_npu.errors import UserError
 
 
@@ -60,9 +60,13 @@ def test_impossible_combinations_are_refused_before_any_work(change, message):
         ),
     ],
 )
-def test_fast_and_bf16_are_verification_targets(tmp_path, tiny_model_dir, mode, dtype_shown, thresholds):
-    """Built by the benchmark's own builder (compiled for real), judged against CPU float32 eager with the
-    thresholds of the dtype they compute in; --layers watches an eager twin named as the model's modules."""
+def test_fast_and_bf16_are_verification_targets(
+    tmp_path, tiny_model_dir, tiny_compile_cache, mode, dtype_shown, thresholds
+):
+    """Built by the benchmark's own builder: over a copy of the compile cache the benchmark filled
+    (conftest.compiled_tiny), the target loads the very package the benchmark built and timed (the same
+    compilers.aoti_key: module, code, weights, build options), judged against CPU float32 eager with the thresholds
+    of the dtype they compute in; --layers watches an eager twin named as the model's modules."""
     out = tmp_path / "r.json"
     code = accuracy_run.main(
         [
@@ -85,6 +89,8 @@ def test_fast_and_bf16_are_verification_targets(tmp_path, tiny_model_dir, mode, 
     assert code == (0 if report["verdict"] == "PASS" else 1)
     assert report["verdict"] == "PASS", report["verdict_reasons"]
     assert (report["target"]["mode"], report["target"]["dtype"]) == (mode, dtype_shown)
+    if compilers.aoti_available():  # the benchmark's own package, not another build
+        assert any("compile cache hit" in note for note in report["target"]["notes"]), report["target"]["notes"]
     assert report["thresholds"] == dataclasses.asdict(metrics.DEFAULT_THRESHOLDS[thresholds])
     model_modules = {name for name, _ in models.load_model(str(tiny_model_dir)).model.named_modules()}
     watched = {m["name"].split("#")[0] for m in report["layers"]["modules"]}
