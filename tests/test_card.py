@@ -206,8 +206,7 @@ def test_reproduce_block_prints_commit_packages_and_commands(tiny_set):
     assert "python accuracy_run.py model accuracy_bf16.json --device cpu --dtype bf16" in section
     assert "python accuracy_run_perf.py model 3 perf.json" in section
     assert (
-        "python port_report.py accuracy_bf16.json accuracy_cl.json labelled.json perf.json --output card.md"
-        in section
+        "python port_report.py accuracy_bf16.json accuracy_cl.json labelled.json perf.json --output card.md" in section
     )
 
 

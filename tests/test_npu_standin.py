@@ -559,9 +559,7 @@ def test_cann_version_falls_back_to_the_install_info(npu_standin, tmp_path, monk
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(fake_ascend(tmp_path / "Ascend", cann="8.1.RC1")))
     npu_standin(cann="", torch_version_cann="not known")
     env = devices.environment(devices.resolve_device("npu"))
-    assert env.cann == "8.1.RC1" and env.ascend["cann_in_use"]["read_from"].endswith(
-        "ascend_toolkit_install.info"
-    )
+    assert env.cann == "8.1.RC1" and env.ascend["cann_in_use"]["read_from"].endswith("ascend_toolkit_install.info")
 
 
 def test_transfer_to_npu_leaves_the_warning_filters_and_says_what_it_patched(npu_standin):
