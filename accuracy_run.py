@@ -61,7 +61,7 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--target_mode",
         "--target-mode",
-        choices=modes.names(verify=True),
+        choices=modes.mode_names(verify=True),
         default="eager",
         help="how the target runs, built exactly as accuracy_run_perf.py's mode of that name: "
         + modes.help_text(verify=True),

@@ -91,7 +91,7 @@ def parse_modes(text: str) -> list[str]:
     modes = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not modes:
         raise UserError("--modes is empty")
-    known = mode_registry.names(benchmark=True)
+    known = mode_registry.mode_names(benchmark=True)
     unknown = [m for m in modes if m != "all" and m not in known]
     if unknown:
         raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(known)}, all")

@@ -19,7 +19,7 @@ from typing import Union
 
 from mobilevit_npu import flags
 from mobilevit_npu.errors import UserError
-from mobilevit_npu.flags import int_at_least  # noqa: F401  (the kit's argparse types: common.int_at_least)
+from mobilevit_npu.flags import float_at_least, int_at_least  # noqa: F401  (the kit's argparse types)
 
 # This module imports nothing that imports torch (the package's heavy modules are imported inside the functions that
 # need them), so a script's --help builds its parser in a fraction of a second: tests/test_first_hour.py checks it.
@@ -209,22 +209,6 @@ def add_image_limit_args(group: argparse._ArgumentGroup) -> None:
         help="refuse an image whose long side is more than R times its short side (a 1x40000 strip would resize "
         "to 288 x 11,520,000 pixels)",
     )
-
-
-def float_at_least(minimum: float):
-    """An argparse type: a finite number >= minimum, with a usage error (exit 2) otherwise."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text} must be a finite number of at least {minimum:g}")
-        return value
-
-    parse.__name__ = f"number >= {minimum:g}"
-    return parse
 
 
 PathArg = Union[str, "os.PathLike[str]", None]

@@ -76,7 +76,7 @@ def _main(argv) -> int:
     if unknown:
         raise UserError(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     missing = [
-        p for p in peers if importlib.util.find_spec(runtime_registry.get(p, offered=False).package or p) is None
+        p for p in peers if importlib.util.find_spec(runtime_registry.entry(p, offered=False).package or p) is None
     ]
     if missing:
         logger.warning('not installed, skipped: %s (pip install -e ".[bench]")', ", ".join(missing))

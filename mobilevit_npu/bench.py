@@ -112,7 +112,7 @@ def run_benchmark(
     """
     if iterations < 1 or warmup < 0:
         raise ValueError("iterations must be >= 1 and warmup >= 0")
-    known = mode_registry.names(benchmark=True)
+    known = mode_registry.mode_names(benchmark=True)
     unknown = [m for m in modes if m not in known]
     if unknown:
         raise UserError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(known)}")

@@ -36,7 +36,7 @@ from mobilevit_npu.errors import Unavailable, first_line
 logger = logging.getLogger("mobilevit_npu.execution")
 
 
-MODES = modes.names()  # the registry's, in its order (mobilevit_npu/modes.py)
+MODES = modes.mode_names()  # the registry's, in its order (mobilevit_npu/modes.py)
 # `fast` on CPU: inductor's GEMM autotuning, with the 1x1 convolutions of maps up to this many pixels (batch x height
 # x width) as linears, so that they are GEMMs it can tune and fuse. Measured on the 2-core Xeon VM, interleaved runs:
 # batch 1 p50 18.5 ms against 19.5 with every 1x1 as a linear and 18.1 -> 16.7 against none (OpenVINO 19.6, 17.9);

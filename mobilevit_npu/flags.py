@@ -11,6 +11,7 @@ checks that torch stayed out of sys.modules.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -27,8 +28,8 @@ MAX_IMAGE_PIXELS = 2**27  # 134M: a 108 MP phone photo fits; decoded and resized
 MAX_ASPECT_RATIO = 32.0  # 32:1 (wider than any phone panorama); resized that is 288 x 9216 pixels
 
 # Execution modes, in the order the benchmark runs them: declared in modes.REGISTRY (torch-free; execution.py builds
-# them). The scripts call modes.names() when they build their parsers, so a mode added to the registry is offered.
-MODES = modes.names()
+# them). The scripts call modes.mode_names() when they build their parsers, so a mode added to the registry is offered.
+MODES = modes.mode_names()
 
 # ONNX export and CANN (onnx_export.py reads these).
 ATC_OPSETS = (11, 15)  # the ONNX opsets ATC documents for --framework=5 (CANN 8.0.0; see onnx_export's docstring)
@@ -101,12 +102,28 @@ def int_at_least(minimum: int):
     return parse
 
 
+def float_at_least(minimum: float):
+    """An argparse type: a finite number >= minimum, with a usage error (exit 2) otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number of at least {minimum:g}")
+        return value
+
+    parse.__name__ = f"number >= {minimum:g}"
+    return parse
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--runtime and its artefacts and precision, the same in accuracy_run.py and accuracy_run_perf.py."""
     group = parser.add_argument_group("offline runtime (docs/offline.md)")
     group.add_argument(
         "--runtime",
-        choices=runtime_registry.names(),  # the registry's, when the parser is built
+        choices=runtime_registry.runtime_names(),  # the registry's, when the parser is built
         default="torch",
         help=runtime_registry.runtime_help(),
     )

@@ -218,12 +218,12 @@ REGISTRY: dict[str, Mode] = {
 }
 
 
-def get(name: str) -> Mode:
+def mode(name: str) -> Mode:
     """The mode called `name` (KeyError for an unknown one: callers refuse it with their own flag's words)."""
     return REGISTRY[name]
 
 
-def names(*, benchmark: bool = False, verify: bool = False) -> tuple[str, ...]:
+def mode_names(*, benchmark: bool = False, verify: bool = False) -> tuple[str, ...]:
     """Every mode's name in declaration order; only the benchmark's or the verifier's when asked."""
     return tuple(m.name for m in REGISTRY.values() if (not benchmark or m.benchmark) and (not verify or m.verify))
 
@@ -242,12 +242,12 @@ def label(name: str, lang: str = "en") -> str:
 
 def help_text(*, benchmark: bool = False, verify: bool = False) -> str:
     """The modes with what each does, for --help: "eager (the Hugging Face model as loaded); channels_last (...)"."""
-    return "; ".join(f"{n} ({REGISTRY[n].summary})" for n in names(benchmark=benchmark, verify=verify))
+    return "; ".join(f"{n} ({REGISTRY[n].summary})" for n in mode_names(benchmark=benchmark, verify=verify))
 
 
 def msprobe_names() -> tuple[str, ...]:
     """The verification modes msprobe can dump."""
-    return tuple(n for n in names(verify=True) if REGISTRY[n].msprobe)
+    return tuple(n for n in mode_names(verify=True) if REGISTRY[n].msprobe)
 
 
 def spoken(items: tuple[str, ...] | list[str], last: str = "or") -> str:

@@ -523,7 +523,7 @@ def run_sides(
         level,
         task,
         to_target=target.prepared.to_input,
-        autocast=target.device.type if modes.get(target.mode).autocast else None,
+        autocast=target.device.type if modes.mode(target.mode).autocast else None,
         images=images,
         rank=rank,
         project_first_divergent=project_first_divergent,

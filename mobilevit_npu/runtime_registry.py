@@ -21,7 +21,7 @@ from mobilevit_npu.errors import UserError
 
 
 @dataclass(frozen=True)
-class Runtime:
+class RuntimeEntry:
     """One runtime, declared once."""
 
     name: str  # its --runtime value (and --peers name)
@@ -41,11 +41,11 @@ class Runtime:
         return getattr(importlib.import_module(module), attribute)
 
 
-REGISTRY: dict[str, Runtime] = {
+REGISTRY: dict[str, RuntimeEntry] = {
     entry.name: entry
     for entry in (
-        Runtime("torch", "the model itself", "mobilevit_npu.runtimes:TORCH", modes=True),
-        Runtime(
+        RuntimeEntry("torch", "the model itself", "mobilevit_npu.runtimes:TORCH", modes=True),
+        RuntimeEntry(
             "onnxruntime",
             "the ONNX file: CPUExecutionProvider on --device cpu, CUDAExecutionProvider on cuda, "
             "CANNExecutionProvider on npu; a provider that is absent or fails is an error, never a CPU run",
@@ -55,7 +55,7 @@ REGISTRY: dict[str, Runtime] = {
             package="onnxruntime",
             peer=True,
         ),
-        Runtime(
+        RuntimeEntry(
             "om",
             "an ATC .om through ais_bench's InferSession on --device npu[:N]",
             "mobilevit_npu.runtimes:OM",
@@ -64,7 +64,7 @@ REGISTRY: dict[str, Runtime] = {
             precision="om",
             package="ais_bench",
         ),
-        Runtime(
+        RuntimeEntry(
             "openvino",
             "the ONNX file compiled by OpenVINO for the CPU, f32 (benchmarks/bench_peers.py only)",
             "mobilevit_npu.runtimes:OPENVINO",
@@ -77,7 +77,7 @@ REGISTRY: dict[str, Runtime] = {
 }
 
 
-def names(offered: bool = True) -> tuple[str, ...]:
+def runtime_names(offered: bool = True) -> tuple[str, ...]:
     """The runtimes' names in declaration order: those offered to --runtime (default), or every one."""
     return tuple(name for name, entry in REGISTRY.items() if entry.offered or not offered)
 
@@ -87,12 +87,12 @@ def peers() -> tuple[str, ...]:
     return tuple(name for name, entry in REGISTRY.items() if entry.peer)
 
 
-def get(name: str, offered: bool = True) -> Runtime:
+def entry(name: str, offered: bool = True) -> RuntimeEntry:
     """The entry for `name`; an unknown name (or, with `offered`, one --runtime does not offer) is a UserError in one
     line naming the choices, never another runtime."""
     entry = REGISTRY.get(name)
     if entry is None or (offered and not entry.offered):
-        raise UserError(f"unknown runtime {name!r}: choose from {', '.join(names(offered))}")
+        raise UserError(f"unknown runtime {name!r}: choose from {', '.join(runtime_names(offered))}")
     return entry
 
 

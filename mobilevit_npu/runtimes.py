@@ -92,7 +92,7 @@ add_runtime_args = flags.add_runtime_args  # --runtime and its flags: declared t
 def check_runtime_args(settings: RuntimeArgs) -> None:
     """Usage errors before any model is loaded, from the registry's declarations: an unknown runtime, a flag that goes
     with another runtime, a missing or absent artefact."""
-    entry = runtime_registry.get(settings.runtime)  # unknown: one line, never another runtime
+    entry = runtime_registry.entry(settings.runtime)  # unknown: one line, never another runtime
     runtime = entry.name
     if not entry.modes:
         if settings.target_mode != "eager":
@@ -120,8 +120,8 @@ def check_runtime_args(settings: RuntimeArgs) -> None:
         raise UserError(f"--{entry.artefact} {artefact} is not a file")
 
 
-def _offered() -> list[runtime_registry.Runtime]:
-    return [runtime_registry.REGISTRY[name] for name in runtime_registry.names()]
+def _offered() -> list[runtime_registry.RuntimeEntry]:
+    return [runtime_registry.REGISTRY[name] for name in runtime_registry.runtime_names()]
 
 
 def _artefact_flags() -> list[str]:
@@ -131,7 +131,7 @@ def _artefact_flags() -> list[str]:
 
 def implementation(name: str, offered: bool = True) -> Runtime:
     """The registry's runtime `name` as its Runtime object (an unknown name: UserError, one line)."""
-    return runtime_registry.get(name, offered).load()
+    return runtime_registry.entry(name, offered).load()
 
 
 def runtime_device(runtime: str, spec: str, default_index: int = 0) -> devices.Device:
@@ -270,7 +270,7 @@ def runtime_target(
 def torch_device_spec(runtime: str, spec: str) -> str:
     """The --device the torch side of a run resolves: the flag for the torch runtime, the host CPU for an offline
     runtime (it has its own device)."""
-    return spec if runtime_registry.get(runtime).modes else "cpu"
+    return spec if runtime_registry.entry(runtime).modes else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- the benchmark
@@ -389,7 +389,7 @@ class OnnxFileRuntime(Runtime):
         return devices.Device("cpu")
 
     def peer(self, workdir: Path) -> bench.Builder:
-        name, package = self.name, runtime_registry.get(self.name, offered=False).package or self.name
+        name, package = self.name, runtime_registry.entry(self.name, offered=False).package or self.name
 
         def build(model: torch.nn.Module, device: devices.Device, dtype: str, batch: torch.Tensor):
             if device.type != "cpu" or dtype != "fp32":

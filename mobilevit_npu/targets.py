@@ -21,7 +21,7 @@ from mobilevit_npu.errors import Unavailable, UserError
 logger = logging.getLogger("mobilevit_npu.targets")
 
 
-MODES = modes.names(verify=True)  # as at import; the live list is modes.names(verify=True), the registry's
+MODES = modes.mode_names(verify=True)  # as at import; the live list is modes.mode_names(verify=True), the registry's
 Patch = Callable[[torch.nn.Module], Any]  # installs something on a model (a forward hook, say) before it runs
 
 
@@ -38,7 +38,7 @@ class Side:
 
     @property
     def label(self) -> str:
-        return modes.get(self.mode).side_label(self.device, self.dtype)
+        return modes.mode(self.mode).side_label(self.device, self.dtype)
 
     @property
     def notes(self) -> list[str]:
@@ -49,7 +49,7 @@ class Side:
         """Logits (float64, CPU) of the shared float32 CPU batch, cast to this side's dtype and layout. With
         `on_hook_model`, through the eager twin that --layers watches instead."""
         x = self.prepared.to_input(pixels)
-        autocast = modes.get(self.mode).autocast
+        autocast = modes.mode(self.mode).autocast
         if on_hook_model and autocast:  # the eager twin under the same autocast as the mode
             with torch.autocast(device_type=self.device.type, dtype=models.DTYPES[autocast]):
                 out = self.hook_model(pixel_values=x).logits.float()
@@ -82,13 +82,13 @@ def prepare_target(
     own execution.prepare_mode (a compiled target is the very code path the benchmark times). `example` is a batch
     of the shape to compile for. `patches` are installed on the target model first (tests perturb it this way).
     `layers`: the run will watch every layer (--layers), so a compiled target also gets an eager twin to hook."""
-    known = modes.names(verify=True)
+    known = modes.mode_names(verify=True)
     if mode not in known:
         raise UserError(f"unknown target mode {mode!r}: use {', '.join(known)}")
-    declared = modes.get(mode)
+    declared = modes.mode(mode)
     refused = declared.device_refusal(device)
     if refused:  # refused before the model is copied to the device
-        usable = [m for m in known if modes.get(m).device_refusal(device) is None]
+        usable = [m for m in known if modes.mode(m).device_refusal(device) is None]
         raise UserError(f"--target_mode {mode} cannot run on {device}: {refused}; use {modes.spoken(usable)}")
     model = copy.deepcopy(reference).eval()
     model.to(dtype=models.DTYPES[dtype])

@@ -91,12 +91,12 @@ class Settings(runtimes.RuntimeSettings):
         for an offline runtime the precision its mode calls for."""
         if self.runtime != "torch":
             return runtimes.planned_verdict_dtype(self, distributed.local_rank())
-        return modes.get(self.target_mode).judged_by(self.dtype)
+        return modes.mode(self.target_mode).judged_by(self.dtype)
 
     @property
     def weights_dtype(self) -> str:
         """The dtype the target's weights are cast to: float32 under an autocast mode (modes.Mode.weights)."""
-        return modes.get(self.target_mode).weights(self.dtype)
+        return modes.mode(self.target_mode).weights(self.dtype)
 
     def thresholds(self) -> metrics.Thresholds:
         return metrics.Thresholds.for_dtype(self.verdict_dtype, **self.threshold_overrides)
@@ -138,10 +138,10 @@ class Settings(runtimes.RuntimeSettings):
 def check(settings: Settings) -> None:
     """Flag combinations that cannot work, refused before any model work (UserError: one line, exit 2)."""
     runtimes.check_runtime_args(settings)
-    known = modes.names(verify=True)
+    known = modes.mode_names(verify=True)
     if settings.target_mode not in known:
         raise UserError(f"unknown --target_mode {settings.target_mode}: use {', '.join(known)}")
-    mode = modes.get(settings.target_mode)
+    mode = modes.mode(settings.target_mode)
     if mode.autocast and settings.dtype not in ("fp32", mode.autocast):
         raise UserError(f"--target_mode {mode.name} is {mode.text()} over the float32 weights: leave --dtype at fp32")
     pixel_cache = refcache.pixel_cache_wanted(settings.pixel_cache)
@@ -186,7 +186,7 @@ def run(settings: Settings) -> Outcome:
     try:
         if dist.enabled and not settings.labelled:
             raise UserError("under torchrun, give --dataset or --labels: the set is what gets spread over ranks")
-        refused = modes.get(settings.target_mode).device_refusal(device) if settings.runtime == "torch" else None
+        refused = modes.mode(settings.target_mode).device_refusal(device) if settings.runtime == "torch" else None
         if refused:
             raise UserError(f"--target_mode {settings.target_mode} cannot run on {device}: {refused}")
         if settings.verdict_dtype == "fp32" and device.type in ("npu", "cuda") and not settings.allow_hf32:
@@ -211,8 +211,8 @@ def self_comparison(settings: Settings, target) -> Optional[str]:
     if (target.device.type, target.dtype, target.mode) != ("cpu", "fp32", "eager"):
         return None
     dtypes = "|".join(d for d in models.DTYPES if d != "fp32")
-    ports = "|".join(m for m in modes.names(verify=True) if m != "eager" and not modes.get(m).only_on)
-    offline = "|".join(r for r in runtime_registry.names() if r != "torch")
+    ports = "|".join(m for m in modes.mode_names(verify=True) if m != "eager" and not modes.mode(m).only_on)
+    offline = "|".join(r for r in runtime_registry.runtime_names() if r != "torch")
     return (
         "the target is the reference itself (cpu float32 eager, torch), so the run only shows that the CPU is "
         f"deterministic; name the port to check: --device npu|cuda, --dtype {dtypes}, --target_mode {ports}, or "
@@ -451,7 +451,7 @@ class _Run:
         with its labels; the thresholds."""
         s, loaded = self.s, self.loaded
         ref = refcache.reference_key(loaded.model, loaded.source, loaded.preprocess)
-        entry = runtime_registry.get(s.runtime)
+        entry = runtime_registry.entry(s.runtime)
         artefact = getattr(s, entry.artefact) if entry.artefact else None
         return {
             "model": ref["weights_sha256"],  # the weights as loaded, not only the file
@@ -511,7 +511,7 @@ class _Run:
 
     @property
     def target_dtype_text(self) -> str:
-        return modes.get(self.s.target_mode).weights_text(self.s.weights_dtype)
+        return modes.mode(self.s.target_mode).weights_text(self.s.weights_dtype)
 
     def finish(
         self,
@@ -594,7 +594,7 @@ class _Run:
             reference=schema.SideInfo("cpu", "float32", "eager", self.reference.label),
             target=schema.SideInfo(
                 target_device or getattr(target, "where", "") or str(target.device),
-                modes.get(s.target_mode).side_dtype(target.dtype),
+                modes.mode(s.target_mode).side_dtype(target.dtype),
                 target.mode,
                 target.label,
                 target.notes,

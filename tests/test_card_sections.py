@@ -133,7 +133,7 @@ def _modes(compiled: bool) -> list[str]:
     """The modes accuracy_run.py verifies, uncompiled or compiled (those build with inductor: the slow test)."""
     from mobilevit_npu import modes
 
-    return [name for name in modes.names(verify=True) if modes.get(name).compiled == compiled]
+    return [name for name in modes.mode_names(verify=True) if modes.mode(name).compiled == compiled]
 
 
 def _run_script(script: str, argv: list[str], folder: Path) -> int:

@@ -120,7 +120,7 @@ def test_help_of_a_flag_with_a_default_that_is_zero_still_says_it(helps):
 def test_npugraph_is_described_as_the_compiler_builds_it(helps):
     """npugraph runs torchair's npugraph_ex where the torchair has it, else reduce-overhead (compilers.compile_for):
     --help, the registry and docs/performance.md said reduce-overhead only, docs/npu.md npugraph_ex."""
-    summary = modes.get("npugraph").summary
+    summary = modes.mode("npugraph").summary
     row = next(line for line in (ROOT / "docs" / "performance.md").read_text().splitlines() if "| `npugraph`" in line)
     npu_md = (ROOT / "docs" / "npu.md").read_text()
     for where, text in (("modes.py", summary), ("performance.md", row), ("npu.md", npu_md)):

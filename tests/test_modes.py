@@ -73,7 +73,7 @@ class _BfloatOnlyCpuAutocast(torch.autocast):
 
 
 def test_a_mode_added_to_the_registry_is_offered_timed_and_verifiable(monkeypatch, tiny_model_dir, uncompiled):
-    twin = dataclasses.replace(modes.get("eager"), name="eager_again", summary="a test's second eager")
+    twin = dataclasses.replace(modes.mode("eager"), name="eager_again", summary="a test's second eager")
     monkeypatch.setitem(modes.REGISTRY, "eager_again", twin)
     target_mode = accuracy_run.build_parser()._option_string_actions["--target_mode"]
     assert "eager_again" in target_mode.choices and "a test's second eager" in target_mode.help
@@ -112,7 +112,7 @@ def test_each_mode_is_declared_once_with_what_judges_and_names_it():
         assert judged in metrics.DEFAULT_THRESHOLDS, mode.name  # named thresholds judge every mode
         assert all(mode.label) and len(mode.label) == len(modes.LANGUAGES), mode.name
         assert mode.exact is (judged == "fp32")
-    bf16, fp16 = modes.get("bf16"), modes.get("fp16")
+    bf16, fp16 = modes.mode("bf16"), modes.mode("fp16")
     # the report spellings of bf16 come from its one declaration, in each report's dtype vocabulary
     assert (bf16.bench_dtype("fp32"), bf16.side_dtype("bf16")) == ("bf16 autocast", "bfloat16 autocast")
     assert bf16.weights_text("fp32") == "float32 (bfloat16 autocast inside the model)"
@@ -124,7 +124,7 @@ def test_each_mode_is_declared_once_with_what_judges_and_names_it():
         and modes.label("onnxruntime CPU", "zh") == "onnxruntime CPU"
     )
     assert modes.msprobe_names() == ("eager", "channels_last", "bf16", "fp16")
-    assert [m for m in modes.names() if modes.get(m).twin] == ["compiled", "fast", "bf16", "fp16", "npugraph"]
+    assert [m for m in modes.mode_names() if modes.mode(m).twin] == ["compiled", "fast", "bf16", "fp16", "npugraph"]
 
 
 def test_the_scripts_offer_fp16():

@@ -41,7 +41,7 @@ def test_an_unknown_runtime_is_one_error_line_in_both_scripts(script, tiny_model
     assert main([*argv, "--runtime", "tensorrt"]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "--runtime" in line and "tensorrt" in line
-    assert all(name in line for name in runtime_registry.names())  # the choices, from the registry
+    assert all(name in line for name in runtime_registry.runtime_names())  # the choices, from the registry
     assert not (tmp_path / "r.json").exists()
 
 
@@ -60,8 +60,8 @@ def test_an_unknown_runtime_is_never_run_as_another(tiny_model_dir):
 
 
 def test_openvino_is_declared_once_as_a_peer_only():
-    assert runtime_registry.names() == ("torch", "onnxruntime", "om")
-    assert runtime_registry.names(offered=False) == ("torch", "onnxruntime", "om", "openvino")
+    assert runtime_registry.runtime_names() == ("torch", "onnxruntime", "om")
+    assert runtime_registry.runtime_names(offered=False) == ("torch", "onnxruntime", "om", "openvino")
     assert runtime_registry.peers() == bench_peers.PEERS == ("onnxruntime", "openvino")
     assert isinstance(runtimes.implementation("openvino", offered=False), runtimes.OnnxFileRuntime)
 
@@ -118,7 +118,7 @@ def standin(monkeypatch):
     module = types.ModuleType("standin_runtime")
     module.STANDIN = runtime
     monkeypatch.setitem(sys.modules, "standin_runtime", module)
-    entry = runtime_registry.Runtime(
+    entry = runtime_registry.RuntimeEntry(
         "standin", "a test's stand-in", "standin_runtime:STANDIN", package="numpy", peer=True
     )
     monkeypatch.setitem(runtime_registry.REGISTRY, "standin", entry)
