@@ -724,16 +724,7 @@ def test_resume_counts_cover_the_whole_run(tiny_model_dir, labelled_set, tmp_pat
     (labelled_set / "3" / "broken.png").write_text("not a png")
     report = tmp_path / "r.json"
     real_stream = labelsets.stream
-
-    def killed_after_one_batch(*args, **kwargs):
-        for i, batch in enumerate(real_stream(*args, **kwargs)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(labelsets, "stream", killed_after_one_batch)
-    first = labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--max_skipped", "1")
-    assert accuracy_run.main(first) == 130
+    killed_run(tiny_model_dir, labelled_set, report, monkeypatch, "--max_skipped", "1")
     assert not report.exists()
     monkeypatch.setattr(labelsets, "stream", real_stream)
     argv = labelled(tiny_model_dir, labelled_set, report, "--workers", "0", "--max_skipped", "1", "--resume")
