@@ -106,11 +106,15 @@ def _prepare(name: str, model: torch.nn.Module, device: devices.Device, dtype: s
     def channels_last(x: torch.Tensor) -> torch.Tensor:
         return x.to(device.torch, torch_dtype).contiguous(memory_format=torch.channels_last)
 
-    if not mode.compiled and mode.channels_last:
-        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        return Prepared(Logits(cl_model), channels_last, module=cl_model)
     if not mode.compiled:
-        return Prepared(Logits(model), plain, module=model)
+        if mode.channels_last:
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        fn: torch.nn.Module = Logits(model)
+        notes = []
+        if mode.autocast:  # eager under autocast: torch.autocast decides per op what runs in the lower precision
+            fn = Autocast(fn, device.type, mode.autocast)
+            notes.append(f"{mode.text()}: not exact, see agreement")
+        return Prepared(fn, channels_last if mode.channels_last else plain, notes=notes, module=model)
 
     notes: list[str] = []
     module: torch.nn.Module = model

@@ -74,7 +74,7 @@ class Mode:
 
     def side_dtype(self, dtype: str) -> str:
         """The accuracy report's target dtype: torch's name, or the autocast label ("bfloat16 autocast")."""
-        return self.text() if self.autocast else TORCH_DTYPE_NAMES[dtype]
+        return f"{TORCH_DTYPE_NAMES[self.autocast]} autocast" if self.autocast else TORCH_DTYPE_NAMES[dtype]
 
     def weights_text(self, dtype: str) -> str:
         """What the target's weights are, for the console: "float32 (bfloat16 autocast inside the model)"."""
@@ -85,7 +85,8 @@ class Mode:
     def side_label(self, device: object, dtype: str) -> str:
         """The target as the console, the report's `label` and the card name it."""
         if self.autocast:
-            return f"{device} {self.text()} ({self.name} mode: fast model, float32 weights)"
+            model = "fast model" if self.model == "fast" else "Hugging Face model"
+            return f"{device} {self.text()} ({self.name} mode: {model}, float32 weights)"
         return f"{device} {TORCH_DTYPE_NAMES[dtype]} {self.name}"
 
     def device_refusal(self, device: devices.Device) -> Optional[str]:
@@ -200,6 +201,24 @@ REGISTRY: dict[str, Mode] = {
             ("float16 autocast", "float16 自动混合精度"),
             model="fast",
             compiled=True,
+            autocast="fp16",
+            msprobe=True,
+        ),
+        Mode(
+            "bf16_eager",
+            "the Hugging Face model as loaded, uncompiled, under bfloat16 autocast (torch.autocast: what torch_npu's "
+            "amp runs op by op), judged with bf16's thresholds; on a CPU without native bfloat16 too (slower, the same "
+            "rounding)",
+            ("eager bfloat16 autocast", "eager bfloat16 自动混合精度"),
+            autocast="bf16",
+            refused_on=(("mps", "bf16 autocast is not benchmarked on MPS"),),
+            msprobe=True,
+        ),
+        Mode(
+            "fp16_eager",
+            "the Hugging Face model as loaded, uncompiled, under float16 autocast (torch.autocast: what torch_npu's "
+            "amp runs op by op), judged with fp16's thresholds",
+            ("eager float16 autocast", "eager float16 自动混合精度"),
             autocast="fp16",
             msprobe=True,
         ),

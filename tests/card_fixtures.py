@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PHOTOS
+from conftest import PHOTOS, shared_once
 
 # What each fixture report is, and the arguments that make it (the model folder is `model`, the report the 2nd arg).
 TINY_RUNS = {
@@ -134,17 +134,13 @@ def make_reports(folder: Path, model_dir: Path | None, runs: dict[str, tuple[str
 @pytest.fixture(scope="session")
 def tiny_reports(tmp_path_factory, tiny_model_dir) -> Path:
     """A folder holding model/ (the tiny model) and the reports of TINY_RUNS, written by the scripts."""
-    folder = tmp_path_factory.mktemp("card_tiny")
-    make_reports(folder, tiny_model_dir, TINY_RUNS)
-    return folder
+    return shared_once(tmp_path_factory, "card_tiny", lambda folder: make_reports(folder, tiny_model_dir, TINY_RUNS))
 
 
 @pytest.fixture(scope="session")
 def synthetic_reports(tmp_path_factory) -> Path:
     """A folder holding the reports of SYNTHETIC_RUNS (the full-size X-Small with synthetic weights)."""
-    folder = tmp_path_factory.mktemp("card_synthetic")
-    make_reports(folder, None, SYNTHETIC_RUNS)
-    return folder
+    return shared_once(tmp_path_factory, "card_synthetic", lambda folder: make_reports(folder, None, SYNTHETIC_RUNS))
 
 
 def copy_set(source: Path, dest: Path) -> Path:

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 # The suite builds into a temp folder of its own (every process it starts inherits it), never into the user's shared
 # /tmp/torchinductor_<user>, and removes it at the end (pytest_sessionfinish). Set before torch is imported.
@@ -28,10 +29,26 @@ def _remove_folders_of_dead_runs() -> None:
             pass
 
 
-_remove_folders_of_dead_runs()
-_SUITE_TMP = tempfile.mkdtemp(prefix=f"{_SUITE_PREFIX}{os.getpid()}-")
+# Under pytest-xdist (the readme's `-n 2`) the workers share the folder of the run that started them: it is passed on
+# in the environment (the controller imports this file before it starts its workers), so one inductor cache serves
+# every worker, and the builds shared_once makes are made once for all of them. Only the run that made the folder
+# removes it.
+_SUITE_ENV = "MOBILEVIT_NPU_TEST_SUITE_TMP"
+_SUITE_TMP = os.environ.get(_SUITE_ENV, "") if os.environ.get("PYTEST_XDIST_WORKER") else ""
+_SUITE_OWNER = not os.path.isdir(_SUITE_TMP)
+if _SUITE_OWNER:
+    _remove_folders_of_dead_runs()
+    _SUITE_TMP = tempfile.mkdtemp(prefix=f"{_SUITE_PREFIX}{os.getpid()}-")
+    os.environ[_SUITE_ENV] = _SUITE_TMP
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SUITE_TMP, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_SUITE_TMP, "triton")
+
+# pytest-xdist's workers share the cores: each computes on its share of them (and so does every script it starts), so
+# their OpenMP threads never spin against each other's (two workers of two threads each on two cores run a test 10-40x
+# slower). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -66,7 +83,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_sessionfinish(session, exitstatus):
     """The suite's own inductor/triton builds go with it (the pytest tmp folders: tmp_path_retention_policy)."""
-    shutil.rmtree(_SUITE_TMP, ignore_errors=True)
+    if _SUITE_OWNER:
+        shutil.rmtree(_SUITE_TMP, ignore_errors=True)
+
+
+def shared_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A session's expensive build, made once for the whole run: `build(folder)` fills a new folder, returned. Under
+    pytest-xdist every worker asks for it; the first builds it in the run's shared folder while holding a lock, the
+    others wait and get the same folder (so a compile cache built by one worker is keyed on the very weights every
+    worker loads). A build that failed is not kept: the next worker to ask builds again, and fails the same way."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    import fcntl  # xdist's workers: POSIX only here, as is the suite's torchrun
+
+    shared = Path(_SUITE_TMP) / "shared"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 DATA_DIR = ROOT / "mobilevit_npu" / "data" / "images"  # the sample photos the package ships
@@ -108,9 +150,12 @@ def save_folder(model, folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny MobileViT (10 classes) with healthy synthetic weights, saved as a Hugging Face folder."""
-    torch.manual_seed(0)
-    model = synthetic.build_synthetic_model(config=tiny_config(), images=PHOTOS[:2])
-    return save_folder(model, tmp_path_factory.mktemp("tiny"))
+
+    def build(folder: Path) -> None:
+        torch.manual_seed(0)
+        save_folder(synthetic.build_synthetic_model(config=tiny_config(), images=PHOTOS[:2]), folder)
+
+    return shared_once(tmp_path_factory, "tiny", build)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +170,7 @@ def default_init_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_model_dir(tmp_path_factory) -> Path:
     """The full-size X-Small with healthy synthetic weights (1000 ImageNet labels), saved and loadable."""
-    return synthetic.save_synthetic_model(tmp_path_factory.mktemp("xsmall"))
+    return shared_once(tmp_path_factory, "xsmall", synthetic.save_synthetic_model)
 
 
 @pytest.fixture
@@ -166,20 +211,22 @@ def compiled_tiny(tmp_path_factory, tiny_model_dir):
     import accuracy_run_perf
     from mobilevit_npu import devices, execution
 
-    folder = tmp_path_factory.mktemp("compiled_tiny")
-    shutil.copytree(tiny_model_dir, folder / "model")
-    modes = [m for m in ("compiled", "fast", "bf16") if m in execution.available_modes(devices.Device("cpu"))]
-    argv = ["model", "2", COMPILED_RUN, "--device", "cpu", "--modes", ",".join(modes), "--batch_sizes", "1"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(refcache.CACHE_ENV, str(folder / "cache"))
-        mp.setenv(compilers.COMPILE_CACHE_ENV, str(folder / "compile_cache"))
-        mp.chdir(folder)
-        execution._cache.clear()  # built here, not taken from this process's in-memory cache
-        try:
-            code = accuracy_run_perf.main([*argv, "--warmup", "0", "--allocator", "system"])
-        finally:
-            execution._cache.clear()
-    assert code == 0, f"accuracy_run_perf.py {' '.join(argv)} exited {code}"
+    def build(folder: Path) -> None:
+        shutil.copytree(tiny_model_dir, folder / "model")
+        modes = [m for m in ("compiled", "fast", "bf16") if m in execution.available_modes(devices.Device("cpu"))]
+        argv = ["model", "2", COMPILED_RUN, "--device", "cpu", "--modes", ",".join(modes), "--batch_sizes", "1"]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(refcache.CACHE_ENV, str(folder / "cache"))
+            mp.setenv(compilers.COMPILE_CACHE_ENV, str(folder / "compile_cache"))
+            mp.chdir(folder)
+            execution._cache.clear()  # built here, not taken from this process's in-memory cache
+            try:
+                code = accuracy_run_perf.main([*argv, "--warmup", "0", "--allocator", "system"])
+            finally:
+                execution._cache.clear()
+        assert code == 0, f"accuracy_run_perf.py {' '.join(argv)} exited {code}"
+
+    folder = shared_once(tmp_path_factory, "compiled_tiny", build)
     return folder, {r["mode"]: r for r in read_json(folder / COMPILED_RUN)["results"]}
 
 

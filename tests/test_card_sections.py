@@ -176,7 +176,9 @@ def test_a_card_from_each_mode_in_both_languages(mode, mode_reports, tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_card_from_each_compiled_mode_in_both_languages(tiny_set):
+def test_a_card_from_each_compiled_mode_in_both_languages(tiny_set, tiny_compile_cache):
+    """The compiled targets load the builds the session's benchmark made (conftest.compiled_tiny: the same weights,
+    batch 1), so this test builds nothing of its own."""
     for pair in _mode_reports(tiny_set, _modes(compiled=True)):
         assert_whole_in_both(write_card(list(pair), out=f"card_{pair[0]}.md"))
 

@@ -123,7 +123,7 @@ def test_each_mode_is_declared_once_with_what_judges_and_names_it():
         modes.label("fp16", "zh") == "float16 自动混合精度"
         and modes.label("onnxruntime CPU", "zh") == "onnxruntime CPU"
     )
-    assert modes.msprobe_names() == ("eager", "channels_last", "bf16", "fp16")
+    assert modes.msprobe_names() == ("eager", "channels_last", "bf16", "fp16", "bf16_eager", "fp16_eager")
     assert [m for m in modes.mode_names() if modes.mode(m).twin] == ["compiled", "fast", "bf16", "fp16", "npugraph"]
 
 
@@ -209,7 +209,7 @@ def test_fp16_and_bf16_builds_never_share_a_compile_cache_entry(tiny_model_dir):
 def test_msprobe_dumps_fp16_through_its_twin_and_names_it_among_the_dumpable(monkeypatch):
     monkeypatch.setattr(probe, "msprobe_version", lambda: "26.2.0")
     assert probe.check_dumpable("fp16") == "26.2.0"
-    with pytest.raises(UserError, match=r"use eager, channels_last, bf16 or fp16$"):
+    with pytest.raises(UserError, match=r"use eager, channels_last, bf16, fp16, bf16_eager or fp16_eager$"):
         probe.check_dumpable("fast")
 
 
