@@ -87,6 +87,33 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_SUITE_TMP, ignore_errors=True)
 
 
+def _file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadfile --no-loadscope-reorder`, the readme's command: each test file one unit of
+    work, sent in collection order), the order that keeps a worker from waiting for the session's compiled builds
+    (compiled_tiny, ~4 minutes on 2 cores, built by whichever worker asks first): the first file that uses them, its
+    tests that use them first, then every file that does not, then the other files that do. One worker builds while
+    the other runs the files in between; by the time either reaches the last files, the build is there."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    uses = {id(item): "compiled_tiny" in getattr(item, "fixturenames", ()) for item in items}
+    files: dict[str, bool] = {}
+    for item in items:
+        files[_file(item)] = files.get(_file(item), False) or uses[id(item)]
+    first = next((name for name, used in files.items() if used), None)
+
+    def order(item) -> tuple[int, int]:
+        name = _file(item)
+        if name == first:
+            return 0, 0 if uses[id(item)] else 1
+        return (2 if files[name] else 1), 0
+
+    items.sort(key=order)  # stable: each file's own order otherwise kept (every worker sorts alike)
+
+
 def shared_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """A session's expensive build, made once for the whole run: `build(folder)` fills a new folder, returned. Under
     pytest-xdist every worker asks for it; the first builds it in the run's shared folder while holding a lock, the

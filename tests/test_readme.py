@@ -159,7 +159,7 @@ def test_readme_setup_is_two_commands_and_test_is_one():
     assert set(ci) == {"setup", "lint", "only", "test", "compat"}, sorted(ci)
     assert len(ci["setup"]) == 2 and ci["setup"][1] == 'pip install -e ".[dev]"', ci["setup"]
     assert ci["setup"][0].startswith("pip install torch=="), ci["setup"]
-    assert ci["test"] == ["python -m pytest -q -n 2 --dist loadfile"]
+    assert ci["test"] == ["python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder"]
     # elsewhere than CI's machine, a plain `pip install torch==X` on Linux pulls the CUDA build: the readme says so
     install = README.read_text(encoding="utf-8").split("## Install")[1].split("\n## ")[0]
     assert re.search(r"--index-url\s+https://download\.pytorch\.org/whl/cpu", install)
