@@ -269,6 +269,16 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"% ceiling: FLOP/s at p50 ({flop / 1e9:.2f} GFLOP per image) over the measured {dtype} matmul ceiling, "
             f"{gflops:.0f} GFLOP/s: at it an image would take {flop / gflops / 1e6:.2f} ms"
         )
+    over = [
+        f"{r['mode']} at batch {r['batch_size']}"
+        for r in results
+        if r.get("latency_ms") and ((r.get("roofline") or {}).get("fraction_of_ceiling") or 0) > 1
+    ]
+    if over:  # the card says the same (cardfacts.over_ceiling)
+        lines.append(
+            f"% ceiling over 100% ({', '.join(over)}): the ceiling was measured too low (one dense matmul, timed once "
+            "at the start of the run), not the hardware outrun"
+        )
     return "\n".join(lines)
 
 

@@ -412,11 +412,13 @@ def dump_and_compare(
     images: Optional[int] = None,
     rank: Optional[int] = None,
     project_first_divergent: Optional[str] = None,
+    twin: bool = True,
 ) -> dict[str, Any]:
     """Dump both sides with msprobe on the same images, compare them with `msprobe compare`; the report section.
 
     `reference_module` runs the float32 CPU batch `inputs` as is; `target_module` runs `to_target(inputs)` (default:
-    cast to `target_dtype`), under bfloat16 autocast on device type `autocast` when given. Both are Hugging Face
+    cast to `target_dtype`), under autocast to `target_dtype` (bf16 | fp16) on device type `autocast` when given:
+    the eager twin of a compiled autocast mode (`twin`), or the autocast mode's own model. Both are Hugging Face
     models called as model(pixel_values=x). `images` bounds the images dumped (the first ones); `rank` names the
     dump folder when torch.distributed is not initialised (else msprobe asks torch.distributed)."""
     if level not in LEVELS or task not in TASKS:
@@ -444,8 +446,7 @@ def dump_and_compare(
         debugger = _debugger(target_config)
         target_input = to_target(pixels) if to_target else pixels.to(models.DTYPES[target_dtype])
         # under autocast the target's dtype is the autocast dtype (targets.Side.dtype: modes.Mode.judged_by)
-        autocast_dtype = models.DTYPES[target_dtype] if target_dtype != "fp32" else torch.bfloat16
-        _dump_side(debugger, target_module, target_input, autocast, rank_id, autocast_dtype)
+        _dump_side(debugger, target_module, target_input, autocast, rank_id, models.DTYPES[target_dtype])
     finally:
         if debugger is not None:
             _restore_apis(debugger)
@@ -456,17 +457,18 @@ def dump_and_compare(
             raise RuntimeError(f"msprobe wrote no {path}")
     table = _compare(target_json, reference_json, root / "compare" / folder)
     dtypes_differ = models.DTYPES[target_dtype] != torch.float32 or autocast is not None
-    dtype = target_dtype if target_dtype != "fp32" else ("bf16" if autocast else None)
+    dtype = target_dtype if target_dtype != "fp32" else None
     summary = summarize_compare(read_table(table), dtypes_differ, dtype)
     notes = []
     if level == "L1":
         notes.append("level L1 dumps torch APIs only: no module rows, so no first failing module")
-    if autocast:
+    if autocast and twin:
         notes.append(
             f"the {dtype} target's eager twin was dumped under the same {models.dtype_name(dtype)} autocast (its "
-            "compiled graph "
-            "has no modules to hook)"
+            "compiled graph has no modules to hook)"
         )
+    elif autocast:
+        notes.append(f"the {dtype} target was dumped as it runs, under {models.dtype_name(dtype)} autocast")
     dtype_note = None
     if dtypes_differ:
         dtype_note = (
@@ -527,6 +529,7 @@ def run_sides(
         images=images,
         rank=rank,
         project_first_divergent=project_first_divergent,
+        twin=modes.mode(target.mode).twin,
     )
 
 

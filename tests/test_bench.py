@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -450,6 +451,25 @@ def test_roofline_arithmetic():
     assert roof.floor_ms == pytest.approx(10.0)  # 4 GFLOP at 400 GFLOP/s
     assert flops.roofline(2e9, 1, 20.0, None).fraction_of_ceiling is None
     assert flops.roofline(None, 1, 20.0, 400e9) is None
+
+
+def test_the_console_says_why_a_share_of_the_ceiling_reads_over_100_percent():
+    """A row over the ceiling is flagged where it is printed, as the card flags it (cardfacts.over_ceiling)."""
+
+    def row(mode, p50_ms):
+        roof = dataclasses.asdict(flops.roofline(flop_per_image=2e9, batch_size=1, p50_ms=p50_ms, ceiling=400e9))
+        latency = {"p50": p50_ms, "p90": p50_ms, "mean": p50_ms}
+        return {"mode": mode, "batch_size": 1, "status": "ok", "latency_ms": latency, "roofline": roof,
+                "throughput_images_per_s": 1e3 / p50_ms, "dtype": "fp32"}  # fmt: skip
+
+    fine = bench.format_table([row("eager", 20.0), row("compiled", 10.0)])
+    assert " 50%" in fine and "over 100%" not in fine
+    over = bench.format_table([row("eager", 20.0), row("fast", 4.0)])  # 2 GFLOP in 4 ms: 500 GFLOP/s, 125%
+    assert "125%" in over
+    assert over.splitlines()[-1] == (
+        "% ceiling over 100% (fast at batch 1): the ceiling was measured too low (one dense matmul, timed once at the "
+        "start of the run), not the hardware outrun"
+    )
 
 
 def test_model_flop_counts_a_convolution():

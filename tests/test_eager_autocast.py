@@ -92,6 +92,8 @@ def test_a_broken_layer_fails_an_eager_autocast_target_and_layers_and_msprobe_na
     assert report["verdict"] == "FAIL"
     assert report["layers"]["first_divergent"]["name"] == layer, report["layers"]["first_divergent"]
     assert report["msprobe"]["first_failing_module"] == layer and report["msprobe"]["agree"] is True
+    # the model itself was dumped, not a twin: the note says what ran
+    assert report["msprobe"]["note"] == "the fp16 target was dumped as it runs, under float16 autocast"
 
 
 def test_a_bf16_eager_benchmark_row_is_bfloat16_autocast_judged_on_its_agreement(tiny_model_dir):
