@@ -145,6 +145,9 @@ def _native_bf16(device: devices.Device) -> Optional[str]:
     return None
 
 
+_NOT_ON_MPS_BF16 = ("mps", "bf16 autocast is not benchmarked on MPS")  # both bf16 autocast modes
+
+
 REGISTRY: dict[str, Mode] = {
     mode.name: mode
     for mode in (
@@ -191,7 +194,7 @@ REGISTRY: dict[str, Mode] = {
             model="fast",
             compiled=True,
             autocast="bf16",
-            refused_on=(("mps", "bf16 autocast is not benchmarked on MPS"),),
+            refused_on=(_NOT_ON_MPS_BF16,),
             needs=_native_bf16,
             msprobe=True,
         ),
@@ -211,7 +214,7 @@ REGISTRY: dict[str, Mode] = {
             "rounding)",
             ("eager bfloat16 autocast", "eager bfloat16 自动混合精度"),
             autocast="bf16",
-            refused_on=(("mps", "bf16 autocast is not benchmarked on MPS"),),
+            refused_on=(_NOT_ON_MPS_BF16,),
             msprobe=True,
         ),
         Mode(
